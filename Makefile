@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make serve` runs the server, `make test` runs every check.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install gen serve test lint typecheck unit clean
+
+$(INSTALLED): pyproject.toml setup.py protos/generate.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(INSTALLED)  ## virtual environment with the package (editable) and test tools
+
+gen: $(INSTALLED)  ## regenerate the protobuf code beside protos/**/*.proto
+	$(BIN)/python protos/generate.py
+
+serve: gen  ## run the server: make serve ARGS="--port 50051"
+	$(BIN)/python -m server $(ARGS)
+
+lint: gen
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: gen
+	$(BIN)/mypy
+
+unit: gen
+	$(BIN)/pytest
+
+test: lint typecheck unit  ## everything CI runs
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find protos -name '*_pb2*.py*' -delete

@@ -1,0 +1,50 @@
+"""Async client of the nestkv store: the Store / NamespacedStore API over gRPC.
+
+    >>> store = GrpcStore.with_client("127.0.0.1:50051")
+    >>> sessions = store.with_namespace("sessions")
+    >>> await sessions.set("id", b"data", expires_in=3600)
+
+When Litestar is installed, the stores here are registered as Litestar
+stores: `isinstance(store, litestar.stores.base.NamespacedStore)` holds.
+"""
+
+from __future__ import annotations
+
+from client.base import NamespacedStore, StorageObject, Store
+from client.errors import (
+    InvalidRequestError,
+    StoreError,
+    StoreFullError,
+    StoreProtocolError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+from client.local import LocalStore
+from client.store import GrpcStore, channel_options
+
+__all__ = [
+    "GrpcStore",
+    "InvalidRequestError",
+    "LocalStore",
+    "NamespacedStore",
+    "StorageObject",
+    "Store",
+    "StoreError",
+    "StoreFullError",
+    "StoreProtocolError",
+    "StoreTimeoutError",
+    "StoreUnavailableError",
+    "channel_options",
+]
+
+
+def _register_with_litestar() -> None:
+    try:
+        from litestar.stores import base as litestar_base
+    except ImportError:  # Litestar is optional
+        return
+    litestar_base.Store.register(Store)
+    litestar_base.NamespacedStore.register(NamespacedStore)
+
+
+_register_with_litestar()

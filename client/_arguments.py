@@ -1,0 +1,60 @@
+"""Argument checks and conversions the stores make before any I/O, so a bad call never reaches the wire."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+MAX_SPAN_SECONDS = 315_576_000_000
+"""The range of google.protobuf.Duration (10,000 years); the server enforces the same."""
+
+MAX_SEGMENT_BYTES = 256
+"""The server's default --max-segment-bytes; a server with a larger limit still accepts these."""
+
+
+def span_seconds(span: int | float | timedelta | None, name: str) -> float | None:
+    """Seconds of an expiry or renewal span given as int/float seconds or a timedelta; None stays None."""
+    if span is None:
+        return None
+    if isinstance(span, timedelta):
+        seconds = span.total_seconds()
+    elif isinstance(span, int | float) and not isinstance(span, bool):
+        seconds = float(span)
+    else:
+        raise TypeError(f"{name} must be seconds (int or float), a timedelta or None, not {type(span).__name__}")
+    if not seconds > 0:  # also rejects NaN
+        raise ValueError(f"{name} must be positive, got {span!r}; pass None for no expiry")
+    if seconds > MAX_SPAN_SECONDS:
+        raise ValueError(f"{name} is {seconds:.0f} s; the limit is {MAX_SPAN_SECONDS} s (10,000 years)")
+    return seconds
+
+
+def check_segment(namespace: str) -> str:
+    """A namespace segment: a non-empty str of at most MAX_SEGMENT_BYTES bytes of UTF-8."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
+    if not namespace:
+        raise ValueError("namespace must be a non-empty string")
+    size = len(namespace.encode())
+    if size > MAX_SEGMENT_BYTES:
+        raise ValueError(f"namespace is {size} bytes of UTF-8; the limit is {MAX_SEGMENT_BYTES}")
+    return namespace
+
+
+def as_bytes(value: str | bytes) -> bytes:
+    """A value to store: bytes as they are, str as UTF-8."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes):
+        return value
+    raise TypeError(f"value must be str or bytes, not {type(value).__name__}")
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, not {type(key).__name__}")
+    return key
+
+
+def whole_seconds(left: float) -> int:
+    """Seconds left, rounded to the nearest whole second as Redis's TTL rounds them."""
+    return int(left + 0.5)

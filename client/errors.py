@@ -1,0 +1,64 @@
+"""Errors raised by GrpcStore. No raw grpc exception escapes the client.
+
+    StoreError                      any failure of a store operation
+     ├── InvalidRequestError        the server rejected the request (INVALID_ARGUMENT,
+     │                              OUT_OF_RANGE); also a ValueError. Nothing was changed.
+     ├── StoreUnavailableError      the server could not be reached, after retries (UNAVAILABLE)
+     ├── StoreTimeoutError          the call's deadline passed (DEADLINE_EXCEEDED); also a TimeoutError
+     ├── StoreFullError             the server is out of a resource (RESOURCE_EXHAUSTED)
+     └── StoreProtocolError         any other status: a server or protocol fault
+
+Arguments the client can check itself (negative durations, empty namespaces,
+wrong types) raise ValueError or TypeError before any I/O. Cancelling the
+calling task raises asyncio.CancelledError, as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+
+class StoreError(Exception):
+    """A store operation failed; `code` is the gRPC status name (e.g. "UNAVAILABLE")."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidRequestError(StoreError, ValueError):
+    """The server rejected the request as invalid (a field malformed or over a limit)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The server could not be reached, even after retries."""
+
+
+class StoreTimeoutError(StoreError, TimeoutError):
+    """The call did not complete before its deadline."""
+
+
+class StoreFullError(StoreError):
+    """The server refused the write for lack of a resource (memory, concurrency)."""
+
+
+class StoreProtocolError(StoreError):
+    """The server failed or answered with a status the client does not expect."""
+
+
+_ERROR_OF: dict[Any, type[StoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.UNAVAILABLE: StoreUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: StoreTimeoutError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFullError,
+}
+
+
+def error_from_rpc(error: Any) -> StoreError:
+    """The StoreError for a grpc.aio.AioRpcError: the one mapping from status codes."""
+    code = error.code()
+    kind = _ERROR_OF.get(code, StoreProtocolError)
+    return kind(f"{code.name}: {error.details()}", code.name)

@@ -1,0 +1,67 @@
+"""Command line: `python -m server [flags]` (also the `nestkv-server` script). Flags map onto ServerConfig."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from server.app import serve
+from server.config import ServerConfig
+from server.limits import Limits
+
+_HELP = {
+    "host": "address to listen on (default: %(default)s)",
+    "port": "TCP port; 0 picks a free one, named in the ready line (default: %(default)s)",
+    "shutdown_grace": "seconds in-flight calls get to finish on SIGINT/SIGTERM (default: %(default)s)",
+    "reap_interval": "seconds between rounds of active expiry (default: %(default)s)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default: %(default)s)",
+    "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",
+    "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
+    "max_depth": "most namespace segments in a path (default: %(default)s)",
+    "max_segment_bytes": "largest namespace segment in bytes of UTF-8 (default: %(default)s)",
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], skip: str = "") -> None:
+    for field in msgspec.structs.fields(struct):
+        if field.name == skip:
+            continue
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=type(field.default),
+            default=field.default,
+            help=_HELP[field.name],
+        )
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Parse flags into a ServerConfig; an invalid value exits with a message naming the flag."""
+    parser = argparse.ArgumentParser(
+        prog="nestkv-server", description="Serve the nestkv namespaced key/value store over gRPC."
+    )
+    _add_flags(parser, ServerConfig, skip="limits")
+    _add_flags(parser, Limits)
+    args = vars(parser.parse_args(argv))
+    limit_names = {field.name for field in msgspec.structs.fields(Limits)}
+    settings: dict[str, Any] = {k: v for k, v in args.items() if k not in limit_names}
+    settings["limits"] = {k: v for k, v in args.items() if k in limit_names}
+    try:
+        return msgspec.convert(settings, ServerConfig)
+    except msgspec.ValidationError as exc:
+        parser.error(str(exc).replace("$.limits.", "--").replace("$.", "--").replace("_", "-"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Build and run the grpc.aio server: store service, health, reflection, options, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nestkv.v1 import store_pb2, store_pb2_grpc
+from server.config import ServerConfig
+from server.service import StoreServicer
+from server.storage import NamespacedStorage
+
+log = logging.getLogger("nestkv.server")
+
+SERVICE_NAME: str = store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name
+
+_REAP_BATCH = 10_000
+
+
+def build_server(config: ServerConfig, storage: NamespacedStorage) -> tuple[Any, Any]:
+    """A grpc.aio server (not started) hosting the store, health and reflection; and its health servicer."""
+    message_bytes = config.limits.max_message_bytes()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", message_bytes),
+            ("grpc.max_send_message_length", message_bytes),
+            # Without this a second server on the same port would start and share the traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(storage, config.limits), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return server, health_servicer
+
+
+async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
+    """Active expiry: reclaim expired entries in bounded batches, yielding to requests in between."""
+    while True:
+        if storage.reap(_REAP_BATCH) < _REAP_BATCH:
+            await asyncio.sleep(interval)
+        else:
+            await asyncio.sleep(0)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
+    storage = NamespacedStorage()
+    server, health_servicer = build_server(config, storage)
+    try:
+        port = server.add_insecure_port(config.address())
+    except RuntimeError as exc:
+        raise SystemExit(f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)") from None
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    reaper = asyncio.create_task(reap_forever(storage, config.reap_interval))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    log.info("nestkv serving on %s:%d", host, port)
+
+    await stop.wait()
+    log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace)
+    reaper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    log.info("nestkv stopped")

@@ -1,0 +1,33 @@
+"""ServerConfig: every setting of the server in one typed object; the CLI flags map onto its fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from server.limits import Limits
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ServerConfig(msgspec.Struct, frozen=True):
+    """How to run the server. Defaults serve on 127.0.0.1:50051 with nothing else to set up."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (`0.0.0.0` or `::` for every interface)."""
+    port: Port = 50051
+    """TCP port to listen on; 0 picks a free one (the ready line names it)."""
+    shutdown_grace: Seconds = 10.0
+    """Seconds in-flight calls get to finish after SIGINT/SIGTERM."""
+    reap_interval: Seconds = 0.1
+    """Seconds between two rounds of active expiry."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    limits: Limits = Limits()
+    """Request limits (each of its fields is a flag of its own)."""
+
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"

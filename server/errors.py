@@ -1,0 +1,18 @@
+"""Errors a request can cause, independent of the transport.
+
+    StoreFault
+     └── InvalidArgument     a field is malformed or over a limit (also a ValueError)
+
+The servicer maps each class to a gRPC status code through one table
+(`server.service.STATUS_OF`).
+"""
+
+from __future__ import annotations
+
+
+class StoreFault(Exception):
+    """Base of the errors a request can cause; the message is shown to the caller."""
+
+
+class InvalidArgument(StoreFault, ValueError):
+    """A request field is malformed or over a limit; nothing was changed."""

@@ -1,0 +1,10 @@
+"""The storage engine: namespace tree plus expiry, in pure Python.
+
+Nothing here knows about gRPC; the servicer validates requests and calls in.
+"""
+
+from __future__ import annotations
+
+from server.storage.engine import NEVER, Clock, NamespacedStorage
+
+__all__ = ["NEVER", "Clock", "NamespacedStorage"]

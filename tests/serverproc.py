@@ -1,0 +1,84 @@
+"""Run the real server as a subprocess on a free port, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+_READY = re.compile(r"nestkv serving on (?P<host>.+):(?P<port>\d+)$")
+
+
+class ServerProcess:
+    """`python -m server --port 0 ...`: started on enter, stopped (SIGTERM) on exit."""
+
+    def __init__(self, *args: str) -> None:
+        self.args: Sequence[str] = args
+        self.port = 0
+        self.log: list[str] = []
+        self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[str]:
+        assert self._process is not None, "server not started"
+        return self._process
+
+    def start(self, timeout: float = 30.0) -> Self:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", *self.args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self._process is not None and self._process.stderr is not None
+            for line in self._process.stderr:
+                self.log.append(line.rstrip("\n"))
+                match = _READY.search(line.strip())
+                if match:
+                    self.port = int(match["port"])
+                    ready.set()
+            ready.set()
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not ready.wait(timeout) or not self.port:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.log))
+        return self
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `signum`, wait for the exit and return the exit code."""
+        process = self.process
+        if process.poll() is None:
+            process.send_signal(signum)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+        return process.returncode
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
