@@ -43,8 +43,9 @@ def _register_with_litestar() -> None:
         from litestar.stores import base as litestar_base
     except ImportError:  # Litestar is optional
         return
-    litestar_base.Store.register(Store)
-    litestar_base.NamespacedStore.register(NamespacedStore)
+    # ABC.register takes abstract classes; mypy's type-abstract check is a false positive here.
+    litestar_base.Store.register(Store)  # type: ignore[type-abstract]
+    litestar_base.NamespacedStore.register(NamespacedStore)  # type: ignore[type-abstract]
 
 
 _register_with_litestar()

@@ -20,7 +20,9 @@ def span_seconds(span: int | float | timedelta | None, name: str) -> float | Non
     elif isinstance(span, int | float) and not isinstance(span, bool):
         seconds = float(span)
     else:
-        raise TypeError(f"{name} must be seconds (int or float), a timedelta or None, not {type(span).__name__}")
+        raise TypeError(
+            f"{name} must be seconds (int or float), a timedelta or None, not {type(span).__name__}"
+        )
     if not seconds > 0:  # also rejects NaN
         raise ValueError(f"{name} must be positive, got {span!r}; pass None for no expiry")
     if seconds > MAX_SPAN_SECONDS:

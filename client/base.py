@@ -8,7 +8,7 @@ virtual subclasses of Litestar's, so any store here passes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -106,19 +106,19 @@ class StorageObject(msgspec.Struct):
         if expires_in is None:
             return cls(expires_at=None, data=data)
         span = expires_in if isinstance(expires_in, timedelta) else timedelta(seconds=expires_in)
-        return cls(expires_at=datetime.now(tz=timezone.utc) + span, data=data)
+        return cls(expires_at=datetime.now(tz=UTC) + span, data=data)
 
     @property
     def expired(self) -> bool:
         """Whether the expiry time has been reached."""
-        return self.expires_at is not None and datetime.now(tz=timezone.utc) >= self.expires_at
+        return self.expires_at is not None and datetime.now(tz=UTC) >= self.expires_at
 
     @property
     def expires_in(self) -> int:
         """Whole seconds left before expiry (0 once expired); -1 if no expiry time was set."""
         if self.expires_at is None:
             return -1
-        return max(0, int((self.expires_at - datetime.now(tz=timezone.utc)).total_seconds()))
+        return max(0, int((self.expires_at - datetime.now(tz=UTC)).total_seconds()))
 
     def to_bytes(self) -> bytes:
         """Encode to msgpack bytes."""

@@ -3,7 +3,8 @@
     StoreError                      any failure of a store operation
      ├── InvalidRequestError        the server rejected the request (INVALID_ARGUMENT,
      │                              OUT_OF_RANGE); also a ValueError. Nothing was changed.
-     ├── StoreUnavailableError      the server could not be reached, after retries (UNAVAILABLE)
+     ├── StoreUnavailableError      the server could not be reached, after retries (UNAVAILABLE),
+     │                              or dropped the call while shutting down (CANCELLED)
      ├── StoreTimeoutError          the call's deadline passed (DEADLINE_EXCEEDED); also a TimeoutError
      ├── StoreFullError             the server is out of a resource (RESOURCE_EXHAUSTED)
      └── StoreProtocolError         any other status: a server or protocol fault
@@ -33,7 +34,12 @@ class InvalidRequestError(StoreError, ValueError):
 
 
 class StoreUnavailableError(StoreError):
-    """The server could not be reached, even after retries."""
+    """The server could not be reached, even after retries, or dropped the call while shutting down.
+
+    A call the server drops on shutdown (CANCELLED) was never handed to the
+    store: it changed nothing. Cancelling your own task raises
+    asyncio.CancelledError instead.
+    """
 
 
 class StoreTimeoutError(StoreError, TimeoutError):
@@ -52,6 +58,7 @@ _ERROR_OF: dict[Any, type[StoreError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
     grpc.StatusCode.UNAVAILABLE: StoreUnavailableError,
+    grpc.StatusCode.CANCELLED: StoreUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: StoreTimeoutError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFullError,
 }

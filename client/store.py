@@ -9,12 +9,12 @@ from datetime import timedelta
 from typing import Any, Self
 
 import grpc
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
 
 from client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
 from client.base import NamespacedStore
 from client.errors import error_from_rpc
-from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
@@ -62,7 +62,9 @@ class _Connection:
 
     __slots__ = ("_channel", "_loop", "_options", "_owned", "_stub", "_target")
 
-    def __init__(self, *, channel: Any = None, target: str = "", options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self, *, channel: Any = None, target: str = "", options: Sequence[tuple[str, Any]] = ()
+    ) -> None:
         self._target = target
         self._options = list(options)
         self._owned = channel is None
@@ -181,7 +183,9 @@ class GrpcStore(NamespacedStore):
         return response.value if response.found else None
 
     async def delete(self, key: str) -> None:
-        await self._call(self._connection.stub().Delete, pb.DeleteRequest(path=self._path, key=check_key(key)))
+        await self._call(
+            self._connection.stub().Delete, pb.DeleteRequest(path=self._path, key=check_key(key))
+        )
 
     async def delete_all(self) -> None:
         await self._call(self._connection.stub().DeleteAll, pb.DeleteAllRequest(path=self._path))

@@ -15,9 +15,8 @@ PROTOS = Path(__file__).resolve().parent
 
 
 def generate() -> None:
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))

@@ -12,14 +12,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nestkv.v1 import store_pb2, store_pb2_grpc
 from server.config import ServerConfig
-from server.service import StoreServicer
+from server.service import SERVICE_NAME, StoreServicer
 from server.storage import NamespacedStorage
 
 log = logging.getLogger("nestkv.server")
-
-SERVICE_NAME: str = store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name
 
 _REAP_BATCH = 10_000
 
@@ -35,7 +32,7 @@ def build_server(config: ServerConfig, storage: NamespacedStorage) -> tuple[Any,
             ("grpc.so_reuseport", 0),
         ]
     )
-    store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(storage, config.limits), server)
+    StoreServicer(storage, config.limits).add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -61,7 +58,9 @@ async def serve(config: ServerConfig) -> None:
     try:
         port = server.add_insecure_port(config.address())
     except RuntimeError as exc:
-        raise SystemExit(f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)") from None
+        raise SystemExit(
+            f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)"
+        ) from None
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -32,7 +32,12 @@ class Limits(msgspec.Struct, frozen=True):
 
     def max_message_bytes(self) -> int:
         """The gRPC message size that fits the largest request these limits allow."""
-        return self.max_value_bytes + self.max_key_bytes + self.max_depth * (self.max_segment_bytes + 8) + 64 * KiB
+        return (
+            self.max_value_bytes
+            + self.max_key_bytes
+            + self.max_depth * (self.max_segment_bytes + 8)
+            + 64 * KiB
+        )
 
     def check_path(self, path: Sequence[str]) -> None:
         if len(path) > self.max_depth:
@@ -70,9 +75,9 @@ def check_segment(segment: str, max_segment_bytes: int) -> None:
 def check_span(seconds: float, name: str) -> float:
     """A span given for expiry or renewal must be positive and within Duration's range."""
     if not seconds > 0:  # also rejects NaN
-        raise InvalidArgument(
-            f"{name} must be positive, got {seconds!r} s; omit it (None) for no expiry"
-        )
+        raise InvalidArgument(f"{name} must be positive, got {seconds!r} s; omit it (None) for no expiry")
     if seconds > MAX_DURATION_SECONDS:
-        raise InvalidArgument(f"{name} is {seconds!r} s; the limit is {MAX_DURATION_SECONDS} s (10,000 years)")
+        raise InvalidArgument(
+            f"{name} is {seconds!r} s; the limit is {MAX_DURATION_SECONDS} s (10,000 years)"
+        )
     return seconds

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-
+from google.protobuf.message import DecodeError, Message
 from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
+
 from server.errors import InvalidArgument, StoreFault
 from server.limits import Limits, check_span
 from server.storage import NEVER, NamespacedStorage
@@ -28,12 +28,36 @@ Response = TypeVar("Response")
 Handler = Callable[[Any, Request], Response]
 
 
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["StoreService"].full_name
+
+
+class _Malformed:
+    """Stands for a request whose bytes did not parse, so the method can answer INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    def parse(data: bytes) -> Message | _Malformed:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return _Malformed(f"malformed {message_class.DESCRIPTOR.full_name}: {error}")
+
+    return parse
+
+
 def _rpc(handler: Handler[Request, Response]) -> Callable[[Any, Request, Any], Awaitable[Response]]:
     """Run a synchronous handler as a grpc.aio method, turning a StoreFault into its status."""
 
     @functools.wraps(handler)
     async def method(self: Any, request: Request, context: Any) -> Response:
         try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.reason)
             return handler(self, request)
         except StoreFault as fault:
             await context.abort(STATUS_OF[type(fault)], str(fault))
@@ -50,12 +74,24 @@ def _span(duration: Duration, name: str) -> float:
     return check_span(seconds + nanos / 1e9, name)
 
 
-class StoreServicer(store_pb2_grpc.StoreServiceServicer):  # type: ignore[misc]
+class StoreServicer:
     """The StoreService RPCs over one NamespacedStorage."""
 
     def __init__(self, storage: NamespacedStorage, limits: Limits) -> None:
         self._storage = storage
         self._limits = limits
+
+    def add_to_server(self, server: Any) -> None:
+        """Register every RPC of the service on a grpc.aio server."""
+        handlers = {}
+        for method in pb.DESCRIPTOR.services_by_name["StoreService"].methods:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, method.name),
+                request_deserializer=_parser(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     @_rpc
     def Set(self, request: pb.SetRequest) -> pb.SetResponse:

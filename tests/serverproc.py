@@ -45,7 +45,8 @@ class ServerProcess:
         ready = threading.Event()
 
         def read() -> None:
-            assert self._process is not None and self._process.stderr is not None
+            assert self._process is not None
+            assert self._process.stderr is not None
             for line in self._process.stderr:
                 self.log.append(line.rstrip("\n"))
                 match = _READY.search(line.strip())

@@ -42,7 +42,7 @@ class NamespacedStorage:
             self._expiry.add(deadline, node, key)
 
     def get(self, path: Sequence[str], key: str, renew_for: float | None = None) -> bytes | None:
-        """The value of `key`, or None. With `renew_for`, an entry that has a deadline gets now + renew_for."""
+        """The value of `key`, or None. With `renew_for`, an entry with a deadline gets now + renew_for."""
         found = self._find_live(path, key)
         if found is None:
             return None

@@ -44,7 +44,8 @@ class ExpiryIndex:
 
     def pop_due(self, now: float, limit: int) -> list[tuple[float, Node, str]]:
         """Remove and return up to `limit` items whose deadline is `now` or earlier."""
-        heap, due = self._heap, []
+        heap = self._heap
+        due: list[tuple[float, Node, str]] = []
         while heap and heap[0][0] <= now and len(due) < limit:
             deadline, _, node, key = heapq.heappop(heap)
             due.append((deadline, node, key))

@@ -1,0 +1,163 @@
+"""GrpcStore beyond the shared contract: channel ownership, event loops, deadlines, errors, retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+
+from client import (
+    GrpcStore,
+    InvalidRequestError,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    channel_options,
+)
+from server.limits import Limits
+from server.service import StoreServicer
+from server.storage import NamespacedStorage
+from tests.serverproc import ServerProcess
+
+
+def test_with_client_works_outside_a_loop_and_in_each_new_loop(server: ServerProcess) -> None:
+    store = GrpcStore.with_client(server.target)  # no loop is running here, as at import time
+
+    async def write_then_read(value: bytes) -> bytes | None:
+        await store.set("loops", value)
+        return await store.get("loops")
+
+    assert asyncio.run(write_then_read(b"first loop")) == b"first loop"
+    assert asyncio.run(write_then_read(b"second loop")) == b"second loop"
+
+
+async def test_closing_a_child_never_closes_the_parents_channel(server: ServerProcess) -> None:
+    async with GrpcStore.with_client(server.target) as root:
+        child = root.with_namespace("child")
+        async with child.with_namespace("grandchild") as grandchild:
+            await grandchild.set("key", b"v")
+        await child.close()
+        await root.set("key", b"parent still works")
+        assert await root.get("key") == b"parent still works"
+        assert await child.with_namespace("grandchild").get("key") == b"v"
+
+
+async def test_a_callers_channel_is_never_closed_by_the_store(server: ServerProcess) -> None:
+    async with grpc.aio.insecure_channel(server.target, options=channel_options()) as channel:
+        async with GrpcStore(channel) as store:
+            await store.set("key", b"v")
+        await store.close()
+        raw = store_pb2_grpc.StoreServiceStub(channel)
+        response = await raw.Get(pb.GetRequest(key="key"))
+        assert response.value == b"v"
+
+
+async def test_a_closed_store_reopens_on_next_use(server: ServerProcess) -> None:
+    store = GrpcStore.with_client(server.target)
+    await store.set("key", b"v")
+    await store.close()
+    assert await store.get("key") == b"v"
+    await store.close()
+
+
+async def test_store_knows_its_path(server: ServerProcess) -> None:
+    store = GrpcStore.with_client(server.target)
+    assert store.with_namespace("a").with_namespace("b").path == ("a", "b")
+    assert store.path == ()
+
+
+async def test_unreachable_server_raises_store_unavailable() -> None:
+    with ServerProcess() as gone:
+        target = gone.target
+    async with GrpcStore.with_client(target, timeout=10) as store:
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.get("key")
+    assert isinstance(caught.value, StoreError)
+    assert caught.value.code == "UNAVAILABLE"
+    assert not isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
+
+
+async def test_deadline_raises_store_timeout(server: ServerProcess) -> None:
+    async with GrpcStore.with_client(server.target, timeout=1e-6) as store:
+        with pytest.raises(StoreTimeoutError) as caught:
+            await store.get("key")
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.code == "DEADLINE_EXCEEDED"
+
+
+async def test_server_rejection_raises_invalid_request(server: ServerProcess) -> None:
+    async with GrpcStore.with_client(server.target) as store:
+        with pytest.raises(InvalidRequestError, match="max_key_bytes") as caught:
+            await store.exists("k" * 5000)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.code == "INVALID_ARGUMENT"
+
+
+async def test_cancelled_caller_leaves_the_store_usable(server: ServerProcess) -> None:
+    async with GrpcStore.with_client(server.target) as store:
+        await store.set("key", b"v")
+        calls = [asyncio.create_task(store.get("key")) for _ in range(20)]
+        calls[3].cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(results[3], asyncio.CancelledError)
+        assert [r for i, r in enumerate(results) if i != 3] == [b"v"] * 19
+
+
+class FlakyServer:
+    """A real grpc.aio server running the real servicer, which first answers `failures` calls with `code`."""
+
+    def __init__(self, failures: int, code: grpc.StatusCode) -> None:
+        self.failures = failures
+        self.code = code
+        self.attempts = 0
+        self.servicer = StoreServicer(NamespacedStorage(), Limits())
+
+    def _flaky(self, name: str) -> Any:
+        real = getattr(self.servicer, name)
+
+        async def method(request: Any, context: Any) -> Any:
+            self.attempts += 1
+            if self.attempts <= self.failures:
+                await context.abort(self.code, "injected failure")
+            return await real(request, context)
+
+        return method
+
+    async def start(self) -> tuple[Any, int]:
+        server = grpc.aio.server()
+        for name in ("Set", "Get"):
+            setattr(self.servicer, name, self._flaky(name))
+        self.servicer.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[tuple[FlakyServer, str]]:
+    fault = FlakyServer(failures=2, code=grpc.StatusCode.UNAVAILABLE)
+    server, port = await fault.start()
+    yield fault, f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+async def test_unavailable_is_retried_with_backoff(flaky: tuple[FlakyServer, str]) -> None:
+    fault, target = flaky
+    async with GrpcStore.with_client(target) as store:
+        await store.set("key", b"v")
+        assert fault.attempts == 3  # two injected UNAVAILABLE, then success
+        assert await store.get("key") == b"v"
+
+
+async def test_other_errors_are_not_retried(flaky: tuple[FlakyServer, str]) -> None:
+    fault, target = flaky
+    fault.code = grpc.StatusCode.INTERNAL
+    async with GrpcStore.with_client(target) as store:
+        with pytest.raises(StoreError, match="INTERNAL: injected failure"):
+            await store.set("key", b"v")
+        assert fault.attempts == 1

@@ -1,0 +1,118 @@
+"""The server process: command line, readiness, shutdown, active expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import GrpcStore, StoreUnavailableError
+from server.app import reap_forever
+from server.storage import NamespacedStorage
+from tests.serverproc import ServerProcess
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_help_lists_every_flag() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in [
+        "--host",
+        "--port",
+        "--max-key-bytes",
+        "--max-value-bytes",
+        "--max-depth",
+        "--max-segment-bytes",
+    ]:
+        assert flag in result.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "nestkv-server"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0
+    assert "usage: nestkv-server" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-depth", "0"], "Expected `int` >= 1 - at `--max-depth`"),
+        (["--port", "70000"], "Expected `int` <= 65535 - at `--port`"),
+        (["--max-value-bytes", "lots"], "argument --max-value-bytes: invalid int value: 'lots'"),
+        (["--log-level", "LOUD"], "--log-level"),
+    ],
+)
+def test_invalid_flag_exits_with_a_message_naming_it(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_busy_port_is_a_clear_error() -> None:
+    with ServerProcess() as first:
+        result = run_cli("--port", str(first.port))
+        assert result.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{first.port}" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_server_with_exit_code_zero(signum: int) -> None:
+    process = ServerProcess().start()
+    assert any(f"nestkv serving on 127.0.0.1:{process.port}" in line for line in process.log)
+    assert process.stop(signum) == 0
+    assert "nestkv stopped" in process.log[-1]
+
+
+async def test_sigterm_under_load_lets_calls_finish_or_fail_cleanly() -> None:
+    process = ServerProcess().start()
+    store = GrpcStore.with_client(process.target, timeout=20)
+    value = b"x" * 256 * 1024
+    outcomes: list[str] = []
+
+    async def writer(n: int) -> None:
+        for i in range(20):
+            try:
+                await store.set(f"w{n}-{i}", value)
+                outcomes.append("ok")
+            except StoreUnavailableError:
+                outcomes.append("unavailable")
+                return
+
+    async with store:
+        await store.set("warm", b"up")
+        tasks = [asyncio.create_task(writer(n)) for n in range(50)]
+        await asyncio.sleep(0.2)
+        os.kill(process.process.pid, signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)  # nothing hangs
+    assert await asyncio.to_thread(process.process.wait, 30) == 0
+    assert outcomes.count("ok") > 0
+    assert set(outcomes) <= {"ok", "unavailable"}
+
+
+async def test_active_expiry_reclaims_keys_nobody_reads() -> None:
+    storage = NamespacedStorage()
+    for i in range(2000):
+        storage.set(("sessions",), f"k{i}", b"v" * 100, ttl=0.05)
+    storage.set(("kept",), "key", b"v")
+    reaper = asyncio.create_task(reap_forever(storage, interval=0.01))
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if storage.count() == 1:
+                break
+    finally:
+        reaper.cancel()
+    assert storage.count(("sessions",)) == 0
+    assert storage.count() == 1
+    assert storage.index_size() == 0

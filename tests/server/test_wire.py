@@ -1,0 +1,173 @@
+"""Requests over the wire, straight from a raw stub: what a client in any language can send."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+
+from client import channel_options
+from tests.serverproc import ServerProcess
+
+INT64_MAX = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def small_server() -> Any:
+    """A server with small limits, so that over-limit requests are cheap to send."""
+    with ServerProcess(
+        "--max-key-bytes", "16", "--max-value-bytes", "1024", "--max-depth", "3", "--max-segment-bytes", "8"
+    ) as process:
+        yield process
+
+
+@pytest.fixture
+async def channel(small_server: ServerProcess) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(small_server.target, options=channel_options()) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def stub(channel: Any) -> Any:
+    stub = store_pb2_grpc.StoreServiceStub(channel)
+    await stub.DeleteAll(pb.DeleteAllRequest())
+    await stub.Set(pb.SetRequest(path=["ns"], key="key", value=b"kept", expires_in=Duration(seconds=100)))
+    return stub
+
+
+async def assert_untouched_and_serving(stub: Any) -> None:
+    response = await stub.Get(pb.GetRequest(path=["ns"], key="key"))
+    assert (response.found, response.value) == (True, b"kept")
+    left = await stub.ExpiresIn(pb.ExpiresInRequest(path=["ns"], key="key"))
+    assert 99 < left.expires_in.ToTimedelta().total_seconds() <= 100
+
+
+async def expect_invalid(call: Any, request: Any, message: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (
+            pb.SetRequest(path=["ns"], key="k" * 17, value=b"new"),
+            "key is 17 bytes; the limit is 16 (max_key_bytes)",
+        ),
+        (
+            pb.SetRequest(path=["ns"], key="key", value=b"x" * 1025),
+            "value is 1025 bytes; the limit is 1024 (max_value_bytes)",
+        ),
+        (
+            pb.SetRequest(path=["a", "b", "c", "d"], key="k"),
+            "path has 4 segments; the limit is 3 (max_depth)",
+        ),
+        (
+            pb.SetRequest(path=["ns", "é" * 5], key="k"),
+            "namespace segment is 10 bytes; the limit is 8 (max_segment_bytes)",
+        ),
+        (pb.SetRequest(path=["ns", ""], key="k"), "namespace segment is empty"),
+        (
+            pb.SetRequest(path=["ns"], key="key", expires_in=Duration(seconds=-1)),
+            "expires_in must be positive",
+        ),
+        (pb.SetRequest(path=["ns"], key="key", expires_in=Duration()), "expires_in must be positive"),
+        (
+            pb.SetRequest(path=["ns"], key="key", expires_in=Duration(seconds=INT64_MAX)),
+            "the limit is 315576000000 s",
+        ),
+        (
+            pb.SetRequest(path=["ns"], key="key", expires_in=Duration(seconds=1, nanos=-5)),
+            "expires_in is not a valid Duration",
+        ),
+        (
+            pb.SetRequest(path=["ns"], key="key", expires_in=Duration(nanos=2_000_000_000)),
+            "expires_in is not a valid Duration",
+        ),
+    ],
+)
+async def test_bad_set_is_rejected_and_data_untouched(stub: Any, request_: Any, message: str) -> None:
+    await expect_invalid(stub.Set, request_, message)
+    await assert_untouched_and_serving(stub)
+
+
+@pytest.mark.parametrize(
+    ("call", "request_", "message"),
+    [
+        (
+            "Get",
+            pb.GetRequest(path=["ns"], key="key", renew_for=Duration(seconds=-3)),
+            "renew_for must be positive",
+        ),
+        ("Get", pb.GetRequest(path=["ns"], key="key", renew_for=Duration(seconds=INT64_MAX)), "the limit is"),
+        ("Get", pb.GetRequest(path=["ns"], key="k" * 17), "max_key_bytes"),
+        ("Delete", pb.DeleteRequest(path=["ns"], key="k" * 17), "max_key_bytes"),
+        ("Delete", pb.DeleteRequest(path=[""], key="key"), "namespace segment is empty"),
+        ("DeleteAll", pb.DeleteAllRequest(path=["ns", ""]), "namespace segment is empty"),
+        ("DeleteAll", pb.DeleteAllRequest(path=["a"] * 4), "max_depth"),
+        ("Exists", pb.ExistsRequest(path=["x" * 9], key="key"), "max_segment_bytes"),
+        ("ExpiresIn", pb.ExpiresInRequest(path=["ns"], key="k" * 17), "max_key_bytes"),
+    ],
+)
+async def test_bad_request_to_each_rpc_is_rejected(stub: Any, call: str, request_: Any, message: str) -> None:
+    await expect_invalid(getattr(stub, call), request_, message)
+    await assert_untouched_and_serving(stub)
+
+
+async def test_requests_at_the_limits_are_accepted(stub: Any) -> None:
+    request = pb.SetRequest(path=["é" * 4, "b", "c"], key="k" * 16, value=b"x" * 1024)
+    await stub.Set(request)
+    response = await stub.Get(pb.GetRequest(path=request.path, key=request.key))
+    assert response.value == b"x" * 1024
+
+
+async def test_expires_in_response_tells_the_three_cases_apart(stub: Any) -> None:
+    await stub.Set(pb.SetRequest(path=["ns"], key="forever", value=b"v"))
+    await stub.Set(
+        pb.SetRequest(path=["ns"], key="ttl", value=b"v", expires_in=Duration(seconds=5, nanos=500_000_000))
+    )
+    missing = await stub.ExpiresIn(pb.ExpiresInRequest(path=["ns"], key="missing"))
+    forever = await stub.ExpiresIn(pb.ExpiresInRequest(path=["ns"], key="forever"))
+    ttl = await stub.ExpiresIn(pb.ExpiresInRequest(path=["ns"], key="ttl"))
+    assert (missing.found, missing.HasField("expires_in")) == (False, False)
+    assert (forever.found, forever.HasField("expires_in")) == (True, False)
+    assert ttl.found
+    assert 5.4 < ttl.expires_in.ToTimedelta().total_seconds() <= 5.5  # millisecond precision on the wire
+
+
+@pytest.mark.parametrize("method", ["Set", "Get", "Delete", "DeleteAll", "Exists", "ExpiresIn"])
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28", b"\x0a\xff\x01abc"])
+async def test_malformed_bytes_get_an_error_status(
+    stub: Any, channel: Any, method: str, payload: bytes
+) -> None:
+    # \x0a\x02\xc3\x28: a path segment of invalid UTF-8; the others are truncated messages.
+    raw = channel.unary_unary(f"/nestkv.v1.StoreService/{method}")
+    await expect_invalid(raw, payload, "malformed nestkv.v1.")
+    await assert_untouched_and_serving(stub)
+
+
+async def test_health_reports_serving(channel: Any) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "nestkv.v1.StoreService"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(channel: Any) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = set()
+    async for response in responses:
+        names |= {service.name for service in response.list_services_response.service}
+    assert {"nestkv.v1.StoreService", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,170 @@
+"""NamespacedStorage driven directly, with an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.storage import NEVER, NamespacedStorage
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def storage(clock: FakeClock) -> NamespacedStorage:
+    return NamespacedStorage(clock)
+
+
+def test_entry_lives_until_its_deadline_and_not_at_it(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set(("ns",), "key", b"v", ttl=10)
+    clock.advance(9.999)
+    assert storage.get(("ns",), "key") == b"v"
+    assert storage.expires_in(("ns",), "key") == pytest.approx(0.001)
+    clock.advance(0.001)
+    assert storage.get(("ns",), "key") is None
+    assert storage.exists(("ns",), "key") is False
+    assert storage.expires_in(("ns",), "key") is None
+
+
+def test_expires_in_tells_missing_never_and_left(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "forever", b"v")
+    storage.set((), "ttl", b"v", ttl=5)
+    clock.advance(2)
+    assert storage.expires_in((), "missing") is None
+    assert storage.expires_in((), "forever") == NEVER
+    assert storage.expires_in((), "ttl") == pytest.approx(3)
+
+
+def test_renew_moves_the_deadline_from_now(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "key", b"v", ttl=1)
+    clock.advance(0.5)
+    assert storage.get((), "key", renew_for=10) == b"v"
+    assert storage.expires_in((), "key") == pytest.approx(10)
+    clock.advance(5)
+    assert storage.reap() == 1  # the stale item of the first deadline
+    assert storage.get((), "key") == b"v"
+
+
+def test_renew_leaves_entries_without_deadline_alone(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "key", b"v")
+    storage.get((), "key", renew_for=1)
+    clock.advance(100)
+    assert storage.expires_in((), "key") == NEVER
+    assert storage.index_size() == 0
+
+
+def test_reap_reclaims_expired_entries_nobody_reads(storage: NamespacedStorage, clock: FakeClock) -> None:
+    for i in range(1000):
+        storage.set(("sessions", str(i % 7)), f"k{i}", b"v", ttl=1 + i % 3)
+    storage.set(("kept",), "key", b"v")
+    storage.set(("kept",), "later", b"v", ttl=100)
+    clock.advance(3)
+    assert storage.count() == 1002  # expired but not yet reclaimed
+    assert storage.reap() == 1000
+    assert storage.count() == 2
+    assert storage.count(("sessions",)) == 0
+    assert storage.index_size() == 1
+    assert storage.get(("kept",), "key") == b"v"
+
+
+def test_reap_looks_at_most_at_limit_items(storage: NamespacedStorage, clock: FakeClock) -> None:
+    for i in range(25):
+        storage.set((), f"k{i}", b"v", ttl=1)
+    clock.advance(1)
+    assert storage.reap(limit=10) == 10
+    assert storage.count() == 15
+    assert storage.reap(limit=100) == 15
+    assert storage.count() == 0
+
+
+def test_reap_keeps_an_entry_overwritten_with_a_later_deadline(
+    storage: NamespacedStorage, clock: FakeClock
+) -> None:
+    storage.set((), "key", b"old", ttl=1)
+    storage.set((), "key", b"new", ttl=10)
+    clock.advance(2)
+    storage.reap()
+    assert storage.get((), "key") == b"new"
+    storage.set((), "plain", b"old", ttl=1)
+    storage.set((), "plain", b"new")  # overwritten without expiry
+    clock.advance(2)
+    storage.reap()
+    assert storage.get((), "plain") == b"new"
+
+
+def test_reap_never_touches_a_namespace_recreated_after_delete_all(
+    storage: NamespacedStorage, clock: FakeClock
+) -> None:
+    storage.set(("a", "b"), "key", b"old", ttl=1)
+    storage.delete_all(("a",))
+    storage.set(("a", "b"), "key", b"new", ttl=10)
+    clock.advance(2)
+    storage.reap()
+    assert storage.get(("a", "b"), "key") == b"new"
+
+
+def test_index_stays_bounded_under_renewals(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "session", b"v", ttl=3600)
+    for _ in range(100_000):
+        storage.get((), "session", renew_for=3600)
+        clock.advance(0.001)
+    # Stale items are dropped whenever the heap doubles: never more than 2x live + the floor.
+    assert storage.index_size() <= 1024
+
+
+def test_index_drops_items_of_dropped_namespaces(storage: NamespacedStorage, clock: FakeClock) -> None:
+    for i in range(5000):
+        storage.set(("gone",), f"k{i}", b"v", ttl=3600)
+    storage.delete_all(("gone",))
+    storage.set(("live",), "key", b"v", ttl=3600)
+    for i in range(5000):
+        storage.set(("live",), f"x{i}", b"v", ttl=3600)
+    assert storage.index_size() < 10_000
+    assert storage.count() == 5001
+
+
+def test_delete_all_drops_only_the_subtree(storage: NamespacedStorage) -> None:
+    for path in [(), ("a",), ("a", "b"), ("a", "b", "c"), ("a", "bb"), ("ab",)]:
+        storage.set(path, "key", b"v")
+    storage.delete_all(("a", "b"))
+    assert storage.count(("a", "b")) == 0
+    assert storage.count() == 4
+    assert storage.get(("a",), "key") == b"v"
+    assert storage.get(("a", "bb"), "key") == b"v"
+
+
+def test_delete_all_of_root_empties_everything(storage: NamespacedStorage) -> None:
+    storage.set((), "key", b"v")
+    storage.set(("a",), "key", b"v", ttl=5)
+    storage.delete_all(())
+    assert storage.count() == 0
+
+
+def test_empty_namespaces_are_pruned(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set(("a", "b", "c"), "key", b"v")
+    storage.set(("a", "x"), "key", b"v", ttl=1)
+    storage.delete(("a", "b", "c"), "key")
+    assert storage._tree.find(("a", "b")) is None
+    clock.advance(1)
+    assert storage.exists(("a", "x"), "key") is False
+    assert storage._tree.root.children == {}
+
+
+def test_delete_missing_key_or_namespace_is_a_noop(storage: NamespacedStorage) -> None:
+    storage.set(("a",), "key", b"v")
+    storage.delete(("a",), "missing")
+    storage.delete(("nope",), "key")
+    assert storage.count() == 1
