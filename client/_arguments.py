@@ -52,8 +52,14 @@ def as_bytes(value: str | bytes) -> bytes:
 
 
 def check_key(key: str) -> str:
+    """A key is a str that encodes to UTF-8 (no lone surrogates)."""
     if not isinstance(key, str):
         raise TypeError(f"key must be a str, not {type(key).__name__}")
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError as error:
+            raise ValueError(f"key is not valid Unicode: {error.reason} at position {error.start}") from None
     return key
 
 

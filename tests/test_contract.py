@@ -349,6 +349,11 @@ async def test_value_must_be_str_or_bytes(store: NamespacedStore, value: object)
     assert await store.exists("key") is False
 
 
+async def test_key_must_be_valid_unicode(store: NamespacedStore) -> None:
+    with pytest.raises(ValueError, match="key is not valid Unicode: surrogates not allowed"):
+        await store.set("bad\ud800", b"v")
+
+
 async def test_key_must_be_a_str(store: NamespacedStore) -> None:
     with pytest.raises(TypeError, match="key must be a str"):
         await store.get(b"key")  # type: ignore[arg-type]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 from litestar import Litestar, Request, get, post
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.middleware.session.server_side import ServerSideSessionConfig
+from litestar.stores.base import Store
 from litestar.stores.registry import StoreRegistry
 from litestar.testing import TestClient
 
@@ -42,12 +43,14 @@ async def limited() -> str:
 
 
 def make_app(root: GrpcStore) -> Litestar:
-    # Built outside any event loop, as an app module does at import time.
+    # Built outside any event loop, as an app module does at import time. The casts are for mypy
+    # only: GrpcStore is registered with Litestar's ABCs at run time, which static typing cannot see.
     return Litestar(
         route_handlers=[login, me, cached, limited],
         stores=StoreRegistry(
-            stores={"sessions": root.with_namespace("sessions")},  # entered as a lifespan manager
-            default_factory=root.with_namespace,
+            # A store given by name is entered as a lifespan manager.
+            stores={"sessions": cast(Store, root.with_namespace("sessions"))},
+            default_factory=cast(Callable[[str], Store], root.with_namespace),
         ),
         lifespan=[root],  # closes the channel when the app shuts down
         middleware=[
@@ -59,10 +62,10 @@ def make_app(root: GrpcStore) -> Litestar:
 
 
 @pytest.fixture
-def app(server: ServerProcess) -> Iterator[Litestar]:
+def app(server: ServerProcess) -> Litestar:
     root = GrpcStore.with_client(server.target)
     asyncio.run(root.delete_all())
-    yield make_app(root)
+    return make_app(root)
 
 
 def on_server(server: ServerProcess, *namespaces: str) -> GrpcStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -40,7 +41,8 @@ async def test_node_reads_what_python_wrote_and_python_reads_what_node_wrote(
     async with GrpcStore.with_client(server.target) as root:
         store = root.with_namespace("poly").with_namespace("glot")
         await store.set("from-python", "hello from python ✓", expires_in=30)
-        result = subprocess.run(
+        result = await asyncio.to_thread(
+            subprocess.run,
             ["node", str(node_client), server.target, str(PROTOS)],
             capture_output=True,
             text=True,

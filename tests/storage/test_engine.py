@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from types import FrameType
+
 import pytest
 
 from server.storage import NEVER, NamespacedStorage
@@ -168,3 +172,35 @@ def test_delete_missing_key_or_namespace_is_a_noop(storage: NamespacedStorage) -
     storage.delete(("a",), "missing")
     storage.delete(("nope",), "key")
     assert storage.count() == 1
+
+
+def calls_made(action: Callable[[], object]) -> int:
+    """How many Python and C function calls `action` makes: a measure of work immune to machine noise."""
+    count = 0
+
+    def profiler(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profiler)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def delete_all_work(target_keys: int, other_keys: int) -> int:
+    storage = NamespacedStorage(FakeClock())
+    for i in range(target_keys):
+        storage.set(("tenant", "target", str(i % 10)), f"k{i}", b"v", ttl=60 if i % 2 else None)
+    for i in range(other_keys):
+        storage.set(("tenant", f"other{i % 100}"), f"k{i}", b"v", ttl=60 if i % 2 else None)
+    return calls_made(lambda: storage.delete_all(("tenant", "target")))
+
+
+def test_delete_all_work_does_not_depend_on_the_number_of_keys() -> None:
+    baseline = delete_all_work(target_keys=10, other_keys=10)
+    assert delete_all_work(target_keys=10, other_keys=200_000) == baseline
+    assert delete_all_work(target_keys=100_000, other_keys=10) == baseline
