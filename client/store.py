@@ -134,9 +134,10 @@ class GrpcStore(NamespacedStore):
 
         Safe to call outside a running event loop: the channel opens on first use.
         `max_value_bytes` should match the server's --max-value-bytes; `options`
-        are extra grpc channel options, applied after the defaults.
+        are extra grpc channel options, which override the defaults.
         """
-        connection = _Connection(target=target, options=[*channel_options(max_value_bytes), *options])
+        # gRPC uses the first occurrence of an option: the caller's come first.
+        connection = _Connection(target=target, options=[*options, *channel_options(max_value_bytes)])
         return cls._derive(connection, (), timeout, owns_channel=True)
 
     @classmethod

@@ -161,3 +161,11 @@ async def test_other_errors_are_not_retried(flaky: tuple[FlakyServer, str]) -> N
         with pytest.raises(StoreError, match="INTERNAL: injected failure"):
             await store.set("key", b"v")
         assert fault.attempts == 1
+
+
+async def test_callers_channel_options_override_the_defaults(server: ServerProcess) -> None:
+    options = [("grpc.max_receive_message_length", 100)]
+    async with GrpcStore.with_client(server.target, options=options) as store:
+        await store.set("big", b"x" * 1000)
+        with pytest.raises(StoreError, match="larger than max"):
+            await store.get("big")

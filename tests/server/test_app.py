@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from client import GrpcStore, StoreUnavailableError
-from server.app import reap_forever
+from server.app import build_server, reap_forever
+from server.config import ServerConfig
 from server.storage import NamespacedStorage
 from tests.serverproc import ServerProcess
 
@@ -116,3 +117,30 @@ async def test_active_expiry_reclaims_keys_nobody_reads() -> None:
     assert storage.count(("sessions",)) == 0
     assert storage.count() == 1
     assert storage.index_size() == 0
+
+
+async def test_calls_that_fail_at_shutdown_changed_nothing() -> None:
+    # In process, so that the storage can be inspected after the server stopped.
+    storage = NamespacedStorage()
+    server, _ = build_server(ServerConfig(), storage)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    completed: dict[str, bool] = {}
+
+    async def writer(store: GrpcStore, n: int) -> None:
+        for i in range(10_000):
+            key = f"w{n}-{i}"
+            try:
+                await store.set(key, b"v")
+                completed[key] = True
+            except StoreUnavailableError:
+                completed[key] = False
+                return
+
+    async with GrpcStore.with_client(f"127.0.0.1:{port}", timeout=20) as store:
+        tasks = [asyncio.create_task(writer(store, n)) for n in range(50)]
+        await asyncio.sleep(0.3)
+        await server.stop(5)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    assert list(completed.values()).count(False) == 50  # every writer saw the shutdown
+    assert all(storage.exists((), key) is done for key, done in completed.items())
