@@ -35,10 +35,16 @@ class NamespacedStorage:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
         node = self._tree.find_or_create(path)
         if ttl is None:
-            node.entries[key] = Entry(value, NEVER)
+            node.entries[key] = Entry(value, NEVER, NEVER)
+            return
+        deadline = self._clock() + ttl
+        entry = node.entries.get(key)
+        if entry is not None and entry.scheduled <= deadline:
+            # Its index item comes due first and reschedules it: no new item needed.
+            entry.value = value
+            entry.deadline = deadline
         else:
-            deadline = self._clock() + ttl
-            node.entries[key] = Entry(value, deadline)
+            node.entries[key] = Entry(value, deadline, deadline)
             self._expiry.add(deadline, node, key)
 
     def get(self, path: Sequence[str], key: str, renew_for: float | None = None) -> bytes | None:
@@ -49,7 +55,9 @@ class NamespacedStorage:
         node, entry = found
         if renew_for is not None and entry.deadline != NEVER:
             entry.deadline = self._clock() + renew_for
-            self._expiry.add(entry.deadline, node, key)
+            if entry.deadline < entry.scheduled:
+                entry.scheduled = entry.deadline
+                self._expiry.add(entry.deadline, node, key)
         return entry.value
 
     def delete(self, path: Sequence[str], key: str) -> None:
@@ -79,12 +87,18 @@ class NamespacedStorage:
 
         Returns how many index items were looked at: `limit` means more may be due.
         """
-        due = self._expiry.pop_due(self._clock(), limit)
-        for deadline, node, key in due:
+        now = self._clock()
+        due = self._expiry.pop_due(now, limit)
+        for scheduled, node, key in due:
             entry = node.entries.get(key)
-            if entry is not None and entry.deadline == deadline:
+            if entry is None or entry.scheduled != scheduled:
+                continue  # stale: the entry was deleted, replaced or rescheduled earlier
+            if entry.deadline <= now:
                 del node.entries[key]
                 self._tree.prune(node)
+            elif node.is_attached_to(self._tree.root):  # renewed since: look again at the new deadline
+                entry.scheduled = entry.deadline
+                self._expiry.add(entry.deadline, node, key)
         return len(due)
 
     def count(self, path: Sequence[str] = ()) -> int:
@@ -108,6 +122,6 @@ class NamespacedStorage:
             return None
         return node, entry
 
-    def _is_live(self, deadline: float, node: Node, key: str) -> bool:
+    def _is_live(self, scheduled: float, node: Node, key: str) -> bool:
         entry = node.entries.get(key)
-        return entry is not None and entry.deadline == deadline and node.is_attached_to(self._tree.root)
+        return entry is not None and entry.scheduled == scheduled and node.is_attached_to(self._tree.root)

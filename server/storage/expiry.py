@@ -1,11 +1,13 @@
 """The deadline index behind active expiry.
 
-A min-heap of `(deadline, seq, node, key)`. Overwrites, renewals, deletes and
-delete_all never search the heap: they leave stale items behind, which are
-recognised (the entry's deadline no longer matches, or its namespace was
-dropped) and skipped when popped. So that stale items cannot pile up, the heap
-is rebuilt from its live items whenever it has doubled since the last rebuild:
-O(1) amortized per insertion.
+A min-heap of `(deadline, seq, node, key)`, at most one live item per entry
+(the one whose deadline is the entry's `scheduled`). Renewals and overwrites
+that push a deadline out add nothing: the engine reschedules the entry when
+its item comes due. Deletes, delete_all and shortened deadlines never search
+the heap: they leave stale items behind, which are recognised and skipped when
+popped. So that stale items cannot pile up, the heap is rebuilt from its live
+items whenever it has doubled since the last rebuild: O(1) amortized per
+insertion.
 """
 
 from __future__ import annotations

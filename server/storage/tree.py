@@ -13,10 +13,17 @@ import msgspec
 
 
 class Entry(msgspec.Struct, gc=False):
-    """A stored value and its deadline on the storage clock (`inf`: never)."""
+    """A stored value, its deadline on the storage clock (`inf`: never), and when the index looks at it.
+
+    `scheduled` is the deadline of the entry's one live item in the expiry
+    index (`inf`: none). It may be earlier than `deadline`, after a renewal or
+    an overwrite pushed the deadline out: the index then reschedules the entry
+    when that item comes due, instead of taking a new item for every renewal.
+    """
 
     value: bytes
     deadline: float
+    scheduled: float
 
 
 class Node:

@@ -120,11 +120,54 @@ def test_reap_never_touches_a_namespace_recreated_after_delete_all(
     assert storage.get(("a", "b"), "key") == b"new"
 
 
-def test_index_stays_bounded_under_renewals(storage: NamespacedStorage, clock: FakeClock) -> None:
+def test_renewals_and_overwrites_add_no_index_items(storage: NamespacedStorage, clock: FakeClock) -> None:
     storage.set((), "session", b"v", ttl=3600)
-    for _ in range(100_000):
+    storage.set((), "counter", b"0", ttl=60)
+    for i in range(10_000):
         storage.get((), "session", renew_for=3600)
-        clock.advance(0.001)
+        storage.set((), "counter", str(i).encode(), ttl=60)
+        clock.advance(0.01)
+    assert storage.index_size() == 2
+
+
+def test_renewed_entry_expires_at_its_new_deadline_unread(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "key", b"v", ttl=1)
+    storage.get((), "key", renew_for=5)
+    clock.advance(2)
+    storage.reap()  # the first item comes due: the entry is rescheduled, not dropped
+    assert storage.count() == 1
+    assert storage.index_size() == 1
+    clock.advance(3)
+    storage.reap()
+    assert storage.count() == 0
+    assert storage.index_size() == 0
+
+
+def test_overwritten_entry_expires_at_its_new_deadline_unread(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "key", b"old", ttl=1)
+    storage.set((), "key", b"new", ttl=5)
+    clock.advance(2)
+    storage.reap()
+    assert storage.get((), "key") == b"new"
+    clock.advance(3)
+    storage.reap()
+    assert storage.count() == 0
+
+
+def test_shortened_deadline_is_reaped_unread(storage: NamespacedStorage, clock: FakeClock) -> None:
+    storage.set((), "renewed", b"v", ttl=100)
+    storage.get((), "renewed", renew_for=1)
+    storage.set((), "overwritten", b"v", ttl=100)
+    storage.set((), "overwritten", b"v", ttl=1)
+    clock.advance(1)
+    storage.reap()
+    assert storage.count() == 0
+
+
+def test_index_stays_bounded_under_deletes(storage: NamespacedStorage, clock: FakeClock) -> None:
+    for i in range(100_000):
+        storage.set((), f"k{i}", b"v", ttl=3600)
+        storage.delete((), f"k{i}")
     # Stale items are dropped whenever the heap doubles: never more than 2x live + the floor.
     assert storage.index_size() <= 1024
 
