@@ -130,7 +130,9 @@ def test_renewals_and_overwrites_add_no_index_items(storage: NamespacedStorage, 
     assert storage.index_size() == 2
 
 
-def test_renewed_entry_expires_at_its_new_deadline_unread(storage: NamespacedStorage, clock: FakeClock) -> None:
+def test_renewed_entry_expires_at_its_new_deadline_unread(
+    storage: NamespacedStorage, clock: FakeClock
+) -> None:
     storage.set((), "key", b"v", ttl=1)
     storage.get((), "key", renew_for=5)
     clock.advance(2)
@@ -143,7 +145,9 @@ def test_renewed_entry_expires_at_its_new_deadline_unread(storage: NamespacedSto
     assert storage.index_size() == 0
 
 
-def test_overwritten_entry_expires_at_its_new_deadline_unread(storage: NamespacedStorage, clock: FakeClock) -> None:
+def test_overwritten_entry_expires_at_its_new_deadline_unread(
+    storage: NamespacedStorage, clock: FakeClock
+) -> None:
     storage.set((), "key", b"old", ttl=1)
     storage.set((), "key", b"new", ttl=5)
     clock.advance(2)
