@@ -58,40 +58,42 @@ def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tupl
 
 
 class _Connection:
-    """The channel shared by a root store and every store derived from it by with_namespace."""
+    """The channels shared by a root store and every store derived from it by with_namespace.
 
-    __slots__ = ("_channel", "_loop", "_options", "_owned", "_stub", "_target")
+    A grpc.aio channel belongs to the event loop it was made in, so an owned
+    connection opens one channel per loop, lazily, on first use in that loop:
+    a store built at import time works, and so does one used both by a test
+    and by an app running in a test client's own loop.
+    """
+
+    __slots__ = ("_by_loop", "_callers_stub", "_options", "_target")
 
     def __init__(
         self, *, channel: Any = None, target: str = "", options: Sequence[tuple[str, Any]] = ()
     ) -> None:
         self._target = target
         self._options = list(options)
-        self._owned = channel is None
-        self._channel = channel
-        self._stub: Any = None if channel is None else store_pb2_grpc.StoreServiceStub(channel)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._callers_stub: Any = None if channel is None else store_pb2_grpc.StoreServiceStub(channel)
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
 
     def stub(self) -> Any:
-        """The stub to call with; an owned channel is opened lazily in the running loop."""
-        if self._owned:
-            loop = asyncio.get_running_loop()
-            if self._loop is not loop:
-                # grpc.aio channels belong to the loop they were made in: a store
-                # built at import time (or reused under a new loop) opens here.
-                self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
-                self._stub = store_pb2_grpc.StoreServiceStub(self._channel)
-                self._loop = loop
-        return self._stub
+        """The stub to call with in the running loop."""
+        if self._callers_stub is not None:
+            return self._callers_stub
+        loop = asyncio.get_running_loop()
+        opened = self._by_loop.get(loop)
+        if opened is None:
+            # Forget channels of loops that are gone: they cannot be used or closed any more.
+            self._by_loop = {old: pair for old, pair in self._by_loop.items() if not old.is_closed()}
+            channel = grpc.aio.insecure_channel(self._target, options=self._options)
+            opened = self._by_loop[loop] = (channel, store_pb2_grpc.StoreServiceStub(channel))
+        return opened[1]
 
     async def close(self) -> None:
-        """Close the channel if this connection opened it; a caller's channel is never closed."""
-        if not self._owned or self._channel is None:
-            return
-        channel, loop = self._channel, self._loop
-        self._channel = self._stub = self._loop = None
-        if loop is asyncio.get_running_loop():
-            await channel.close()
+        """Close the channel opened in the running loop; a caller's channel is never closed."""
+        opened = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if opened is not None:
+            await opened[0].close()
 
 
 class GrpcStore(NamespacedStore):
@@ -162,9 +164,9 @@ class GrpcStore(NamespacedStore):
         return self._derive(self._connection, path, self._timeout, owns_channel=False)
 
     async def close(self) -> None:
-        """Close the channel if this store opened it (with_client); otherwise do nothing.
+        """Close the channel this store opened (with_client) in the running loop; otherwise do nothing.
 
-        A closed store reopens its channel if it is used again.
+        A closed store opens a new channel if it is used again.
         """
         if self._owns_channel:
             await self._connection.close()

@@ -70,8 +70,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    log.info("nestkv serving on %s:%d", host, port)
+    log.info("nestkv serving on %s", config.address(port))
 
     await stop.wait()
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)

@@ -28,6 +28,7 @@ class ServerConfig(msgspec.Struct, frozen=True):
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 
-    def address(self) -> str:
+    def address(self, port: int | None = None) -> str:
+        """`host:port` (IPv6 hosts in brackets), with `port` in place of the configured one if given."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{host}:{self.port if port is None else port}"

@@ -169,3 +169,17 @@ async def test_callers_channel_options_override_the_defaults(server: ServerProce
         await store.set("big", b"x" * 1000)
         with pytest.raises(StoreError, match="larger than max"):
             await store.get("big")
+
+
+def test_one_store_serves_two_live_loops_with_a_channel_each(server: ServerProcess) -> None:
+    store = GrpcStore.with_client(server.target)  # as an app's store, also used by the test's own loop
+    with asyncio.Runner() as app_loop, asyncio.Runner() as test_loop:
+        app_loop.run(store.set("from-app", b"a"))
+        test_loop.run(store.set("from-test", b"t"))
+        for _ in range(3):
+            assert app_loop.run(store.get("from-test")) == b"t"
+            assert test_loop.run(store.get("from-app")) == b"a"
+        assert len(store._connection._by_loop) == 2  # reused, not reopened at each switch
+        app_loop.run(store.close())
+        test_loop.run(store.close())
+    assert store._connection._by_loop == {}
