@@ -24,7 +24,7 @@ def node_client() -> Path:
         pytest.skip("npm and node are not installed: the Node.js client cannot be built")
     if not (POLYGLOT / "node_modules" / "@grpc" / "proto-loader").is_dir():
         result = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=POLYGLOT,
             capture_output=True,
             text=True,
