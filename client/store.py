@@ -9,12 +9,12 @@ from datetime import timedelta
 from typing import Any, Self
 
 import grpc
-from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 
 from client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
 from client.base import NamespacedStore
 from client.errors import error_from_rpc
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
@@ -118,6 +118,10 @@ class GrpcStore(NamespacedStore):
 
     def __init__(self, channel: Any, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Wrap a grpc.aio channel you own; build it with `channel_options()` for retries and sizes."""
+        if channel is None:
+            raise TypeError(
+                "GrpcStore needs a grpc.aio channel; use GrpcStore.with_client(target) to open one"
+            )
         self._connection = _Connection(channel=channel)
         self._owns_channel = False
         self._path = ()

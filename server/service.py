@@ -13,14 +13,15 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
-from nestkv.v1 import store_pb2 as pb
 
+from nestkv.v1 import store_pb2 as pb
 from server.errors import InvalidArgument, StoreFault
 from server.limits import Limits, check_span
 from server.storage import NEVER, NamespacedStorage
 
 STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    StoreFault: grpc.StatusCode.UNKNOWN,
 }
 
 Request = TypeVar("Request")
@@ -60,7 +61,8 @@ def _rpc(handler: Handler[Request, Response]) -> Callable[[Any, Request, Any], A
                 raise InvalidArgument(request.reason)
             return handler(self, request)
         except StoreFault as fault:
-            await context.abort(STATUS_OF[type(fault)], str(fault))
+            code = next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
+            await context.abort(code, str(fault))
             raise  # unreachable: abort raises
 
     return method

@@ -8,8 +8,6 @@ from typing import Any
 
 import grpc
 import pytest
-from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 
 from client import (
     GrpcStore,
@@ -19,6 +17,8 @@ from client import (
     StoreUnavailableError,
     channel_options,
 )
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
 from server.limits import Limits
 from server.service import StoreServicer
 from server.storage import NamespacedStorage
@@ -82,14 +82,6 @@ async def test_unreachable_server_raises_store_unavailable() -> None:
     assert not isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
 
 
-async def test_deadline_raises_store_timeout(server: ServerProcess) -> None:
-    async with GrpcStore.with_client(server.target, timeout=1e-6) as store:
-        with pytest.raises(StoreTimeoutError) as caught:
-            await store.get("key")
-    assert isinstance(caught.value, TimeoutError)
-    assert caught.value.code == "DEADLINE_EXCEEDED"
-
-
 async def test_server_rejection_raises_invalid_request(server: ServerProcess) -> None:
     async with GrpcStore.with_client(server.target) as store:
         with pytest.raises(InvalidRequestError, match="max_key_bytes") as caught:
@@ -109,11 +101,15 @@ async def test_cancelled_caller_leaves_the_store_usable(server: ServerProcess) -
 
 
 class FlakyServer:
-    """A real grpc.aio server running the real servicer, which first answers `failures` calls with `code`."""
+    """A real grpc.aio server running the real servicer, with faults injected in Set and Get.
 
-    def __init__(self, failures: int, code: grpc.StatusCode) -> None:
+    The first `failures` calls are answered with `code`; every call waits `delay` seconds first.
+    """
+
+    def __init__(self, failures: int, code: grpc.StatusCode, delay: float = 0.0) -> None:
         self.failures = failures
         self.code = code
+        self.delay = delay
         self.attempts = 0
         self.servicer = StoreServicer(NamespacedStorage(), Limits())
 
@@ -122,6 +118,7 @@ class FlakyServer:
 
         async def method(request: Any, context: Any) -> Any:
             self.attempts += 1
+            await asyncio.sleep(self.delay)
             if self.attempts <= self.failures:
                 await context.abort(self.code, "injected failure")
             return await real(request, context)
@@ -154,6 +151,17 @@ async def test_unavailable_is_retried_with_backoff(flaky: tuple[FlakyServer, str
         assert await store.get("key") == b"v"
 
 
+async def test_deadline_raises_store_timeout(flaky: tuple[FlakyServer, str]) -> None:
+    fault, target = flaky
+    fault.delay = 5.0
+    async with GrpcStore.with_client(target, timeout=0.2) as store:
+        with pytest.raises(StoreTimeoutError) as caught:
+            await store.get("key")
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.code == "DEADLINE_EXCEEDED"
+    assert fault.attempts == 1  # a deadline is not retried
+
+
 async def test_other_errors_are_not_retried(flaky: tuple[FlakyServer, str]) -> None:
     fault, target = flaky
     fault.code = grpc.StatusCode.INTERNAL
@@ -183,3 +191,8 @@ def test_one_store_serves_two_live_loops_with_a_channel_each(server: ServerProce
         app_loop.run(store.close())
         test_loop.run(store.close())
     assert store._connection._by_loop == {}
+
+
+def test_wrapping_no_channel_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"use GrpcStore\.with_client"):
+        GrpcStore(None)

@@ -10,10 +10,10 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 
 from client import channel_options
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
 from tests.serverproc import ServerProcess
 
 INT64_MAX = 2**63 - 1
