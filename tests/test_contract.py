@@ -71,6 +71,13 @@ async def test_value_of_10_mib(store: NamespacedStore) -> None:
     assert await store.get("big") == value
 
 
+async def test_value_at_the_default_limit_of_16_mib(store: NamespacedStore) -> None:
+    # Over grpcio's default message size of 4 MiB: client and server raise theirs to fit.
+    value = b"v" * (16 * 1024 * 1024)
+    await store.set("k" * 4096, value)
+    assert await store.get("k" * 4096) == value
+
+
 async def test_500_concurrent_operations(store: NamespacedStore) -> None:
     ns = store.with_namespace("concurrent")
     await asyncio.gather(*(ns.set(f"k{i}", str(i)) for i in range(500)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -45,6 +46,7 @@ async def test_closing_a_child_never_closes_the_parents_channel(server: ServerPr
         await root.set("key", b"parent still works")
         assert await root.get("key") == b"parent still works"
         assert await child.with_namespace("grandchild").get("key") == b"v"
+    assert root._connection._by_loop == {}  # leaving `async with` closed the channel the root owns
 
 
 async def test_a_callers_channel_is_never_closed_by_the_store(server: ServerProcess) -> None:
@@ -149,6 +151,21 @@ async def test_unavailable_is_retried_with_backoff(flaky: tuple[FlakyServer, str
         await store.set("key", b"v")
         assert fault.attempts == 3  # two injected UNAVAILABLE, then success
         assert await store.get("key") == b"v"
+
+
+async def test_bad_arguments_fail_before_any_rpc() -> None:
+    with ServerProcess() as gone:
+        target = gone.target
+    store = GrpcStore.with_client(target)  # nothing listens: an RPC would raise StoreUnavailableError
+    with pytest.raises(ValueError, match="expires_in must be positive"):
+        await store.set("key", b"v", expires_in=-1)
+    with pytest.raises(ValueError, match="renew_for must be positive"):
+        await store.get("key", renew_for=timedelta(seconds=-1))
+    with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+        store.with_namespace("")
+    with pytest.raises(TypeError, match="value must be str or bytes"):
+        await store.set("key", 42)  # type: ignore[arg-type]
+    assert store._connection._by_loop == {}  # no channel was even opened
 
 
 async def test_deadline_raises_store_timeout(flaky: tuple[FlakyServer, str]) -> None:
