@@ -94,19 +94,12 @@ def test_reap_looks_at_most_at_limit_items(storage: NamespacedStorage, clock: Fa
     assert storage.count() == 0
 
 
-def test_reap_keeps_an_entry_overwritten_with_a_later_deadline(
-    storage: NamespacedStorage, clock: FakeClock
-) -> None:
+def test_reap_keeps_an_entry_overwritten_without_expiry(storage: NamespacedStorage, clock: FakeClock) -> None:
     storage.set((), "key", b"old", ttl=1)
-    storage.set((), "key", b"new", ttl=10)
+    storage.set((), "key", b"new")
     clock.advance(2)
     storage.reap()
     assert storage.get((), "key") == b"new"
-    storage.set((), "plain", b"old", ttl=1)
-    storage.set((), "plain", b"new")  # overwritten without expiry
-    clock.advance(2)
-    storage.reap()
-    assert storage.get((), "plain") == b"new"
 
 
 def test_reap_never_touches_a_namespace_recreated_after_delete_all(
@@ -130,32 +123,24 @@ def test_renewals_and_overwrites_add_no_index_items(storage: NamespacedStorage, 
     assert storage.index_size() == 2
 
 
-def test_renewed_entry_expires_at_its_new_deadline_unread(
-    storage: NamespacedStorage, clock: FakeClock
+@pytest.mark.parametrize("push_out", ["renew", "overwrite"])
+def test_entry_pushed_out_expires_at_its_new_deadline_unread(
+    storage: NamespacedStorage, clock: FakeClock, push_out: str
 ) -> None:
-    storage.set((), "key", b"v", ttl=1)
-    storage.get((), "key", renew_for=5)
+    storage.set((), "key", b"old", ttl=1)
+    if push_out == "renew":
+        storage.get((), "key", renew_for=5)
+    else:
+        storage.set((), "key", b"new", ttl=5)
     clock.advance(2)
     storage.reap()  # the first item comes due: the entry is rescheduled, not dropped
     assert storage.count() == 1
     assert storage.index_size() == 1
+    assert storage.get((), "key") == (b"old" if push_out == "renew" else b"new")
     clock.advance(3)
     storage.reap()
     assert storage.count() == 0
     assert storage.index_size() == 0
-
-
-def test_overwritten_entry_expires_at_its_new_deadline_unread(
-    storage: NamespacedStorage, clock: FakeClock
-) -> None:
-    storage.set((), "key", b"old", ttl=1)
-    storage.set((), "key", b"new", ttl=5)
-    clock.advance(2)
-    storage.reap()
-    assert storage.get((), "key") == b"new"
-    clock.advance(3)
-    storage.reap()
-    assert storage.count() == 0
 
 
 def test_shortened_deadline_is_reaped_unread(storage: NamespacedStorage, clock: FakeClock) -> None:
