@@ -59,9 +59,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config))
 
 
