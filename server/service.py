@@ -29,7 +29,8 @@ Response = TypeVar("Response")
 Handler = Callable[[Any, Request], Response]
 
 
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["StoreService"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
+SERVICE_NAME: str = _SERVICE.full_name
 
 
 class _Malformed:
@@ -86,7 +87,7 @@ class StoreServicer:
     def add_to_server(self, server: Any) -> None:
         """Register every RPC of the service on a grpc.aio server."""
         handlers = {}
-        for method in pb.DESCRIPTOR.services_by_name["StoreService"].methods:
+        for method in _SERVICE.methods:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, method.name),
                 request_deserializer=_parser(getattr(pb, method.input_type.name)),
