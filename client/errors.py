@@ -64,8 +64,20 @@ _ERROR_OF: dict[Any, type[StoreError]] = {
 }
 
 
-def error_from_rpc(error: Any) -> StoreError:
-    """The StoreError for a grpc.aio.AioRpcError: the one mapping from status codes."""
-    code = error.code()
+_STATUS_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_status(code: Any, details: str) -> StoreError:
+    """The StoreError for a grpc.StatusCode and its message: the one mapping from status codes."""
     kind = _ERROR_OF.get(code, StoreProtocolError)
-    return kind(f"{code.name}: {error.details()}", code.name)
+    return kind(f"{code.name}: {details}", code.name)
+
+
+def error_from_rpc(error: Any) -> StoreError:
+    """The StoreError for a failed call (grpc.aio.AioRpcError)."""
+    return error_from_status(error.code(), error.details())
+
+
+def error_from_code(number: int, details: str) -> StoreError:
+    """The StoreError for an OperationError of a Pipeline batch (a status code's number)."""
+    return error_from_status(_STATUS_OF_NUMBER.get(number, grpc.StatusCode.UNKNOWN), details)

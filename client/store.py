@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
 
 import grpc
 
 from client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
+from client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
 from client.base import NamespacedStore
-from client.errors import error_from_rpc
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 
@@ -20,16 +20,22 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 
-_SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 
 # Every StoreService RPC is idempotent (Set writes the same value, Delete and
 # DeleteAll remove the same keys), so UNAVAILABLE, which gRPC raises when a
-# call could not be delivered, is retried with exponential backoff.
+# call could not be delivered, is retried with exponential backoff. This is
+# for callers of the one-operation RPCs; GrpcStore's Pipeline stream retries
+# on its own (client._batching), so gRPC must not replay it as well.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": _SERVICE}],
+                "name": [
+                    {"service": _SERVICE.full_name, "method": method.name}
+                    for method in _SERVICE.methods
+                    if not method.client_streaming
+                ],
                 "retryPolicy": {
                     "maxAttempts": 5,
                     "initialBackoff": "0.05s",
@@ -58,42 +64,59 @@ def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tupl
 
 
 class _Connection:
-    """The channels shared by a root store and every store derived from it by with_namespace.
+    """The channel and Pipeline stream shared by a root store and every store derived from it.
 
     A grpc.aio channel belongs to the event loop it was made in, so an owned
     connection opens one channel per loop, lazily, on first use in that loop:
     a store built at import time works, and so does one used both by a test
-    and by an app running in a test client's own loop.
+    and by an app running in a test client's own loop. Each loop also gets
+    its own Pipeline, which coalesces the operations issued in that loop.
     """
 
-    __slots__ = ("_by_loop", "_callers_stub", "_options", "_target")
+    __slots__ = ("_by_loop", "_callers_channel", "_options", "_pipeline_settings", "_target")
 
     def __init__(
-        self, *, channel: Any = None, target: str = "", options: Sequence[tuple[str, Any]] = ()
+        self,
+        *,
+        channel: Any = None,
+        target: str = "",
+        options: Sequence[tuple[str, Any]] = (),
+        timeout: float | None,
+        max_batch_size: int,
+        max_batches_in_flight: int,
     ) -> None:
         self._target = target
         self._options = list(options)
-        self._callers_stub: Any = None if channel is None else store_pb2_grpc.StoreServiceStub(channel)
-        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
+        self._callers_channel = channel
+        self._pipeline_settings: dict[str, Any] = {
+            "timeout": timeout,
+            "max_batch_size": max_batch_size,
+            "max_batches_in_flight": max_batches_in_flight,
+        }
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Pipeline]] = {}
 
-    def stub(self) -> Any:
-        """The stub to call with in the running loop."""
-        if self._callers_stub is not None:
-            return self._callers_stub
+    def pipeline(self) -> Pipeline:
+        """The Pipeline to send operations with in the running loop."""
         loop = asyncio.get_running_loop()
         opened = self._by_loop.get(loop)
         if opened is None:
             # Forget channels of loops that are gone: they cannot be used or closed any more.
             self._by_loop = {old: pair for old, pair in self._by_loop.items() if not old.is_closed()}
-            channel = grpc.aio.insecure_channel(self._target, options=self._options)
-            opened = self._by_loop[loop] = (channel, store_pb2_grpc.StoreServiceStub(channel))
+            channel = self._callers_channel
+            if channel is None:
+                channel = grpc.aio.insecure_channel(self._target, options=self._options)
+            stub = store_pb2_grpc.StoreServiceStub(channel)
+            opened = self._by_loop[loop] = (channel, Pipeline(stub.Pipeline, **self._pipeline_settings))
         return opened[1]
 
     async def close(self) -> None:
-        """Close the channel opened in the running loop; a caller's channel is never closed."""
+        """Stop the running loop's stream and close its channel, unless the caller owns the channel."""
         opened = self._by_loop.pop(asyncio.get_running_loop(), None)
         if opened is not None:
-            await opened[0].close()
+            channel, pipeline = opened
+            await pipeline.close()
+            if channel is not self._callers_channel:
+                await channel.close()
 
 
 class GrpcStore(NamespacedStore):
@@ -105,27 +128,44 @@ class GrpcStore(NamespacedStore):
     a grpc.aio channel you own and never closes it. Stores made by
     `with_namespace` share their parent's channel and never close it.
 
-    Every call has a deadline of `timeout` seconds (None: no deadline).
+    Operations travel on one Pipeline stream per channel and event loop:
+    those that concurrent tasks issue in the same turn of the loop go in one
+    batch, with no added delay for a lone operation (see client._batching).
+    At most `max_batch_size` operations go in a batch and at most
+    `max_batches_in_flight` batches await results; beyond that, callers wait.
+    `get_many`, `set_many` and `delete_many` send many keys at once.
+
+    Every operation has a deadline of `timeout` seconds (None: no deadline).
     Failures raise the `client.errors.StoreError` tree.
     """
 
-    __slots__ = ("_connection", "_owns_channel", "_path", "_timeout")
+    __slots__ = ("_connection", "_owns_channel", "_path")
 
     _connection: _Connection
     _owns_channel: bool
     _path: tuple[str, ...]
-    _timeout: float | None
 
-    def __init__(self, channel: Any, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Wrap a grpc.aio channel you own; build it with `channel_options()` for retries and sizes."""
+    def __init__(
+        self,
+        channel: Any,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
+    ) -> None:
+        """Wrap a grpc.aio channel you own; build it with `channel_options()` for sizes."""
         if channel is None:
             raise TypeError(
                 "GrpcStore needs a grpc.aio channel; use GrpcStore.with_client(target) to open one"
             )
-        self._connection = _Connection(channel=channel)
+        self._connection = _Connection(
+            channel=channel,
+            timeout=timeout,
+            max_batch_size=_positive(max_batch_size, "max_batch_size"),
+            max_batches_in_flight=_positive(max_batches_in_flight, "max_batches_in_flight"),
+        )
         self._owns_channel = False
         self._path = ()
-        self._timeout = timeout
 
     @classmethod
     def with_client(
@@ -135,6 +175,8 @@ class GrpcStore(NamespacedStore):
         timeout: float | None = DEFAULT_TIMEOUT,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
     ) -> Self:
         """A root store that owns an insecure channel to `target` ("host:port").
 
@@ -143,18 +185,21 @@ class GrpcStore(NamespacedStore):
         are extra grpc channel options, which override the defaults.
         """
         # gRPC uses the first occurrence of an option: the caller's come first.
-        connection = _Connection(target=target, options=[*options, *channel_options(max_value_bytes)])
-        return cls._derive(connection, (), timeout, owns_channel=True)
+        connection = _Connection(
+            target=target,
+            options=[*options, *channel_options(max_value_bytes)],
+            timeout=timeout,
+            max_batch_size=_positive(max_batch_size, "max_batch_size"),
+            max_batches_in_flight=_positive(max_batches_in_flight, "max_batches_in_flight"),
+        )
+        return cls._derive(connection, (), owns_channel=True)
 
     @classmethod
-    def _derive(
-        cls, connection: _Connection, path: tuple[str, ...], timeout: float | None, *, owns_channel: bool
-    ) -> Self:
+    def _derive(cls, connection: _Connection, path: tuple[str, ...], *, owns_channel: bool) -> Self:
         store = cls.__new__(cls)
         store._connection = connection
         store._owns_channel = owns_channel
         store._path = path
-        store._timeout = timeout
         return store
 
     @property
@@ -165,7 +210,7 @@ class GrpcStore(NamespacedStore):
     def with_namespace(self, namespace: str) -> Self:
         path = (*self._path, check_segment(namespace))
         # The child shares the channel but never closes it: closing is the owner's job.
-        return self._derive(self._connection, path, self._timeout, owns_channel=False)
+        return self._derive(self._connection, path, owns_channel=False)
 
     async def close(self) -> None:
         """Close the channel this store opened (with_client) in the running loop; otherwise do nothing.
@@ -179,43 +224,116 @@ class GrpcStore(NamespacedStore):
         await self.close()
 
     async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
-        request = pb.SetRequest(path=self._path, key=check_key(key), value=as_bytes(value))
-        _put_span(request.expires_in, span_seconds(expires_in, "expires_in"))
-        await self._call(self._connection.stub().Set, request)
+        data = as_bytes(value)
+        ttl = span_seconds(expires_in, "expires_in")
+        await (await self._add_set(check_key(key), data, ttl))
 
     async def get(self, key: str, renew_for: int | timedelta | None = None) -> bytes | None:
-        request = pb.GetRequest(path=self._path, key=check_key(key))
-        _put_span(request.renew_for, span_seconds(renew_for, "renew_for"))
-        response: pb.GetResponse = await self._call(self._connection.stub().Get, request)
+        renew = span_seconds(renew_for, "renew_for")
+        response = (await (await self._add_get(check_key(key), renew))).get
         return response.value if response.found else None
 
     async def delete(self, key: str) -> None:
-        await self._call(
-            self._connection.stub().Delete, pb.DeleteRequest(path=self._path, key=check_key(key))
-        )
+        await (await self._add_delete(check_key(key)))
 
     async def delete_all(self) -> None:
-        await self._call(self._connection.stub().DeleteAll, pb.DeleteAllRequest(path=self._path))
+        operation, result = await self._add(0)
+        _in_path(operation.delete_all, self._path)
+        await result
 
     async def exists(self, key: str) -> bool:
-        request = pb.ExistsRequest(path=self._path, key=check_key(key))
-        response: pb.ExistsResponse = await self._call(self._connection.stub().Exists, request)
-        return response.exists
+        operation, result = await self._add(len(check_key(key)))
+        _in_path(operation.exists, self._path).key = key
+        return bool((await result).exists.exists)
 
     async def expires_in(self, key: str) -> int | None:
-        request = pb.ExpiresInRequest(path=self._path, key=check_key(key))
-        response: pb.ExpiresInResponse = await self._call(self._connection.stub().ExpiresIn, request)
+        operation, result = await self._add(len(check_key(key)))
+        _in_path(operation.expires_in, self._path).key = key
+        response = (await result).expires_in
         if not response.found:
             return None
         if not response.HasField("expires_in"):
             return -1
         return whole_seconds(response.expires_in.seconds + response.expires_in.nanos / 1e9)
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error) from None
+    async def get_many(
+        self, keys: Iterable[str], renew_for: int | timedelta | None = None
+    ) -> list[bytes | None]:
+        """The values of `keys`, in the same order, None for each key that is missing (as MGET).
+
+        With `renew_for`, each key found with an expiry is renewed, as by `get`.
+        """
+        renew = span_seconds(renew_for, "renew_for")
+        checked = [check_key(key) for key in keys]
+        results = [await self._add_get(key, renew) for key in checked]
+        values: list[bytes | None] = []
+        for result in await asyncio.gather(*results):
+            values.append(result.get.value if result.get.found else None)
+        return values
+
+    async def set_many(
+        self,
+        items: Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]],
+        expires_in: int | timedelta | None = None,
+    ) -> None:
+        """Store every (key, value) of `items`, each as by `set`, all with the same `expires_in`.
+
+        Every key and value is checked before any is sent; if the server
+        rejects one, the others are still stored and the first error is raised.
+        """
+        ttl = span_seconds(expires_in, "expires_in")
+        pairs = items.items() if isinstance(items, Mapping) else items
+        checked = [(check_key(key), as_bytes(value)) for key, value in pairs]
+        await asyncio.gather(*[await self._add_set(key, data, ttl) for key, data in checked])
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete every key of `keys`, each as by `delete` (missing keys are no error)."""
+        checked = [check_key(key) for key in keys]
+        await asyncio.gather(*[await self._add_delete(key) for key in checked])
+
+    async def _add(self, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
+        """A new operation of the running loop's pipeline, once it has room; fill it in at once."""
+        pipeline = self._connection.pipeline()
+        if not pipeline.has_room():
+            await pipeline.wait_for_room()
+        return pipeline.add(payload)
+
+    async def _add_set(self, key: str, data: bytes, ttl: float | None) -> asyncio.Future[Any]:
+        operation, result = await self._add(len(key) + len(data))
+        request = _in_path(operation.set, self._path)
+        request.key = key
+        request.value = data
+        if ttl is not None:
+            _put_span(request.expires_in, ttl)
+        return result
+
+    async def _add_get(self, key: str, renew: float | None) -> asyncio.Future[Any]:
+        operation, result = await self._add(len(key))
+        request = _in_path(operation.get, self._path)
+        request.key = key
+        if renew is not None:
+            _put_span(request.renew_for, renew)
+        return result
+
+    async def _add_delete(self, key: str) -> asyncio.Future[Any]:
+        operation, result = await self._add(len(key))
+        _in_path(operation.delete, self._path).key = key
+        return result
+
+
+def _in_path(request: Any, path: tuple[str, ...]) -> Any:
+    """`request` (which holds a `path` field) with `path` set, and marked present in its Operation."""
+    if path:
+        request.path.extend(path)
+    else:
+        request.SetInParent()
+    return request
+
+
+def _positive(number: int, name: str) -> int:
+    if not isinstance(number, int) or number < 1:
+        raise ValueError(f"{name} must be a positive int, got {number!r}")
+    return number
 
 
 def _put_span(field: Any, seconds: float | None) -> None:

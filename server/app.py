@@ -21,8 +21,25 @@ log = logging.getLogger("nestkv.server")
 _REAP_BATCH = 10_000
 
 
-def build_server(config: ServerConfig, storage: NamespacedStorage) -> tuple[Any, Any]:
-    """A grpc.aio server (not started) hosting the store, health and reflection; and its health servicer."""
+class StoreServer:
+    """A grpc.aio server (not started) hosting the store, health and reflection."""
+
+    __slots__ = ("health", "server", "store")
+
+    def __init__(self, server: Any, store: StoreServicer, health: Any) -> None:
+        self.server = server
+        self.store = store
+        self.health = health
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, end Pipeline streams after their current batch, give unary calls `grace` s."""
+        await self.health.enter_graceful_shutdown()
+        self.store.stop_streams()
+        await self.server.stop(grace)
+
+
+def build_server(config: ServerConfig, storage: NamespacedStorage) -> StoreServer:
+    """A grpc.aio server (not started) hosting the store, health and reflection."""
     message_bytes = config.limits.max_message_bytes()
     server = grpc.aio.server(
         options=[
@@ -32,14 +49,15 @@ def build_server(config: ServerConfig, storage: NamespacedStorage) -> tuple[Any,
             ("grpc.so_reuseport", 0),
         ]
     )
-    StoreServicer(storage, config.limits).add_to_server(server)
+    store_servicer = StoreServicer(storage, config.limits)
+    store_servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    return server, health_servicer
+    return StoreServer(server, store_servicer, health_servicer)
 
 
 async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
@@ -54,7 +72,8 @@ async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
     storage = NamespacedStorage()
-    server, health_servicer = build_server(config, storage)
+    serving = build_server(config, storage)
+    server, health_servicer = serving.server, serving.health
     try:
         port = server.add_insecure_port(config.address())
     except RuntimeError as exc:
@@ -74,8 +93,7 @@ async def serve(config: ServerConfig) -> None:
 
     await stop.wait()
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace)
+    await serving.stop(config.shutdown_grace)
     reaper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reaper

@@ -1,14 +1,16 @@
 """StoreServicer: validate the request, call storage, build the response.
 
+Each operation is one handler that fills a response message; the
+one-operation RPCs and the Pipeline stream both run the same handlers.
 Domain errors become gRPC statuses through `STATUS_OF`, the one table of the
 mapping; nothing else in the server chooses a status code.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -16,7 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from nestkv.v1 import store_pb2 as pb
 from server.errors import InvalidArgument, StoreFault
-from server.limits import Limits, check_span
+from server.limits import Limits, MiB, check_span
 from server.storage import NEVER, NamespacedStorage
 
 STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
@@ -24,13 +26,26 @@ STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     StoreFault: grpc.StatusCode.UNKNOWN,
 }
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Handler = Callable[[Any, Request], Response]
+RESPONSE_CHUNK_BYTES = 1 * MiB
+"""Values a PipelineResponse carries before the rest of its batch goes in the next one."""
 
+Operation = Callable[[Any, Any], None]
+"""Runs one request, filling the response message it is given; raises StoreFault."""
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 SERVICE_NAME: str = _SERVICE.full_name
+_PIPELINE = "Pipeline"
+# Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
+_KIND_OF_REQUEST = {
+    field.message_type.full_name: field.name
+    for field in pb.Operation.DESCRIPTOR.oneofs_by_name["operation"].fields
+    if field.message_type is not None
+}
+_KINDS = ", ".join(_KIND_OF_REQUEST.values())
+
+
+def status_of(fault: StoreFault) -> grpc.StatusCode:
+    return next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
 
 
 class _Malformed:
@@ -52,23 +67,6 @@ def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Malfor
     return parse
 
 
-def _rpc(handler: Handler[Request, Response]) -> Callable[[Any, Request, Any], Awaitable[Response]]:
-    """Run a synchronous handler as a grpc.aio method, turning a StoreFault into its status."""
-
-    @functools.wraps(handler)
-    async def method(self: Any, request: Request, context: Any) -> Response:
-        try:
-            if isinstance(request, _Malformed):
-                raise InvalidArgument(request.reason)
-            return handler(self, request)
-        except StoreFault as fault:
-            code = next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
-            await context.abort(code, str(fault))
-            raise  # unreachable: abort raises
-
-    return method
-
-
 def _span(duration: Duration, name: str) -> float:
     """Seconds of a Duration given for expiry or renewal, checked to be valid and positive."""
     seconds, nanos = duration.seconds, duration.nanos
@@ -80,71 +78,167 @@ def _span(duration: Duration, name: str) -> float:
 class StoreServicer:
     """The StoreService RPCs over one NamespacedStorage."""
 
-    def __init__(self, storage: NamespacedStorage, limits: Limits) -> None:
+    def __init__(
+        self, storage: NamespacedStorage, limits: Limits, *, chunk_bytes: int = RESPONSE_CHUNK_BYTES
+    ) -> None:
         self._storage = storage
         self._limits = limits
+        self._chunk_bytes = chunk_bytes
+        self._stopping = False
+        self._reading: set[asyncio.Task[Any] | None] = set()  # Pipeline streams awaiting a batch
+        self._operations: dict[str, Operation] = {
+            "set": self.set,
+            "get": self.get,
+            "delete": self.delete,
+            "delete_all": self.delete_all,
+            "exists": self.exists,
+            "expires_in": self.expires_in,
+        }
 
     def add_to_server(self, server: Any) -> None:
         """Register every RPC of the service on a grpc.aio server."""
         handlers = {}
         for method in _SERVICE.methods:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                getattr(self, method.name),
-                request_deserializer=_parser(getattr(pb, method.input_type.name)),
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-            )
+            parse = _parser(getattr(pb, method.input_type.name))
+            serialize = getattr(pb, method.output_type.name).SerializeToString
+            if method.name == _PIPELINE:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self.pipeline, request_deserializer=parse, response_serializer=serialize
+                )
+            else:
+                operation = self._operations[_KIND_OF_REQUEST[method.input_type.full_name]]
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _unary(operation, getattr(pb, method.output_type.name)),
+                    request_deserializer=parse,
+                    response_serializer=serialize,
+                )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
-    @_rpc
-    def Set(self, request: pb.SetRequest) -> pb.SetResponse:
+    def stop_streams(self) -> None:
+        """End every Pipeline stream once the batches it has read are answered (for shutdown).
+
+        A batch the server has not read is never run: the client sees its
+        stream end unanswered and may send it again elsewhere.
+        """
+        self._stopping = True
+        for stream in list(self._reading):
+            if stream is not None:
+                stream.cancel()
+
+    async def pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        """The Pipeline RPC: each batch in order, answered in one or more responses."""
+        stream = asyncio.current_task()
+        batches = aiter(requests)
+        while not self._stopping:
+            self._reading.add(stream)
+            try:
+                request = await anext(batches)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if self._stopping:  # cancelled by stop_streams while waiting: end cleanly
+                    return
+                raise
+            finally:
+                self._reading.discard(stream)
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            for response in self.run_batch(request):
+                yield response
+
+    def run_batch(self, request: pb.PipelineRequest) -> list[pb.PipelineResponse]:
+        """Run a batch's operations in order; one response unless the values read need more."""
+        response = pb.PipelineResponse(id=request.id)
+        responses = [response]
+        results = response.results
+        operations = self._operations
+        room = self._chunk_bytes
+        for operation in request.operations:
+            result = results.add()
+            kind = operation.WhichOneof("operation")
+            if kind is None:
+                _fail(result, grpc.StatusCode.INVALID_ARGUMENT, f"operation is empty; set one of {_KINDS}")
+                continue
+            out = getattr(result, kind)
+            out.SetInParent()
+            try:
+                operations[kind](getattr(operation, kind), out)
+            except StoreFault as fault:
+                _fail(result, status_of(fault), str(fault))
+                continue
+            if kind == "get":
+                room -= len(out.value)
+                if room < 0 and len(results) > 1:
+                    # Too much for one message: this result opens the next response.
+                    response = pb.PipelineResponse(id=request.id)
+                    responses.append(response)
+                    response.results.add().CopyFrom(result)
+                    del results[-1]
+                    results = response.results
+                    room = self._chunk_bytes - len(out.value)
+        return responses
+
+    def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
         limits = self._limits
         limits.check_path(request.path)
         limits.check_key(request.key)
         limits.check_value(request.value)
         ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
         self._storage.set(request.path, request.key, request.value, ttl)
-        return pb.SetResponse()
 
-    @_rpc
-    def Get(self, request: pb.GetRequest) -> pb.GetResponse:
+    def get(self, request: pb.GetRequest, response: pb.GetResponse) -> None:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         renew_for = _span(request.renew_for, "renew_for") if request.HasField("renew_for") else None
         value = self._storage.get(request.path, request.key, renew_for)
-        if value is None:
-            return pb.GetResponse(found=False)
-        return pb.GetResponse(found=True, value=value)
+        if value is not None:
+            response.found = True
+            response.value = value
 
-    @_rpc
-    def Delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+    def delete(self, request: pb.DeleteRequest, response: pb.DeleteResponse) -> None:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         self._storage.delete(request.path, request.key)
-        return pb.DeleteResponse()
 
-    @_rpc
-    def DeleteAll(self, request: pb.DeleteAllRequest) -> pb.DeleteAllResponse:
+    def delete_all(self, request: pb.DeleteAllRequest, response: pb.DeleteAllResponse) -> None:
         self._limits.check_path(request.path)
         self._storage.delete_all(request.path)
-        return pb.DeleteAllResponse()
 
-    @_rpc
-    def Exists(self, request: pb.ExistsRequest) -> pb.ExistsResponse:
+    def exists(self, request: pb.ExistsRequest, response: pb.ExistsResponse) -> None:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
-        return pb.ExistsResponse(exists=self._storage.exists(request.path, request.key))
+        response.exists = self._storage.exists(request.path, request.key)
 
-    @_rpc
-    def ExpiresIn(self, request: pb.ExpiresInRequest) -> pb.ExpiresInResponse:
+    def expires_in(self, request: pb.ExpiresInRequest, response: pb.ExpiresInResponse) -> None:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         left = self._storage.expires_in(request.path, request.key)
         if left is None:
-            return pb.ExpiresInResponse(found=False)
-        if left == NEVER:
-            return pb.ExpiresInResponse(found=True)
-        seconds = int(left)
-        return pb.ExpiresInResponse(
-            found=True, expires_in=Duration(seconds=seconds, nanos=int((left - seconds) * 1e9))
-        )
+            return
+        response.found = True
+        if left != NEVER:
+            seconds = int(left)
+            response.expires_in.seconds = seconds
+            response.expires_in.nanos = int((left - seconds) * 1e9)
+
+
+def _fail(result: pb.OperationResult, code: grpc.StatusCode, message: str) -> None:
+    result.error.code = code.value[0]
+    result.error.message = message
+
+
+def _unary(operation: Operation, response_class: type[Message]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A grpc.aio method running one operation, turning a StoreFault into its status."""
+
+    async def method(request: Any, context: Any) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        response = response_class()
+        try:
+            operation(request, response)
+        except StoreFault as fault:
+            await context.abort(status_of(fault), str(fault))
+        return response
+
+    return method

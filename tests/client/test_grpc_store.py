@@ -103,9 +103,10 @@ async def test_cancelled_caller_leaves_the_store_usable(server: ServerProcess) -
 
 
 class FlakyServer:
-    """A real grpc.aio server running the real servicer, with faults injected in Set and Get.
+    """A real grpc.aio server running the real servicer, with faults injected in its Pipeline stream.
 
-    The first `failures` calls are answered with `code`; every call waits `delay` seconds first.
+    Every batch waits `delay` seconds first; the first `failures` batches end
+    their stream with `code` instead of an answer.
     """
 
     def __init__(self, failures: int, code: grpc.StatusCode, delay: float = 0.0) -> None:
@@ -115,22 +116,18 @@ class FlakyServer:
         self.attempts = 0
         self.servicer = StoreServicer(NamespacedStorage(), Limits())
 
-    def _flaky(self, name: str) -> Any:
-        real = getattr(self.servicer, name)
-
-        async def method(request: Any, context: Any) -> Any:
+    async def _pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
             self.attempts += 1
             await asyncio.sleep(self.delay)
             if self.attempts <= self.failures:
                 await context.abort(self.code, "injected failure")
-            return await real(request, context)
-
-        return method
+            for response in self.servicer.run_batch(request):
+                yield response
 
     async def start(self) -> tuple[Any, int]:
         server = grpc.aio.server()
-        for name in ("Set", "Get"):
-            setattr(self.servicer, name, self._flaky(name))
+        self.servicer.pipeline = self._pipeline  # type: ignore[method-assign]
         self.servicer.add_to_server(server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -122,9 +122,9 @@ async def test_active_expiry_reclaims_keys_nobody_reads() -> None:
 async def test_calls_that_fail_at_shutdown_changed_nothing() -> None:
     # In process, so that the storage can be inspected after the server stopped.
     storage = NamespacedStorage()
-    server, _ = build_server(ServerConfig(), storage)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    serving = build_server(ServerConfig(), storage)
+    port = serving.server.add_insecure_port("127.0.0.1:0")
+    await serving.server.start()
     completed: dict[str, bool] = {}
 
     async def writer(store: GrpcStore, n: int) -> None:
@@ -140,7 +140,7 @@ async def test_calls_that_fail_at_shutdown_changed_nothing() -> None:
     async with GrpcStore.with_client(f"127.0.0.1:{port}", timeout=20) as store:
         tasks = [asyncio.create_task(writer(store, n)) for n in range(50)]
         await asyncio.sleep(0.3)
-        await server.stop(5)
+        await serving.stop(5)
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
     assert list(completed.values()).count(False) == 50  # every writer saw the shutdown
     assert all(storage.exists((), key) is done for key, done in completed.items())
