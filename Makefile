@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install gen serve test lint typecheck unit clean
+.PHONY: install gen serve test lint typecheck unit bench clean
 
 $(INSTALLED): pyproject.toml setup.py protos/generate.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ unit: gen
 	$(BIN)/pytest
 
 test: lint typecheck unit  ## everything CI runs
+
+bench: gen  ## GrpcStore vs Litestar's RedisStore vs LocalStore: table, bench/results.json, bench/throughput.png
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
+		echo "redis-server could not be installed: the Redis rows will be skipped"
+	$(BIN)/python -m bench --json bench/results.json --chart bench/throughput.png $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -46,7 +46,10 @@ DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 _MAX_ATTEMPTS = 5
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 1.0
-_RETRIED = frozenset({"UNAVAILABLE", "CANCELLED"})
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# What grpc.aio reports when a write fails inside gRPC core, as when the
+# server ends the stream while a batch is being written: nothing was delivered.
+_FAILED_IN_CORE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
 class _Batch:
@@ -180,12 +183,12 @@ class Pipeline:
                 call = self._open_stream()
                 writer = self._loop.create_task(self._write(call))
                 try:
-                    error = await self._read(call)
+                    error, retry = await self._read(call)
                 finally:
                     writer.cancel()
                     call.cancel()
-                if error is not None and error.code not in _RETRIED:
-                    self._fail_sent(error)
+                if not retry:
+                    self._fail_sent(error or StoreError("the stream ended", "INTERNAL"))
                     continue
                 self._failures += 1
                 if self._failures >= _MAX_ATTEMPTS:
@@ -213,17 +216,22 @@ class Pipeline:
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 return  # the stream is over; the reader reports why
 
-    async def _read(self, call: Any) -> StoreError | None:
-        """Hand out results until the stream ends; its error, or None if it ended cleanly."""
+    async def _read(self, call: Any) -> tuple[StoreError | None, bool]:
+        """Hand out results until the stream ends; then why (None: it ended cleanly) and whether to retry.
+
+        A stream the server ended cleanly is retried: the server answers every
+        batch it read before it ends a stream, so the unanswered ones never ran.
+        """
         while True:
             try:
                 response = await call.read()
             except grpc.aio.AioRpcError as error:
-                return error_from_rpc(error)
+                retry = error.code() in _RETRIED or (error.code(), error.details()) == _FAILED_IN_CORE
+                return error_from_rpc(error), retry
             if response is grpc.aio.EOF:
-                return None
+                return None, True
             if not self._sent or response.id != self._sent[0].message.id:
-                return StoreError(f"the server answered batch {response.id} out of order", "INTERNAL")
+                return StoreError(f"the server answered batch {response.id} out of order", "INTERNAL"), False
             self._failures = 0
             batch = self._sent[0]
             futures = batch.futures

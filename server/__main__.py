@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -20,6 +20,7 @@ _HELP = {
     "shutdown_grace": "seconds in-flight calls get to finish on SIGINT/SIGTERM (default: %(default)s)",
     "reap_interval": "seconds between rounds of active expiry (default: %(default)s)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default: %(default)s)",
+    "event_loop": "auto (uvloop if installed), uvloop or asyncio (default: %(default)s)",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",
     "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
     "max_depth": "most namespace segments in a path (default: %(default)s)",
@@ -57,10 +58,26 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         parser.error(str(exc).replace("$.limits.", "--").replace("$.", "--").replace("_", "-"))
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop to serve on: uvloop when chosen, or when installed and the choice is auto."""
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit(
+                "nestkv: --event-loop uvloop needs uvloop: pip install 'nestkv[uvloop]'"
+            ) from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+        runner.run(serve(config))
 
 
 if __name__ == "__main__":

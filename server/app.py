@@ -89,6 +89,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     log.info("nestkv serving on %s", config.address(port))
 
     await stop.wait()

@@ -25,6 +25,8 @@ class ServerConfig(msgspec.Struct, frozen=True):
     """Seconds between two rounds of active expiry."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """Event loop: uvloop (faster; `pip install nestkv[uvloop]`), asyncio, or auto (uvloop if installed)."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 

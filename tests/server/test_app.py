@@ -144,3 +144,15 @@ async def test_calls_that_fail_at_shutdown_changed_nothing() -> None:
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
     assert list(completed.values()).count(False) == 50  # every writer saw the shutdown
     assert all(storage.exists((), key) is done for key, done in completed.items())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_event_loop_flag_picks_the_loop_it_serves_on(loop: str) -> None:
+    async def round_trip(target: str) -> bytes | None:
+        async with GrpcStore.with_client(target) as store:
+            await store.set("key", b"served")
+            return await store.get("key")
+
+    with ServerProcess("--event-loop", loop) as server:
+        assert asyncio.run(round_trip(server.target)) == b"served"
+    assert any(f"event loop: {loop}." in line for line in server.log), server.log

@@ -1,0 +1,290 @@
+"""`python -m bench` (`make bench`): GrpcStore against Litestar's RedisStore and the in-process LocalStore.
+
+Every figure of a run is measured in that run, on the same machine, and
+reported as a ratio against RedisStore: these machines are shared and noisy,
+so absolute figures from different runs do not compare. Workloads:
+
+* mixed: 50/50 get/set of 100-byte values (sets with a TTL) on 10,000 keys,
+  at 1, 16, 64 and 256 concurrent tasks in one client process: ops/s, p50, p99.
+* delete_all: one namespace of 100,000 keys emptied while 1,000,000 keys live
+  in another.
+* memory: server memory per key with 1,000,000 keys (21-byte keys, 100-byte
+  values, TTL): nestkv's RSS growth against redis-server's `used_memory`.
+
+Prints one table, writes it as JSON (`--json`) and draws throughput against
+concurrency (`--chart`, needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.servers import RedisServer, nestkv_server, redis_server, rss_bytes
+from client import GrpcStore, LocalStore
+
+VALUE = b"v" * 100
+TTL = 3600
+MIXED_KEYS = 10_000
+Row = dict[str, Any]
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
+
+
+async def mixed(store: Any, tasks: int, operations: int, keys: int) -> Row:
+    """`operations` 50/50 gets and sets spread over `tasks` tasks: ops/s and latency percentiles."""
+    latencies: list[float] = []
+    per_task = max(1, operations // tasks)
+
+    async def worker(seed: int) -> None:
+        pick = random.Random(seed).randrange
+        clock = time.perf_counter
+        for i in range(per_task):
+            key = f"key{pick(keys)}"
+            started = clock()
+            if i % 2:
+                await store.set(key, VALUE, expires_in=TTL)
+            else:
+                await store.get(key)
+            latencies.append(clock() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(seed) for seed in range(tasks)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "ops_per_s": len(latencies) / elapsed,
+        "p50_us": percentile(latencies, 0.50) * 1e6,
+        "p99_us": percentile(latencies, 0.99) * 1e6,
+    }
+
+
+async def run_mixed(stores: dict[str, Any], concurrency: Sequence[int], operations: int) -> list[Row]:
+    rows = []
+    for name, store in stores.items():
+        await asyncio.gather(*(store.set(f"key{i}", VALUE, expires_in=TTL) for i in range(MIXED_KEYS)))
+        await mixed(store, 16, 2_000, MIXED_KEYS)  # warm up connections and code paths
+        for tasks in concurrency:
+            count = operations // 8 if tasks == 1 else operations
+            rows.append({"store": name, "tasks": tasks, **await mixed(store, tasks, count, MIXED_KEYS)})
+            print(f"  mixed {name:9} {tasks:4} tasks: {rows[-1]['ops_per_s']:10,.0f} ops/s", flush=True)
+    return rows
+
+
+def nestkv_keys(count: int) -> list[str]:
+    return [f"session:{i:013d}" for i in range(count)]  # 21 bytes each
+
+
+async def load_nestkv(store: GrpcStore, count: int, ttl: int | None) -> None:
+    keys = nestkv_keys(count)
+    for start in range(0, count, 20_000):
+        await store.set_many([(key, VALUE) for key in keys[start : start + 20_000]], expires_in=ttl)
+
+
+async def load_redis(redis: Any, prefix: str, count: int, ttl: int | None) -> None:
+    keys = nestkv_keys(count)
+    for start in range(0, count, 10_000):
+        pipe = redis.pipeline(transaction=False)
+        for key in keys[start : start + 10_000]:
+            pipe.set(prefix + key, VALUE, ex=ttl)
+        await pipe.execute()
+
+
+async def timed(action: Callable[[], Awaitable[Any]]) -> float:
+    started = time.perf_counter()
+    await action()
+    return time.perf_counter() - started
+
+
+async def nestkv_memory_and_delete_all(target: str, pid: int, keys: int, namespace_keys: int) -> Row:
+    async with GrpcStore.with_client(target, timeout=120) as root:
+        await root.with_namespace("warm").set("key", VALUE)
+        before = rss_bytes(pid)
+        await load_nestkv(root.with_namespace("elsewhere"), keys, TTL)
+        await asyncio.sleep(0.5)
+        per_key = (rss_bytes(pid) - before) / keys
+        doomed = root.with_namespace("doomed")
+        await load_nestkv(doomed, namespace_keys, None)
+        seconds = await timed(doomed.delete_all)
+        assert await doomed.get(nestkv_keys(1)[0]) is None
+        assert await root.with_namespace("elsewhere").get(nestkv_keys(1)[0]) == VALUE
+        await root.with_namespace("elsewhere").delete_all()
+    return {"memory_per_key": per_key, "delete_all_s": seconds}
+
+
+async def redis_memory_and_delete_all(redis_server: RedisServer, keys: int, namespace_keys: int) -> Row:
+    from litestar.stores.redis import RedisStore
+
+    redis = redis_server.client()
+    try:
+        await redis.flushall()
+        before = (await redis.info("memory"))["used_memory"]
+        await load_redis(redis, "", keys, TTL)  # 21-byte keys, no prefix: the same keys as nestkv's
+        per_key = ((await redis.info("memory"))["used_memory"] - before) / keys
+        doomed = RedisStore(redis).with_namespace("doomed")
+        await load_redis(redis, doomed._make_key(""), namespace_keys, None)
+        seconds = await timed(doomed.delete_all)
+        assert await doomed.get(nestkv_keys(1)[0]) is None
+        assert await redis.get(nestkv_keys(1)[0]) == VALUE
+        await redis.flushall()
+    finally:
+        await redis.aclose()
+    return {"memory_per_key": per_key, "delete_all_s": seconds}
+
+
+def ratio(value: float, baseline: float | None) -> str:
+    return f"{value / baseline:.2f}x" if baseline else "-"
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"nestkv benchmark, {results['machine']}, commit {results['commit']}",
+        "",
+        "| workload | store | ops/s | p50 µs | p99 µs | ops/s vs Redis | p50 vs Redis |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    redis_rows = {row["tasks"]: row for row in results["mixed"] if row["store"] == "RedisStore"}
+    for row in results["mixed"]:
+        base = redis_rows.get(row["tasks"])
+        lines.append(
+            f"| mixed, {row['tasks']} tasks | {row['store']} | {row['ops_per_s']:,.0f} | "
+            f"{row['p50_us']:,.0f} | {row['p99_us']:,.0f} | "
+            f"{ratio(row['ops_per_s'], base and base['ops_per_s'])} | "
+            f"{ratio(row['p50_us'], base and base['p50_us'])} |"
+        )
+    lines += ["", "| workload | GrpcStore | RedisStore | GrpcStore vs Redis |", "|---|---:|---:|---:|"]
+    ours, theirs = results["nestkv"], results.get("redis") or {}
+    seconds, redis_seconds = ours["delete_all_s"], theirs.get("delete_all_s", 0.0)
+    total = results["namespace_keys"] + results["keys"]
+    lines.append(
+        f"| delete_all, {results['namespace_keys']:,} keys of {total:,} "
+        f"| {seconds * 1e3:,.2f} ms | "
+        + (
+            f"{redis_seconds * 1e3:,.1f} ms | {redis_seconds / seconds:,.0f}x faster |"
+            if theirs
+            else "- | - |"
+        )
+    )
+    memory, redis_memory = ours["memory_per_key"], theirs.get("memory_per_key", 0.0)
+    lines.append(
+        f"| memory per key, {results['keys']:,} keys (nestkv RSS, Redis used_memory) | {memory:,.0f} B | "
+        + (f"{redis_memory:,.0f} B | {memory / redis_memory:.2f}x |" if theirs else "- | - |")
+    )
+    if results.get("redis_skipped"):
+        lines += ["", f"Redis rows skipped: {results['redis_skipped']}"]
+    return "\n".join(lines)
+
+
+def draw(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for store in dict.fromkeys(row["store"] for row in results["mixed"]):
+        rows = [row for row in results["mixed"] if row["store"] == store]
+        axes.plot([r["tasks"] for r in rows], [r["ops_per_s"] for r in rows], marker="o", label=store)
+    axes.set(xscale="log", yscale="log", xlabel="concurrent tasks", ylabel="ops/s (50/50 get/set, 100 B)")
+    axes.set_xticks(results["concurrency"], [str(t) for t in results["concurrency"]])
+    axes.set_title(f"Throughput against concurrency ({results['machine']})")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def commit() -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or "unknown"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    concurrency = [1, 16, 64, 256]
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "commit": commit(),
+        "concurrency": concurrency,
+        "keys": args.keys,
+        "namespace_keys": args.namespace_keys,
+    }
+    with nestkv_server() as nestkv, redis_server() as redis:
+        print(
+            f"nestkv on {nestkv.target}; redis: {redis if isinstance(redis, str) else redis.port}", flush=True
+        )
+        results["nestkv"] = await nestkv_memory_and_delete_all(
+            nestkv.target, nestkv.process.pid, args.keys, args.namespace_keys
+        )
+        print(f"  nestkv memory and delete_all: {results['nestkv']}", flush=True)
+        stores: dict[str, Any] = {
+            "LocalStore": LocalStore(),
+            "GrpcStore": GrpcStore.with_client(nestkv.target),
+        }
+        if isinstance(redis, str):
+            results["redis_skipped"] = redis
+            print(f"  Redis rows skipped: {redis}", flush=True)
+        else:
+            from litestar.stores.redis import RedisStore
+            from redis.asyncio import BlockingConnectionPool
+
+            results["redis"] = await redis_memory_and_delete_all(redis, args.keys, args.namespace_keys)
+            print(f"  redis memory and delete_all: {results['redis']}", flush=True)
+            pool = BlockingConnectionPool(host="127.0.0.1", port=redis.port, max_connections=max(concurrency))
+            stores["RedisStore"] = RedisStore(redis.client(connection_pool=pool))
+        results["mixed"] = await run_mixed(
+            {name: store.with_namespace("mixed") for name, store in stores.items()},
+            concurrency,
+            args.operations,
+        )
+        await stores["GrpcStore"].close()
+        if "RedisStore" in stores:
+            await stores["RedisStore"]._redis.aclose()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--operations", type=int, default=40_000, help="operations per mixed row")
+    parser.add_argument("--keys", type=int, default=1_000_000, help="keys for the memory test")
+    parser.add_argument("--namespace-keys", type=int, default=100_000, help="keys of the deleted namespace")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--chart", type=Path, help="draw throughput against concurrency to this PNG")
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args))
+    print()
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    if args.chart:
+        draw(results, args.chart)
+        print(f"drew {args.chart}")
+
+
+if __name__ == "__main__":
+    main()

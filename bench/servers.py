@@ -1,0 +1,83 @@
+"""The servers a benchmark run measures: a nestkv server and, where one is installed, a redis-server."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.serverproc import ServerProcess
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+@contextlib.contextmanager
+def nestkv_server(*args: str) -> Iterator[ServerProcess]:
+    with ServerProcess("--log-level", "INFO", *args) as server:
+        yield server
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port: no persistence, no memory limit."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process = process
+        self.port = port
+
+    def client(self, **options: Any) -> Any:
+        from redis.asyncio import Redis
+
+        return Redis(host="127.0.0.1", port=self.port, **options)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer | str]:
+    """A RedisServer, or the reason there is none (printed in place of the Redis rows)."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        yield "redis-server is not installed (Debian: apt-get install redis-server)"
+        return
+    try:
+        import litestar.stores.redis  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError as missing:
+        yield f"{missing.name} is not installed (pip install -e '.[bench]')"
+        return
+    port = _free_port()
+    process = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    yield f"redis-server did not start on port {port}"
+                    return
+                time.sleep(0.05)
+        yield RedisServer(process, port)
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -1,0 +1,25 @@
+"""`python -m bench` runs end to end on small sizes, so that `make bench` does not rot between uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_runs_and_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    args = ["--operations", "400", "--keys", "3000", "--namespace-keys", "500", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for store in ("LocalStore", "GrpcStore"):
+        rows = [row for row in results["mixed"] if row["store"] == store]
+        assert [row["tasks"] for row in rows] == [1, 16, 64, 256]
+        assert all(row["ops_per_s"] > 0 and row["p99_us"] >= row["p50_us"] > 0 for row in rows)
+    assert results["nestkv"]["delete_all_s"] > 0
+    assert "| mixed, 64 tasks | GrpcStore |" in done.stdout
+    assert ("redis" in results) != ("redis_skipped" in results)
