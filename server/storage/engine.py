@@ -6,8 +6,8 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from server.storage.expiry import ExpiryIndex
-from server.storage.tree import Entry, NamespaceTree, Node
+from server.storage.expiry import ExpiryWheel, slot_of
+from server.storage.tree import NamespaceTree, Node, deadline_of, pack, value_of
 
 Clock = Callable[[], float]
 NEVER = math.inf
@@ -20,108 +20,167 @@ class NamespacedStorage:
     Paths are sequences of namespace segments from the root. Durations are in
     seconds on `clock`, a monotonic clock (injectable for tests). An entry is
     gone for every operation from its deadline on; `reap` reclaims expired
-    entries that nobody reads. Not thread-safe: call it from one thread (the
-    server's event loop).
+    entries that nobody reads, and frees namespaces dropped by `delete_all`.
+    Not thread-safe: call it from one thread (the server's event loop).
     """
 
-    __slots__ = ("_clock", "_expiry", "_tree")
+    __slots__ = ("_clock", "_dropped", "_tree", "_wheel")
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._tree = NamespaceTree()
-        self._expiry = ExpiryIndex(self._is_live)
+        self._wheel = ExpiryWheel()
+        self._dropped: list[Node] = []  # detached by delete_all, freed by reap a chunk at a time
 
     def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> None:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
         node = self._tree.find_or_create(path)
+        old = node.entries.get(key)
+        old_deadline = NEVER if old is None else deadline_of(old)
         if ttl is None:
-            node.entries[key] = Entry(value, NEVER, NEVER)
+            node.entries[key] = pack(value, NEVER)
+            if old_deadline != NEVER:
+                node.expiring -= 1
             return
         deadline = self._clock() + ttl
-        entry = node.entries.get(key)
-        if entry is not None and entry.scheduled <= deadline:
-            # Its index item comes due first and reschedules it: no new item needed.
-            entry.value = value
-            entry.deadline = deadline
-        else:
-            node.entries[key] = Entry(value, deadline, deadline)
-            self._expiry.add(deadline, node, key)
+        node.entries[key] = pack(value, deadline)
+        if old_deadline == NEVER:
+            node.expiring += 1
+            self._schedule(node, key, deadline)
+        elif slot_of(deadline) < slot_of(old_deadline):
+            self._schedule(node, key, deadline)
+        # Otherwise the key is listed no later than its new deadline already.
 
     def get(self, path: Sequence[str], key: str, renew_for: float | None = None) -> bytes | None:
         """The value of `key`, or None. With `renew_for`, an entry with a deadline gets now + renew_for."""
-        found = self._find_live(path, key)
-        if found is None:
+        node = self._tree.find(path)
+        stored = None if node is None else node.entries.get(key)
+        if node is None or stored is None:
             return None
-        node, entry = found
-        if renew_for is not None and entry.deadline != NEVER:
-            entry.deadline = self._clock() + renew_for
-            if entry.deadline < entry.scheduled:
-                entry.scheduled = entry.deadline
-                self._expiry.add(entry.deadline, node, key)
-        return entry.value
+        now = self._clock()
+        deadline = deadline_of(stored)
+        if deadline <= now:
+            self._remove(node, key)
+            return None
+        value = value_of(stored)
+        if renew_for is not None and deadline != NEVER:
+            renewed = now + renew_for
+            node.entries[key] = pack(value, renewed)
+            if slot_of(renewed) < slot_of(deadline):
+                self._schedule(node, key, renewed)
+        return value
 
     def delete(self, path: Sequence[str], key: str) -> None:
         """Remove `key`; a missing key is a no-op."""
         node = self._tree.find(path)
-        if node is not None and node.entries.pop(key, None) is not None:
-            self._tree.prune(node)
+        if node is not None and key in node.entries:
+            self._remove(node, key)
 
     def delete_all(self, path: Sequence[str] = ()) -> None:
-        """Remove every entry at `path` and below; O(depth), whatever the number of keys."""
-        self._tree.drop(path)
+        """Remove every entry at `path` and below; O(depth), whatever the number of keys.
+
+        The subtree is detached at once; `reap` frees its memory in chunks.
+        """
+        dropped = self._tree.drop(path)
+        if dropped is not None:
+            self._dropped.append(dropped)
 
     def exists(self, path: Sequence[str], key: str) -> bool:
         """Whether `key` holds an unexpired value."""
-        return self._find_live(path, key) is not None
+        return self.expires_in(path, key) is not None
 
     def expires_in(self, path: Sequence[str], key: str) -> float | None:
         """Seconds `key` has left: None if missing, `NEVER` if it has no expiry."""
-        found = self._find_live(path, key)
-        if found is None:
+        node = self._tree.find(path)
+        stored = None if node is None else node.entries.get(key)
+        if node is None or stored is None:
             return None
-        deadline = found[1].deadline
-        return NEVER if deadline == NEVER else deadline - self._clock()
+        deadline = deadline_of(stored)
+        if deadline == NEVER:
+            return NEVER
+        left = deadline - self._clock()
+        if left <= 0:
+            self._remove(node, key)
+            return None
+        return left
 
     def reap(self, limit: int = 10_000) -> int:
-        """Reclaim entries whose deadline has passed, looking at most at `limit` index items.
+        """Reclaim expired entries nobody reads and free dropped namespaces, doing at most `limit` steps.
 
-        Returns how many index items were looked at: `limit` means more may be due.
+        A step looks at one listing of the expiry wheel or frees one entry.
+        Returns the steps taken: `limit` means more work may be waiting.
         """
+        steps = self._free_dropped(limit)
         now = self._clock()
-        due = self._expiry.pop_due(now, limit)
-        for scheduled, node, key in due:
-            entry = node.entries.get(key)
-            if entry is None or entry.scheduled != scheduled:
-                continue  # stale: the entry was deleted, replaced or rescheduled earlier
-            if entry.deadline <= now:
-                del node.entries[key]
+        root = self._tree.root
+        while steps < limit:
+            due = self._wheel.next_due(now)
+            if due is None:
+                break
+            slot, node = due
+            keys = node.slots[slot]
+            if not node.is_attached_to(root):  # dropped or pruned: nothing of it is live
+                del node.slots[slot]
+                steps += 1
+                continue
+            entries = node.entries
+            while keys and steps < limit:
+                key = keys.pop()
+                node.scheduled -= 1
+                steps += 1
+                stored = entries.get(key)
+                if stored is None:
+                    continue  # deleted since
+                deadline = deadline_of(stored)
+                if deadline <= now:
+                    del entries[key]
+                    node.expiring -= 1
+                elif deadline != NEVER and slot_of(deadline) > slot:  # pushed out: list it in its slot
+                    self._wheel.schedule(node, key, deadline)
+            if not keys:
+                del node.slots[slot]
                 self._tree.prune(node)
-            elif node.is_attached_to(self._tree.root):  # renewed since: look again at the new deadline
-                entry.scheduled = entry.deadline
-                self._expiry.add(entry.deadline, node, key)
-        return len(due)
+        return steps
 
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped (walks the subtree)."""
-        return self._tree.count(path)
+        return sum(len(node.entries) for node in self._tree.nodes(path))
 
     def index_size(self) -> int:
-        """Items in the expiry index, stale ones included."""
-        return len(self._expiry)
+        """Keys listed in the expiry wheel, stale listings included (walks the tree)."""
+        return sum(node.scheduled for node in self._tree.nodes())
 
-    def _find_live(self, path: Sequence[str], key: str) -> tuple[Node, Entry] | None:
-        node = self._tree.find(path)
-        if node is None:
-            return None
-        entry = node.entries.get(key)
-        if entry is None:
-            return None
-        if entry.deadline <= self._clock():
-            del node.entries[key]
-            self._tree.prune(node)
-            return None
-        return node, entry
+    def _schedule(self, node: Node, key: str, deadline: float) -> None:
+        self._wheel.schedule(node, key, deadline)
+        if self._wheel.needs_rebuild(node):
+            self._wheel.rebuild(node)
 
-    def _is_live(self, scheduled: float, node: Node, key: str) -> bool:
-        entry = node.entries.get(key)
-        return entry is not None and entry.scheduled == scheduled and node.is_attached_to(self._tree.root)
+    def _remove(self, node: Node, key: str) -> None:
+        if deadline_of(node.entries.pop(key)) != NEVER:
+            node.expiring -= 1
+        self._tree.prune(node)
+
+    def _free_dropped(self, limit: int) -> int:
+        """Free up to about `limit` entries of dropped namespaces; return how many steps that took."""
+        steps = 0
+        dropped = self._dropped
+        while dropped and steps < limit:
+            node = dropped[-1]
+            if node.entries:
+                entries = node.entries
+                for _ in range(min(len(entries), limit - steps)):
+                    entries.popitem()
+                    steps += 1
+            elif node.slots:
+                slot, keys = next(iter(node.slots.items()))
+                chunk = min(len(keys), limit - steps)
+                del keys[len(keys) - chunk :]
+                steps += chunk
+                if not keys:
+                    del node.slots[slot]
+            else:
+                dropped.pop()
+                dropped.extend(node.children.values())
+                node.children = {}
+                steps += 1
+        return steps

@@ -1,61 +1,74 @@
-"""The deadline index behind active expiry.
+"""The expiry wheel behind active expiry.
 
-A min-heap of `(deadline, seq, node, key)`, at most one live item per entry
-(the one whose deadline is the entry's `scheduled`). Renewals and overwrites
-that push a deadline out add nothing: the engine reschedules the entry when
-its item comes due. Deletes, delete_all and shortened deadlines never search
-the heap: they leave stale items behind, which are recognised and skipped when
-popped. So that stale items cannot pile up, the heap is rebuilt from its live
-items whenever it has doubled since the last rebuild: O(1) amortized per
-insertion.
+Time is cut into slots of 1/SLOTS_PER_SECOND s. Each namespace node lists,
+per slot, the keys that may expire in it (`Node.slots`), and a min-heap holds
+`(slot, seq, node)` once per list, so that the reaper finds the due lists in
+order. A key costs one list item (8 bytes), not a heap item of its own.
+
+Invariant: every entry with a deadline is listed in a slot no later than its
+deadline's. Renewals and overwrites that push a deadline out list nothing
+new: when the old slot comes due, the reaper moves the key to its new slot.
+A shortened deadline lists the key again in the earlier slot. Deletes leave
+stale listings behind, skipped when their slot comes due; a node whose
+listings outnumber twice its expiring entries (plus a floor) has its slots
+rebuilt, which keeps them O(live entries) at O(1) amortized cost per listing.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+import math
 
-from server.storage.tree import Node
+from server.storage.tree import Node, deadline_of
 
-Item = tuple[float, int, Node, str]
-IsLive = Callable[[float, Node, str], bool]
-
-_MIN_COMPACT_SIZE = 1024
+SLOTS_PER_SECOND = 10
+_REBUILD_FLOOR = 64
 
 
-class ExpiryIndex:
-    """Deadlines of the entries that have one, earliest first."""
+def slot_of(deadline: float) -> int:
+    """The slot whose end is the first at or after `deadline`."""
+    return math.ceil(deadline * SLOTS_PER_SECOND)
 
-    __slots__ = ("_compact_at", "_heap", "_is_live", "_seq")
 
-    def __init__(self, is_live: IsLive) -> None:
-        self._heap: list[Item] = []
+class ExpiryWheel:
+    """The nodes' slot lists, earliest slot first."""
+
+    __slots__ = ("_heap", "_seq")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Node]] = []
         self._seq = itertools.count()
-        self._is_live = is_live
-        self._compact_at = _MIN_COMPACT_SIZE
 
-    def __len__(self) -> int:
-        return len(self._heap)
+    def schedule(self, node: Node, key: str, deadline: float) -> None:
+        """List `key` of `node` in the slot of `deadline`."""
+        slot = slot_of(deadline)
+        keys = node.slots.get(slot)
+        if keys is None:
+            keys = node.slots[slot] = []
+            heapq.heappush(self._heap, (slot, next(self._seq), node))
+        keys.append(key)
+        node.scheduled += 1
 
-    def add(self, deadline: float, node: Node, key: str) -> None:
-        """Record that `node.entries[key]` expires at `deadline`."""
-        heapq.heappush(self._heap, (deadline, next(self._seq), node, key))
-        if len(self._heap) >= self._compact_at:
-            self.compact()
+    def needs_rebuild(self, node: Node) -> bool:
+        return node.scheduled > 2 * node.expiring + _REBUILD_FLOOR
 
-    def pop_due(self, now: float, limit: int) -> list[tuple[float, Node, str]]:
-        """Remove and return up to `limit` items whose deadline is `now` or earlier."""
+    def rebuild(self, node: Node) -> None:
+        """List each expiring entry of `node` once, in its own slot, dropping the stale listings."""
+        node.slots = {}
+        node.scheduled = 0
+        for key, stored in node.entries.items():
+            deadline = deadline_of(stored)
+            if deadline != math.inf:
+                self.schedule(node, key, deadline)
+
+    def next_due(self, now: float) -> tuple[int, Node] | None:
+        """The earliest slot that has ended by `now`, with its node; None if there is none."""
         heap = self._heap
-        due: list[tuple[float, Node, str]] = []
-        while heap and heap[0][0] <= now and len(due) < limit:
-            deadline, _, node, key = heapq.heappop(heap)
-            due.append((deadline, node, key))
-        return due
-
-    def compact(self) -> None:
-        """Drop the stale items and re-arm the next rebuild at twice the live size."""
-        is_live = self._is_live
-        self._heap = [item for item in self._heap if is_live(item[0], item[2], item[3])]
-        heapq.heapify(self._heap)
-        self._compact_at = max(_MIN_COMPACT_SIZE, 2 * len(self._heap))
+        last = math.floor(now * SLOTS_PER_SECOND)
+        while heap and heap[0][0] <= last:
+            slot, _, node = heap[0]
+            if slot in node.slots:
+                return slot, node
+            heapq.heappop(heap)  # that list was finished or rebuilt away
+        return None

@@ -3,39 +3,52 @@
 Namespaces are structural, so `("a", "b")` and `("a_b",)` are different nodes
 whatever characters the segments hold, and dropping a namespace subtree is a
 single dict removal, whatever the number of keys inside or elsewhere.
+
+An entry is one bytes object: the value followed by its deadline as an
+8-byte float (`inf`: never). One object per entry, instead of a value, a
+record and a float, is what keeps memory per key near Redis's.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
-import msgspec
+_DEADLINE = struct.Struct("<d")
+DEADLINE_BYTES = _DEADLINE.size
 
 
-class Entry(msgspec.Struct, gc=False):
-    """A stored value, its deadline on the storage clock (`inf`: never), and when the index looks at it.
+def pack(value: bytes, deadline: float) -> bytes:
+    """The stored form of `value` with `deadline`."""
+    return value + _DEADLINE.pack(deadline)
 
-    `scheduled` is the deadline of the entry's one live item in the expiry
-    index (`inf`: none). It may be earlier than `deadline`, after a renewal or
-    an overwrite pushed the deadline out: the index then reschedules the entry
-    when that item comes due, instead of taking a new item for every renewal.
-    """
 
-    value: bytes
-    deadline: float
-    scheduled: float
+def deadline_of(stored: bytes) -> float:
+    return float(_DEADLINE.unpack_from(stored, len(stored) - DEADLINE_BYTES)[0])
+
+
+def value_of(stored: bytes) -> bytes:
+    return stored[:-DEADLINE_BYTES]
 
 
 class Node:
-    """One namespace: its own entries and its child namespaces."""
+    """One namespace: its entries, its child namespaces, and its slots of the expiry wheel.
 
-    __slots__ = ("children", "entries", "name", "parent")
+    `slots` maps a time slot to keys that may expire in it (see
+    storage.expiry); `expiring` counts the entries that have a deadline, and
+    `scheduled` the keys listed in `slots`, stale ones included.
+    """
+
+    __slots__ = ("children", "entries", "expiring", "name", "parent", "scheduled", "slots")
 
     def __init__(self, name: str = "", parent: Node | None = None) -> None:
         self.name = name
         self.parent = parent
         self.children: dict[str, Node] = {}
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, bytes] = {}
+        self.slots: dict[int, list[str]] = {}
+        self.expiring = 0
+        self.scheduled = 0
 
     def is_attached_to(self, root: Node) -> bool:
         """Whether this node is still reachable from `root` (not dropped by a delete_all)."""
@@ -75,16 +88,25 @@ class NamespaceTree:
             node = child
         return node
 
-    def drop(self, path: Sequence[str]) -> None:
-        """Remove the namespace at `path` with everything below it, in O(depth)."""
+    def drop(self, path: Sequence[str]) -> Node | None:
+        """Detach the namespace at `path` with everything below it, in O(depth); return what was detached.
+
+        The detached node still holds its entries: freeing them is the caller's
+        business (the engine does it in the background, a chunk at a time).
+        """
         if not path:
-            self.root.children = {}
-            self.root.entries = {}
-            return
+            dropped = Node()
+            root = self.root
+            dropped.children, dropped.entries, dropped.slots = root.children, root.entries, root.slots
+            root.children, root.entries, root.slots = {}, {}, {}
+            root.expiring = root.scheduled = 0
+            return dropped
         node = self.find(path)
-        if node is not None and node.parent is not None:
-            del node.parent.children[node.name]
-            self.prune(node.parent)
+        if node is None or node.parent is None:
+            return None
+        del node.parent.children[node.name]
+        self.prune(node.parent)
+        return node
 
     def prune(self, node: Node) -> None:
         """Unlink `node` and its ancestors while they hold nothing, so empty namespaces cost no memory."""
@@ -94,14 +116,12 @@ class NamespaceTree:
                 del parent.children[node.name]
             node = parent
 
-    def count(self, path: Sequence[str] = ()) -> int:
-        """Number of entries stored at `path` and below, expired or not; walks the subtree."""
+    def nodes(self, path: Sequence[str] = ()) -> list[Node]:
+        """Every node at `path` and below (walks the subtree)."""
         start = self.find(path)
-        if start is None:
-            return 0
-        total, stack = 0, [start]
+        found, stack = [], [] if start is None else [start]
         while stack:
             node = stack.pop()
-            total += len(node.entries)
+            found.append(node)
             stack.extend(node.children.values())
-        return total
+        return found

@@ -236,3 +236,30 @@ def test_delete_all_work_does_not_depend_on_the_number_of_keys() -> None:
     baseline = delete_all_work(target_keys=10, other_keys=10)
     assert delete_all_work(target_keys=10, other_keys=200_000) == baseline
     assert delete_all_work(target_keys=100_000, other_keys=10) == baseline
+
+
+def test_dropped_namespace_is_freed_in_bounded_steps_without_touching_its_successor(
+    storage: NamespacedStorage, clock: FakeClock
+) -> None:
+    for i in range(25_000):
+        storage.set(("tenant", str(i % 3)), f"k{i}", b"old", ttl=60 if i % 2 else None)
+    storage.delete_all(("tenant",))
+    storage.set(("tenant", "0"), "k0", b"new", ttl=60)
+    assert storage.count() == 1  # gone for every operation at once
+    steps = [storage.reap(limit=10_000) for _ in range(5)]
+    assert steps[:2] == [10_000, 10_000]  # freeing is chunked: the loop gets control back
+    assert steps[-1] < 10_000  # and it finishes
+    assert storage.get(("tenant", "0"), "k0") == b"new"
+    clock.advance(61)
+    assert storage.reap() == 1
+    assert storage.count() == 0
+
+
+def test_shortened_deadlines_keep_the_wheel_bounded(storage: NamespacedStorage, clock: FakeClock) -> None:
+    for i in range(10_000):
+        storage.set((), "key", b"v", ttl=3600 - i * 0.3)  # each overwrite lists the key again, earlier
+    assert storage.index_size() <= 2 * 1 + 64
+    clock.advance(3600)
+    storage.reap()
+    assert storage.count() == 0
+    assert storage.index_size() == 0
