@@ -171,3 +171,53 @@ async def test_reflection_lists_the_services(channel: Any) -> None:
     async for response in responses:
         names |= {service.name for service in response.list_services_response.service}
     assert {"nestkv.v1.StoreService", "grpc.health.v1.Health"} <= names
+
+
+async def test_pipeline_answers_a_mixed_batch_in_order_with_errors_in_place(stub: Any) -> None:
+    operations = [
+        pb.Operation(set=pb.SetRequest(path=["p"], key="a", value=b"1", expires_in=Duration(seconds=30))),
+        pb.Operation(get=pb.GetRequest(path=["p"], key="a")),
+        pb.Operation(set=pb.SetRequest(path=["p"], key="k" * 17, value=b"too long a key")),
+        pb.Operation(),
+        pb.Operation(exists=pb.ExistsRequest(path=["p"], key="a")),
+        pb.Operation(expires_in=pb.ExpiresInRequest(path=["p"], key="a")),
+        pb.Operation(delete_all=pb.DeleteAllRequest(path=["p"])),
+        pb.Operation(get=pb.GetRequest(path=["p"], key="a")),
+        pb.Operation(delete=pb.DeleteRequest(path=["ns"], key="missing")),
+    ]
+    call = stub.Pipeline()
+    await call.write(pb.PipelineRequest(id=7, operations=operations))
+    response = await call.read()
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    assert response.id == 7
+    kinds = [result.WhichOneof("result") for result in response.results]
+    assert kinds == ["set", "get", "error", "error", "exists", "expires_in", "delete_all", "get", "delete"]
+    results = response.results
+    assert (results[1].get.found, results[1].get.value) == (True, b"1")
+    assert results[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "the limit is 16 (max_key_bytes)" in results[2].error.message
+    assert "operation is empty" in results[3].error.message
+    assert results[4].exists.exists
+    assert 29 < results[5].expires_in.expires_in.ToTimedelta().total_seconds() <= 30
+    assert not results[7].get.found  # applied in order: after the delete_all
+    await assert_untouched_and_serving(stub)
+
+
+async def test_pipeline_batches_on_one_stream_are_answered_in_turn(stub: Any) -> None:
+    call = stub.Pipeline()
+    for n in range(1, 4):
+        await call.write(pb.PipelineRequest(id=n, operations=[pb.Operation(set=pb.SetRequest(key=f"k{n}"))]))
+    ids = [(await call.read()).id for _ in range(3)]
+    assert ids == [1, 2, 3]
+    call.cancel()
+
+
+async def test_malformed_bytes_on_the_pipeline_end_the_stream_only(stub: Any, channel: Any) -> None:
+    call = channel.stream_stream("/nestkv.v1.StoreService/Pipeline")()
+    await call.write(b"\x12\xff\x01abc")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed nestkv.v1.PipelineRequest" in caught.value.details()
+    await assert_untouched_and_serving(stub)

@@ -1,0 +1,38 @@
+"""StoreServicer.run_batch driven directly: how a batch's results are cut into responses."""
+
+from __future__ import annotations
+
+from nestkv.v1 import store_pb2 as pb
+from server.limits import Limits
+from server.service import StoreServicer
+from server.storage import NamespacedStorage
+
+
+def test_results_too_large_for_one_response_continue_in_the_next() -> None:
+    servicer = StoreServicer(NamespacedStorage(), Limits(), chunk_bytes=1000)
+    sizes = [400, 400, 400, 5000, 10, 10]
+    setup = pb.PipelineRequest(
+        operations=[
+            pb.Operation(set=pb.SetRequest(key=f"k{i}", value=b"x" * size)) for i, size in enumerate(sizes)
+        ]
+    )
+    servicer.run_batch(setup)
+    request = pb.PipelineRequest(
+        id=9, operations=[pb.Operation(get=pb.GetRequest(key=f"k{i}")) for i in range(6)]
+    )
+    responses = servicer.run_batch(request)
+    assert [response.id for response in responses] == [9, 9, 9, 9]
+    assert [[len(r.get.value) for r in response.results] for response in responses] == [
+        [400, 400],
+        [400],
+        [5000],  # a value larger than the chunk travels alone
+        [10, 10],
+    ]
+
+
+def test_a_batch_of_small_results_is_one_response() -> None:
+    servicer = StoreServicer(NamespacedStorage(), Limits())
+    request = pb.PipelineRequest(id=1, operations=[pb.Operation(get=pb.GetRequest(key="k"))] * 500)
+    responses = servicer.run_batch(request)
+    assert len(responses) == 1
+    assert len(responses[0].results) == 500
