@@ -149,7 +149,8 @@ def ratio(value: float, baseline: float | None) -> str:
 
 def report(results: dict[str, Any]) -> str:
     lines = [
-        f"nestkv benchmark, {results['machine']}, commit {results['commit']}",
+        f"nestkv benchmark, {results['machine']}, commit {results['commit']}, "
+        f"clients on {results['client_loop']}, server on its default loop",
         "",
         "| workload | store | ops/s | p50 µs | p99 µs | ops/s vs Redis | p50 vs Redis |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -232,6 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": concurrency,
         "keys": args.keys,
         "namespace_keys": args.namespace_keys,
+        "client_loop": args.client_loop,
     }
     with nestkv_server() as nestkv, redis_server() as redis:
         print(
@@ -274,8 +276,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--namespace-keys", type=int, default=100_000, help="keys of the deleted namespace")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--chart", type=Path, help="draw throughput against concurrency to this PNG")
+    parser.add_argument(
+        "--client-loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop of the clients"
+    )
     args = parser.parse_args(argv)
-    results = asyncio.run(run(args))
+    if args.client_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            results = runner.run(run(args))
+    else:
+        results = asyncio.run(run(args))
     print()
     print(report(results))
     if args.json:

@@ -50,9 +50,11 @@ _SERVICE_CONFIG = json.dumps(
 
 
 def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tuple[str, Any]]:
-    """Channel options GrpcStore needs: message sizes that fit `max_value_bytes`, and the retry policy.
+    """Channel options for GrpcStore: message sizes that fit `max_value_bytes`.
 
-    Pass them to `grpc.aio.insecure_channel` / `secure_channel` when you build the channel yourself.
+    They also carry a retry policy for the one-operation RPCs, for raw stubs
+    on the same channel (GrpcStore's Pipeline stream retries on its own). Pass them to
+    `grpc.aio.insecure_channel` / `secure_channel` when you build the channel yourself.
     """
     message_bytes = max_value_bytes + 1024 * 1024  # room for the key, path and framing
     return [

@@ -18,7 +18,7 @@ from server.storage import NamespacedStorage
 
 log = logging.getLogger("nestkv.server")
 
-_REAP_BATCH = 10_000
+_REAP_BATCH = 2_000  # steps between two yields to the event loop: well under a millisecond
 
 
 class StoreServer:
