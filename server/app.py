@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from server.config import ServerConfig
 from server.service import SERVICE_NAME, StoreServicer
 from server.storage import NamespacedStorage
+from server.storage.persistence import Persistence, PersistenceError
 
 log = logging.getLogger("nestkv.server")
 
@@ -38,8 +41,13 @@ class StoreServer:
         await self.server.stop(grace)
 
 
-def build_server(config: ServerConfig, storage: NamespacedStorage) -> StoreServer:
-    """A grpc.aio server (not started) hosting the store, health and reflection."""
+def build_server(
+    config: ServerConfig, storage: NamespacedStorage, commit: Callable[[], None] | None = None
+) -> StoreServer:
+    """A grpc.aio server (not started) hosting the store, health and reflection.
+
+    `commit` is called after each write request, before it is answered (persistence).
+    """
     message_bytes = config.limits.max_message_bytes()
     server = grpc.aio.server(
         options=[
@@ -49,7 +57,7 @@ def build_server(config: ServerConfig, storage: NamespacedStorage) -> StoreServe
             ("grpc.so_reuseport", 0),
         ]
     )
-    store_servicer = StoreServicer(storage, config.limits)
+    store_servicer = StoreServicer(storage, config.limits, commit=commit)
     store_servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -69,10 +77,23 @@ async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
             await asyncio.sleep(0)
 
 
+def open_persistence(config: ServerConfig, storage: NamespacedStorage) -> Persistence | None:
+    """Lock and recover the data directory into `storage`; None when the server keeps no data on disk."""
+    if not config.data_dir:
+        return None
+    try:
+        persistence = Persistence.open(Path(config.data_dir), config.fsync)
+        persistence.recover(storage)
+    except PersistenceError as error:
+        raise SystemExit(f"nestkv: {error}") from None
+    return persistence
+
+
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
     storage = NamespacedStorage()
-    serving = build_server(config, storage)
+    persistence = open_persistence(config, storage)
+    serving = build_server(config, storage, persistence.commit if persistence else None)
     server, health_servicer = serving.server, serving.health
     try:
         port = server.add_insecure_port(config.address())
@@ -83,7 +104,13 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    reaper = asyncio.create_task(reap_forever(storage, config.reap_interval))
+    background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]
+    if persistence is not None:
+        background.append(
+            asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))
+        )
+        if persistence.fsync_policy == "everysec":
+            background.append(asyncio.create_task(persistence.sync_forever()))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,7 +122,12 @@ async def serve(config: ServerConfig) -> None:
     await stop.wait()
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
     await serving.stop(config.shutdown_grace)
-    reaper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reaper
+    for task in background:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if persistence is not None:
+        entries = await persistence.snapshot(storage)
+        persistence.close()
+        log.info("snapshot of %d entries written to %s", entries, config.data_dir)
     log.info("nestkv stopped")

@@ -27,6 +27,12 @@ class ServerConfig(msgspec.Struct, frozen=True):
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     """Event loop: uvloop (faster; `pip install nestkv[uvloop]`), asyncio, or auto (uvloop if installed)."""
+    data_dir: str = ""
+    """Directory for the append-only log and snapshots; empty: keep everything in memory only."""
+    fsync: Literal["always", "everysec", "no"] = "everysec"
+    """When the log is fsynced: before each write is answered, once a second, or when the OS likes."""
+    snapshot_interval: Seconds = 300.0
+    """Seconds between snapshots (taken only if something changed); one is also taken at shutdown."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 

@@ -79,9 +79,15 @@ class StoreServicer:
     """The StoreService RPCs over one NamespacedStorage."""
 
     def __init__(
-        self, storage: NamespacedStorage, limits: Limits, *, chunk_bytes: int = RESPONSE_CHUNK_BYTES
+        self,
+        storage: NamespacedStorage,
+        limits: Limits,
+        *,
+        chunk_bytes: int = RESPONSE_CHUNK_BYTES,
+        commit: Callable[[], None] | None = None,
     ) -> None:
         self._storage = storage
+        self._commit = commit or _nothing
         self._limits = limits
         self._chunk_bytes = chunk_bytes
         self._stopping = False
@@ -108,7 +114,7 @@ class StoreServicer:
             else:
                 operation = self._operations[_KIND_OF_REQUEST[method.input_type.full_name]]
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    _unary(operation, getattr(pb, method.output_type.name)),
+                    _unary(operation, getattr(pb, method.output_type.name), self._commit),
                     request_deserializer=parse,
                     response_serializer=serialize,
                 )
@@ -177,6 +183,7 @@ class StoreServicer:
                     del results[-1]
                     results = response.results
                     room = self._chunk_bytes - len(out.value)
+        self._commit()
         return responses
 
     def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
@@ -228,7 +235,13 @@ def _fail(result: pb.OperationResult, code: grpc.StatusCode, message: str) -> No
     result.error.message = message
 
 
-def _unary(operation: Operation, response_class: type[Message]) -> Callable[[Any, Any], Awaitable[Any]]:
+def _nothing() -> None:
+    pass
+
+
+def _unary(
+    operation: Operation, response_class: type[Message], commit: Callable[[], None]
+) -> Callable[[Any, Any], Awaitable[Any]]:
     """A grpc.aio method running one operation, turning a StoreFault into its status."""
 
     async def method(request: Any, context: Any) -> Any:
@@ -239,6 +252,7 @@ def _unary(operation: Operation, response_class: type[Message]) -> Callable[[Any
             operation(request, response)
         except StoreFault as fault:
             await context.abort(status_of(fault), str(fault))
+        commit()
         return response
 
     return method

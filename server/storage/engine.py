@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from server.storage.expiry import ExpiryWheel, slot_of
 from server.storage.tree import NamespaceTree, Node, deadline_of, pack, value_of
@@ -12,6 +13,18 @@ from server.storage.tree import NamespaceTree, Node, deadline_of, pack, value_of
 Clock = Callable[[], float]
 NEVER = math.inf
 """Deadline (and `expires_in` answer) of an entry that does not expire."""
+
+
+class Journal(Protocol):
+    """Where the storage reports its mutations (persistence); deadlines are on the storage clock."""
+
+    def set(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> None: ...
+
+    def renew(self, path: Sequence[str], key: str, deadline: float) -> None: ...
+
+    def delete(self, path: Sequence[str], key: str) -> None: ...
+
+    def delete_all(self, path: Sequence[str]) -> None: ...
 
 
 class NamespacedStorage:
@@ -24,32 +37,52 @@ class NamespacedStorage:
     Not thread-safe: call it from one thread (the server's event loop).
     """
 
-    __slots__ = ("_clock", "_dropped", "_tree", "_wheel")
+    __slots__ = ("_clock", "_dropped", "_tree", "_wheel", "journal")
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.journal: Journal | None = None
+        """Told of every mutation once set (persistence attaches it after recovery)."""
         self._clock = clock
         self._tree = NamespaceTree()
         self._wheel = ExpiryWheel()
         self._dropped: list[Node] = []  # detached by delete_all, freed by reap a chunk at a time
 
+    def now(self) -> float:
+        """The storage clock's reading."""
+        return self._clock()
+
     def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> None:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
+        deadline = NEVER if ttl is None else self._clock() + ttl
+        self.put(path, key, value, deadline)
+        if self.journal is not None:
+            self.journal.set(path, key, value, deadline)
+
+    def put(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> None:
+        """`set` with an absolute deadline on the storage clock (`NEVER`: none); not journaled."""
         node = self._tree.find_or_create(path)
         old = node.entries.get(key)
         old_deadline = NEVER if old is None else deadline_of(old)
-        if ttl is None:
-            node.entries[key] = pack(value, NEVER)
+        node.entries[key] = pack(value, deadline)
+        if deadline == NEVER:
             if old_deadline != NEVER:
                 node.expiring -= 1
-            return
-        deadline = self._clock() + ttl
-        node.entries[key] = pack(value, deadline)
-        if old_deadline == NEVER:
+        elif old_deadline == NEVER:
             node.expiring += 1
             self._schedule(node, key, deadline)
         elif slot_of(deadline) < slot_of(old_deadline):
             self._schedule(node, key, deadline)
         # Otherwise the key is listed no later than its new deadline already.
+
+    def renew_until(self, path: Sequence[str], key: str, deadline: float) -> None:
+        """Give an entry that has a deadline the new `deadline`, even if it has passed; not journaled.
+
+        For replaying a log, where the entry was live when it was renewed.
+        """
+        node = self._tree.find(path)
+        stored = None if node is None else node.entries.get(key)
+        if stored is not None and deadline_of(stored) != NEVER:
+            self.put(path, key, value_of(stored), deadline)
 
     def get(self, path: Sequence[str], key: str, renew_for: float | None = None) -> bytes | None:
         """The value of `key`, or None. With `renew_for`, an entry with a deadline gets now + renew_for."""
@@ -68,6 +101,8 @@ class NamespacedStorage:
             node.entries[key] = pack(value, renewed)
             if slot_of(renewed) < slot_of(deadline):
                 self._schedule(node, key, renewed)
+            if self.journal is not None:
+                self.journal.renew(path, key, renewed)
         return value
 
     def delete(self, path: Sequence[str], key: str) -> None:
@@ -75,6 +110,8 @@ class NamespacedStorage:
         node = self._tree.find(path)
         if node is not None and key in node.entries:
             self._remove(node, key)
+            if self.journal is not None:
+                self.journal.delete(path, key)
 
     def delete_all(self, path: Sequence[str] = ()) -> None:
         """Remove every entry at `path` and below; O(depth), whatever the number of keys.
@@ -84,6 +121,8 @@ class NamespacedStorage:
         dropped = self._tree.drop(path)
         if dropped is not None:
             self._dropped.append(dropped)
+        if self.journal is not None:
+            self.journal.delete_all(path)
 
     def exists(self, path: Sequence[str], key: str) -> bool:
         """Whether `key` holds an unexpired value."""
@@ -141,6 +180,15 @@ class NamespacedStorage:
                 del node.slots[slot]
                 self._tree.prune(node)
         return steps
+
+    def namespaces(self) -> Iterator[tuple[tuple[str, ...], Node]]:
+        """Each namespace that holds entries, with its path (walks the tree)."""
+        stack: list[tuple[tuple[str, ...], Node]] = [((), self._tree.root)]
+        while stack:
+            path, node = stack.pop()
+            if node.entries:
+                yield path, node
+            stack.extend(((*path, name), child) for name, child in node.children.items())
 
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped (walks the subtree)."""

@@ -1,0 +1,144 @@
+"""A server with --data-dir, stopped, killed and restarted: what it promises to keep, it keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import GrpcStore, StoreUnavailableError
+from tests.serverproc import ServerProcess
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def write_until_stopped(target: str, name: str, acknowledged: list[str], stop: asyncio.Event) -> None:
+    """Write distinct keys until `stop` or the server goes away; record each acknowledged write."""
+    async with GrpcStore.with_client(target, timeout=10) as store:
+        i = 0
+        while not stop.is_set():
+            key = f"{name}-{i}"
+            try:
+                await store.with_namespace("load").set(key, key)
+            except StoreUnavailableError:
+                return
+            acknowledged.append(key)
+            i += 1
+
+
+async def missing_after_restart(directory: Path, keys: list[str]) -> list[str]:
+    with ServerProcess("--data-dir", str(directory)) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            values = await store.with_namespace("load").get_many(keys)
+    return [key for key, value in zip(keys, values, strict=True) if value != key.encode()]
+
+
+async def test_data_and_time_left_survive_a_restart(tmp_path: Path) -> None:
+    with ServerProcess("--data-dir", str(tmp_path)) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            await store.with_namespace("a").with_namespace("b").set("plain", b"kept")
+            await store.with_namespace("a").set("session", b"s", expires_in=10)
+            await store.with_namespace("a").set("brief", b"b", expires_in=1)
+            await store.with_namespace("dropped").set("key", b"v")
+            await store.with_namespace("dropped").delete_all()
+    await asyncio.sleep(1.5)  # the server is down: "brief" expires meanwhile
+    with ServerProcess("--data-dir", str(tmp_path)) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            assert await store.with_namespace("a").with_namespace("b").get("plain") == b"kept"
+            assert await store.with_namespace("a").expires_in("plain") is None
+            assert await store.with_namespace("a").get("brief") is None
+            assert await store.with_namespace("dropped").get("key") is None
+            left = await store.with_namespace("a").expires_in("session")
+            assert left is not None
+            assert 7 <= left <= 9  # about 10 s minus the outage: deadlines are wall-clock instants
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, fsync: str) -> None:
+    # A crash of the process (not of the machine): in every fsync policy the
+    # records reach the OS before the write is answered.
+    acknowledged: list[str] = []
+    stop = asyncio.Event()
+    server = ServerProcess(
+        "--data-dir", str(tmp_path), "--fsync", fsync, "--snapshot-interval", "0.3"
+    ).start()
+    writers = [
+        asyncio.create_task(write_until_stopped(server.target, f"w{n}", acknowledged, stop))
+        for n in range(20)
+    ]
+    await asyncio.sleep(1.0)  # long enough for a few snapshots to run under the writes
+    server.process.send_signal(signal.SIGKILL)
+    async with asyncio.timeout(30):
+        await asyncio.gather(*writers)
+    assert server.process.wait(10) == -signal.SIGKILL
+    assert len(acknowledged) > 100
+    assert await missing_after_restart(tmp_path, acknowledged) == []
+
+
+async def test_sigterm_under_load_loses_no_completed_write(tmp_path: Path) -> None:
+    acknowledged: list[str] = []
+    stop = asyncio.Event()
+    server = ServerProcess("--data-dir", str(tmp_path)).start()
+    writers = [
+        asyncio.create_task(write_until_stopped(server.target, f"c{n}", acknowledged, stop))
+        for n in range(100)
+    ]
+    await asyncio.sleep(1.0)
+    os.kill(server.process.pid, signal.SIGTERM)
+    async with asyncio.timeout(30):  # none hangs: each call completes or gets StoreUnavailableError
+        await asyncio.gather(*writers)
+    assert await asyncio.to_thread(server.process.wait, 30) == 0
+    assert len(acknowledged) > 100
+    assert await missing_after_restart(tmp_path, acknowledged) == []
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    with ServerProcess("--data-dir", str(tmp_path)) as first:
+        result = run_cli("--data-dir", str(tmp_path))
+        assert result.returncode == 1
+        assert f"data directory {tmp_path} is in use by another nestkv server (pid {first.process.pid})" in (
+            result.stderr
+        )
+
+
+def test_a_corrupt_snapshot_stops_the_server_from_starting(tmp_path: Path) -> None:
+    async def fill(target: str) -> None:
+        async with GrpcStore.with_client(target) as store:
+            await store.set_many({f"k{i}": b"v" * 100 for i in range(100)})
+
+    with ServerProcess("--data-dir", str(tmp_path)) as server:
+        asyncio.run(fill(server.target))
+    snapshot = tmp_path / "snapshot.msgpack"
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    snapshot.write_bytes(bytes(data))
+    result = run_cli("--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "is damaged at byte" in result.stderr
+    assert "Refusing to start rather than start without its data" in result.stderr
+    assert snapshot.read_bytes() == bytes(data)  # left as it was, for whoever repairs it
+
+
+def test_without_data_dir_nothing_is_written(tmp_path: Path) -> None:
+    with ServerProcess() as server:
+        cwd_files = set(Path.cwd().iterdir())
+        asyncio.run(_set_one(server.target))
+    assert set(Path.cwd().iterdir()) == cwd_files
+
+
+async def _set_one(target: str) -> None:
+    async with GrpcStore.with_client(target) as store:
+        await store.set("key", b"v")
