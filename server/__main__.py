@@ -24,11 +24,34 @@ _HELP = {
     "data_dir": "directory for the log and snapshots; unset: in memory only (default: none)",
     "fsync": "fsync the log: always (before answering), everysec or no (default: %(default)s)",
     "snapshot_interval": "seconds between snapshots, if anything changed (default: %(default)s)",
+    "max_memory": "bound on stored data, bytes with optional K/M/G suffix; 0: none (default: %(default)s)",
+    "eviction_policy": "over --max-memory: noeviction (writes fail), allkeys-lru, volatile-lru or "
+    "volatile-ttl (default: %(default)s)",
+    "max_concurrent_streams": "calls one connection may have open at once (default: %(default)s)",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",
     "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
     "max_depth": "most namespace segments in a path (default: %(default)s)",
     "max_segment_bytes": "largest namespace segment in bytes of UTF-8 (default: %(default)s)",
 }
+
+
+_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def byte_count(text: str) -> int:
+    """`512`, `64K`, `100M`, `2G` (powers of 1024, as Redis's maxmemory)."""
+    number, suffix = text.strip(), ""
+    if number[-1:].upper() in _SUFFIXES:
+        number, suffix = number[:-1], number[-1:].upper()
+    try:
+        return int(number) * _SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a byte count such as 512, 64K, 100M or 2G"
+        ) from None
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"max_memory": byte_count}
 
 
 def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], skip: str = "") -> None:
@@ -38,7 +61,7 @@ def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], sk
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
-            type=type(field.default),
+            type=_TYPES.get(field.name, type(field.default)),
             default=field.default,
             help=_HELP[field.name],
         )

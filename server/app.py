@@ -55,6 +55,8 @@ def build_server(
             ("grpc.max_send_message_length", message_bytes),
             # Without this a second server on the same port would start and share the traffic.
             ("grpc.so_reuseport", 0),
+            # One client cannot hold more calls than this open on a connection and starve the rest.
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]
     )
     store_servicer = StoreServicer(storage, config.limits, commit=commit)
@@ -91,7 +93,7 @@ def open_persistence(config: ServerConfig, storage: NamespacedStorage) -> Persis
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
-    storage = NamespacedStorage()
+    storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
     persistence = open_persistence(config, storage)
     serving = build_server(config, storage, persistence.commit if persistence else None)
     server, health_servicer = serving.server, serving.health

@@ -33,6 +33,12 @@ class ServerConfig(msgspec.Struct, frozen=True):
     """When the log is fsynced: before each write is answered, once a second, or when the OS likes."""
     snapshot_interval: Seconds = 300.0
     """Seconds between snapshots (taken only if something changed); one is also taken at shutdown."""
+    max_memory: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Bound on the memory the entries take, in bytes (suffixes K, M, G on the command line); 0: none."""
+    eviction_policy: Literal["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"] = "noeviction"
+    """What a write over max_memory does: fail (noeviction) or evict, as Redis's maxmemory-policy."""
+    max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1)] = 100
+    """Calls one client connection may have open at once; more wait their turn."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 

@@ -1,7 +1,8 @@
 """Errors a request can cause, independent of the transport.
 
     StoreFault
-     └── InvalidArgument     a field is malformed or over a limit (also a ValueError)
+     ├── InvalidArgument     a field is malformed or over a limit (also a ValueError)
+     └── StoreFull           a write would take memory over --max-memory and nothing may be evicted
 
 The servicer maps each class to a gRPC status code through one table
 (`server.service.STATUS_OF`).
@@ -16,3 +17,7 @@ class StoreFault(Exception):
 
 class InvalidArgument(StoreFault, ValueError):
     """A request field is malformed or over a limit; nothing was changed."""
+
+
+class StoreFull(StoreFault):
+    """A write would exceed the memory bound and the eviction policy frees nothing; nothing was changed."""

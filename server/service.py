@@ -17,12 +17,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
 from nestkv.v1 import store_pb2 as pb
-from server.errors import InvalidArgument, StoreFault
+from server.errors import InvalidArgument, StoreFault, StoreFull
 from server.limits import Limits, MiB, check_span
 from server.storage import NEVER, NamespacedStorage
 
 STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreFault: grpc.StatusCode.UNKNOWN,
 }
 

@@ -63,9 +63,9 @@ class ExpiryWheel:
                 self.schedule(node, key, deadline)
 
     def next_due(self, now: float) -> tuple[int, Node] | None:
-        """The earliest slot that has ended by `now`, with its node; None if there is none."""
+        """The earliest slot that has ended by `now` (any slot if `now` is inf), with its node; or None."""
         heap = self._heap
-        last = math.floor(now * SLOTS_PER_SECOND)
+        last = math.floor(now * SLOTS_PER_SECOND) if now != math.inf else math.inf
         while heap and heap[0][0] <= last:
             slot, _, node = heap[0]
             if slot in node.slots:

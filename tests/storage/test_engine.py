@@ -8,7 +8,9 @@ from types import FrameType
 
 import pytest
 
+from server.errors import StoreFull
 from server.storage import NEVER, NamespacedStorage
+from server.storage.engine import entry_size
 
 
 class FakeClock:
@@ -263,3 +265,76 @@ def test_shortened_deadlines_keep_the_wheel_bounded(storage: NamespacedStorage, 
     storage.reap()
     assert storage.count() == 0
     assert storage.index_size() == 0
+
+
+def bounded(clock: FakeClock, policy: str, entries: int = 10) -> NamespacedStorage:
+    """Storage with room for about `entries` entries of a 1-byte key and a 100-byte value."""
+    return NamespacedStorage(clock, max_memory=entries * entry_size("k", b"v" * 108), eviction_policy=policy)  # type: ignore[arg-type]
+
+
+def test_noeviction_refuses_writes_over_the_bound_and_keeps_serving(clock: FakeClock) -> None:
+    storage = bounded(clock, "noeviction")
+    for i in range(10):
+        storage.set((), str(i), b"v" * 100)
+    with pytest.raises(StoreFull, match=r"would exceed max_memory \d+ B, and eviction policy noeviction"):
+        storage.set((), "x", b"v" * 100)
+    assert storage.count() == 10
+    assert storage.get((), "3") == b"v" * 100  # reads still work
+    storage.set((), "3", b"w" * 100)  # so does an overwrite of the same size
+    storage.delete((), "3")
+    storage.set((), "x", b"v" * 100)  # room again
+    with pytest.raises(StoreFull, match="this write needs"):
+        storage.set((), "huge", b"v" * 10_000)
+
+
+def test_allkeys_lru_evicts_the_least_recently_used(clock: FakeClock) -> None:
+    storage = bounded(clock, "allkeys-lru")
+    for i in range(10):
+        storage.set((), str(i), b"v" * 100)
+    storage.get((), "0")  # used: now the most recent
+    storage.set((), "a", b"v" * 100)
+    storage.set((), "b", b"v" * 100)
+    assert storage.get((), "1") is None
+    assert storage.get((), "2") is None
+    assert storage.get((), "0") == b"v" * 100
+    assert storage.count() == 10
+
+
+def test_volatile_lru_evicts_only_keys_with_a_deadline(clock: FakeClock) -> None:
+    storage = bounded(clock, "volatile-lru", entries=11)  # room for 10 with these longer keys
+    for i in range(5):
+        storage.set((), f"plain{i}", b"v" * 100)
+    for i in range(5):
+        storage.set((), f"ttl{i}", b"v" * 100, ttl=100)
+    for i in range(5):
+        storage.set((), f"new{i}", b"v" * 100)
+    assert all(storage.exists((), f"plain{i}") for i in range(5))
+    assert not any(storage.exists((), f"ttl{i}") for i in range(5))
+    with pytest.raises(StoreFull, match="volatile-lru frees nothing"):
+        storage.set((), "one-more", b"v" * 100)
+
+
+def test_volatile_ttl_evicts_the_nearest_deadline_first(clock: FakeClock) -> None:
+    storage = bounded(clock, "volatile-ttl", entries=11)  # room for 10 with these longer keys
+    storage.set((), "plain", b"v" * 100)
+    for i in range(9):
+        storage.set((), f"ttl{i}", b"v" * 100, ttl=100 - i * 10)  # ttl8 expires first
+    storage.set((), "new", b"v" * 100)
+    storage.set((), "new2", b"v" * 100)
+    assert not storage.exists((), "ttl8")
+    assert not storage.exists((), "ttl7")
+    assert all(storage.exists((), f"ttl{i}") for i in range(7))
+    assert storage.exists((), "plain")
+
+
+def test_used_memory_comes_back_to_zero(clock: FakeClock) -> None:
+    storage = bounded(clock, "allkeys-lru", entries=1000)
+    for i in range(500):
+        storage.set(("a", str(i % 3)), f"k{i}", b"v" * 100, ttl=10 if i % 2 else None)
+    storage.set(("b",), "k", b"v")
+    assert storage.used_memory > 0
+    storage.delete_all(("a",))
+    clock.advance(11)
+    storage.reap()
+    storage.delete(("b",), "k")
+    assert storage.used_memory == 0

@@ -1,0 +1,105 @@
+"""--max-memory and --eviction-policy on a real server: floods of twice the bound, checked by RSS."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import GrpcStore, StoreFullError
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+from tests.serverproc import ServerProcess
+
+BOUND = 16 * 1024 * 1024
+VALUE = b"x" * 1024
+CHUNK = 1000
+
+
+def rss(server: ServerProcess) -> int:
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def flood(store: GrpcStore, total_bytes: int, ttl: int | None, hot: list[str]) -> int:
+    """Write `total_bytes` of fresh 1 KiB values, reading the `hot` keys between chunks; count refusals."""
+    refused = 0
+    for start in range(0, total_bytes // len(VALUE), CHUNK):
+        try:
+            await store.set_many({f"flood{i}": VALUE for i in range(start, start + CHUNK)}, expires_in=ttl)
+        except StoreFullError:
+            refused += 1
+        if hot:
+            await store.get_many(hot)
+    return refused
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"])
+async def test_a_flood_of_twice_the_bound_keeps_memory_bounded(policy: str) -> None:
+    with ServerProcess("--max-memory", "16M", "--eviction-policy", policy) as server:
+        async with GrpcStore.with_client(server.target, timeout=30) as root:
+            store = root.with_namespace("flood")
+            await store.set("warm", b"up")
+            baseline = rss(server)
+            kept = [f"kept{i}" for i in range(2000)]  # 2 MiB written first, each policy's survivors
+            await store.set_many(
+                dict.fromkeys(kept, VALUE), expires_in=None if policy == "volatile-lru" else 3600
+            )
+            ttl = 36_000 if policy == "volatile-ttl" else 3600
+            refused = await flood(store, 2 * BOUND, ttl, hot=kept[:200])
+            after_one = rss(server)
+            refused += await flood(store, 2 * BOUND, ttl, hot=kept[:200])  # as much again: no more memory
+            after_two = rss(server)
+            survivors = await store.get_many(kept)
+    growth = after_one - baseline
+    # The bound counts keys and values plus a calibrated overhead; RSS also holds
+    # gRPC's message buffers and the allocator's slack, hence the margin.
+    assert growth < 1.6 * BOUND, f"RSS grew {growth / 2**20:.1f} MiB for a {BOUND / 2**20:.0f} MiB bound"
+    assert after_two - after_one < BOUND / 4, "memory kept growing with the writes"
+    alive = [key for key, value in zip(kept, survivors, strict=True) if value is not None]
+    if policy == "noeviction":
+        assert refused > 0  # writes over the bound were refused...
+        assert len(alive) == len(kept)  # ...and nothing stored was lost
+    elif policy == "allkeys-lru":
+        assert refused == 0
+        assert set(kept[:200]) <= set(alive)  # read between chunks: recently used, kept
+        assert len(alive) < len(kept)  # the cold ones went
+    elif policy == "volatile-lru":
+        assert refused == 0
+        assert len(alive) == len(kept)  # no deadline: never evicted
+    else:
+        assert refused == 0
+        assert alive == []  # the nearest deadlines went first
+
+
+async def test_evicted_keys_stay_gone_after_a_restart(tmp_path: Path) -> None:
+    args = ("--max-memory", "2M", "--eviction-policy", "allkeys-lru", "--data-dir", str(tmp_path))
+    with ServerProcess(*args) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            await store.set_many({f"k{i}": VALUE for i in range(4000)})  # twice the bound
+            before = await store.get_many([f"k{i}" for i in range(4000)])
+    with ServerProcess(*args) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            after = await store.get_many([f"k{i}" for i in range(4000)])
+    assert 0 < sum(v is not None for v in before) < 4000
+    assert after == before
+
+
+async def test_one_connection_cannot_hold_more_calls_than_the_limit() -> None:
+    with ServerProcess("--max-concurrent-streams", "1") as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = store_pb2_grpc.StoreServiceStub(channel)
+            first = stub.Pipeline()
+            await first.write(pb.PipelineRequest(id=1, operations=[pb.Operation(get=pb.GetRequest(key="k"))]))
+            await first.read()  # open, idle, holding the connection's one stream
+            second = asyncio.ensure_future(stub.Get(pb.GetRequest(key="k")))
+            await asyncio.sleep(0.5)
+            assert not second.done()  # waits for a stream
+            first.cancel()
+            async with asyncio.timeout(10):
+                response = await second
+            assert not response.found
