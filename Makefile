@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ARGS ?=
+SOAK_SECONDS ?= 1800
 
-.PHONY: install gen serve test lint typecheck unit bench clean
+.PHONY: install gen serve test lint typecheck unit bench soak clean
 
 $(INSTALLED): pyproject.toml setup.py protos/generate.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ unit: gen
 	$(BIN)/pytest
 
 test: lint typecheck unit  ## everything CI runs
+
+soak: gen  ## the model-based, fuzz and crash tests at ten times CI's length, stopped after SOAK_SECONDS
+	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
+		tests/server/test_durability.py tests/server/test_memory.py
 
 bench: gen  ## GrpcStore vs Litestar's RedisStore vs LocalStore: table, bench/results.json, bench/throughput.png
 	$(BIN)/pip install --quiet -e '.[test,bench]'
