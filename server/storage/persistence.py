@@ -347,9 +347,9 @@ class Persistence:
         self._log_fd = os.open(
             self._log_path(self._log_number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
         )
-        os.fsync(old_fd)
-        os.close(old_fd)
         self._records_since_snapshot = 0
+        await asyncio.to_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
+        os.close(old_fd)
         temporary = self.directory / (_SNAPSHOT + ".tmp")
         written = 0
         with temporary.open("wb") as file:
@@ -362,9 +362,9 @@ class Persistence:
                     for key in chunk:
                         stored = entries[key]
                         rows.append((key, value_of(stored), self.wall_deadline(deadline_of(stored))))
-                    file.write(frame(_encode(SnapshotChunk(path, rows))))
+                    # Disk writes in a thread: the kernel may throttle a writer of many dirty pages.
+                    await asyncio.to_thread(file.write, frame(_encode(SnapshotChunk(path, rows))))
                     written += len(rows)
-                    await asyncio.sleep(0)
             file.write(frame(_encode(SnapshotEnd(written))))
             file.flush()
             await asyncio.to_thread(os.fsync, file.fileno())
@@ -372,7 +372,7 @@ class Persistence:
         self._fsync_directory()
         for number in self._log_numbers():
             if number <= covered:
-                self._log_path(number).unlink()
+                await asyncio.to_thread(self._log_path(number).unlink)  # a large file takes ~0.1 s
         return written
 
     async def snapshot_forever(self, storage: NamespacedStorage, interval: float) -> None:
