@@ -209,3 +209,18 @@ async def test_a_snapshot_drops_the_logs_it_covers(tmp_path: Path) -> None:
     storage, persistence = open_store(tmp_path, clocks)
     assert contents(storage) == {((), "key"): b"v", ((), "after"): b"v"}
     persistence.close()
+
+
+def test_damage_in_a_log_that_is_not_the_last_refuses_to_start(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "a", b"1")
+    storage.set((), "b", b"2")
+    persistence.close()
+    first = next(tmp_path.glob("log.*.msgpack"))
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF
+    first.write_bytes(bytes(data))
+    (tmp_path / "log.7.msgpack").write_bytes(b"")  # a later log: the damage is not a torn tail
+    with pytest.raises(PersistenceError, match=r"is damaged at byte .* and later logs follow it"):
+        open_store(tmp_path, clocks)
