@@ -134,6 +134,7 @@ class Pipeline:
             batch is None
             or len(batch.futures) >= self._max_batch_size
             or (batch.payload + payload > self._max_batch_bytes and batch.futures)
+            or (batch.timer is None and self._timeout is not None)  # its deadline passed: closed
         ):
             batch = self._new_batch()
         future = self._loop.create_future()

@@ -332,7 +332,10 @@ class Persistence:
             await asyncio.sleep(interval)
             if self._unsynced:
                 self._unsynced = False
-                await asyncio.to_thread(os.fsync, self._log_fd)
+                try:
+                    await asyncio.to_thread(os.fsync, self._log_fd)
+                except OSError as error:  # the log was rotated (and fsynced) by a snapshot meanwhile
+                    log.debug("fsync of a rotated log: %s", error)
 
     # Snapshots
 

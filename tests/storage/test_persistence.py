@@ -49,6 +49,12 @@ def contents(storage: NamespacedStorage) -> dict[tuple[tuple[str, ...], str], by
     return found
 
 
+def flip_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
 def write_history(storage: NamespacedStorage, persistence: Persistence) -> None:
     storage.set(("a",), "plain", b"1")
     storage.set(("a", "b"), "ttl", b"2", ttl=100)
@@ -158,10 +164,7 @@ def test_a_corrupt_record_in_the_tail_is_dropped_too(tmp_path: Path) -> None:
     persistence.commit()
     storage.set((), "flipped", b"2")
     persistence.close()
-    log_file = next(tmp_path.glob("log.*.msgpack"))
-    data = bytearray(log_file.read_bytes())
-    data[-1] ^= 0xFF
-    log_file.write_bytes(bytes(data))
+    flip_last_byte(next(tmp_path.glob("log.*.msgpack")))
     storage, persistence = open_store(tmp_path, clocks)
     assert contents(storage) == {((), "kept"): b"1"}
     persistence.close()
@@ -217,10 +220,7 @@ def test_damage_in_a_log_that_is_not_the_last_refuses_to_start(tmp_path: Path) -
     storage.set((), "a", b"1")
     storage.set((), "b", b"2")
     persistence.close()
-    first = next(tmp_path.glob("log.*.msgpack"))
-    data = bytearray(first.read_bytes())
-    data[-1] ^= 0xFF
-    first.write_bytes(bytes(data))
+    flip_last_byte(next(tmp_path.glob("log.*.msgpack")))
     (tmp_path / "log.7.msgpack").write_bytes(b"")  # a later log: the damage is not a torn tail
     with pytest.raises(PersistenceError, match=r"is damaged at byte .* and later logs follow it"):
         open_store(tmp_path, clocks)
