@@ -18,14 +18,15 @@ every policy the records of a write reach the OS (write(2)) before the write
 is answered, so a crash of the server process loses no answered write; a
 crash of the machine loses what was not fsynced.
 
-A snapshot rotates the log (records from then on go to a new log), writes
-every namespace to a temporary file one namespace at a time (a namespace is
-copied in one step, then written in chunks, yielding to the event loop in
-between), fsyncs it and renames it into place, then deletes the logs it
-covers. Writes that land while it runs may or may not be in it: they are in
-the new log too, and replaying a record over a state that has it already is
-harmless, because every record is idempotent (a set carries the value and
-the deadline, a renewal the new deadline).
+A snapshot rotates the log (records from then on go to a new log), then
+forks: the child writes the store as it was at the fork to a temporary file
+and fsyncs it, while the server goes on serving (copy-on-write: the pause is
+the fork itself, a few milliseconds per 100 MB of RSS). The server then
+renames the file into place and deletes the logs it covers. The records
+written after the rotation are in the new log, replayed after the snapshot;
+replaying a record over a state that has it already would be harmless too,
+because every record is idempotent (a set carries the value and the deadline,
+a renewal the new deadline).
 """
 
 from __future__ import annotations
@@ -354,28 +355,57 @@ class Persistence:
         await asyncio.to_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
         os.close(old_fd)
         temporary = self.directory / (_SNAPSHOT + ".tmp")
+        written = await self._write_in_child(storage, temporary)
+        # Replacing frees the old snapshot's blocks: ~0.1 s for a large one, so not on the event loop.
+        await asyncio.to_thread(os.replace, temporary, self.directory / _SNAPSHOT)
+        await asyncio.to_thread(self._fsync_directory)
+        for number in self._log_numbers():
+            if number <= covered:
+                await asyncio.to_thread(self._log_path(number).unlink)  # a large file takes ~0.1 s
+        return written
+
+    async def _write_in_child(self, storage: NamespacedStorage, temporary: Path) -> int:
+        """Write the snapshot file from a forked child: a frozen copy of the store that costs the
+        server only the fork (~8 ms for 270 MB of RSS) while the child writes, as Redis's BGSAVE."""
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no event loop, no gRPC, no logging; plain writes, then _exit
+            os.close(reader)
+            code, message = 1, b""
+            try:
+                written = self._write_snapshot(storage, temporary)
+                code, message = 0, str(written).encode()
+            except BaseException as error:  # reported to the parent, which logs it
+                message = f"{type(error).__name__}: {error}".encode()
+            finally:
+                os.write(writer, message)
+                os._exit(code)
+        os.close(writer)
+        try:
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+            report = await asyncio.to_thread(_read_all, reader)
+        finally:
+            os.close(reader)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise PersistenceError(f"the snapshot writer failed ({report}); the logs are kept")
+        return int(report)
+
+    def _write_snapshot(self, storage: NamespacedStorage, temporary: Path) -> int:
         written = 0
         with temporary.open("wb") as file:
             file.write(frame(_encode(SnapshotHeader("nestkv-snapshot", 1, self._log_number))))
             for path, node in storage.namespaces():
-                entries = node.entries.copy()  # the one step that holds the loop: C speed, ~25 ms per 1M keys
-                keys = iter(entries)
+                keys = iter(node.entries)
                 while chunk := list(itertools.islice(keys, _SNAPSHOT_CHUNK)):
                     rows = []
                     for key in chunk:
-                        stored = entries[key]
+                        stored = node.entries[key]
                         rows.append((key, value_of(stored), self.wall_deadline(deadline_of(stored))))
-                    # Disk writes in a thread: the kernel may throttle a writer of many dirty pages.
-                    await asyncio.to_thread(file.write, frame(_encode(SnapshotChunk(path, rows))))
+                    file.write(frame(_encode(SnapshotChunk(path, rows))))
                     written += len(rows)
             file.write(frame(_encode(SnapshotEnd(written))))
             file.flush()
-            await asyncio.to_thread(os.fsync, file.fileno())
-        os.replace(temporary, self.directory / _SNAPSHOT)
-        self._fsync_directory()
-        for number in self._log_numbers():
-            if number <= covered:
-                await asyncio.to_thread(self._log_path(number).unlink)  # a large file takes ~0.1 s
+            os.fsync(file.fileno())
         return written
 
     async def snapshot_forever(self, storage: NamespacedStorage, interval: float) -> None:
@@ -404,6 +434,13 @@ class Persistence:
             if match:
                 numbers.append(int(match[1]))
         return sorted(numbers)
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def apply(storage: NamespacedStorage, record: Record, clock_minus_wall: float) -> None:
