@@ -129,7 +129,10 @@ async def serve(config: ServerConfig) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     if persistence is not None:
-        entries = await persistence.snapshot(storage)
+        try:
+            entries = await persistence.snapshot(storage)
+            log.info("snapshot of %d entries written to %s", entries, config.data_dir)
+        except (PersistenceError, OSError) as error:
+            log.error("final snapshot failed; the log still holds every write: %s", error)
         persistence.close()
-        log.info("snapshot of %d entries written to %s", entries, config.data_dir)
     log.info("nestkv stopped")

@@ -414,7 +414,11 @@ class Persistence:
             await asyncio.sleep(interval)
             if self.has_changes():
                 started = time.perf_counter()
-                entries = await self.snapshot(storage)
+                try:
+                    entries = await self.snapshot(storage)
+                except (PersistenceError, OSError) as error:  # the logs still hold everything
+                    log.error("snapshot failed, will try again: %s", error)
+                    continue
                 log.info("snapshot of %d entries written in %.2f s", entries, time.perf_counter() - started)
 
     def _fsync_directory(self) -> None:

@@ -224,3 +224,19 @@ def test_damage_in_a_log_that_is_not_the_last_refuses_to_start(tmp_path: Path) -
     (tmp_path / "log.7.msgpack").write_bytes(b"")  # a later log: the damage is not a torn tail
     with pytest.raises(PersistenceError, match=r"is damaged at byte .* and later logs follow it"):
         open_store(tmp_path, clocks)
+
+
+async def test_a_failed_snapshot_keeps_the_logs(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "key", b"v")
+    persistence.commit()
+    (tmp_path / "snapshot.msgpack.tmp").mkdir()  # the writer cannot create its file
+    with pytest.raises(PersistenceError, match=r"the snapshot writer failed \(IsADirectoryError"):
+        await persistence.snapshot(storage)
+    storage.set((), "after", b"v")
+    persistence.close()
+    (tmp_path / "snapshot.msgpack.tmp").rmdir()
+    storage, persistence = open_store(tmp_path, clocks)
+    assert contents(storage) == {((), "key"): b"v", ((), "after"): b"v"}
+    persistence.close()
