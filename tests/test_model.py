@@ -33,7 +33,6 @@ from tests.serverproc import ServerProcess
 
 T = TypeVar("T")
 SOAK = os.environ.get("NESTKV_SOAK") == "1"
-MARGIN = 0.15  # seconds around a deadline where either answer is right (the two clocks differ by an RPC)
 Path_ = tuple[str, ...]
 
 # Few paths and keys, so that operations meet: a namespace, its child and a
@@ -48,11 +47,18 @@ Place = tuple[Path_, str]
 
 
 class Entry:
-    __slots__ = ("deadline", "value")
+    """A value and the window its deadline lies in (None: no expiry).
 
-    def __init__(self, value: bytes, deadline: float | None) -> None:
+    The server takes its deadline at some moment during the call that set it,
+    so the model knows it only between the call's start and end (+ the span).
+    """
+
+    __slots__ = ("earliest", "latest", "value")
+
+    def __init__(self, value: bytes, earliest: float | None = None, latest: float | None = None) -> None:
         self.value = value
-        self.deadline = deadline
+        self.earliest = earliest
+        self.latest = latest
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -76,23 +82,32 @@ class StoreMachine(RuleBasedStateMachine):
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.runner.run(coroutine)
 
+    def timed(self, coroutine: Coroutine[Any, Any, T]) -> tuple[T, float, float]:
+        """The result, and the monotonic times before and after: the server acted in between."""
+        started = time.monotonic()
+        result = self.runner.run(coroutine)
+        return result, started, time.monotonic()
+
     def at(self, path: Path_) -> GrpcStore:
         store = self.root
         for segment in path:
             store = store.with_namespace(segment)
         return store
 
-    def alive(self, path: Path_, key: str) -> bool | None:
-        """Whether the model holds the key now: True, False, or None when too near its deadline to tell."""
+    def alive(self, path: Path_, key: str, started: float, ended: float) -> bool | None:
+        """Whether the key held a value for a read done between `started` and `ended`.
+
+        True or False when the deadline window says so, None when the read and
+        the deadline may have crossed (then either answer is right).
+        """
         entry = self.model.get((path, key))
         if entry is None:
             return False
-        if entry.deadline is None:
+        if entry.earliest is None or entry.latest is None:
             return True
-        left = entry.deadline - time.monotonic()
-        if left > MARGIN:
+        if ended < entry.earliest:
             return True
-        if left < -MARGIN:
+        if started >= entry.latest:
             del self.model[path, key]
             return False
         return None
@@ -108,8 +123,9 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(target=written, path=paths, key=keys, value=values, ttl=ttls)
     def set(self, path: Path_, key: str, value: bytes, ttl: float | None) -> Place:
-        self.run(self.at(path).set(key, value, expires_in=None if ttl is None else timedelta(seconds=ttl)))
-        self.model[path, key] = Entry(value, None if ttl is None else time.monotonic() + ttl)
+        span = None if ttl is None else timedelta(seconds=ttl)
+        _, started, ended = self.timed(self.at(path).set(key, value, expires_in=span))
+        self.model[path, key] = Entry(value) if ttl is None else Entry(value, started + ttl, ended + ttl)
         return path, key
 
     @rule(place=written, value=values, ttl=ttls)
@@ -119,8 +135,8 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(place=st.one_of(written, st.tuples(paths, keys)), renew=st.sampled_from([None, None, 50]))
     def get(self, place: Place, renew: int | None) -> None:
         path, key = place
-        expected = self.alive(path, key)
-        got = self.run(self.at(path).get(key, renew_for=renew))
+        got, started, ended = self.timed(self.at(path).get(key, renew_for=renew))
+        expected = self.alive(path, key, started, ended)
         if expected is None:
             self.settle(path, key, got is not None)
         elif expected:
@@ -128,14 +144,14 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             assert got is None
         entry = self.model.get((path, key))
-        if got is not None and entry is not None and renew is not None and entry.deadline is not None:
-            entry.deadline = time.monotonic() + renew
+        if got is not None and entry is not None and renew is not None and entry.earliest is not None:
+            entry.earliest, entry.latest = started + renew, ended + renew
 
     @rule(place=st.one_of(written, st.tuples(paths, keys)))
     def exists(self, place: Place) -> None:
         path, key = place
-        expected = self.alive(path, key)
-        got = self.run(self.at(path).exists(key))
+        got, started, ended = self.timed(self.at(path).exists(key))
+        expected = self.alive(path, key, started, ended)
         if expected is None:
             self.settle(path, key, got)
         else:
@@ -144,19 +160,19 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(place=st.one_of(written, st.tuples(paths, keys)))
     def expires_in(self, place: Place) -> None:
         path, key = place
-        expected = self.alive(path, key)
-        got = self.run(self.at(path).expires_in(key))
+        got, started, ended = self.timed(self.at(path).expires_in(key))
+        expected = self.alive(path, key, started, ended)
         if expected is None:
             self.settle(path, key, got is not None)
         elif not expected:
             assert got is None
         else:
-            deadline = self.model[path, key].deadline
-            if deadline is None:
+            entry = self.model[path, key]
+            if entry.earliest is None or entry.latest is None:
                 assert got == -1
             else:
-                assert got is not None
-                assert abs(got - (deadline - time.monotonic())) <= 1
+                assert got is not None  # seconds left, rounded to the nearest
+                assert entry.earliest - ended - 1 <= got <= entry.latest - started + 1
 
     @rule(place=st.one_of(written, st.tuples(paths, keys)))
     def delete(self, place: Place) -> None:
@@ -175,7 +191,7 @@ class StoreMachine(RuleBasedStateMachine):
     def bulk(self, path: Path_, chosen: list[str], value: bytes) -> None:
         self.run(self.at(path).set_many(dict.fromkeys(chosen, value)))
         for key in chosen:
-            self.model[path, key] = Entry(value, None)
+            self.model[path, key] = Entry(value)
         got = self.run(self.at(path).get_many(chosen))
         assert got == [value] * len(chosen)
 
@@ -195,8 +211,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.server is not None
         assert self.server.process.poll() is None
         for path in PATHS:
-            expected = [self.alive(path, key) for key in KEYS]
-            got = self.run(self.at(path).get_many(KEYS))
+            got, started, ended = self.timed(self.at(path).get_many(KEYS))
+            expected = [self.alive(path, key, started, ended) for key in KEYS]
             for key, alive, value in zip(KEYS, expected, got, strict=True):
                 if alive is None:
                     self.settle(path, key, value is not None)
