@@ -46,5 +46,5 @@ bench: gen  ## GrpcStore vs Litestar's RedisStore vs LocalStore: table, bench/re
 	$(BIN)/python -m bench --json bench/results.json --chart bench/throughput.png $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find protos -name '*_pb2*.py*' -delete
