@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 from server.errors import StoreFull
 from server.storage.expiry import ExpiryWheel, slot_of
-from server.storage.tree import NamespaceTree, Node, deadline_of, pack, value_of
+from server.storage.tree import DEADLINE_BYTES, NamespaceTree, Node, deadline_of, pack, value_of
 
 Clock = Callable[[], float]
 NEVER = math.inf
@@ -266,7 +266,9 @@ class NamespacedStorage:
         """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull."""
         node = self._tree.find(path)
         old = None if node is None else node.entries.get(key)
-        needed = len(key) + value_bytes + 8 + ENTRY_OVERHEAD - (0 if old is None else entry_size(key, old))
+        needed = len(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
+        if old is not None:
+            needed -= entry_size(key, old)
         if needed > self._max_memory:
             raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all")
         while self.used_memory + needed > self._max_memory:
