@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,9 @@ class StoreServer:
 
 
 def build_server(
-    config: ServerConfig, storage: NamespacedStorage, commit: Callable[[], None] | None = None
+    config: ServerConfig, storage: NamespacedStorage, persistence: Persistence | None = None
 ) -> StoreServer:
-    """A grpc.aio server (not started) hosting the store, health and reflection.
-
-    `commit` is called after each write request, before it is answered (persistence).
-    """
+    """A grpc.aio server (not started) hosting the store, health and reflection."""
     message_bytes = config.limits.max_message_bytes()
     server = grpc.aio.server(
         options=[
@@ -59,7 +55,12 @@ def build_server(
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]
     )
-    store_servicer = StoreServicer(storage, config.limits, commit=commit)
+    store_servicer = StoreServicer(
+        storage,
+        config.limits,
+        commit=persistence.commit if persistence else None,
+        writable=persistence.writable if persistence else None,
+    )
     store_servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -95,7 +96,7 @@ async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
     storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
     persistence = open_persistence(config, storage)
-    serving = build_server(config, storage, persistence.commit if persistence else None)
+    serving = build_server(config, storage, persistence)
     server, health_servicer = serving.server, serving.health
     try:
         port = server.add_insecure_port(config.address())

@@ -2,7 +2,8 @@
 
     StoreFault
      ├── InvalidArgument     a field is malformed or over a limit (also a ValueError)
-     └── StoreFull           a write would take memory over --max-memory and nothing may be evicted
+     ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
+     └── StoreUnavailable    writes are refused for now: the log on disk cannot be written
 
 The servicer maps each class to a gRPC status code through one table
 (`server.service.STATUS_OF`).
@@ -21,3 +22,7 @@ class InvalidArgument(StoreFault, ValueError):
 
 class StoreFull(StoreFault):
     """A write would exceed the memory bound and the eviction policy frees nothing; nothing was changed."""
+
+
+class StoreUnavailable(StoreFault):
+    """The server cannot take writes for now (its log cannot be written); reads still work."""

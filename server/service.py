@@ -17,13 +17,14 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
 from nestkv.v1 import store_pb2 as pb
-from server.errors import InvalidArgument, StoreFault, StoreFull
+from server.errors import InvalidArgument, StoreFault, StoreFull, StoreUnavailable
 from server.limits import Limits, MiB, check_span
 from server.storage import NEVER, NamespacedStorage
 
 STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreFault: grpc.StatusCode.UNKNOWN,
 }
 
@@ -86,9 +87,13 @@ class StoreServicer:
         *,
         chunk_bytes: int = RESPONSE_CHUNK_BYTES,
         commit: Callable[[], None] | None = None,
+        writable: Callable[[], None] | None = None,
     ) -> None:
+        """`commit` runs after each request's writes, before the answer; `writable` before each
+        write, raising StoreUnavailable when writes cannot be kept (persistence)."""
         self._storage = storage
         self._commit = commit or _nothing
+        self._writable = writable or _nothing
         self._limits = limits
         self._chunk_bytes = chunk_bytes
         self._stopping = False
@@ -151,7 +156,11 @@ class StoreServicer:
                 self._reading.discard(stream)
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            for response in self.run_batch(request):
+            try:
+                responses = self.run_batch(request)
+            except StoreFault as fault:  # the commit failed: the client may send the batch again
+                await context.abort(status_of(fault), str(fault))
+            for response in responses:
                 yield response
 
     def run_batch(self, request: pb.PipelineRequest) -> list[pb.PipelineResponse]:
@@ -193,12 +202,15 @@ class StoreServicer:
         limits.check_key(request.key)
         limits.check_value(request.value)
         ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
+        self._writable()
         self._storage.set(request.path, request.key, request.value, ttl)
 
     def get(self, request: pb.GetRequest, response: pb.GetResponse) -> None:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         renew_for = _span(request.renew_for, "renew_for") if request.HasField("renew_for") else None
+        if renew_for is not None:
+            self._writable()
         value = self._storage.get(request.path, request.key, renew_for)
         if value is not None:
             response.found = True
@@ -207,10 +219,12 @@ class StoreServicer:
     def delete(self, request: pb.DeleteRequest, response: pb.DeleteResponse) -> None:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
+        self._writable()
         self._storage.delete(request.path, request.key)
 
     def delete_all(self, request: pb.DeleteAllRequest, response: pb.DeleteAllResponse) -> None:
         self._limits.check_path(request.path)
+        self._writable()
         self._storage.delete_all(request.path)
 
     def exists(self, request: pb.ExistsRequest, response: pb.ExistsResponse) -> None:
@@ -251,9 +265,9 @@ def _unary(
         response = response_class()
         try:
             operation(request, response)
+            commit()
         except StoreFault as fault:
             await context.abort(status_of(fault), str(fault))
-        commit()
         return response
 
     return method

@@ -46,6 +46,7 @@ from typing import Literal
 
 import msgspec
 
+from server.errors import StoreUnavailable
 from server.storage.engine import NEVER, Clock, NamespacedStorage
 from server.storage.tree import deadline_of, value_of
 
@@ -148,6 +149,7 @@ class Persistence:
         self._log_fd = -1
         self._log_number = 0
         self._pending = bytearray()
+        self._failure: str | None = None  # why the log could not be written, until it can again
         self._unsynced = False
         self._records_since_snapshot = 0
 
@@ -176,8 +178,11 @@ class Persistence:
     def close(self) -> None:
         """Write out and fsync what is pending, close the log and release the lock."""
         if self._log_fd >= 0:
-            self.commit()
-            os.fsync(self._log_fd)
+            try:
+                self._flush()
+                os.fsync(self._log_fd)
+            except (StoreUnavailable, OSError) as error:  # only refused writes are still queued
+                log.error("closing the log with records that could not be written: %s", error)
             os.close(self._log_fd)
             self._log_fd = -1
         if self._lock_fd >= 0:
@@ -313,18 +318,39 @@ class Persistence:
         return None if deadline == NEVER else self._wall() + (deadline - self._clock())
 
     def commit(self) -> None:
-        """Write the queued records to the log (and fsync it under `always`). Call before answering."""
+        """Write the queued records to the log (and fsync it under `always`). Call before answering.
+
+        If the log cannot be written (disk full, I/O error), raises StoreUnavailable, and from
+        then on `writable` refuses writes until the records still queued could be written; a
+        commit meanwhile has nothing new to write and does nothing (reads go on being answered).
+        """
+        if self._failure is None:
+            self._flush()
+
+    def writable(self) -> None:
+        """Raise StoreUnavailable while the log cannot be written; tries the queued records again first."""
+        if self._failure is not None:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._pending:
+            self._failure = None
             return
-        view = memoryview(self._pending)
-        while view:
-            written = os.write(self._log_fd, view)
-            view = view[written:]
-        view.release()
-        self._pending.clear()
-        if self.fsync_policy == "always":
-            os.fsync(self._log_fd)
-        else:
+        data = bytes(self._pending)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._log_fd, data[written:] if written else data)
+            if self.fsync_policy == "always":
+                os.fsync(self._log_fd)
+        except OSError as error:
+            self._failure = f"cannot write the log in {self.directory}: {error}"
+            log.error("%s; writes are refused until it can be written", self._failure)
+            raise StoreUnavailable(f"{self._failure}; the server refuses writes until it can") from None
+        finally:
+            del self._pending[:written]  # a partly written record goes on from where it stopped
+        self._failure = None
+        if self.fsync_policy != "always":
             self._unsynced = True
 
     async def sync_forever(self, interval: float = 1.0) -> None:
@@ -333,10 +359,13 @@ class Persistence:
             await asyncio.sleep(interval)
             if self._unsynced:
                 self._unsynced = False
+                fd = self._log_fd
                 try:
-                    await asyncio.to_thread(os.fsync, self._log_fd)
-                except OSError as error:  # the log was rotated (and fsynced) by a snapshot meanwhile
-                    log.debug("fsync of a rotated log: %s", error)
+                    await asyncio.to_thread(os.fsync, fd)
+                except OSError as error:
+                    if fd == self._log_fd:  # else it was rotated (and fsynced) by a snapshot meanwhile
+                        log.error("cannot fsync the log in %s: %s", self.directory, error)
+                        self._unsynced = True
 
     # Snapshots
 

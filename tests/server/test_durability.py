@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from client import GrpcStore, StoreUnavailableError
+from server.app import build_server
+from server.config import ServerConfig
+from server.storage import NamespacedStorage
+from server.storage.persistence import Persistence
 from tests.serverproc import ServerProcess
+from tests.storage.test_persistence import break_log, mend_log
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -142,3 +147,27 @@ def test_without_data_dir_nothing_is_written(tmp_path: Path) -> None:
 async def _set_one(target: str) -> None:
     async with GrpcStore.with_client(target) as store:
         await store.set("key", b"v")
+
+
+async def test_while_the_log_cannot_be_written_writes_fail_and_reads_work(tmp_path: Path) -> None:
+    storage = NamespacedStorage()
+    persistence = Persistence.open(tmp_path, "always")
+    persistence.recover(storage)
+    serving = build_server(ServerConfig(), storage, persistence)
+    port = serving.server.add_insecure_port("127.0.0.1:0")
+    await serving.server.start()
+    try:
+        async with GrpcStore.with_client(f"127.0.0.1:{port}") as store:
+            await store.set("kept", b"v")
+            good = break_log(persistence, tmp_path)
+            with pytest.raises(StoreUnavailableError, match="cannot write the log"):
+                await store.set("refused", b"v")
+            with pytest.raises(StoreUnavailableError, match="refuses writes"):
+                await store.delete("kept")
+            assert await store.get("kept") == b"v"  # reads still work
+            mend_log(persistence, good)
+            await store.set("after", b"v")
+            assert await store.get_many(["kept", "after"]) == [b"v", b"v"]
+    finally:
+        await serving.stop(1)
+        persistence.close()

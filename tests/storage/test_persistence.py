@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from server.errors import StoreUnavailable
 from server.storage import NEVER, NamespacedStorage
 from server.storage.persistence import Persistence, PersistenceError
 
@@ -239,4 +240,35 @@ async def test_a_failed_snapshot_keeps_the_logs(tmp_path: Path) -> None:
     (tmp_path / "snapshot.msgpack.tmp").rmdir()
     storage, persistence = open_store(tmp_path, clocks)
     assert contents(storage) == {((), "key"): b"v", ((), "after"): b"v"}
+    persistence.close()
+
+
+def break_log(persistence: Persistence, directory: Path) -> int:
+    """Make the log unwritable (as a full or failing disk would); returns the good descriptor."""
+    good = persistence._log_fd
+    persistence._log_fd = os.open(directory / "lock", os.O_RDONLY)  # every write(2) fails: EBADF
+    return good
+
+
+def mend_log(persistence: Persistence, good: int) -> None:
+    os.close(persistence._log_fd)
+    persistence._log_fd = good
+
+
+def test_a_log_that_cannot_be_written_refuses_writes_until_it_can(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "before", b"1")
+    persistence.commit()
+    good = break_log(persistence, tmp_path)
+    storage.set((), "during", b"2")
+    with pytest.raises(StoreUnavailable, match=r"cannot write the log in .*refuses writes until it can"):
+        persistence.commit()
+    with pytest.raises(StoreUnavailable):
+        persistence.writable()  # and it stays so
+    mend_log(persistence, good)
+    persistence.writable()  # the queued record goes out now
+    persistence.close()
+    storage, persistence = open_store(tmp_path, clocks)
+    assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2"}
     persistence.close()
