@@ -235,20 +235,15 @@ class NamespacedStorage:
 
     def namespaces(self) -> Iterator[tuple[tuple[str, ...], Node]]:
         """Each namespace that holds entries, with its path (walks the tree)."""
-        stack: list[tuple[tuple[str, ...], Node]] = [((), self._tree.root)]
-        while stack:
-            path, node = stack.pop()
-            if node.entries:
-                yield path, node
-            stack.extend(((*path, name), child) for name, child in node.children.items())
+        return ((path, node) for path, node in self._tree.walk() if node.entries)
 
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped (walks the subtree)."""
-        return sum(len(node.entries) for node in self._tree.nodes(path))
+        return sum(len(node.entries) for _, node in self._tree.walk(path))
 
     def index_size(self) -> int:
         """Keys listed in the expiry wheel, stale listings included (walks the tree)."""
-        return sum(node.scheduled for node in self._tree.nodes())
+        return sum(node.scheduled for _, node in self._tree.walk())
 
     def _schedule(self, node: Node, key: str, deadline: float) -> None:
         self._wheel.schedule(node, key, deadline)

@@ -12,7 +12,7 @@ record and a float, is what keeps memory per key near Redis's.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 _DEADLINE = struct.Struct("<d")
 DEADLINE_BYTES = _DEADLINE.size
@@ -116,12 +116,11 @@ class NamespaceTree:
                 del parent.children[node.name]
             node = parent
 
-    def nodes(self, path: Sequence[str] = ()) -> list[Node]:
-        """Every node at `path` and below (walks the subtree)."""
+    def walk(self, path: Sequence[str] = ()) -> Iterator[tuple[tuple[str, ...], Node]]:
+        """Every node at `path` and below, with its own path."""
         start = self.find(path)
-        found, stack = [], [] if start is None else [start]
+        stack = [] if start is None else [(tuple(path), start)]
         while stack:
-            node = stack.pop()
-            found.append(node)
-            stack.extend(node.children.values())
-        return found
+            here, node = stack.pop()
+            yield here, node
+            stack.extend(((*here, name), child) for name, child in node.children.items())
