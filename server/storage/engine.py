@@ -223,9 +223,7 @@ class NamespacedStorage:
                     continue  # deleted since
                 deadline = deadline_of(stored)
                 if deadline <= now:
-                    del entries[key]
-                    node.expiring -= 1
-                    self.used_memory -= entry_size(key, stored)
+                    self._discard(node, key)
                 elif deadline != NEVER and slot_of(deadline) > slot:  # pushed out: list it in its slot
                     self._wheel.schedule(node, key, deadline)
             if not keys:
@@ -251,11 +249,15 @@ class NamespacedStorage:
             self._wheel.rebuild(node)
 
     def _remove(self, node: Node, key: str) -> None:
+        self._discard(node, key)
+        self._tree.prune(node)
+
+    def _discard(self, node: Node, key: str) -> None:
+        """Take an entry out with its accounting; the caller prunes the node when it is done with it."""
         stored = node.entries.pop(key)
         self.used_memory -= entry_size(key, stored)
         if deadline_of(stored) != NEVER:
             node.expiring -= 1
-        self._tree.prune(node)
 
     def _make_room(self, path: Sequence[str], key: str, value_bytes: int) -> None:
         """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull."""

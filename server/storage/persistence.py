@@ -249,7 +249,8 @@ class Persistence:
             )
         header = frames[0]
         assert isinstance(header, SnapshotHeader)
-        now, wall = self._clock(), self._wall()
+        wall = self._wall()
+        clock_minus_wall = -self._wall_minus_clock()
         loaded = 0
         for chunk in frames[1:-1]:
             assert isinstance(chunk, SnapshotChunk)
@@ -257,7 +258,7 @@ class Persistence:
                 if deadline is None:
                     storage.put(chunk.path, key, value, NEVER)
                 elif deadline > wall:
-                    storage.put(chunk.path, key, value, now + (deadline - wall))
+                    storage.put(chunk.path, key, value, deadline + clock_minus_wall)
                 else:
                     continue  # expired while the server was down
                 loaded += 1
@@ -290,9 +291,9 @@ class Persistence:
             with path.open("r+b") as file:
                 file.truncate(end)
                 os.fsync(file.fileno())
-        now, wall = self._clock(), self._wall()
+        clock_minus_wall = -self._wall_minus_clock()
         for record in records:
-            apply(storage, record, now - wall)
+            apply(storage, record, clock_minus_wall)
         return len(records)
 
     # Logging: the storage's Journal
@@ -301,7 +302,7 @@ class Persistence:
         self._record(SetRecord(tuple(path), key, value, self.wall_deadline(deadline)))
 
     def renew(self, path: Sequence[str], key: str, deadline: float) -> None:
-        self._record(RenewRecord(tuple(path), key, self._wall() + (deadline - self._clock())))
+        self._record(RenewRecord(tuple(path), key, self._to_wall(deadline)))
 
     def delete(self, path: Sequence[str], key: str) -> None:
         self._record(DeleteRecord(tuple(path), key))
@@ -315,7 +316,13 @@ class Persistence:
 
     def wall_deadline(self, deadline: float) -> float | None:
         """A storage-clock deadline as a wall-clock instant (None: never)."""
-        return None if deadline == NEVER else self._wall() + (deadline - self._clock())
+        return None if deadline == NEVER else self._to_wall(deadline)
+
+    def _to_wall(self, deadline: float) -> float:
+        return deadline + self._wall_minus_clock()
+
+    def _wall_minus_clock(self) -> float:
+        return self._wall() - self._clock()
 
     def commit(self) -> None:
         """Write the queued records to the log (and fsync it under `always`). Call before answering.
