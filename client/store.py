@@ -232,8 +232,7 @@ class GrpcStore(NamespacedStore):
 
     async def get(self, key: str, renew_for: int | timedelta | None = None) -> bytes | None:
         renew = span_seconds(renew_for, "renew_for")
-        response = (await (await self._add_get(check_key(key), renew))).get
-        return response.value if response.found else None
+        return _value(await (await self._add_get(check_key(key), renew)))
 
     async def delete(self, key: str) -> None:
         await (await self._add_delete(check_key(key)))
@@ -268,10 +267,7 @@ class GrpcStore(NamespacedStore):
         renew = span_seconds(renew_for, "renew_for")
         checked = [check_key(key) for key in keys]
         results = [await self._add_get(key, renew) for key in checked]
-        values: list[bytes | None] = []
-        for result in await asyncio.gather(*results):
-            values.append(result.get.value if result.get.found else None)
-        return values
+        return [_value(result) for result in await asyncio.gather(*results)]
 
     async def set_many(
         self,
@@ -338,8 +334,12 @@ def _positive(number: int, name: str) -> int:
     return number
 
 
-def _put_span(field: Any, seconds: float | None) -> None:
-    if seconds is not None:
-        whole = int(seconds)
-        field.seconds = whole
-        field.nanos = min(round((seconds - whole) * 1e9), 999_999_999)
+def _put_span(field: Any, seconds: float) -> None:
+    whole = int(seconds)
+    field.seconds = whole
+    field.nanos = min(round((seconds - whole) * 1e9), 999_999_999)
+
+
+def _value(result: Any) -> bytes | None:
+    """The value of a `get` OperationResult, None if the key was missing."""
+    return result.get.value if result.get.found else None
