@@ -207,6 +207,8 @@ class Persistence:
         for number in self._log_numbers():
             if number < first_log:  # covered by the snapshot; left by a crash before their removal
                 (self._log_path(number)).unlink()
+        for leftover in self.directory.glob(_SNAPSHOT + ".*.tmp"):  # of a snapshot cut short
+            leftover.unlink()
         self._log_number = logs[-1] if logs else first_log
         self._log_fd = os.open(
             self._log_path(self._log_number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
@@ -382,6 +384,7 @@ class Persistence:
     async def snapshot(self, storage: NamespacedStorage) -> int:
         """Write a snapshot of `storage` while it keeps serving; returns the entries written."""
         self.commit()
+        temporary = self.snapshot_temporary()
         old_fd, covered = self._log_fd, self._log_number
         self._log_number += 1
         self._log_fd = os.open(
@@ -390,7 +393,6 @@ class Persistence:
         self._records_since_snapshot = 0
         await asyncio.to_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
         os.close(old_fd)
-        temporary = self.directory / (_SNAPSHOT + ".tmp")
         written = await self._write_in_child(storage, temporary)
         # Replacing frees the old snapshot's blocks: ~0.1 s for a large one, so not on the event loop.
         await asyncio.to_thread(os.replace, temporary, self.directory / _SNAPSHOT)
@@ -406,6 +408,8 @@ class Persistence:
         reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: no event loop, no gRPC, no logging; plain writes, then _exit
+            # Its copy of the lock would keep the directory locked if the server died first.
+            os.close(self._lock_fd)
             os.close(reader)
             code, message = 1, b""
             try:
@@ -456,6 +460,15 @@ class Persistence:
                     log.error("snapshot failed, will try again: %s", error)
                     continue
                 log.info("snapshot of %d entries written in %.2f s", entries, time.perf_counter() - started)
+
+    def snapshot_temporary(self) -> Path:
+        """Where the next snapshot is written before it is renamed into place.
+
+        Its own name per server process and snapshot: a writer that outlived a
+        cancelled snapshot, or a server killed meanwhile, never shares a file
+        with the next one.
+        """
+        return self.directory / f"{_SNAPSHOT}.{os.getpid()}.{self._log_number}.tmp"
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

@@ -232,12 +232,13 @@ async def test_a_failed_snapshot_keeps_the_logs(tmp_path: Path) -> None:
     storage, persistence = open_store(tmp_path, clocks)
     storage.set((), "key", b"v")
     persistence.commit()
-    (tmp_path / "snapshot.msgpack.tmp").mkdir()  # the writer cannot create its file
+    blocked = persistence.snapshot_temporary()
+    blocked.mkdir()  # the writer cannot create its file
     with pytest.raises(PersistenceError, match=r"the snapshot writer failed \(IsADirectoryError"):
         await persistence.snapshot(storage)
     storage.set((), "after", b"v")
     persistence.close()
-    (tmp_path / "snapshot.msgpack.tmp").rmdir()
+    blocked.rmdir()
     storage, persistence = open_store(tmp_path, clocks)
     assert contents(storage) == {((), "key"): b"v", ((), "after"): b"v"}
     persistence.close()
@@ -271,4 +272,15 @@ def test_a_log_that_cannot_be_written_refuses_writes_until_it_can(tmp_path: Path
     persistence.close()
     storage, persistence = open_store(tmp_path, clocks)
     assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2"}
+    persistence.close()
+
+
+def test_recovery_removes_the_files_of_snapshots_cut_short(tmp_path: Path) -> None:
+    clocks = Clocks()
+    _, persistence = open_store(tmp_path, clocks)
+    leftover = persistence.snapshot_temporary()
+    leftover.write_bytes(b"half a snapshot")
+    persistence.close()
+    _, persistence = open_store(tmp_path, clocks)
+    assert not leftover.exists()
     persistence.close()
