@@ -19,30 +19,34 @@ is answered, so a crash of the server process loses no answered write; a
 crash of the machine loses what was not fsynced.
 
 A snapshot rotates the log (records from then on go to a new log), then
-forks: the child writes the store as it was at the fork to a temporary file
-and fsyncs it, while the server goes on serving (copy-on-write: the pause is
-the fork itself, a few milliseconds per 100 MB of RSS). The server then
-renames the file into place and deletes the logs it covers. The records
-written after the rotation are in the new log, replayed after the snapshot;
-replaying a record over a state that has it already would be harmless too,
-because every record is idempotent (a set carries the value and the deadline,
-a renewal the new deadline).
+writes the store to a temporary file from the serving process itself, a
+chunk of entries at a time with requests served in between, fsyncs it and
+renames it into place, and deletes the logs it covers. The file is fuzzy:
+each chunk is as the store was when that chunk was written. Recovery
+replays the logs from the rotation on over it, which makes it exact,
+because every write since the rotation is in those logs and every record
+is idempotent (a set carries the value and the deadline, a renewal the new
+deadline, a delete or delete_all removes whatever is there).
+
+No fork: a forked child of a process that runs gRPC's threads can crash in
+gRPC's fork handlers, and a child that outlives its server holds its files.
+A snapshot here is a task of the server: cancelled, it removes its file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import itertools
+import gc
 import logging
 import os
 import re
 import struct
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -56,7 +60,8 @@ FsyncPolicy = Literal["always", "everysec", "no"]
 _FRAME = struct.Struct("<II")
 _LOG_NAME = re.compile(r"^log\.(\d+)\.msgpack$")
 _SNAPSHOT = "snapshot.msgpack"
-_SNAPSHOT_CHUNK = 5_000
+_SNAPSHOT_CHUNK = 2_000  # entries written between two turns of the event loop: ~1 ms of work
+_T = TypeVar("_T")
 
 
 class SetRecord(msgspec.Struct, array_like=True, tag=0, gc=False):
@@ -251,18 +256,15 @@ class Persistence:
             )
         header = frames[0]
         assert isinstance(header, SnapshotHeader)
-        wall = self._wall()
         clock_minus_wall = -self._wall_minus_clock()
         loaded = 0
         for chunk in frames[1:-1]:
             assert isinstance(chunk, SnapshotChunk)
             for key, value, deadline in chunk.entries:
-                if deadline is None:
-                    storage.put(chunk.path, key, value, NEVER)
-                elif deadline > wall:
-                    storage.put(chunk.path, key, value, deadline + clock_minus_wall)
-                else:
-                    continue  # expired while the server was down
+                # An entry whose deadline has passed is loaded all the same (invisible, and reaped
+                # soon): a renewal in the logs after the snapshot may still give it a later one.
+                at = NEVER if deadline is None else deadline + clock_minus_wall
+                storage.put(chunk.path, key, value, at)
                 loaded += 1
         return header.first_log, loaded
 
@@ -342,22 +344,23 @@ class Persistence:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            self._failure = None
+        """Write what is queued (and fsync under `always`); the one place the failure state changes.
+
+        The log is healthy (`_failure` None) only once every queued record is written and, under
+        `always`, fsynced: a failed fsync keeps it failing, and the next try fsyncs again.
+        """
+        if not self._pending and self._failure is None:
             return
-        data = bytes(self._pending)
-        written = 0
         try:
-            while written < len(data):
-                written += os.write(self._log_fd, data[written:] if written else data)
+            while self._pending:
+                written = os.write(self._log_fd, self._pending)
+                del self._pending[:written]  # a partly written record goes on from where it stopped
             if self.fsync_policy == "always":
                 os.fsync(self._log_fd)
         except OSError as error:
             self._failure = f"cannot write the log in {self.directory}: {error}"
             log.error("%s; writes are refused until it can be written", self._failure)
             raise StoreUnavailable(f"{self._failure}; the server refuses writes until it can") from None
-        finally:
-            del self._pending[:written]  # a partly written record goes on from where it stopped
         self._failure = None
         if self.fsync_policy != "always":
             self._unsynced = True
@@ -382,93 +385,108 @@ class Persistence:
         return self._records_since_snapshot > 0
 
     async def snapshot(self, storage: NamespacedStorage) -> int:
-        """Write a snapshot of `storage` while it keeps serving; returns the entries written."""
+        """Write a snapshot of `storage` while it keeps serving; returns the entries written.
+
+        Either the snapshot is complete and in place, or (on any error or
+        cancellation) its temporary file is removed and the change count is
+        restored, so that the next round tries again; the logs keep every write.
+        """
         self.commit()
         temporary = self.snapshot_temporary()
         old_fd, covered = self._log_fd, self._log_number
+        pending = self._records_since_snapshot
         self._log_number += 1
         self._log_fd = os.open(
             self._log_path(self._log_number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
         )
         self._records_since_snapshot = 0
-        await asyncio.to_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
-        os.close(old_fd)
-        written = await self._write_in_child(storage, temporary)
-        # Replacing frees the old snapshot's blocks: ~0.1 s for a large one, so not on the event loop.
-        await asyncio.to_thread(os.replace, temporary, self.directory / _SNAPSHOT)
-        await asyncio.to_thread(self._fsync_directory)
+        try:
+            try:
+                await _in_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
+            finally:
+                os.close(old_fd)
+            written = await self._write_snapshot(storage, temporary)
+            try:
+                # Replacing frees the old snapshot's blocks: ~0.1 s for a large one, not on the event loop.
+                await _in_thread(os.replace, temporary, self.directory / _SNAPSHOT)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+        except BaseException:
+            self._records_since_snapshot += pending  # still to be covered: the next round tries again
+            raise
+        await _in_thread(self._fsync_directory)
         for number in self._log_numbers():
             if number <= covered:
-                await asyncio.to_thread(self._log_path(number).unlink)  # a large file takes ~0.1 s
+                await _in_thread(self._log_path(number).unlink)  # a large file takes ~0.1 s
         return written
 
-    async def _write_in_child(self, storage: NamespacedStorage, temporary: Path) -> int:
-        """Write the snapshot file from a forked child: a frozen copy of the store that costs the
-        server only the fork (~8 ms for 270 MB of RSS) while the child writes, as Redis's BGSAVE."""
-        reader, writer = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: no event loop, no gRPC, no logging; plain writes, then _exit
-            # Its copy of the lock would keep the directory locked if the server died first.
-            os.close(self._lock_fd)
-            os.close(reader)
-            code, message = 1, b""
-            try:
-                written = self._write_snapshot(storage, temporary)
-                code, message = 0, str(written).encode()
-            except BaseException as error:  # reported to the parent, which logs it
-                message = f"{type(error).__name__}: {error}".encode()
-            finally:
-                os.write(writer, message)
-                os._exit(code)
-        os.close(writer)
-        try:
-            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-            report = await asyncio.to_thread(_read_all, reader)
-        finally:
-            os.close(reader)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise PersistenceError(f"the snapshot writer failed ({report}); the logs are kept")
-        return int(report)
+    async def _write_snapshot(self, storage: NamespacedStorage, temporary: Path) -> int:
+        """Write the entries to `temporary` a chunk at a time, serving requests in between.
 
-    def _write_snapshot(self, storage: NamespacedStorage, temporary: Path) -> int:
+        The file is fuzzy: each chunk holds its entries as they are when it is
+        written, not as they all were at one instant. Replaying the logs from
+        the rotation on makes it whole, since every write since then is in
+        them and every record is idempotent. Namespaces created meanwhile are
+        in the logs alone; those dropped meanwhile are dropped again by replay.
+        """
+        namespaces = list(storage.namespaces())
         written = 0
-        with temporary.open("wb") as file:
-            file.write(frame(_encode(SnapshotHeader("nestkv-snapshot", 1, self._log_number))))
-            for path, node in storage.namespaces():
-                keys = iter(node.entries)
-                while chunk := list(itertools.islice(keys, _SNAPSHOT_CHUNK)):
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, frame(_encode(SnapshotHeader("nestkv-snapshot", 1, self._log_number))))
+            for path, node in namespaces:
+                entries = node.entries
+                keys = list(entries)  # the dict changes between chunks; its keys at this moment do not
+                # A young list of a million keys would cost the garbage collector ~35 ms each time
+                # it looked at it; frozen, the collector leaves it (and the store) alone meanwhile.
+                gc.freeze()
+                for start in range(0, len(keys), _SNAPSHOT_CHUNK):
+                    wall_minus_clock = self._wall_minus_clock()
                     rows = []
-                    for key in chunk:
-                        stored = node.entries[key]
-                        rows.append((key, value_of(stored), self.wall_deadline(deadline_of(stored))))
-                    file.write(frame(_encode(SnapshotChunk(path, rows))))
+                    for key in keys[start : start + _SNAPSHOT_CHUNK]:
+                        stored = entries.get(key)
+                        if stored is not None:  # else deleted since: the logs say so
+                            deadline = deadline_of(stored)
+                            wall = None if deadline == NEVER else deadline + wall_minus_clock
+                            rows.append((key, value_of(stored), wall))
+                    _write_all(fd, frame(_encode(SnapshotChunk(path, rows))))
                     written += len(rows)
-            file.write(frame(_encode(SnapshotEnd(written))))
-            file.flush()
-            os.fsync(file.fileno())
+                    await asyncio.sleep(0)  # serve the requests that came in meanwhile
+            _write_all(fd, frame(_encode(SnapshotEnd(written))))
+            await _in_thread(os.fsync, fd)
+        except BaseException:
+            os.close(fd)
+            temporary.unlink()  # cut short (an error, or the server stopping): nothing of it is left
+            raise
+        else:
+            os.close(fd)
+        finally:
+            gc.unfreeze()
         return written
 
     async def snapshot_forever(self, storage: NamespacedStorage, interval: float) -> None:
-        """Snapshot every `interval` seconds when something changed since the last one."""
+        """Snapshot every `interval` seconds while something changed since the last complete one."""
         while True:
             await asyncio.sleep(interval)
             if self.has_changes():
                 started = time.perf_counter()
                 try:
                     entries = await self.snapshot(storage)
+                except asyncio.CancelledError:
+                    log.info("snapshot cut short by the server stopping; its file is removed")
+                    raise
                 except (PersistenceError, OSError) as error:  # the logs still hold everything
-                    log.error("snapshot failed, will try again: %s", error)
+                    log.error("snapshot failed, will try again in %.1f s: %r", interval, error)
                     continue
                 log.info("snapshot of %d entries written in %.2f s", entries, time.perf_counter() - started)
 
     def snapshot_temporary(self) -> Path:
         """Where the next snapshot is written before it is renamed into place.
 
-        Its own name per server process and snapshot: a writer that outlived a
-        cancelled snapshot, or a server killed meanwhile, never shares a file
-        with the next one.
+        Recovery removes such a file left by a server that died while writing it.
         """
-        return self.directory / f"{_SNAPSHOT}.{os.getpid()}.{self._log_number}.tmp"
+        return self.directory / f"{_SNAPSHOT}.{self._log_number}.tmp"
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -489,11 +507,24 @@ class Persistence:
         return sorted(numbers)
 
 
-def _read_all(fd: int) -> str:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking call in a thread; if cancelled meanwhile, wait for it before giving up.
+
+    The call may use a file descriptor that the caller closes on the way out,
+    and a descriptor closed under a running call can be reused by another file.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def apply(storage: NamespacedStorage, record: Record, clock_minus_wall: float) -> None:

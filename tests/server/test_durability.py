@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +18,11 @@ from server.app import build_server
 from server.config import ServerConfig
 from server.storage import NamespacedStorage
 from server.storage.persistence import Persistence
+from tests.polling import eventually
 from tests.serverproc import ServerProcess
 from tests.storage.test_persistence import break_log, mend_log
+
+_SNAPSHOT_WRITTEN = re.compile(r"snapshot of \d+ entries written")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -84,13 +89,66 @@ async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path, fsync: 
         asyncio.create_task(write_until_stopped(server.target, f"w{n}", acknowledged, stop))
         for n in range(20)
     ]
-    await asyncio.sleep(1.0)  # long enough for a few snapshots to run under the writes
+    await eventually(lambda: snapshots_written(server) >= 3)  # snapshots complete under the writes
     server.process.send_signal(signal.SIGKILL)
     async with asyncio.timeout(30):
         await asyncio.gather(*writers)
     assert server.process.wait(10) == -signal.SIGKILL
+    assert not [line for line in server.log if "snapshot failed" in line]
     assert len(acknowledged) > 100
     assert await missing_after_restart(tmp_path, acknowledged) == []
+
+
+def glob_names(directory: Path, pattern: str) -> list[str]:
+    return [path.name for path in directory.glob(pattern)]
+
+
+def snapshots_written(server: ServerProcess) -> int:
+    return sum(bool(_SNAPSHOT_WRITTEN.search(line)) for line in server.log)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+async def test_sigterm_during_a_snapshot_exits_cleanly_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    # 200k keys take a snapshot ~0.15 s to write; the next one starts 0.05 s after one ends.
+    server = ServerProcess(
+        "--data-dir", str(tmp_path), "--snapshot-interval", "0.05", "--shutdown-grace", "3"
+    ).start()
+    async with GrpcStore.with_client(server.target, timeout=30) as store:
+        for start in range(0, 200_000, 10_000):
+            await store.with_namespace("bulk").set_many(
+                {f"k{i}": b"v" * 50 for i in range(start, start + 10_000)}
+            )
+        acknowledged: list[str] = []
+        stop = asyncio.Event()
+        writers = [
+            asyncio.create_task(write_until_stopped(server.target, f"w{n}", acknowledged, stop))
+            for n in range(4)
+        ]
+        before = snapshots_written(server)
+        await eventually(lambda: snapshots_written(server) > before)  # one of all 200k keys completed
+        await asyncio.sleep(0.1)  # the next one is under way
+        assert children_of(server.process.pid) == []  # no process writes the snapshot
+        os.kill(server.process.pid, signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await asyncio.gather(*writers)
+    assert await asyncio.to_thread(server.process.wait, 3 + 10) == 0  # the grace period, then the snapshot
+    assert glob_names(tmp_path, "*.tmp") == []
+    assert [line for line in server.log if "snapshot cut short by the server stopping" in line]
+    assert not [line for line in server.log if "snapshot failed" in line or "Traceback" in line]
+    assert await missing_after_restart(tmp_path, acknowledged) == []
+    with ServerProcess("--data-dir", str(tmp_path)) as restarted:
+        async with GrpcStore.with_client(restarted.target) as store:
+            assert await store.with_namespace("bulk").get("k199999") == b"v" * 50
 
 
 async def test_sigterm_under_load_loses_no_completed_write(tmp_path: Path) -> None:

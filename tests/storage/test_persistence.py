@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 from server.errors import StoreUnavailable
 from server.storage import NEVER, NamespacedStorage
 from server.storage.persistence import Persistence, PersistenceError
+from tests.polling import eventually
 
 
 class Clocks:
@@ -234,7 +236,7 @@ async def test_a_failed_snapshot_keeps_the_logs(tmp_path: Path) -> None:
     persistence.commit()
     blocked = persistence.snapshot_temporary()
     blocked.mkdir()  # the writer cannot create its file
-    with pytest.raises(PersistenceError, match=r"the snapshot writer failed \(IsADirectoryError"):
+    with pytest.raises(FileExistsError):
         await persistence.snapshot(storage)
     storage.set((), "after", b"v")
     persistence.close()
@@ -283,4 +285,142 @@ def test_recovery_removes_the_files_of_snapshots_cut_short(tmp_path: Path) -> No
     persistence.close()
     _, persistence = open_store(tmp_path, clocks)
     assert not leftover.exists()
+    persistence.close()
+
+
+async def test_a_failed_snapshot_is_tried_again_while_changes_are_pending(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "key", b"v")
+    persistence.commit()
+    blocked = persistence.snapshot_temporary()
+    blocked.mkdir()  # the first round cannot create its file
+    rounds = asyncio.create_task(persistence.snapshot_forever(storage, interval=0.01))
+    await eventually(lambda: "snapshot failed" in caplog.text)
+    assert "FileExistsError" in caplog.text  # the cause is logged
+    blocked.rmdir()  # the server is idle from here on: no new writes trigger the retry
+    await eventually((tmp_path / "snapshot.msgpack").exists)
+    rounds.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await rounds
+    assert not persistence.has_changes()
+    persistence.close()
+    storage, persistence = open_store(tmp_path, clocks)
+    assert contents(storage) == {((), "key"): b"v"}
+    persistence.close()
+
+
+async def test_a_cancelled_snapshot_leaves_no_file_and_keeps_its_changes_pending(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    for i in range(20_000):  # several chunks: the snapshot yields between them
+        storage.set(("big",), f"k{i}", b"v")
+    persistence.commit()
+    temporary = persistence.snapshot_temporary()
+    snapshot = asyncio.create_task(persistence.snapshot(storage))
+    await eventually(temporary.exists, interval=0)
+    snapshot.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await snapshot
+    assert not temporary.exists()
+    assert not (tmp_path / "snapshot.msgpack").exists()
+    assert persistence.has_changes()
+    assert await persistence.snapshot(storage) == 20_000  # the next round writes it whole
+    persistence.close()
+    storage, persistence = open_store(tmp_path, clocks)
+    assert len(contents(storage)) == 20_000
+    persistence.close()
+
+
+async def test_a_renewal_logged_after_a_snapshot_outlives_the_deadline_in_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "session", b"s", ttl=10)
+    await persistence.snapshot(storage)  # holds the deadline now + 10
+    storage.get((), "session", renew_for=1000)  # in the log after the snapshot
+    persistence.commit()
+    persistence.close()
+    clocks.advance(60)  # down past the first deadline, not the renewed one
+    clocks.restart()
+    storage, persistence = open_store(tmp_path, clocks)
+    assert contents(storage) == {((), "session"): b"s"}
+    left = storage.expires_in((), "session")
+    assert left is not None
+    assert left == pytest.approx(1000 - 60)
+    persistence.close()
+
+
+class FsyncCounter:
+    """Stands in for os.fsync around the real one: counts the calls per descriptor, can fail them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[int] = []
+        self.failing = False
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.calls.append(fd)
+            if self.failing:
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_fsync_always_fsyncs_the_log_before_each_commit_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, persistence = open_store(tmp_path, Clocks(), "always")
+    fsyncs = FsyncCounter(monkeypatch)
+    for i in range(3):
+        storage.set((), f"k{i}", b"v")
+        persistence.commit()
+        assert fsyncs.calls == [persistence._log_fd] * (i + 1)
+    persistence.commit()  # nothing new: nothing to fsync
+    assert len(fsyncs.calls) == 3
+    persistence.close()
+
+
+@pytest.mark.parametrize("fsync", ["everysec", "no"])
+async def test_fsync_everysec_fsyncs_from_the_background_and_no_never_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: str
+) -> None:
+    storage, persistence = open_store(tmp_path, Clocks(), fsync)
+    fsyncs = FsyncCounter(monkeypatch)
+    syncing = asyncio.create_task(persistence.sync_forever(interval=0.01)) if fsync == "everysec" else None
+    storage.set((), "k", b"v")
+    persistence.commit()
+    assert fsyncs.calls == []  # the write is answered without one
+    await asyncio.sleep(0.2)
+    if syncing is not None:
+        assert fsyncs.calls == [persistence._log_fd]  # once for the write, none while idle after it
+        syncing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncing
+    else:
+        assert fsyncs.calls == []
+    persistence.close()
+
+
+def test_a_failed_fsync_refuses_writes_until_an_fsync_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, persistence = open_store(tmp_path, Clocks(), "always")
+    fsyncs = FsyncCounter(monkeypatch)
+    storage.set((), "k", b"v")
+    fsyncs.failing = True
+    with pytest.raises(StoreUnavailable, match="Input/output error"):
+        persistence.commit()  # the write(2) went through, the fsync did not
+    with pytest.raises(StoreUnavailable):
+        persistence.writable()  # nothing is pending, but the record is not on disk yet: still failing
+    assert len(fsyncs.calls) == 2  # and the fsync was tried again
+    fsyncs.failing = False
+    persistence.writable()
+    assert len(fsyncs.calls) == 3
+    persistence.writable()  # healthy: nothing more to do
+    assert len(fsyncs.calls) == 3
     persistence.close()
