@@ -67,7 +67,6 @@ class NamespacedStorage:
         "_tree",
         "_wheel",
         "journal",
-        "used_memory",
     )
 
     def __init__(
@@ -79,8 +78,6 @@ class NamespacedStorage:
     ) -> None:
         self.journal: Journal | None = None
         """Told of every mutation once set (persistence attaches it after recovery)."""
-        self.used_memory = 0
-        """Bytes the entries take, by `entry_size` (entries of dropped namespaces until freed)."""
         self._max_memory = max_memory  # 0: unbounded
         self._policy = eviction_policy
         self._lru = eviction_policy in ("allkeys-lru", "volatile-lru")
@@ -94,6 +91,15 @@ class NamespacedStorage:
     def now(self) -> float:
         """The storage clock's reading."""
         return self._clock()
+
+    @property
+    def used_memory(self) -> int:
+        """Bytes the entries take, by `entry_size`: what `max_memory` bounds.
+
+        Namespaces dropped by `delete_all` stop counting at once, while `reap`
+        frees them in the background, so no write pays for an earlier delete_all.
+        """
+        return self._tree.root.subtree_bytes
 
     def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> None:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
@@ -111,7 +117,7 @@ class NamespacedStorage:
         old = entries.pop(key, None) if self._lru else entries.get(key)  # LRU: to the end of the order
         old_deadline = NEVER if old is None else deadline_of(old)
         stored = entries[key] = pack(value, deadline)
-        self.used_memory += entry_size(key, stored) - (0 if old is None else entry_size(key, old))
+        _grow(node, entry_size(key, stored) - (0 if old is None else entry_size(key, old)))
         if deadline == NEVER:
             if old_deadline != NEVER:
                 node.expiring -= 1
@@ -202,34 +208,47 @@ class NamespacedStorage:
         """
         steps = self._free_dropped(limit)
         now = self._clock()
-        root = self._tree.root
         while steps < limit:
-            due = self._wheel.next_due(now)
-            if due is None:
+            listing = self._pop_due_listing(now)
+            if listing is None:
                 break
-            slot, node = due
-            keys = node.slots[slot]
-            if not node.is_attached_to(root):  # dropped or pruned: nothing of it is live
-                del node.slots[slot]
-                steps += 1
-                continue
-            entries = node.entries
-            while keys and steps < limit:
-                key = keys.pop()
-                node.scheduled -= 1
-                steps += 1
-                stored = entries.get(key)
-                if stored is None:
-                    continue  # deleted since
-                deadline = deadline_of(stored)
-                if deadline <= now:
-                    self._discard(node, key)
-                elif deadline != NEVER and slot_of(deadline) > slot:  # pushed out: list it in its slot
-                    self._wheel.schedule(node, key, deadline)
-            if not keys:
-                del node.slots[slot]
-                self._tree.prune(node)
+            steps += 1
+            node, key = listing
+            if key is not None:  # its deadline is within a slot that has ended: expired
+                self._remove(node, key)
         return steps
+
+    def _pop_due_listing(self, now: float) -> tuple[Node, str | None] | None:
+        """Take one listing from the earliest slot of the wheel that has ended by `now` (inf: any slot).
+
+        None when no slot is due. Otherwise `(node, key)` with the entry whose
+        deadline falls in that slot, or `(node, None)` for a stale listing: the
+        entry is gone or no longer expires, its namespace was dropped, or its
+        deadline moved to a later slot, where it is listed again. Expiry and
+        volatile-ttl eviction both take entries in deadline order through here.
+        """
+        due = self._wheel.next_due(now)
+        if due is None:
+            return None
+        slot, node = due
+        keys = node.slots[slot]
+        if not node.is_attached_to(self._tree.root):  # dropped or pruned: nothing of it is live
+            del node.slots[slot]
+            return node, None
+        key = keys.pop()
+        node.scheduled -= 1
+        if not keys:
+            del node.slots[slot]
+        stored = node.entries.get(key)
+        if stored is None:
+            return node, None  # deleted since
+        deadline = deadline_of(stored)
+        if deadline == NEVER:
+            return node, None
+        if slot_of(deadline) > slot:  # pushed out by a renewal or an overwrite: list it in its slot
+            self._wheel.schedule(node, key, deadline)
+            return node, None
+        return node, key
 
     def namespaces(self) -> Iterator[tuple[tuple[str, ...], Node]]:
         """Each namespace that holds entries, with its path (walks the tree)."""
@@ -255,7 +274,7 @@ class NamespacedStorage:
     def _discard(self, node: Node, key: str) -> None:
         """Take an entry out with its accounting; the caller prunes the node when it is done with it."""
         stored = node.entries.pop(key)
-        self.used_memory -= entry_size(key, stored)
+        _grow(node, -entry_size(key, stored))
         if deadline_of(stored) != NEVER:
             node.expiring -= 1
 
@@ -269,9 +288,6 @@ class NamespacedStorage:
         if needed > self._max_memory:
             raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all")
         while self.used_memory + needed > self._max_memory:
-            if self._dropped:  # memory of dropped namespaces is on its way out: finish freeing it first
-                self._free_dropped(1 << 62)
-                continue
             if self._policy == "noeviction" or not self._evict_one(path, key):
                 raise StoreFull(
                     f"used memory {self.used_memory} B + {needed} B for this write would exceed "
@@ -306,26 +322,21 @@ class NamespacedStorage:
 
     def _evict_soonest_deadline(self, path: Sequence[str], key: str) -> bool:
         """volatile-ttl: the entry whose deadline comes first, found through the expiry wheel."""
-        root = self._tree.root
-        while (due := self._wheel.next_due(math.inf)) is not None:
-            slot, node = due
-            keys = node.slots[slot]
-            attached = node.is_attached_to(root)
-            while keys and attached:
-                candidate = keys[-1]
-                stored = node.entries.get(candidate)
-                if (
-                    stored is not None
-                    and deadline_of(stored) != NEVER
-                    and not (candidate == key and _same(node, path))
-                ):
-                    self._evict(node, candidate)
-                    return True
-                keys.pop()
-                node.scheduled -= 1
-            if not keys or not attached:
-                del node.slots[slot]
-        return False
+        writing: Node | None = None  # the namespace of `key` if its listing was taken: listed again below
+        try:
+            while (listing := self._pop_due_listing(math.inf)) is not None:
+                node, candidate = listing
+                if candidate is None:
+                    continue
+                if candidate == key and _same(node, path):
+                    writing = node
+                    continue
+                self._evict(node, candidate)
+                return True
+            return False
+        finally:
+            if writing is not None:
+                self._wheel.schedule(writing, key, deadline_of(writing.entries[key]))
 
     def _evict(self, node: Node, key: str) -> None:
         self._remove(node, key)
@@ -359,10 +370,10 @@ class NamespacedStorage:
             node = dropped[-1]
             if node.entries:
                 entries = node.entries
-                for _ in range(min(len(entries), limit - steps)):
-                    key, stored = entries.popitem()
-                    self.used_memory -= entry_size(key, stored)
-                    steps += 1
+                chunk = min(len(entries), limit - steps)
+                for _ in range(chunk):
+                    entries.popitem()  # no longer counted in used_memory since it was dropped
+                steps += chunk
             elif node.slots:
                 slot, keys = next(iter(node.slots.items()))
                 chunk = min(len(keys), limit - steps)
@@ -376,6 +387,14 @@ class NamespacedStorage:
                 node.children = {}
                 steps += 1
         return steps
+
+
+def _grow(node: Node, delta: int) -> None:
+    """Add `delta` bytes to the subtree totals of `node` and each of its ancestors."""
+    here: Node | None = node
+    while here is not None:
+        here.subtree_bytes += delta
+        here = here.parent
 
 
 def _path_of(node: Node) -> tuple[str, ...]:

@@ -37,9 +37,11 @@ class Node:
     `slots` maps a time slot to keys that may expire in it (see
     storage.expiry); `expiring` counts the entries that have a deadline, and
     `scheduled` the keys listed in `slots`, stale ones included.
+    `subtree_bytes` is the accounted size of the entries of this node and
+    every node below it (kept by the storage engine).
     """
 
-    __slots__ = ("children", "entries", "expiring", "name", "parent", "scheduled", "slots")
+    __slots__ = ("children", "entries", "expiring", "name", "parent", "scheduled", "slots", "subtree_bytes")
 
     def __init__(self, name: str = "", parent: Node | None = None) -> None:
         self.name = name
@@ -49,6 +51,7 @@ class Node:
         self.slots: dict[int, list[str]] = {}
         self.expiring = 0
         self.scheduled = 0
+        self.subtree_bytes = 0
 
     def is_attached_to(self, root: Node) -> bool:
         """Whether this node is still reachable from `root` (not dropped by a delete_all)."""
@@ -98,12 +101,17 @@ class NamespaceTree:
             dropped = Node()
             root = self.root
             dropped.children, dropped.entries, dropped.slots = root.children, root.entries, root.slots
+            dropped.subtree_bytes = root.subtree_bytes
             root.children, root.entries, root.slots = {}, {}, {}
-            root.expiring = root.scheduled = 0
+            root.expiring = root.scheduled = root.subtree_bytes = 0
             return dropped
         node = self.find(path)
         if node is None or node.parent is None:
             return None
+        ancestor: Node | None = node.parent
+        while ancestor is not None:
+            ancestor.subtree_bytes -= node.subtree_bytes
+            ancestor = ancestor.parent
         del node.parent.children[node.name]
         self.prune(node.parent)
         return node

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client import GrpcStore, StoreUnavailableError
+from client import GrpcStore, StoreFullError, StoreUnavailableError
 from server.app import build_server, reap_forever
 from server.config import ServerConfig
 from server.storage import NamespacedStorage
@@ -117,6 +117,19 @@ async def test_active_expiry_reclaims_keys_nobody_reads() -> None:
     assert storage.count(("sessions",)) == 0
     assert storage.count() == 1
     assert storage.index_size() == 0
+
+
+async def test_the_server_reaps_expired_keys_nobody_reads() -> None:
+    # Through serve(): under --max-memory with noeviction, room comes back only if the
+    # server's reaper reclaims the expired keys, since nothing here reads them.
+    with ServerProcess("--max-memory", "1M", "--eviction-policy", "noeviction") as server:
+        async with GrpcStore.with_client(server.target) as store:
+            # Room for ~900 entries of 1 KB values.
+            await store.set_many({f"brief{i}": b"v" * 1000 for i in range(800)}, expires_in=1)
+            with pytest.raises(StoreFullError):
+                await store.set_many({f"more{i}": b"v" * 1000 for i in range(200)})
+            await asyncio.sleep(2.0)
+            await store.set_many({f"later{i}": b"v" * 1000 for i in range(800)})
 
 
 async def test_calls_that_fail_at_shutdown_changed_nothing() -> None:

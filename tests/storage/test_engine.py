@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tracemalloc
 from collections.abc import Callable
 from types import FrameType
 
@@ -338,3 +339,90 @@ def test_used_memory_comes_back_to_zero(clock: FakeClock) -> None:
     storage.reap()
     storage.delete(("b",), "k")
     assert storage.used_memory == 0
+
+
+def test_volatile_ttl_goes_by_the_deadline_a_renewal_gave(clock: FakeClock) -> None:
+    storage = bounded(clock, "volatile-ttl", entries=2)
+    storage.set((), "a", b"v" * 100, ttl=10)
+    storage.set((), "b", b"v" * 100, ttl=20)
+    assert storage.get((), "a", renew_for=10_000) == b"v" * 100  # a is listed at +10 s still
+    storage.set((), "c", b"v" * 100, ttl=30)  # over the bound: the nearest deadline (b) goes
+    assert storage.exists((), "a")
+    assert not storage.exists((), "b")
+    assert storage.exists((), "c")
+
+
+def test_volatile_ttl_keeps_the_key_it_is_writing_listed_for_expiry(clock: FakeClock) -> None:
+    storage = bounded(clock, "volatile-ttl", entries=3)
+    storage.set((), "k", b"v" * 100, ttl=5)  # the nearest deadline...
+    storage.set((), "x", b"v" * 100, ttl=50)
+    storage.set((), "y", b"v" * 100, ttl=60)
+    storage.set((), "k", b"w" * 150, ttl=10)  # ...rewritten larger: eviction passes over it, takes x
+    assert not storage.exists((), "x")
+    clock.advance(11)
+    storage.reap()
+    assert storage.count() == 1  # k was reaped at its deadline, with nobody reading it
+    assert storage.exists((), "y")
+
+
+def test_delete_all_gives_its_bytes_back_at_once_and_no_write_frees_them(clock: FakeClock) -> None:
+    storage = bounded(clock, "noeviction", entries=20_000)
+    for i in range(19_000):
+        storage.set(("old", str(i % 7)), f"k{i}", b"v" * 100, ttl=100 if i % 2 else None)
+    storage.set(("kept",), "k", b"v" * 100)
+    storage.delete_all(("old",))
+    assert storage.used_memory == entry_size("k", b"v" * 108)  # in O(depth): nothing freed yet
+    for i in range(19_000):  # a full store's worth of writes, right after
+        storage.set(("new",), f"k{i}", b"v" * 100)
+    # The dropped entries were left to the reaper: freeing them is its work, not the writes'.
+    assert storage.reap(limit=1_000_000) > 19_000
+    new = sum(entry_size(f"k{i}", b"v" * 108) for i in range(19_000))
+    assert storage.used_memory == new + entry_size("k", b"v" * 108)
+
+
+def test_subtree_byte_totals_match_the_entries_after_any_history(clock: FakeClock) -> None:
+    storage = NamespacedStorage(clock)
+    random = __import__("random").Random(7)
+    paths = [(), ("a",), ("a", "b"), ("a", "b", "c"), ("d",)]
+    for step in range(5_000):
+        path, key = random.choice(paths), f"k{random.randrange(50)}"
+        roll = random.random()
+        if roll < 0.6:
+            storage.set(path, key, b"v" * random.randrange(200), ttl=random.choice([None, 0.5, 5]))
+        elif roll < 0.8:
+            storage.delete(path, key)
+        elif roll < 0.82:
+            storage.delete_all(random.choice(paths))
+        else:
+            storage.get(path, key, renew_for=random.choice([None, 1.0]))
+        if step % 100 == 0:
+            clock.advance(0.3)
+            storage.reap()
+    for path in paths:
+        expected = sum(
+            entry_size(key, stored)
+            for _, node in storage._tree.walk(path)
+            for key, stored in node.entries.items()
+        )
+        node = storage._tree.find(path)
+        assert (0 if node is None else node.subtree_bytes) == expected
+
+
+@pytest.mark.parametrize(
+    ("key_bytes", "value_bytes", "ttl"), [(8, 1, None), (8, 1, 10), (21, 100, 3600), (16, 1024, None)]
+)
+def test_used_memory_follows_what_the_entries_really_allocate(
+    key_bytes: int, value_bytes: int, ttl: float | None
+) -> None:
+    # What --max-memory bounds must be what the entries take, small ones included: the
+    # per-entry overhead (dict slot, object headers, wheel listing) dominates a tiny entry.
+    storage = NamespacedStorage()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50_000):
+            storage.set(("ns",), f"k{i:0{key_bytes - 1}d}", b"v" * value_bytes, ttl=ttl)
+        allocated = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0.75 < allocated / storage.used_memory < 1.25
