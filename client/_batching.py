@@ -7,17 +7,29 @@ nothing, and operations issued in the same moment share one message. A batch
 closes at `max_batch_size` operations (or about `max_batch_bytes` of
 payload); at most `max_batches_in_flight` batches await their results, and
 when as many again are waiting to be sent, callers wait for room
-(back-pressure).
+(back-pressure) in a queue, in the order they came, each woken once when
+room appears for it.
+
+Deadlines: every operation has its own, `timeout` seconds from the call. A
+caller still waiting for room when it passes fails with StoreTimeoutError
+and is never sent; so does an operation waiting for its result. An
+operation that timed out is not sent again by a retry. When an operation on
+the stream times out and the stream has answered nothing for as long, the
+stream is taken for dead (a stuck server, a half-open connection): it is
+torn down and its unanswered operations go the way of a broken stream.
+The channel's keepalive pings (see `channel_options`) find a dead
+connection even when nothing is waiting on it, so that gRPC opens a new one.
 
 Failures: an operation the server rejects fails alone, with the error of its
-status. A stream that breaks with UNAVAILABLE or CANCELLED, or that the server
-ends (it is shutting down), is opened again with backoff and the unanswered
-batches are sent again (every operation is idempotent); after
-`_MAX_ATTEMPTS` streams in a row fail so, every waiting operation fails with
-StoreUnavailableError. Any other stream failure fails the batches that were
-on it. Each batch has a deadline of `timeout` seconds from its first
-operation; when it passes, the batch's callers get StoreTimeoutError. A
-caller that is cancelled leaves the others untouched.
+status. A stream that breaks with UNAVAILABLE or CANCELLED, that the server
+ends (it is shutting down), or that is torn down as dead, is opened again
+with backoff and the unanswered operations are sent again (every operation
+is idempotent); after `_MAX_ATTEMPTS` streams in a row fail so, every
+waiting operation fails with StoreUnavailableError. Any other stream failure
+fails the batches that were on it. An unexpected error in the pipeline
+itself (a bug, a malformed answer) fails every operation it holds, and the
+next operation starts afresh. A caller that is cancelled leaves the others
+untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import grpc
 
 from client.errors import (
     StoreError,
+    StoreProtocolError,
     StoreTimeoutError,
     StoreUnavailableError,
     error_from_code,
@@ -52,17 +65,24 @@ _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _FAILED_IN_CORE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
-class _Batch:
-    """Operations sent in one PipelineRequest, and the futures of their callers, in the same order."""
+def backoff(attempt: int) -> float:
+    """Seconds to wait before opening a stream again after `attempt` streams in a row failed."""
+    return float(min(_FIRST_BACKOFF * 2 ** (attempt - 1), _MAX_BACKOFF))
 
-    __slots__ = ("answered", "futures", "message", "payload", "timer")
+
+class _Batch:
+    """Operations sent in one PipelineRequest, with their callers' futures and deadlines, in order."""
+
+    __slots__ = ("answered", "deadlines", "futures", "message", "payload", "timer", "timer_at")
 
     def __init__(self, batch_id: int) -> None:
         self.message = pb.PipelineRequest(id=batch_id)
         self.futures: list[asyncio.Future[Any]] = []
+        self.deadlines: list[float] = []  # loop time; empty when operations have no deadline
         self.payload = 0
         self.answered = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     def stop_timer(self) -> None:
         if self.timer is not None:
@@ -75,27 +95,58 @@ class _Batch:
             if not future.done():
                 future.set_exception(error)
 
+    def fail_due(self, now: float, error: BaseException) -> float | None:
+        """Fail the operations whose deadline has come; the earliest deadline still pending, if any."""
+        earliest = None
+        for future, deadline in zip(self.futures, self.deadlines, strict=True):
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(error)
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        return earliest
+
     def settled(self) -> bool:
         return all(future.done() for future in self.futures)
+
+    def unsettled(self) -> _Batch:
+        """This batch for sending again: only the operations whose callers still wait, none answered."""
+        self.answered = 0
+        if not any(future.done() for future in self.futures):
+            return self
+        again = _Batch(self.message.id)
+        for index, future in enumerate(self.futures):
+            if not future.done():
+                again.message.operations.append(self.message.operations[index])
+                again.futures.append(future)
+                if self.deadlines:
+                    again.deadlines.append(self.deadlines[index])
+        again.payload = self.payload
+        return again
 
 
 class Pipeline:
     """Sends the operations issued in one event loop over one Pipeline stream, coalesced into batches."""
 
     __slots__ = (
+        "_admission",
+        "_admitted",
         "_driver",
         "_failures",
+        "_last_answer",
         "_loop",
         "_max_batch_bytes",
         "_max_batch_size",
         "_max_in_flight",
         "_next_id",
         "_open_stream",
-        "_room",
         "_sent",
+        "_stalled",
         "_timeout",
         "_waiting",
         "_wakeup",
+        "wakeups",
     )
 
     def __init__(
@@ -115,90 +166,172 @@ class Pipeline:
         self._loop = asyncio.get_running_loop()
         self._waiting: deque[_Batch] = deque()  # not sent yet; the last one may still take operations
         self._sent: deque[_Batch] = deque()  # on the stream, oldest first, awaiting results
-        self._wakeup = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self._wakeup = asyncio.Event()  # for the writer: a batch to send, or room on the stream
+        self._stalled = asyncio.Event()  # the stream answered nothing while an operation timed out
+        self._last_answer = 0.0
+        self._admission: deque[asyncio.Future[None]] = deque()  # callers waiting for room, in order
+        self._admitted = 0  # callers woken for room that have not added their operation yet
         self._next_id = 0
         self._failures = 0  # streams in a row that broke before answering anything
         self._driver: asyncio.Task[None] | None = None
+        self.wakeups = 0
+        """Callers woken from waiting for room, in all: one per caller that waited."""
 
-    def add(self, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
+    def deadline(self) -> float | None:
+        """The deadline (loop time) of an operation issued now; None without a timeout."""
+        return None if self._timeout is None else self._loop.time() + self._timeout
+
+    def add(self, payload: int, deadline: float | None) -> tuple[pb.Operation, asyncio.Future[Any]]:
         """A new operation in the batch being filled, and the future of its OperationResult.
 
         The caller fills the operation in at once, before it awaits anything:
         the batch is sent on the next turn of the loop. `payload` is its size
-        in bytes (key and value), for closing batches that grow too large.
+        in bytes (key and value), for closing batches that grow too large;
+        `deadline` (from `deadline()`) is when it fails with StoreTimeoutError.
         """
         batch = self._waiting[-1] if self._waiting else None
         if (
             batch is None
             or len(batch.futures) >= self._max_batch_size
             or (batch.payload + payload > self._max_batch_bytes and batch.futures)
-            or (batch.timer is None and self._timeout is not None)  # its deadline passed: closed
         ):
-            batch = self._new_batch()
+            self._next_id += 1
+            batch = _Batch(self._next_id)
+            self._waiting.append(batch)
         future = self._loop.create_future()
         batch.futures.append(future)
         batch.payload += payload
+        if deadline is not None:
+            batch.deadlines.append(deadline)
+            if batch.timer is None or deadline < batch.timer_at:
+                self._arm(batch, deadline)
         self._wakeup.set()
         if self._driver is None:
             self._driver = self._loop.create_task(self._drive())
         return batch.message.operations.add(), future
 
     def has_room(self) -> bool:
-        return len(self._waiting) <= self._max_in_flight
+        """Whether an operation may be added now, ahead of nobody: no caller waits and batches are few."""
+        return not self._admission and len(self._waiting) <= self._max_in_flight
 
-    async def wait_for_room(self) -> None:
-        """Wait until the batches waiting to be sent are few enough to add more."""
-        while not self.has_room():
-            self._room.clear()
-            await self._room.wait()
+    async def wait_for_room(self, deadline: float | None) -> None:
+        """Wait in line until there is room to add an operation; StoreTimeoutError if `deadline` passes.
+
+        Call `add` right after, without awaiting anything in between.
+        """
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._admission.append(waiter)
+        self._admit()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Woken, but not going to add: its room goes to the next in line.
+                self._admitted -= 1
+                self._admit()
+            else:
+                waiter.cancel()  # left in the queue, skipped when its turn comes
+            if isinstance(error, TimeoutError):
+                raise StoreTimeoutError(
+                    f"DEADLINE_EXCEEDED: no room to send within {self._timeout} s "
+                    f"({len(self._admission)} operations waiting)",
+                    "DEADLINE_EXCEEDED",
+                ) from None
+            raise
+        self._admitted -= 1
+
+    def _admit(self) -> None:
+        """Wake the first callers in line, as many as the batches not yet sent have room for."""
+        room = (self._max_in_flight + 1 - len(self._waiting)) * self._max_batch_size - self._admitted
+        queue = self._admission
+        while queue and room > 0:
+            waiter = queue.popleft()
+            if waiter.done():  # it gave up: timed out or cancelled
+                continue
+            waiter.set_result(None)
+            self._admitted += 1
+            self.wakeups += 1
+            room -= 1
 
     async def close(self) -> None:
-        """Stop the stream; operations still waiting fail with StoreUnavailableError."""
+        """Stop the stream; operations still waiting, and callers waiting for room, fail."""
         if self._driver is not None:
             self._driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
-        self._fail_all(StoreUnavailableError("CANCELLED: the store was closed", "CANCELLED"))
+        closed = StoreUnavailableError("CANCELLED: the store was closed", "CANCELLED")
+        self._fail_all(closed)
+        while self._admission:
+            waiter = self._admission.popleft()
+            if not waiter.done():
+                waiter.set_exception(closed)
 
-    def _new_batch(self) -> _Batch:
-        self._next_id += 1
-        batch = _Batch(self._next_id)
-        if self._timeout is not None:
-            batch.timer = self._loop.call_later(self._timeout, self._expire, batch)
-        self._waiting.append(batch)
-        return batch
+    def _arm(self, batch: _Batch, deadline: float) -> None:
+        batch.stop_timer()
+        batch.timer_at = deadline
+        batch.timer = self._loop.call_at(deadline, self._expire, batch)
 
     def _expire(self, batch: _Batch) -> None:
         batch.timer = None
-        batch.fail(
-            StoreTimeoutError(f"DEADLINE_EXCEEDED: no answer within {self._timeout} s", "DEADLINE_EXCEEDED")
+        now = self._loop.time()
+        error = StoreTimeoutError(
+            f"DEADLINE_EXCEEDED: no answer within {self._timeout} s", "DEADLINE_EXCEEDED"
         )
+        earliest = batch.fail_due(now, error)
+        if earliest is not None:
+            self._arm(batch, earliest)
+        assert self._timeout is not None  # only operations with a deadline arm a timer
+        if batch in self._sent and now - self._last_answer >= self._timeout:
+            self._stalled.set()
 
     async def _drive(self) -> None:
         """Keep a stream open while there is work, opening it again after failures."""
         self._failures = 0
         try:
             while self._waiting or self._sent:
-                call = self._open_stream()
-                writer = self._loop.create_task(self._write(call))
-                try:
-                    error, retry = await self._read(call)
-                finally:
-                    writer.cancel()
-                    call.cancel()
+                error, retry = await self._run_stream()
                 if not retry:
-                    self._fail_sent(error or StoreError("the stream ended", "INTERNAL"))
+                    self._fail_sent(error)
                     continue
                 self._failures += 1
                 if self._failures >= _MAX_ATTEMPTS:
-                    self._fail_all(error or StoreUnavailableError("UNAVAILABLE: the server ended the stream"))
+                    self._fail_all(error)
                     continue
                 self._resend_unanswered()
-                await asyncio.sleep(min(_FIRST_BACKOFF * 2 ** (self._failures - 1), _MAX_BACKOFF))
+                await asyncio.sleep(backoff(self._failures))
+        except Exception as error:  # a bug or a malformed answer: never strand the operations held
+            self._fail_all(
+                StoreProtocolError(f"INTERNAL: the client's pipeline failed: {error!r}", "INTERNAL")
+            )
         finally:
             self._driver = None
+
+    async def _run_stream(self) -> tuple[StoreError, bool]:
+        """Run one stream until it ends; why it ended and whether its unanswered operations go again."""
+        call = self._open_stream()
+        self._stalled.clear()
+        self._last_answer = self._loop.time()
+        reader = self._loop.create_task(self._read(call))
+        writer = self._loop.create_task(self._write(call))
+        stalled = self._loop.create_task(self._stalled.wait())
+        try:
+            pending = {reader, writer, stalled}
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    return reader.result()
+                if stalled in done:
+                    return StoreUnavailableError(
+                        f"UNAVAILABLE: the stream answered nothing for {self._timeout} s; "
+                        "it was closed and a new one opened",
+                        "UNAVAILABLE",
+                    ), True
+                writer.result()  # the stream is over (the reader says why), or the writer failed
+        finally:
+            for task in (reader, writer, stalled):
+                task.cancel()
+            call.cancel()
 
     async def _write(self, call: Any) -> None:
         while True:
@@ -206,8 +339,7 @@ class Pipeline:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._waiting.popleft()
-            if len(self._waiting) <= self._max_in_flight:
-                self._room.set()
+            self._admit()
             if batch.settled():  # every caller timed out or was cancelled
                 batch.stop_timer()
                 continue
@@ -217,8 +349,8 @@ class Pipeline:
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 return  # the stream is over; the reader reports why
 
-    async def _read(self, call: Any) -> tuple[StoreError | None, bool]:
-        """Hand out results until the stream ends; then why (None: it ended cleanly) and whether to retry.
+    async def _read(self, call: Any) -> tuple[StoreError, bool]:
+        """Hand out results until the stream ends; then why, and whether to retry.
 
         A stream the server ended cleanly is retried: the server answers every
         batch it read before it ends a stream, so the unanswered ones never ran.
@@ -230,9 +362,11 @@ class Pipeline:
                 retry = error.code() in _RETRIED or (error.code(), error.details()) == _FAILED_IN_CORE
                 return error_from_rpc(error), retry
             if response is grpc.aio.EOF:
-                return None, True
+                return StoreUnavailableError("UNAVAILABLE: the server ended the stream"), True
             if not self._sent or response.id != self._sent[0].message.id:
-                return StoreError(f"the server answered batch {response.id} out of order", "INTERNAL"), False
+                disorder = f"INTERNAL: the server answered batch {response.id} out of order"
+                return StoreProtocolError(disorder, "INTERNAL"), False
+            self._last_answer = self._loop.time()
             self._failures = 0
             batch = self._sent[0]
             futures = batch.futures
@@ -255,8 +389,15 @@ class Pipeline:
     def _resend_unanswered(self) -> None:
         while self._sent:
             batch = self._sent.pop()
-            batch.answered = 0
-            self._waiting.appendleft(batch)
+            if batch.settled():
+                batch.stop_timer()
+                continue
+            again = batch.unsettled()
+            if again is not batch:
+                batch.stop_timer()
+                if again.deadlines:
+                    self._arm(again, min(again.deadlines))
+            self._waiting.appendleft(again)
 
     def _fail_sent(self, error: StoreError) -> None:
         while self._sent:
@@ -266,4 +407,4 @@ class Pipeline:
         self._fail_sent(error)
         while self._waiting:
             self._waiting.popleft().fail(error)
-        self._room.set()
+        self._admit()

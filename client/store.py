@@ -19,6 +19,8 @@ from nestkv.v1 import store_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 
@@ -62,6 +64,17 @@ def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tupl
         ("grpc.max_receive_message_length", message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _SERVICE_CONFIG),
+        # A connection can go silent without closing (a stuck peer, a half-open TCP connection):
+        # only an unanswered ping finds out. A ping every 10 s, given 5 s to be answered, also
+        # while idle, lets gRPC drop a dead connection and open a new one within ~15 s.
+        # The server permits pings as often as once a second (server.app).
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # grpcio 1.85 waits for a ping's answer this long, whatever keepalive_timeout_ms says
+        # (default: 60 s; found by tests/client/test_silent_connection.py).
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
@@ -292,9 +305,10 @@ class GrpcStore(NamespacedStore):
     async def _add(self, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
         """A new operation of the running loop's pipeline, once it has room; fill it in at once."""
         pipeline = self._connection.pipeline()
+        deadline = pipeline.deadline()
         if not pipeline.has_room():
-            await pipeline.wait_for_room()
-        return pipeline.add(payload)
+            await pipeline.wait_for_room(deadline)
+        return pipeline.add(payload, deadline)
 
     async def _add_set(self, key: str, data: bytes, ttl: float | None) -> asyncio.Future[Any]:
         operation, result = await self._add(len(key) + len(data))

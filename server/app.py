@@ -53,6 +53,13 @@ def build_server(
             ("grpc.so_reuseport", 0),
             # One client cannot hold more calls than this open on a connection and starve the rest.
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            # Clients find dead connections by keepalive pings (GrpcStore sends one every 10 s, also
+            # while idle): permit them, as often as once a second, instead of answering GOAWAY.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+            # And find dead clients the same way, so that their calls do not hold streams forever.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
     )
     store_servicer = StoreServicer(

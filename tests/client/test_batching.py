@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from client import GrpcStore, InvalidRequestError, StoreProtocolError
+from client import GrpcStore, InvalidRequestError, StoreProtocolError, StoreTimeoutError
 from server.limits import Limits
 from server.service import StoreServicer
 from server.storage import NamespacedStorage
@@ -30,6 +30,10 @@ class RecordingServer:
         self.answering = asyncio.Event()
         self.answering.set()
         self.fail_batches: set[int] = set()  # 1-based numbers of batches to end the stream on
+        self.overanswer_batches: set[int] = (
+            set()
+        )  # 1-based numbers of batches answered with a result too many
+        self.keys: list[str] = []  # of the set operations, in the order they arrived
         self.arrived = asyncio.Event()
 
     async def wait_for_batches(self, count: int) -> None:
@@ -44,6 +48,7 @@ class RecordingServer:
         async def read() -> None:
             async for request in requests:
                 self.batches.append(len(request.operations))
+                self.keys += [op.set.key for op in request.operations if op.WhichOneof("operation") == "set"]
                 self.arrived.set()
                 received.put_nowait((len(self.batches), request))
 
@@ -55,6 +60,8 @@ class RecordingServer:
                 if number in self.fail_batches:
                     await context.abort(grpc.StatusCode.INTERNAL, f"injected failure of batch {number}")
                 for response in self.servicer.run_batch(request):
+                    if number in self.overanswer_batches:
+                        response.results.add().CopyFrom(response.results[-1])
                     yield response
         finally:
             reader.cancel()
@@ -184,3 +191,70 @@ async def test_values_larger_than_a_response_come_back_whole(server: ServerProce
         values = {f"k{i}": bytes([i]) * 700_000 for i in range(6)}  # 4.2 MB: several responses
         await store.set_many(values)
         assert await store.get_many(list(values)) == list(values.values())
+
+
+async def test_callers_waiting_for_room_go_in_order_and_are_woken_once(
+    recording: tuple[RecordingServer, str],
+) -> None:
+    fake, target = recording
+    fake.answering.clear()
+    async with GrpcStore.with_client(target, max_batch_size=10, max_batches_in_flight=1) as store:
+        writes = [asyncio.create_task(store.set(f"k{i:03d}", b"v")) for i in range(100)]
+        await fake.wait_for_batches(1)
+        await asyncio.sleep(0.1)
+        assert fake.batches == [10]
+        fake.answering.set()
+        await asyncio.gather(*writes)
+        pipeline = store._connection.pipeline()
+    assert fake.keys == [f"k{i:03d}" for i in range(100)]  # first come, first sent
+    # The first 11 callers found room (a batch in flight and one filling); each of the others
+    # was woken once, not once per answered batch.
+    assert 0 < pipeline.wakeups <= 89
+
+
+async def test_many_concurrent_callers_cost_one_wakeup_each(server: ServerProcess) -> None:
+    # A gather of n operations: n wake-ups at most, where one event for all waiters made
+    # it n per answered batch (n^2 / batch size), and throughput fell with n.
+    async with GrpcStore.with_client(server.target, max_batch_size=64, max_batches_in_flight=2) as store:
+        await asyncio.gather(*(store.set(f"k{i}", b"v") for i in range(20_000)))
+        assert store._connection.pipeline().wakeups <= 20_000
+        assert await store.get("k19999") == b"v"
+
+
+async def test_a_caller_still_waiting_for_room_at_its_deadline_fails_and_is_never_sent(
+    recording: tuple[RecordingServer, str],
+) -> None:
+    fake, target = recording
+    fake.answering.clear()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with GrpcStore.with_client(target, timeout=0.5, max_batch_size=4, max_batches_in_flight=1) as store:
+        results = await asyncio.gather(
+            *(store.set(f"k{i:02d}", b"v") for i in range(40)), return_exceptions=True
+        )
+        elapsed = loop.time() - started
+        fake.answering.set()
+        await asyncio.sleep(0.2)
+        assert all(isinstance(result, StoreTimeoutError) for result in results)
+        assert elapsed < 1.0
+        assert "no room to send within 0.5 s" in str(results[-1])
+        # One batch went out; the one behind it and every caller in line timed out before sending.
+        assert fake.keys == [f"k{i:02d}" for i in range(4)]
+        await store.set("after", b"v")  # and the store carries on
+    assert fake.keys[-1] == "after"
+
+
+async def test_an_unexpected_error_in_the_pipeline_fails_its_operations_and_the_next_starts_afresh(
+    recording: tuple[RecordingServer, str],
+) -> None:
+    fake, target = recording
+    fake.overanswer_batches = {1}  # more results than operations: the client cannot place one
+    async with GrpcStore.with_client(target, max_batch_size=1) as store:
+        results = await asyncio.gather(*(store.set(f"a{i}", b"v") for i in range(3)), return_exceptions=True)
+        assert results[0] is None  # answered before the surplus result
+        assert all(
+            isinstance(error, StoreProtocolError) for error in results[1:]
+        )  # held: failed, not stranded
+        assert "the client's pipeline failed: IndexError" in str(results[1])
+        await store.set("b", b"v")
+        assert await store.get("b") == b"v"
