@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,8 @@ from client import (
     StoreUnavailableError,
     channel_options,
 )
+from client._batching import _MAX_ATTEMPTS as MAX_ATTEMPTS
+from client._batching import Pipeline, backoff
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from server.limits import Limits
@@ -82,6 +85,30 @@ async def test_unreachable_server_raises_store_unavailable() -> None:
     assert isinstance(caught.value, StoreError)
     assert caught.value.code == "UNAVAILABLE"
     assert not isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
+
+
+async def test_a_refusing_server_is_tried_again_with_backoff_then_given_up_on() -> None:
+    with ServerProcess() as gone:
+        target = gone.target  # nothing listens there any more: every connection is refused
+    loop = asyncio.get_running_loop()
+    opened: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+
+        def open_stream() -> Any:
+            opened.append(loop.time())
+            return stub.Pipeline()
+
+        pipeline = Pipeline(open_stream, timeout=None)
+        operation, result = pipeline.add(1, None)
+        operation.get.key = "k"
+        with pytest.raises(StoreUnavailableError):
+            await result
+    assert len(opened) == MAX_ATTEMPTS
+    gaps = [later - earlier for earlier, later in itertools.pairwise(opened)]
+    for attempt, gap in enumerate(gaps, start=1):
+        assert gap >= 0.9 * backoff(attempt)
+    assert [backoff(attempt) for attempt in range(1, 8)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
 async def test_server_rejection_raises_invalid_request(server: ServerProcess) -> None:

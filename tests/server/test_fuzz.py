@@ -49,6 +49,7 @@ class Wire:
     def __init__(self, target: str) -> None:
         self.runner = asyncio.Runner()
         self.channel = self.runner.run(self._open(target))
+        self.answers: list[Any] = []  # the responses of the last Pipeline call
 
     @staticmethod
     async def _open(target: str) -> Any:
@@ -64,8 +65,7 @@ class Wire:
                 call = self.channel.stream_stream(path)()
                 await call.write(payload)
                 await call.done_writing()
-                async for _ in call:
-                    pass
+                self.answers = [pb.PipelineResponse.FromString(answer) async for answer in call]
             else:
                 await self.channel.unary_unary(path)(payload, timeout=10)
         except grpc.aio.AioRpcError as error:
@@ -134,7 +134,17 @@ def aims(request: Any) -> bool:
 
 
 def check(wire: Wire, method: str, payload: bytes) -> None:
-    assert wire.send(method, payload) in ANSWERS
+    wire.answers = []
+    code = wire.send(method, payload)
+    assert code in ANSWERS
+    if method == "Pipeline" and code == grpc.StatusCode.OK:
+        # Exactly one result per operation, in order, each of its operation's kind or an error.
+        request = pb.PipelineRequest.FromString(payload)
+        results = [result for answer in wire.answers for result in answer.results]
+        assert {answer.id for answer in wire.answers} <= {request.id}
+        assert len(results) == len(request.operations)
+        for operation, result in zip(request.operations, results, strict=True):
+            assert result.WhichOneof("result") in {operation.WhichOneof("operation"), "error"}
     if aims_at_sentinel(method, payload):
         wire.put_sentinel()
     assert wire.sentinel() == b"intact"
