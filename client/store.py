@@ -306,9 +306,15 @@ class GrpcStore(NamespacedStore):
         """A new operation of the running loop's pipeline, once it has room; fill it in at once."""
         pipeline = self._connection.pipeline()
         deadline = pipeline.deadline()
-        if not pipeline.has_room():
-            await pipeline.wait_for_room(deadline)
-        return pipeline.add(payload, deadline)
+        if pipeline.has_room():
+            return pipeline.add(payload, deadline)
+        turn = pipeline.line_up(deadline)
+        try:
+            await turn
+        except BaseException:
+            pipeline.leave_line(turn)
+            raise
+        return pipeline.add(payload, deadline, waited=True)
 
     async def _add_set(self, key: str, data: bytes, ttl: float | None) -> asyncio.Future[Any]:
         operation, result = await self._add(len(key) + len(data))
