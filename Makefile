@@ -38,12 +38,14 @@ soak: gen  ## the model-based, fuzz and crash tests at ten times CI's length, st
 	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
 		tests/server/test_durability.py tests/server/test_memory.py
 
-bench: gen  ## GrpcStore vs Litestar's RedisStore vs LocalStore: table, bench/results.json, bench/throughput.png
+bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
 		echo "redis-server could not be installed: the Redis rows will be skipped"
 	$(BIN)/python -m bench --json bench/results.json --chart bench/throughput.png $(ARGS)
+	$(BIN)/python -m bench.snapshot > bench/snapshot.json
+	cat bench/snapshot.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -10,6 +10,10 @@ so absolute figures from different runs do not compare. Workloads:
   in another.
 * memory: server memory per key with 1,000,000 keys (21-byte keys, 100-byte
   values, TTL): nestkv's RSS growth against redis-server's `used_memory`.
+* gather: `asyncio.gather` of n single `exists` calls from one GrpcStore, for
+  n of 5,000, 20,000 and 100,000 (100,000 operations each: 20 gathers of
+  5,000, ...): ops/s against n, as a ratio to the first n (callers beyond
+  the batches in flight wait for room in line).
 
 Prints one table, writes it as JSON (`--json`) and draws throughput against
 concurrency (`--chart`, needs matplotlib).
@@ -79,6 +83,28 @@ async def run_mixed(stores: dict[str, Any], concurrency: Sequence[int], operatio
             count = operations // 8 if tasks == 1 else operations
             rows.append({"store": name, "tasks": tasks, **await mixed(store, tasks, count, MIXED_KEYS)})
             print(f"  mixed {name:9} {tasks:4} tasks: {rows[-1]['ops_per_s']:10,.0f} ops/s", flush=True)
+    return rows
+
+
+async def run_gather(target: str, sizes: Sequence[int]) -> list[Row]:
+    """ops/s of asyncio.gather of n single operations, for each n, over as many operations for each.
+
+    A smaller n runs as many gathers in a row as make up the largest one, so that every row
+    does the same work (a lone gather of 5,000 lasts ~0.1 s: too short to time alone).
+    """
+    rows = []
+    total = max(sizes)
+    async with GrpcStore.with_client(target, timeout=10) as root:
+        store = root.with_namespace("gather")
+        await asyncio.gather(*(store.exists(f"key{i}") for i in range(1_000)))  # warm up
+        for size in sizes:
+            rounds = max(1, total // size)
+            started = time.perf_counter()
+            for _ in range(rounds):
+                await asyncio.gather(*(store.exists(f"key{i}") for i in range(size)))
+            ops_per_s = rounds * size / (time.perf_counter() - started)
+            rows.append({"operations": size, "rounds": rounds, "ops_per_s": ops_per_s})
+            print(f"  gather of {size:7,} ops x {rounds:3}: {ops_per_s:10,.0f} ops/s", flush=True)
     return rows
 
 
@@ -182,6 +208,13 @@ def report(results: dict[str, Any]) -> str:
         f"| memory per key, {results['keys']:,} keys (nestkv RSS, Redis used_memory) | {memory:,.0f} B | "
         + (f"{redis_memory:,.0f} B | {memory / redis_memory:.2f}x |" if theirs else "- | - |")
     )
+    lines += ["", "| workload | GrpcStore ops/s | vs the smallest gather |", "|---|---:|---:|"]
+    first = results["gather"][0]["ops_per_s"]
+    for row in results["gather"]:
+        lines.append(
+            f"| gather of {row['operations']:,} single ops | {row['ops_per_s']:,.0f} | "
+            f"{ratio(row['ops_per_s'], first)} |"
+        )
     if results.get("redis_skipped"):
         lines += ["", f"Redis rows skipped: {results['redis_skipped']}"]
     return "\n".join(lines)
@@ -263,6 +296,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             concurrency,
             args.operations,
         )
+        results["gather"] = await run_gather(nestkv.target, args.gather_sizes)
         await stores["GrpcStore"].close()
         if "RedisStore" in stores:
             await stores["RedisStore"]._redis.aclose()
@@ -274,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--operations", type=int, default=40_000, help="operations per mixed row")
     parser.add_argument("--keys", type=int, default=1_000_000, help="keys for the memory test")
     parser.add_argument("--namespace-keys", type=int, default=100_000, help="keys of the deleted namespace")
+    parser.add_argument(
+        "--gather-sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[5_000, 20_000, 100_000],
+        help="comma-separated n of the gather rows (default: 5000,20000,100000)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--chart", type=Path, help="draw throughput against concurrency to this PNG")
     parser.add_argument(
