@@ -131,11 +131,12 @@ async def serve(config: ServerConfig) -> None:
 
     await stop.wait()
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
-    await serving.stop(config.shutdown_grace)
+    # A periodic snapshot under way is cut short first: the one taken after the last call replaces it.
     for task in background:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await serving.stop(config.shutdown_grace)
     if persistence is not None:
         try:
             entries = await persistence.snapshot(storage)

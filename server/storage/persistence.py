@@ -153,8 +153,13 @@ class Persistence:
         self._lock_fd = -1
         self._log_fd = -1
         self._log_number = 0
-        self._pending = bytearray()
+        self._pending = bytearray()  # records not written to the log yet
         self._failure: str | None = None  # why the log could not be written, until it can again
+        # Under `always`: the log's size at its last successful fsync, and what was written after it.
+        # After a failed fsync the kernel may have dropped those pages, so they are written again.
+        self._synced_size = 0
+        self._unsynced_records = bytearray()
+        self._fsyncing = asyncio.Lock()  # the everysec fsync against a snapshot closing the old log
         self._unsynced = False
         self._records_since_snapshot = 0
 
@@ -218,6 +223,7 @@ class Persistence:
         self._log_fd = os.open(
             self._log_path(self._log_number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
         )
+        self._synced_size = os.fstat(self._log_fd).st_size
         self._records_since_snapshot = replayed
         storage.journal = self
         log.info(
@@ -347,22 +353,33 @@ class Persistence:
         """Write what is queued (and fsync under `always`); the one place the failure state changes.
 
         The log is healthy (`_failure` None) only once every queued record is written and, under
-        `always`, fsynced: a failed fsync keeps it failing, and the next try fsyncs again.
+        `always`, fsynced. After a failure under `always` the log is first cut back to its last
+        fsynced size and everything after it written again: a failed fsync may have dropped
+        those pages, and a retried fsync would not say so.
         """
         if not self._pending and self._failure is None:
             return
+        always = self.fsync_policy == "always"
         try:
+            if always and self._failure is not None:
+                os.ftruncate(self._log_fd, self._synced_size)
+                self._pending[:0] = self._unsynced_records
+                self._unsynced_records.clear()
             while self._pending:
                 written = os.write(self._log_fd, self._pending)
+                if always:
+                    self._unsynced_records += self._pending[:written]
                 del self._pending[:written]  # a partly written record goes on from where it stopped
-            if self.fsync_policy == "always":
+            if always:
                 os.fsync(self._log_fd)
+                self._synced_size += len(self._unsynced_records)
+                self._unsynced_records.clear()
         except OSError as error:
             self._failure = f"cannot write the log in {self.directory}: {error}"
             log.error("%s; writes are refused until it can be written", self._failure)
             raise StoreUnavailable(f"{self._failure}; the server refuses writes until it can") from None
         self._failure = None
-        if self.fsync_policy != "always":
+        if not always:
             self._unsynced = True
 
     async def sync_forever(self, interval: float = 1.0) -> None:
@@ -371,11 +388,10 @@ class Persistence:
             await asyncio.sleep(interval)
             if self._unsynced:
                 self._unsynced = False
-                fd = self._log_fd
-                try:
-                    await asyncio.to_thread(os.fsync, fd)
-                except OSError as error:
-                    if fd == self._log_fd:  # else it was rotated (and fsynced) by a snapshot meanwhile
+                async with self._fsyncing:  # a snapshot does not close this log under the fsync
+                    try:
+                        await _in_thread(os.fsync, self._log_fd)
+                    except OSError as error:
                         log.error("cannot fsync the log in %s: %s", self.directory, error)
                         self._unsynced = True
 
@@ -391,7 +407,12 @@ class Persistence:
         cancellation) its temporary file is removed and the change count is
         restored, so that the next round tries again; the logs keep every write.
         """
-        self.commit()
+        try:
+            # Rotating with records unwritten would put the rest of a half-written one at the
+            # start of the next log, where recovery would take it for damage.
+            self._flush()
+        except StoreUnavailable as error:
+            raise PersistenceError(f"no snapshot while the log cannot be written: {error}") from None
         temporary = self.snapshot_temporary()
         old_fd, covered = self._log_fd, self._log_number
         pending = self._records_since_snapshot
@@ -399,10 +420,12 @@ class Persistence:
         self._log_fd = os.open(
             self._log_path(self._log_number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
         )
+        self._synced_size = 0
         self._records_since_snapshot = 0
         try:
             try:
-                await _in_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
+                async with self._fsyncing:
+                    await _in_thread(os.fsync, old_fd)  # it may hold a lot: not on the event loop
             finally:
                 os.close(old_fd)
             written = await self._write_snapshot(storage, temporary)
@@ -457,7 +480,7 @@ class Persistence:
             await _in_thread(os.fsync, fd)
         except BaseException:
             os.close(fd)
-            temporary.unlink()  # cut short (an error, or the server stopping): nothing of it is left
+            os.unlink(temporary)  # cut short (an error, or the server stopping): nothing of it is left
             raise
         else:
             os.close(fd)

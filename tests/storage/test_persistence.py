@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -423,4 +425,89 @@ def test_a_failed_fsync_refuses_writes_until_an_fsync_succeeds(
     assert len(fsyncs.calls) == 3
     persistence.writable()  # healthy: nothing more to do
     assert len(fsyncs.calls) == 3
+    persistence.close()
+
+
+def test_after_a_failed_fsync_the_unsynced_records_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks, "always")
+    storage.set((), "before", b"1")
+    persistence.commit()
+    synced = (tmp_path / "log.0.msgpack").stat().st_size
+    fsyncs = FsyncCounter(monkeypatch)
+    fsyncs.failing = True
+    storage.set((), "during", b"2")
+    with pytest.raises(StoreUnavailable):
+        persistence.commit()
+    # What a failed fsync may leave on disk: the pages written since the last good one, dropped.
+    size = (tmp_path / "log.0.msgpack").stat().st_size
+    with (tmp_path / "log.0.msgpack").open("r+b") as file:
+        file.seek(synced)
+        file.write(bytes(size - synced))
+    fsyncs.failing = False
+    persistence.writable()
+    storage.set((), "after", b"3")
+    persistence.commit()
+    persistence.close()
+    storage, persistence = open_store(tmp_path, clocks, "always")
+    assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2", ((), "after"): b"3"}
+    persistence.close()
+
+
+async def test_no_snapshot_rotates_a_log_that_cannot_be_written(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "before", b"1")
+    persistence.commit()
+    good = break_log(persistence, tmp_path)
+    storage.set((), "during", b"2")
+    with pytest.raises(StoreUnavailable):
+        persistence.commit()
+    with pytest.raises(PersistenceError, match="no snapshot while the log cannot be written"):
+        await persistence.snapshot(storage)
+    assert not (tmp_path / "log.1.msgpack").exists()  # the queued record still goes to log 0
+    mend_log(persistence, good)
+    persistence.writable()
+    assert await persistence.snapshot(storage) == 2
+    storage.set((), "after", b"3")
+    persistence.close()
+    storage, persistence = open_store(tmp_path, clocks)
+    assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2", ((), "after"): b"3"}
+    persistence.close()
+
+
+async def test_a_snapshot_cancelled_during_its_fsync_waits_for_it_before_closing_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clocks = Clocks()
+    storage, persistence = open_store(tmp_path, clocks)
+    storage.set((), "key", b"v")
+    persistence.commit()
+    started, finished = threading.Event(), threading.Event()
+    closed_under_it: list[int] = []
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        time.sleep(0.3)
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed_under_it.append(fd)
+        finally:
+            finished.set()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    snapshot = asyncio.create_task(persistence.snapshot(storage))
+    await asyncio.to_thread(started.wait, 10)  # the first fsync: of the log being rotated out
+    snapshot.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await snapshot
+    await asyncio.to_thread(finished.wait, 10)
+    assert closed_under_it == []
+    assert not persistence.snapshot_temporary().exists()
+    assert persistence.has_changes()
     persistence.close()
