@@ -73,7 +73,7 @@ def backoff(attempt: int) -> float:
 class _Batch:
     """Operations sent in one PipelineRequest, with their callers' futures and deadlines, in order."""
 
-    __slots__ = ("answered", "deadlines", "futures", "message", "payload", "timer", "timer_at")
+    __slots__ = ("answered", "deadlines", "futures", "message", "payload", "sent_at", "timer", "timer_at")
 
     def __init__(self, batch_id: int) -> None:
         self.message = pb.PipelineRequest(id=batch_id)
@@ -83,6 +83,7 @@ class _Batch:
         self.answered = 0
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
+        self.sent_at = 0.0  # loop time it was last written to a stream
 
     def stop_timer(self) -> None:
         if self.timer is not None:
@@ -295,11 +296,16 @@ class Pipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
         closed = StoreUnavailableError("CANCELLED: the store was closed", "CANCELLED")
-        self._fail_all(closed)
+        # The line first: failing the batches makes room, which must not let anyone in any more.
         while self._admission:
             waiter = self._admission.popleft()
             if not waiter.done():
                 waiter.set_exception(closed)
+        self._admission_deadlines.clear()
+        if self._admission_timer is not None:
+            self._admission_timer.cancel()
+            self._admission_timer = None
+        self._fail_all(closed)
 
     def _arm(self, batch: _Batch, deadline: float) -> None:
         batch.stop_timer()
@@ -316,8 +322,12 @@ class Pipeline:
         if earliest is not None:
             self._arm(batch, earliest)
         assert self._timeout is not None  # only operations with a deadline arm a timer
-        if batch in self._sent and now - self._last_answer >= self._timeout:
-            self._stalled.set()
+        if batch in self._sent:
+            # Silent since the oldest unanswered batch went out (an idle stream is not silent), and
+            # for long enough that this is no operation admitted just before its deadline.
+            silent_since = max(self._last_answer, self._sent[0].sent_at)
+            if now - silent_since >= self._timeout / 2:
+                self._stalled.set()
 
     async def _drive(self) -> None:
         """Keep a stream open while there is work, opening it again after failures."""
@@ -372,11 +382,11 @@ class Pipeline:
             while not self._waiting or len(self._sent) >= self._max_in_flight:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = self._waiting.popleft()
+            batch = self._without_settled(self._waiting.popleft())
             self._admit()
-            if batch.settled():  # every caller timed out or was cancelled
-                batch.stop_timer()
+            if batch is None:  # every caller timed out or was cancelled
                 continue
+            batch.sent_at = self._loop.time()
             self._sent.append(batch)
             try:
                 await call.write(batch.message)
@@ -420,18 +430,27 @@ class Pipeline:
                 batch.stop_timer()
                 self._wakeup.set()
 
+    def _without_settled(self, batch: _Batch) -> _Batch | None:
+        """`batch` with only the operations whose callers still wait (None: none do), unanswered.
+
+        What is sent or sent again: an operation whose caller was told it timed out, or that
+        was cancelled, must not be applied after that.
+        """
+        if batch.settled():
+            batch.stop_timer()
+            return None
+        again = batch.unsettled()
+        if again is not batch:
+            batch.stop_timer()
+            if again.deadlines:
+                self._arm(again, min(again.deadlines))
+        return again
+
     def _resend_unanswered(self) -> None:
         while self._sent:
-            batch = self._sent.pop()
-            if batch.settled():
-                batch.stop_timer()
-                continue
-            again = batch.unsettled()
-            if again is not batch:
-                batch.stop_timer()
-                if again.deadlines:
-                    self._arm(again, min(again.deadlines))
-            self._waiting.appendleft(again)
+            again = self._without_settled(self._sent.pop())
+            if again is not None:
+                self._waiting.appendleft(again)
 
     def _fail_sent(self, error: StoreError) -> None:
         while self._sent:

@@ -13,6 +13,7 @@ import grpc
 from client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
 from client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
 from client.base import NamespacedStore
+from client.errors import InvalidRequestError
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 
@@ -88,7 +89,14 @@ class _Connection:
     its own Pipeline, which coalesces the operations issued in that loop.
     """
 
-    __slots__ = ("_by_loop", "_callers_channel", "_options", "_pipeline_settings", "_target")
+    __slots__ = (
+        "_by_loop",
+        "_callers_channel",
+        "_options",
+        "_pipeline_settings",
+        "_target",
+        "max_value_bytes",
+    )
 
     def __init__(
         self,
@@ -96,12 +104,14 @@ class _Connection:
         channel: Any = None,
         target: str = "",
         options: Sequence[tuple[str, Any]] = (),
+        max_value_bytes: int,
         timeout: float | None,
         max_batch_size: int,
         max_batches_in_flight: int,
     ) -> None:
         self._target = target
         self._options = list(options)
+        self.max_value_bytes = max_value_bytes
         self._callers_channel = channel
         self._pipeline_settings: dict[str, Any] = {
             "timeout": timeout,
@@ -165,16 +175,18 @@ class GrpcStore(NamespacedStore):
         channel: Any,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
     ) -> None:
-        """Wrap a grpc.aio channel you own; build it with `channel_options()` for sizes."""
+        """Wrap a grpc.aio channel you own; build it with `channel_options(max_value_bytes)` for sizes."""
         if channel is None:
             raise TypeError(
                 "GrpcStore needs a grpc.aio channel; use GrpcStore.with_client(target) to open one"
             )
         self._connection = _Connection(
             channel=channel,
+            max_value_bytes=_positive(max_value_bytes, "max_value_bytes"),
             timeout=timeout,
             max_batch_size=_positive(max_batch_size, "max_batch_size"),
             max_batches_in_flight=_positive(max_batches_in_flight, "max_batches_in_flight"),
@@ -196,13 +208,15 @@ class GrpcStore(NamespacedStore):
         """A root store that owns an insecure channel to `target` ("host:port").
 
         Safe to call outside a running event loop: the channel opens on first use.
-        `max_value_bytes` should match the server's --max-value-bytes; `options`
+        `max_value_bytes` should match the server's --max-value-bytes: a larger
+        value raises InvalidRequestError before anything is sent. `options`
         are extra grpc channel options, which override the defaults.
         """
         # gRPC uses the first occurrence of an option: the caller's come first.
         connection = _Connection(
             target=target,
             options=[*options, *channel_options(max_value_bytes)],
+            max_value_bytes=_positive(max_value_bytes, "max_value_bytes"),
             timeout=timeout,
             max_batch_size=_positive(max_batch_size, "max_batch_size"),
             max_batches_in_flight=_positive(max_batches_in_flight, "max_batches_in_flight"),
@@ -239,7 +253,7 @@ class GrpcStore(NamespacedStore):
         await self.close()
 
     async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
-        data = as_bytes(value)
+        data = self._value_bytes(value)
         ttl = span_seconds(expires_in, "expires_in")
         await (await self._add_set(check_key(key), data, ttl))
 
@@ -294,13 +308,24 @@ class GrpcStore(NamespacedStore):
         """
         ttl = span_seconds(expires_in, "expires_in")
         pairs = items.items() if isinstance(items, Mapping) else items
-        checked = [(check_key(key), as_bytes(value)) for key, value in pairs]
+        checked = [(check_key(key), self._value_bytes(value)) for key, value in pairs]
         await asyncio.gather(*[await self._add_set(key, data, ttl) for key, data in checked])
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         """Delete every key of `keys`, each as by `delete` (missing keys are no error)."""
         checked = [check_key(key) for key in keys]
         await asyncio.gather(*[await self._add_delete(key) for key in checked])
+
+    def _value_bytes(self, value: str | bytes) -> bytes:
+        """`value` as bytes, checked against max_value_bytes before anything is sent."""
+        data = as_bytes(value)
+        limit = self._connection.max_value_bytes
+        if len(data) > limit:
+            # Sent, it would fail in gRPC as RESOURCE_EXHAUSTED, which reads as "the store is full".
+            raise InvalidRequestError(
+                f"value is {len(data)} bytes; the limit is {limit} (max_value_bytes)", "INVALID_ARGUMENT"
+            )
+        return data
 
     async def _add(self, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
         """A new operation of the running loop's pipeline, once it has room; fill it in at once."""

@@ -192,6 +192,28 @@ async def test_bad_arguments_fail_before_any_rpc() -> None:
     assert store._connection._by_loop == {}  # no channel was even opened
 
 
+async def test_a_value_over_max_value_bytes_is_refused_before_anything_is_sent() -> None:
+    with ServerProcess() as gone:
+        target = gone.target  # nothing listens: a call would fail as unavailable, not as too large
+    store = GrpcStore.with_client(target, max_value_bytes=1000)
+    with pytest.raises(
+        InvalidRequestError, match=r"value is 1001 bytes; the limit is 1000 \(max_value_bytes\)"
+    ):
+        await store.set("key", b"v" * 1001)
+    with pytest.raises(ValueError, match="value is 1003 bytes"):
+        await store.with_namespace("ns").set_many([("small", b"v"), ("big", "é" * 501 + "v")])
+    assert store._connection._by_loop == {}  # no channel was even opened
+
+
+async def test_values_up_to_max_value_bytes_are_stored(server: ServerProcess) -> None:
+    async with GrpcStore.with_client(server.target, max_value_bytes=1000) as store:
+        await store.set("fits", b"v" * 1000)
+        assert await store.get("fits") == b"v" * 1000
+        with pytest.raises(InvalidRequestError):
+            await store.set("fits", b"v" * 1001)
+        assert await store.get("fits") == b"v" * 1000
+
+
 async def test_deadline_raises_store_timeout(flaky: tuple[FlakyServer, str]) -> None:
     fault, target = flaky
     fault.delay = 5.0
