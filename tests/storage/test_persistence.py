@@ -54,6 +54,17 @@ def contents(storage: NamespacedStorage) -> dict[tuple[tuple[str, ...], str], by
     return found
 
 
+def recovered(
+    directory: Path, clocks: Clocks, fsync: str = "always"
+) -> dict[tuple[tuple[str, ...], str], bytes]:
+    """What a server restarted on `directory` holds."""
+    storage, persistence = open_store(directory, clocks, fsync)
+    try:
+        return contents(storage)
+    finally:
+        persistence.close()
+
+
 def flip_last_byte(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[-1] ^= 0xFF
@@ -105,9 +116,7 @@ async def test_keys_that_expired_while_down_never_come_back(tmp_path: Path, snap
         await persistence.snapshot(storage)
     persistence.close()
     clocks.advance(10)
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "kept"): b"v"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "kept"): b"v"}
 
 
 async def test_writes_during_a_snapshot_are_kept(tmp_path: Path) -> None:
@@ -170,9 +179,7 @@ def test_a_corrupt_record_in_the_tail_is_dropped_too(tmp_path: Path) -> None:
     storage.set((), "flipped", b"2")
     persistence.close()
     flip_last_byte(next(tmp_path.glob("log.*.msgpack")))
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "kept"): b"1"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "kept"): b"1"}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -214,9 +221,7 @@ async def test_a_snapshot_drops_the_logs_it_covers(tmp_path: Path) -> None:
     persistence.commit()
     assert sorted(name for name in os.listdir(tmp_path) if name.startswith("log.")) == ["log.1.msgpack"]
     persistence.close()
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "key"): b"v", ((), "after"): b"v"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "key"): b"v", ((), "after"): b"v"}
 
 
 def test_damage_in_a_log_that_is_not_the_last_refuses_to_start(tmp_path: Path) -> None:
@@ -243,9 +248,7 @@ async def test_a_failed_snapshot_keeps_the_logs(tmp_path: Path) -> None:
     storage.set((), "after", b"v")
     persistence.close()
     blocked.rmdir()
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "key"): b"v", ((), "after"): b"v"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "key"): b"v", ((), "after"): b"v"}
 
 
 def break_log(persistence: Persistence, directory: Path) -> int:
@@ -274,9 +277,7 @@ def test_a_log_that_cannot_be_written_refuses_writes_until_it_can(tmp_path: Path
     mend_log(persistence, good)
     persistence.writable()  # the queued record goes out now
     persistence.close()
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "before"): b"1", ((), "during"): b"2"}
 
 
 def test_recovery_removes_the_files_of_snapshots_cut_short(tmp_path: Path) -> None:
@@ -309,9 +310,7 @@ async def test_a_failed_snapshot_is_tried_again_while_changes_are_pending(
         await rounds
     assert not persistence.has_changes()
     persistence.close()
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "key"): b"v"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "key"): b"v"}
 
 
 async def test_a_cancelled_snapshot_leaves_no_file_and_keeps_its_changes_pending(tmp_path: Path) -> None:
@@ -451,9 +450,11 @@ def test_after_a_failed_fsync_the_unsynced_records_are_written_again(
     storage.set((), "after", b"3")
     persistence.commit()
     persistence.close()
-    storage, persistence = open_store(tmp_path, clocks, "always")
-    assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2", ((), "after"): b"3"}
-    persistence.close()
+    assert recovered(tmp_path, clocks, "always") == {
+        ((), "before"): b"1",
+        ((), "during"): b"2",
+        ((), "after"): b"3",
+    }
 
 
 async def test_no_snapshot_rotates_a_log_that_cannot_be_written(tmp_path: Path) -> None:
@@ -473,9 +474,7 @@ async def test_no_snapshot_rotates_a_log_that_cannot_be_written(tmp_path: Path) 
     assert await persistence.snapshot(storage) == 2
     storage.set((), "after", b"3")
     persistence.close()
-    storage, persistence = open_store(tmp_path, clocks)
-    assert contents(storage) == {((), "before"): b"1", ((), "during"): b"2", ((), "after"): b"3"}
-    persistence.close()
+    assert recovered(tmp_path, clocks) == {((), "before"): b"1", ((), "during"): b"2", ((), "after"): b"3"}
 
 
 async def test_a_snapshot_cancelled_during_its_fsync_waits_for_it_before_closing_the_file(
