@@ -2,25 +2,32 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SERVING := $(VENV)/.serving
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 SOAK_SECONDS ?= 1800
 
 .PHONY: install gen serve test lint typecheck unit bench soak clean
 
-$(INSTALLED): pyproject.toml setup.py protos/generate.py
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+
+$(SERVING): pyproject.toml setup.py protos/generate.py | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 	touch $@
+
+$(INSTALLED): pyproject.toml setup.py protos/generate.py | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(SERVING)
 
 install: $(INSTALLED)  ## virtual environment with the package (editable) and test tools
 
 gen: $(INSTALLED)  ## regenerate the protobuf code beside protos/**/*.proto
 	$(BIN)/python protos/generate.py
 
-serve: gen  ## run the server: make serve ARGS="--port 50051"
-	$(BIN)/python -m server $(ARGS)
+serve: $(SERVING)  ## run the server (installs what serving needs, no test tools): make serve ARGS="--port 50051"
+	$(BIN)/python -m nestkv.server $(ARGS)
 
 lint: gen
 	$(BIN)/ruff check .

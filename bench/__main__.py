@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.servers import RedisServer, nestkv_server, redis_server, rss_bytes
-from client import GrpcStore, LocalStore
+from nestkv.client import GrpcStore, LocalStore
 
 VALUE = b"v" * 100
 TTL = 3600

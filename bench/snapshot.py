@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client import GrpcStore, StoreUnavailableError
-from server.storage import NamespacedStorage
-from server.storage.persistence import Persistence
+from nestkv.client import GrpcStore, StoreUnavailableError
+from nestkv.server.storage import NamespacedStorage
+from nestkv.server.storage.persistence import Persistence
 from tests.serverproc import ServerProcess
 
 VALUE = b"v" * 100

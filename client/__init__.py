@@ -10,8 +10,8 @@ stores: `isinstance(store, litestar.stores.base.NamespacedStore)` holds.
 
 from __future__ import annotations
 
-from client.base import NamespacedStore, StorageObject, Store
-from client.errors import (
+from nestkv.client.base import NamespacedStore, StorageObject, Store
+from nestkv.client.errors import (
     InvalidRequestError,
     StoreError,
     StoreFullError,
@@ -19,8 +19,8 @@ from client.errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from client.local import LocalStore
-from client.store import GrpcStore, channel_options
+from nestkv.client.local import LocalStore
+from nestkv.client.store import GrpcStore, channel_options
 
 __all__ = [
     "GrpcStore",

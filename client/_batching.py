@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from client.errors import (
+from nestkv.client.errors import (
     StoreError,
     StoreProtocolError,
     StoreTimeoutError,

@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Self
 
-from client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
-from client.base import NamespacedStore
-from server.limits import Limits
-from server.storage import NEVER, Clock, NamespacedStorage
+from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
+from nestkv.client.base import NamespacedStore
+from nestkv.server.limits import Limits
+from nestkv.server.storage import NEVER, Clock, NamespacedStorage
 
 # Each write also reclaims up to this many expired entries, so memory is
 # reclaimed without a background task.

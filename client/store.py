@@ -10,10 +10,10 @@ from typing import Any, Self
 
 import grpc
 
-from client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
-from client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
-from client.base import NamespacedStore
-from client.errors import InvalidRequestError
+from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
+from nestkv.client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
+from nestkv.client.base import NamespacedStore
+from nestkv.client.errors import InvalidRequestError
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 
@@ -29,7 +29,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 # DeleteAll remove the same keys), so UNAVAILABLE, which gRPC raises when a
 # call could not be delivered, is retried with exponential backoff. This is
 # for callers of the one-operation RPCs; GrpcStore's Pipeline stream retries
-# on its own (client._batching), so gRPC must not replay it as well.
+# on its own (nestkv.client._batching), so gRPC must not replay it as well.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -68,7 +68,7 @@ def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tupl
         # A connection can go silent without closing (a stuck peer, a half-open TCP connection):
         # only an unanswered ping finds out. A ping every 10 s, given 5 s to be answered, also
         # while idle, lets gRPC drop a dead connection and open a new one within ~15 s.
-        # The server permits pings as often as once a second (server.app).
+        # The server permits pings as often as once a second (nestkv.server.app).
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # grpcio 1.85 waits for a ping's answer this long, whatever keepalive_timeout_ms says
@@ -155,13 +155,13 @@ class GrpcStore(NamespacedStore):
 
     Operations travel on one Pipeline stream per channel and event loop:
     those that concurrent tasks issue in the same turn of the loop go in one
-    batch, with no added delay for a lone operation (see client._batching).
+    batch, with no added delay for a lone operation (see nestkv.client._batching).
     At most `max_batch_size` operations go in a batch and at most
     `max_batches_in_flight` batches await results; beyond that, callers wait.
     `get_many`, `set_many` and `delete_many` send many keys at once.
 
     Every operation has a deadline of `timeout` seconds (None: no deadline).
-    Failures raise the `client.errors.StoreError` tree.
+    Failures raise the `nestkv.client.errors.StoreError` tree.
     """
 
     __slots__ = ("_connection", "_owns_channel", "_path")

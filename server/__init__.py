@@ -1,1 +1,1 @@
-"""The nestkv server: namespaced in-memory storage served over gRPC (`python -m server`)."""
+"""The nestkv server: namespaced in-memory storage served over gRPC (`python -m nestkv.server`)."""

@@ -1,4 +1,4 @@
-"""Command line: `python -m server [flags]` (also the `nestkv-server` script). Flags map onto ServerConfig."""
+"""Command line: `python -m nestkv.server [flags]` or `nestkv-server`; flags map onto ServerConfig."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import msgspec
 
-from server.app import serve
-from server.config import ServerConfig
-from server.limits import Limits
+from nestkv.server.app import serve
+from nestkv.server.config import ServerConfig
+from nestkv.server.limits import Limits
 
 _HELP = {
     "host": "address to listen on (default: %(default)s)",

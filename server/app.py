@@ -13,10 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.config import ServerConfig
-from server.service import SERVICE_NAME, StoreServicer
-from server.storage import NamespacedStorage
-from server.storage.persistence import Persistence, PersistenceError
+from nestkv.server.config import ServerConfig
+from nestkv.server.service import SERVICE_NAME, StoreServicer
+from nestkv.server.storage import NamespacedStorage
+from nestkv.server.storage.persistence import Persistence, PersistenceError
 
 log = logging.getLogger("nestkv.server")
 

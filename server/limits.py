@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 
-from server.errors import InvalidArgument
+from nestkv.server.errors import InvalidArgument
 
 KiB = 1024
 MiB = 1024 * KiB

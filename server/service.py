@@ -16,10 +16,10 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
+from nestkv.server.errors import InvalidArgument, StoreFault, StoreFull, StoreUnavailable
+from nestkv.server.limits import Limits, MiB, check_span
+from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
-from server.errors import InvalidArgument, StoreFault, StoreFull, StoreUnavailable
-from server.limits import Limits, MiB, check_span
-from server.storage import NEVER, NamespacedStorage
 
 STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from client import GrpcStore, LocalStore, NamespacedStore
+from nestkv.client import GrpcStore, LocalStore, NamespacedStore
 from tests.serverproc import ServerProcess
 
 

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-_READY = re.compile(r"nestkv serving on (?P<host>.+):(?P<port>\d+)$")
+READY = re.compile(r"nestkv serving on (?P<host>.+):(?P<port>\d+)$")
 
 
 class ServerProcess:
-    """`python -m server --port 0 ...`: started on enter, stopped (SIGTERM) on exit."""
+    """`python -m nestkv.server --port 0 ...`: started on enter, stopped (SIGTERM) on exit."""
 
     def __init__(self, *args: str) -> None:
         self.args: Sequence[str] = args
@@ -36,7 +36,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> Self:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", *self.args],
+            [sys.executable, "-m", "nestkv.server", "--host", "127.0.0.1", "--port", "0", *self.args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -49,7 +49,7 @@ class ServerProcess:
             assert self._process.stderr is not None
             for line in self._process.stderr:
                 self.log.append(line.rstrip("\n"))
-                match = _READY.search(line.strip())
+                match = READY.search(line.strip())
                 if match:
                     self.port = int(match["port"])
                     ready.set()

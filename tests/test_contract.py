@@ -12,7 +12,7 @@ from datetime import timedelta
 import litestar.stores.base as litestar_base
 import pytest
 
-from client import NamespacedStore, Store
+from nestkv.client import NamespacedStore, Store
 
 # Wide enough that a loaded CI machine cannot run a test's first steps past SHORT.
 SHORT = 0.25  # seconds: a TTL the tests wait out

@@ -15,7 +15,7 @@ from litestar.stores.base import Store
 from litestar.stores.registry import StoreRegistry
 from litestar.testing import TestClient
 
-from client import GrpcStore
+from nestkv.client import GrpcStore
 from tests.serverproc import ServerProcess
 
 calls = {"cached": 0}

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from client import GrpcStore
+from nestkv.client import GrpcStore
 from tests.serverproc import ServerProcess
 
 T = TypeVar("T")

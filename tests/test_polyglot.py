@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client import GrpcStore
+from nestkv.client import GrpcStore
 from tests.serverproc import ServerProcess
 
 POLYGLOT = Path(__file__).parent / "polyglot"

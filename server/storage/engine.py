@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, Protocol
 
-from server.errors import StoreFull
-from server.storage.expiry import ExpiryWheel, slot_of
-from server.storage.tree import DEADLINE_BYTES, NamespaceTree, Node, deadline_of, pack, value_of
+from nestkv.server.errors import StoreFull
+from nestkv.server.storage.expiry import ExpiryWheel, slot_of
+from nestkv.server.storage.tree import DEADLINE_BYTES, NamespaceTree, Node, deadline_of, pack, value_of
 
 Clock = Callable[[], float]
 NEVER = math.inf

@@ -20,7 +20,7 @@ import heapq
 import itertools
 import math
 
-from server.storage.tree import Node, deadline_of
+from nestkv.server.storage.tree import Node, deadline_of
 
 SLOTS_PER_SECOND = 10
 _REBUILD_FLOOR = 64

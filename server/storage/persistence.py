@@ -50,9 +50,9 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from server.errors import StoreUnavailable
-from server.storage.engine import NEVER, Clock, NamespacedStorage
-from server.storage.tree import deadline_of, value_of
+from nestkv.server.errors import StoreUnavailable
+from nestkv.server.storage.engine import NEVER, Clock, NamespacedStorage
+from nestkv.server.storage.tree import deadline_of, value_of
 
 log = logging.getLogger("nestkv.persistence")
 

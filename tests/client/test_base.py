@@ -7,9 +7,9 @@ from datetime import timedelta
 import litestar.stores.base as litestar_base
 import pytest
 
-from client import StorageObject
-from client._arguments import MAX_SEGMENT_BYTES, MAX_SPAN_SECONDS
-from server.limits import MAX_DURATION_SECONDS, Limits
+from nestkv.client import StorageObject
+from nestkv.client._arguments import MAX_SEGMENT_BYTES, MAX_SPAN_SECONDS
+from nestkv.server.limits import MAX_DURATION_SECONDS, Limits
 
 
 def test_storage_object_without_expiry() -> None:

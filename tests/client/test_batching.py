@@ -13,10 +13,10 @@ from typing import Any
 import grpc
 import pytest
 
-from client import GrpcStore, InvalidRequestError, StoreProtocolError, StoreTimeoutError
-from server.limits import Limits
-from server.service import StoreServicer
-from server.storage import NamespacedStorage
+from nestkv.client import GrpcStore, InvalidRequestError, StoreProtocolError, StoreTimeoutError
+from nestkv.server.limits import Limits
+from nestkv.server.service import StoreServicer
+from nestkv.server.storage import NamespacedStorage
 from tests.serverproc import ServerProcess
 
 

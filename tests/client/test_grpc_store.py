@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from client import (
+from nestkv.client import (
     GrpcStore,
     InvalidRequestError,
     StoreError,
@@ -19,13 +19,13 @@ from client import (
     StoreUnavailableError,
     channel_options,
 )
-from client._batching import _MAX_ATTEMPTS as MAX_ATTEMPTS
-from client._batching import Pipeline, backoff
+from nestkv.client._batching import _MAX_ATTEMPTS as MAX_ATTEMPTS
+from nestkv.client._batching import Pipeline, backoff
+from nestkv.server.limits import Limits
+from nestkv.server.service import StoreServicer
+from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
-from server.limits import Limits
-from server.service import StoreServicer
-from server.storage import NamespacedStorage
 from tests.serverproc import ServerProcess
 
 

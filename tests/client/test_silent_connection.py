@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from client import GrpcStore, StoreTimeoutError, StoreUnavailableError
+from nestkv.client import GrpcStore, StoreTimeoutError, StoreUnavailableError
 from tests.serverproc import ServerProcess
 
 # Faster keepalive than the default (10 s + 5 s), within what the server permits (pings 1 s apart).

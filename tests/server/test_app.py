@@ -11,16 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from client import GrpcStore, StoreFullError, StoreUnavailableError
-from server.app import build_server, reap_forever
-from server.config import ServerConfig
-from server.storage import NamespacedStorage
+from nestkv.client import GrpcStore, StoreFullError, StoreUnavailableError
+from nestkv.server.app import build_server, reap_forever
+from nestkv.server.config import ServerConfig
+from nestkv.server.storage import NamespacedStorage
 from tests.serverproc import ServerProcess
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "nestkv.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from client import GrpcStore, StoreUnavailableError
-from server.app import build_server
-from server.config import ServerConfig
-from server.storage import NamespacedStorage
-from server.storage.persistence import Persistence
+from nestkv.client import GrpcStore, StoreUnavailableError
+from nestkv.server.app import build_server
+from nestkv.server.config import ServerConfig
+from nestkv.server.storage import NamespacedStorage
+from nestkv.server.storage.persistence import Persistence
 from tests.polling import eventually
 from tests.serverproc import ServerProcess
 from tests.storage.test_persistence import break_log, mend_log
@@ -26,7 +26,7 @@ _SNAPSHOT_WRITTEN = re.compile(r"snapshot of \d+ entries written")
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", *args],
+        [sys.executable, "-m", "nestkv.server", "--port", "0", *args],
         capture_output=True,
         text=True,
         timeout=60,

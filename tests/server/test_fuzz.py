@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import channel_options
+from nestkv.client import channel_options
 from nestkv.v1 import store_pb2 as pb
 from tests.serverproc import ServerProcess
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import GrpcStore, StoreFullError
+from nestkv.client import GrpcStore, StoreFullError
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.serverproc import ServerProcess

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from nestkv.server.limits import Limits
+from nestkv.server.service import StoreServicer
+from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
-from server.limits import Limits
-from server.service import StoreServicer
-from server.storage import NamespacedStorage
 
 
 def test_results_too_large_for_one_response_continue_in_the_next() -> None:

@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client import channel_options
+from nestkv.client import channel_options
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.serverproc import ServerProcess

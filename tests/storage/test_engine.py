@@ -10,9 +10,9 @@ from types import FrameType
 
 import pytest
 
-from server.errors import StoreFull
-from server.storage import NEVER, NamespacedStorage
-from server.storage.engine import entry_size
+from nestkv.server.errors import StoreFull
+from nestkv.server.storage import NEVER, NamespacedStorage
+from nestkv.server.storage.engine import entry_size
 
 
 class FakeClock:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import StoreUnavailable
-from server.storage import NEVER, NamespacedStorage
-from server.storage.persistence import Persistence, PersistenceError
+from nestkv.server.errors import StoreUnavailable
+from nestkv.server.storage import NEVER, NamespacedStorage
+from nestkv.server.storage.persistence import Persistence, PersistenceError
 from tests.polling import eventually
 
 
