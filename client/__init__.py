@@ -20,13 +20,17 @@ from nestkv.client.errors import (
     StoreUnavailableError,
 )
 from nestkv.client.local import LocalStore
+from nestkv.client.stats import NamespaceStats, ServerStats, Stats
 from nestkv.client.store import GrpcStore, channel_options
 
 __all__ = [
     "GrpcStore",
     "InvalidRequestError",
     "LocalStore",
+    "NamespaceStats",
     "NamespacedStore",
+    "ServerStats",
+    "Stats",
     "StorageObject",
     "Store",
     "StoreError",

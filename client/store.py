@@ -13,7 +13,8 @@ import grpc
 from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
 from nestkv.client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
 from nestkv.client.base import NamespacedStore
-from nestkv.client.errors import InvalidRequestError
+from nestkv.client.errors import InvalidRequestError, error_from_rpc
+from nestkv.client.stats import Stats, stats_from_response
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 
@@ -96,6 +97,7 @@ class _Connection:
         "_pipeline_settings",
         "_target",
         "max_value_bytes",
+        "timeout",
     )
 
     def __init__(
@@ -112,6 +114,7 @@ class _Connection:
         self._target = target
         self._options = list(options)
         self.max_value_bytes = max_value_bytes
+        self.timeout = timeout
         self._callers_channel = channel
         self._pipeline_settings: dict[str, Any] = {
             "timeout": timeout,
@@ -122,6 +125,13 @@ class _Connection:
 
     def pipeline(self) -> Pipeline:
         """The Pipeline to send operations with in the running loop."""
+        return self._opened()[1]
+
+    def stub(self) -> Any:
+        """A StoreService stub on the running loop's channel, for the RPCs outside the Pipeline."""
+        return store_pb2_grpc.StoreServiceStub(self._opened()[0])
+
+    def _opened(self) -> tuple[Any, Pipeline]:
         loop = asyncio.get_running_loop()
         opened = self._by_loop.get(loop)
         if opened is None:
@@ -132,7 +142,7 @@ class _Connection:
                 channel = grpc.aio.insecure_channel(self._target, options=self._options)
             stub = store_pb2_grpc.StoreServiceStub(channel)
             opened = self._by_loop[loop] = (channel, Pipeline(stub.Pipeline, **self._pipeline_settings))
-        return opened[1]
+        return opened
 
     async def close(self) -> None:
         """Stop the running loop's stream and close its channel, unless the caller owns the channel."""
@@ -283,6 +293,19 @@ class GrpcStore(NamespacedStore):
         if not response.HasField("expires_in"):
             return -1
         return whole_seconds(response.expires_in.seconds + response.expires_in.nanos / 1e9)
+
+    async def stats(self) -> Stats:
+        """Figures of this store's namespace with everything below it, and of the whole server.
+
+        Costs the server a walk of this namespace's subtree of namespaces (not of their keys).
+        """
+        try:
+            response = await self._connection.stub().Stats(
+                pb.StatsRequest(path=self._path), timeout=self._connection.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return stats_from_response(self._path, response)
 
     async def get_many(
         self, keys: Iterable[str], renew_for: int | timedelta | None = None

@@ -9,6 +9,7 @@ mapping; nothing else in the server chooses a status code.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
+from nestkv.server import VERSION
 from nestkv.server.errors import InvalidArgument, StoreFault, StoreFull, StoreUnavailable
 from nestkv.server.limits import Limits, MiB, check_span
 from nestkv.server.storage import NEVER, NamespacedStorage
@@ -37,6 +39,7 @@ Operation = Callable[[Any, Any], None]
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 SERVICE_NAME: str = _SERVICE.full_name
 _PIPELINE = "Pipeline"
+_STATS = "Stats"
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
 _KIND_OF_REQUEST = {
     field.message_type.full_name: field.name
@@ -96,6 +99,7 @@ class StoreServicer:
         self._writable = writable or _nothing
         self._limits = limits
         self._chunk_bytes = chunk_bytes
+        self._started = time.monotonic()
         self._stopping = False
         self._reading: set[asyncio.Task[Any] | None] = set()  # Pipeline streams awaiting a batch
         self._operations: dict[str, Operation] = {
@@ -116,6 +120,12 @@ class StoreServicer:
             if method.name == _PIPELINE:
                 handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                     self.pipeline, request_deserializer=parse, response_serializer=serialize
+                )
+            elif method.name == _STATS:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _unary(self.stats, pb.StatsResponse, _nothing),
+                    request_deserializer=parse,
+                    response_serializer=serialize,
                 )
             else:
                 operation = self._operations[_KIND_OF_REQUEST[method.input_type.full_name]]
@@ -231,6 +241,23 @@ class StoreServicer:
         self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         response.exists = self._storage.exists(request.path, request.key)
+
+    def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
+        self._limits.check_path(request.path)
+        storage = self._storage
+        subtree = storage.subtree(request.path)
+        namespace = response.namespace
+        namespace.keys, namespace.bytes = subtree.keys, subtree.bytes
+        namespace.expiring_keys, namespace.child_namespaces = subtree.expiring_keys, subtree.child_namespaces
+        server = response.server
+        server.keys, server.memory_bytes, server.max_memory_bytes = (
+            storage.keys,
+            storage.used_memory,
+            storage.max_memory,
+        )
+        server.evictions, server.expired_keys = storage.evictions, storage.expired
+        server.uptime.FromNanoseconds(int((time.monotonic() - self._started) * 1e9))
+        server.version = VERSION
 
     def expires_in(self, request: pb.ExpiresInRequest, response: pb.ExpiresInResponse) -> None:
         self._limits.check_path(request.path)

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from nestkv.server.errors import StoreFull
 from nestkv.server.storage.expiry import ExpiryWheel, slot_of
@@ -42,6 +42,15 @@ entry with a 21-byte key and a 100-byte value)."""
 _MAX_PASSED = 4096  # entries volatile-lru may pass over in one namespace to find one with a deadline
 
 
+class SubtreeStats(NamedTuple):
+    """Figures of a namespace and everything below it (see `NamespacedStorage.subtree`)."""
+
+    keys: int
+    bytes: int
+    expiring_keys: int
+    child_namespaces: int
+
+
 def entry_size(key: str, stored: bytes) -> int:
     return len(key) + len(stored) + ENTRY_OVERHEAD
 
@@ -60,6 +69,7 @@ class NamespacedStorage:
         "_clock",
         "_dropped",
         "_evictions",
+        "_expired",
         "_lru",
         "_max_memory",
         "_policy",
@@ -82,6 +92,7 @@ class NamespacedStorage:
         self._policy = eviction_policy
         self._lru = eviction_policy in ("allkeys-lru", "volatile-lru")
         self._evictions = 0
+        self._expired = 0
         self._sample: tuple[list[Node], list[int]] = ([], [])
         self._clock = clock
         self._tree = NamespaceTree()
@@ -117,7 +128,10 @@ class NamespacedStorage:
         old = entries.pop(key, None) if self._lru else entries.get(key)  # LRU: to the end of the order
         old_deadline = NEVER if old is None else deadline_of(old)
         stored = entries[key] = pack(value, deadline)
-        _grow(node, entry_size(key, stored) - (0 if old is None else entry_size(key, old)))
+        if old is None:
+            _grow(node, entry_size(key, stored), 1)
+        else:
+            _grow(node, entry_size(key, stored) - entry_size(key, old), 0)
         if deadline == NEVER:
             if old_deadline != NEVER:
                 node.expiring -= 1
@@ -147,7 +161,7 @@ class NamespacedStorage:
         now = self._clock()
         deadline = deadline_of(stored)
         if deadline <= now:
-            self._remove(node, key)
+            self._expire(node, key)
             return None
         value = value_of(stored)
         if self._lru:  # most recently used last
@@ -196,7 +210,7 @@ class NamespacedStorage:
             return NEVER
         left = deadline - self._clock()
         if left <= 0:
-            self._remove(node, key)
+            self._expire(node, key)
             return None
         return left
 
@@ -215,7 +229,7 @@ class NamespacedStorage:
             steps += 1
             node, key = listing
             if key is not None:  # its deadline is within a slot that has ended: expired
-                self._remove(node, key)
+                self._expire(node, key)
         return steps
 
     def _pop_due_listing(self, now: float) -> tuple[Node, str | None] | None:
@@ -254,6 +268,38 @@ class NamespacedStorage:
         """Each namespace that holds entries, with its path (walks the tree)."""
         return ((path, node) for path, node in self._tree.walk() if node.entries)
 
+    @property
+    def keys(self) -> int:
+        """Entries in the whole store, expired ones not yet reclaimed included; O(1)."""
+        return self._tree.root.subtree_keys
+
+    @property
+    def evictions(self) -> int:
+        """Entries evicted to make room, since the storage was made."""
+        return self._evictions
+
+    @property
+    def expired(self) -> int:
+        """Entries reclaimed because their deadline passed (by a read or by `reap`), since it was made."""
+        return self._expired
+
+    @property
+    def max_memory(self) -> int:
+        """The bound on `used_memory`; 0: none."""
+        return self._max_memory
+
+    def subtree(self, path: Sequence[str]) -> SubtreeStats:
+        """Keys, bytes and expiring keys of the namespace at `path` and below, and its child namespaces.
+
+        Keys and bytes are kept per subtree; expiring keys cost a walk of the
+        subtree's namespaces (not of their keys).
+        """
+        node = self._tree.find(path)
+        if node is None:
+            return SubtreeStats(0, 0, 0, 0)
+        expiring = sum(below.expiring for _, below in self._tree.walk(path))
+        return SubtreeStats(node.subtree_keys, node.subtree_bytes, expiring, len(node.children))
+
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped (walks the subtree)."""
         return sum(len(node.entries) for _, node in self._tree.walk(path))
@@ -267,6 +313,10 @@ class NamespacedStorage:
         if self._wheel.needs_rebuild(node):
             self._wheel.rebuild(node)
 
+    def _expire(self, node: Node, key: str) -> None:
+        self._remove(node, key)
+        self._expired += 1
+
     def _remove(self, node: Node, key: str) -> None:
         self._discard(node, key)
         self._tree.prune(node)
@@ -274,7 +324,7 @@ class NamespacedStorage:
     def _discard(self, node: Node, key: str) -> None:
         """Take an entry out with its accounting; the caller prunes the node when it is done with it."""
         stored = node.entries.pop(key)
-        _grow(node, -entry_size(key, stored))
+        _grow(node, -entry_size(key, stored), -1)
         if deadline_of(stored) != NEVER:
             node.expiring -= 1
 
@@ -389,11 +439,12 @@ class NamespacedStorage:
         return steps
 
 
-def _grow(node: Node, delta: int) -> None:
-    """Add `delta` bytes to the subtree totals of `node` and each of its ancestors."""
+def _grow(node: Node, delta_bytes: int, delta_keys: int) -> None:
+    """Add to the subtree totals of `node` and each of its ancestors: the one place they change."""
     here: Node | None = node
     while here is not None:
-        here.subtree_bytes += delta
+        here.subtree_bytes += delta_bytes
+        here.subtree_keys += delta_keys
         here = here.parent
 
 

@@ -37,11 +37,22 @@ class Node:
     `slots` maps a time slot to keys that may expire in it (see
     storage.expiry); `expiring` counts the entries that have a deadline, and
     `scheduled` the keys listed in `slots`, stale ones included.
-    `subtree_bytes` is the accounted size of the entries of this node and
-    every node below it (kept by the storage engine).
+    `subtree_bytes` and `subtree_keys` are the accounted size and the number
+    of the entries of this node and every node below it (kept by the storage
+    engine).
     """
 
-    __slots__ = ("children", "entries", "expiring", "name", "parent", "scheduled", "slots", "subtree_bytes")
+    __slots__ = (
+        "children",
+        "entries",
+        "expiring",
+        "name",
+        "parent",
+        "scheduled",
+        "slots",
+        "subtree_bytes",
+        "subtree_keys",
+    )
 
     def __init__(self, name: str = "", parent: Node | None = None) -> None:
         self.name = name
@@ -52,6 +63,7 @@ class Node:
         self.expiring = 0
         self.scheduled = 0
         self.subtree_bytes = 0
+        self.subtree_keys = 0
 
     def is_attached_to(self, root: Node) -> bool:
         """Whether this node is still reachable from `root` (not dropped by a delete_all)."""
@@ -101,9 +113,9 @@ class NamespaceTree:
             dropped = Node()
             root = self.root
             dropped.children, dropped.entries, dropped.slots = root.children, root.entries, root.slots
-            dropped.subtree_bytes = root.subtree_bytes
+            dropped.subtree_bytes, dropped.subtree_keys = root.subtree_bytes, root.subtree_keys
             root.children, root.entries, root.slots = {}, {}, {}
-            root.expiring = root.scheduled = root.subtree_bytes = 0
+            root.expiring = root.scheduled = root.subtree_bytes = root.subtree_keys = 0
             return dropped
         node = self.find(path)
         if node is None or node.parent is None:
@@ -111,6 +123,7 @@ class NamespaceTree:
         ancestor: Node | None = node.parent
         while ancestor is not None:
             ancestor.subtree_bytes -= node.subtree_bytes
+            ancestor.subtree_keys -= node.subtree_keys
             ancestor = ancestor.parent
         del node.parent.children[node.name]
         self.prune(node.parent)

@@ -1,0 +1,71 @@
+"""What `GrpcStore.stats()` returns: the figures of a namespace subtree and of the whole server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class NamespaceStats(msgspec.Struct, frozen=True, gc=False):
+    """A namespace with everything below it."""
+
+    keys: int
+    """Keys held, expired keys not yet reclaimed included."""
+    bytes: int
+    """Bytes those keys take as --max-memory counts them (key, value, fixed overhead per key)."""
+    expiring_keys: int
+    """Of those keys, the ones with an expiry."""
+    child_namespaces: int
+    """Namespaces directly below that hold keys, or hold namespaces that do."""
+
+
+class ServerStats(msgspec.Struct, frozen=True, gc=False):
+    """The whole server."""
+
+    keys: int
+    """Keys in the whole store, expired keys not yet reclaimed included."""
+    memory_bytes: int
+    """Bytes the keys take as --max-memory counts them."""
+    max_memory_bytes: int
+    """The --max-memory bound; 0: none."""
+    evictions: int
+    """Keys evicted since the server started."""
+    expired_keys: int
+    """Keys reclaimed after they expired since the server started."""
+    uptime_seconds: float
+    """Seconds since the server started."""
+    version: str
+    """The server's nestkv version."""
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """The answer to `GrpcStore.stats()`: the store's namespace subtree, and the server."""
+
+    path: tuple[str, ...]
+    """The namespace described (the store's own)."""
+    namespace: NamespaceStats
+    server: ServerStats
+
+
+def stats_from_response(path: tuple[str, ...], response: Any) -> Stats:
+    """A Stats from a nestkv.v1.StatsResponse."""
+    namespace, server = response.namespace, response.server
+    return Stats(
+        path=path,
+        namespace=NamespaceStats(
+            keys=namespace.keys,
+            bytes=namespace.bytes,
+            expiring_keys=namespace.expiring_keys,
+            child_namespaces=namespace.child_namespaces,
+        ),
+        server=ServerStats(
+            keys=server.keys,
+            memory_bytes=server.memory_bytes,
+            max_memory_bytes=server.max_memory_bytes,
+            evictions=server.evictions,
+            expired_keys=server.expired_keys,
+            uptime_seconds=server.uptime.ToNanoseconds() / 1e9,
+            version=server.version,
+        ),
+    )
