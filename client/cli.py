@@ -1,0 +1,170 @@
+"""The `nestkv` command (also `python -m nestkv.client`): the store from a shell, as redis-cli and etcdctl.
+
+    nestkv [--target HOST:PORT] [-n SEGMENT]... COMMAND
+      get KEY                          the value to stdout, byte for byte; exit 1 if missing
+      set KEY VALUE|- [--ttl SECONDS]  '-' reads the value from stdin (binary safe)
+      delete KEY | exists KEY | ttl KEY | delete-all
+      stats [--json]                   the Stats RPC, as a table or JSON
+      ping                             health check; exit 0 serving, 1 otherwise
+
+Exit codes: 0 done (for exists: the key exists), 1 a missing key, a key that
+does not exist or a server not serving, 2 an error, named in one line on
+stderr. argparse is enough here: eight commands of one or two arguments
+each do not need a CLI library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import msgspec
+
+from nestkv.client.errors import StoreError
+from nestkv.client.store import DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
+
+MISSING = 1
+FAILED = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="nestkv", description="Talk to a nestkv server.")
+    top.add_argument(
+        "--target",
+        default=os.environ.get("NESTKV_TARGET", DEFAULT_TARGET),
+        help="HOST:PORT of the server (default: $NESTKV_TARGET or %(default)s)",
+    )
+    top.add_argument(
+        "-n",
+        "--namespace",
+        dest="path",
+        action="append",
+        default=[],
+        metavar="SEGMENT",
+        help="one namespace segment, repeated for each level (a segment may hold '/')",
+    )
+    top.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds (default: %(default)s)")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("get", help="print the value of KEY").add_argument("key")
+    setting = commands.add_parser("set", help="store VALUE ('-': standard input) under KEY")
+    setting.add_argument("key")
+    setting.add_argument("value")
+    setting.add_argument("--ttl", type=float, help="seconds until the key expires (default: never)")
+    commands.add_parser("delete", help="remove KEY").add_argument("key")
+    commands.add_parser("exists", help="whether KEY holds a value (exit 1 if not)").add_argument("key")
+    commands.add_parser("ttl", help="seconds KEY has left; -1: no expiry").add_argument("key")
+    commands.add_parser("delete-all", help="remove every key of the namespace and below")
+    commands.add_parser("stats", help="figures of the namespace and the server").add_argument(
+        "--json", action="store_true", help="as one JSON object"
+    )
+    commands.add_parser("ping", help="health check: exit 0 if the server is serving")
+    return top
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run one command; its exit code. StoreError and ValueError propagate to `main`."""
+    if args.command == "ping":
+        return await ping(args.target, args.timeout)
+    async with GrpcStore.with_client(args.target, timeout=args.timeout) as root:
+        store = root
+        for segment in args.path:
+            store = store.with_namespace(segment)
+        match args.command:
+            case "get":
+                value = await store.get(args.key)
+                if value is None:
+                    return MISSING
+                sys.stdout.buffer.write(value)
+            case "set":
+                value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
+                ttl = None if args.ttl is None else _seconds(args.ttl)
+                await store.set(args.key, value, expires_in=ttl)  # type: ignore[arg-type]
+            case "delete":
+                await store.delete(args.key)
+            case "exists":
+                found = await store.exists(args.key)
+                print("true" if found else "false")
+                return 0 if found else MISSING
+            case "ttl":
+                left = await store.expires_in(args.key)
+                if left is None:
+                    return MISSING
+                print(left)
+            case "delete-all":
+                await store.delete_all()
+            case "stats":
+                stats = await store.stats()
+                print(json.dumps(msgspec.to_builtins(stats)) if args.json else stats_table(stats))
+    return 0
+
+
+def _seconds(ttl: float) -> float:
+    if not ttl > 0:
+        raise ValueError(f"--ttl must be a positive number of seconds, got {ttl}")
+    return ttl
+
+
+def stats_table(stats: Any) -> str:
+    namespace, server = stats.namespace, stats.server
+    rows = [
+        ("namespace", "/".join(stats.path) or "(root)"),
+        ("keys", f"{namespace.keys:,}"),
+        ("bytes", f"{namespace.bytes:,}"),
+        ("expiring keys", f"{namespace.expiring_keys:,}"),
+        ("child namespaces", f"{namespace.child_namespaces:,}"),
+        ("server keys", f"{server.keys:,}"),
+        ("server memory bytes", f"{server.memory_bytes:,}"),
+        ("server max memory bytes", f"{server.max_memory_bytes:,}" if server.max_memory_bytes else "none"),
+        ("evictions", f"{server.evictions:,}"),
+        ("expired keys", f"{server.expired_keys:,}"),
+        ("uptime seconds", f"{server.uptime_seconds:,.1f}"),
+        ("version", server.version),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+async def ping(target: str, seconds: float) -> int:
+    """Ask grpc.health.v1 whether the server is serving: 0 if so, MISSING otherwise."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=seconds, wait_for_ready=False
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                print(f"not serving: {target} cannot be reached ({error.code().name})")
+                return MISSING
+            raise
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else MISSING
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        code = asyncio.run(run(args))
+    except StoreError as error:
+        code = _fail(f"{args.target}: {error}")
+    except (ValueError, TypeError) as error:
+        code = _fail(str(error))
+    except grpc.aio.AioRpcError as error:
+        code = _fail(f"{args.target}: {error.code().name}: {error.details()}")
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    raise SystemExit(code)
+
+
+def _fail(message: str) -> int:
+    print(f"nestkv: {message}", file=sys.stderr)
+    return FAILED
