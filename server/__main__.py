@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,9 @@ _HELP = {
     "eviction_policy": "over --max-memory: noeviction (writes fail), allkeys-lru, volatile-lru or "
     "volatile-ttl (default: %(default)s)",
     "max_concurrent_streams": "calls one connection may have open at once (default: %(default)s)",
+    "metrics_port": "serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
+    "(default: off)",
+    "log_format": "text, or json: one JSON object a line (default: %(default)s)",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",
     "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
     "max_depth": "most namespace segments in a path (default: %(default)s)",
@@ -51,7 +55,7 @@ def byte_count(text: str) -> int:
         ) from None
 
 
-_TYPES: dict[str, Callable[[str], Any]] = {"max_memory": byte_count}
+_TYPES: dict[str, Callable[[str], Any]] = {"max_memory": byte_count, "metrics_port": int}
 
 
 def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], skip: str = "") -> None:
@@ -99,9 +103,30 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the traceback of an exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLines()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         runner.run(serve(config))
 

@@ -13,7 +13,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nestkv.server import VERSION
 from nestkv.server.config import ServerConfig
+from nestkv.server.metrics import OperationMetrics, StoreCollector, serve_metrics
 from nestkv.server.service import SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence, PersistenceError
@@ -41,7 +43,10 @@ class StoreServer:
 
 
 def build_server(
-    config: ServerConfig, storage: NamespacedStorage, persistence: Persistence | None = None
+    config: ServerConfig,
+    storage: NamespacedStorage,
+    persistence: Persistence | None = None,
+    metrics: OperationMetrics | None = None,
 ) -> StoreServer:
     """A grpc.aio server (not started) hosting the store, health and reflection."""
     message_bytes = config.limits.max_message_bytes()
@@ -67,6 +72,7 @@ def build_server(
         config.limits,
         commit=persistence.commit if persistence else None,
         writable=persistence.writable if persistence else None,
+        metrics=metrics,
     )
     store_servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
@@ -103,7 +109,8 @@ async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
     storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
     persistence = open_persistence(config, storage)
-    serving = build_server(config, storage, persistence)
+    metrics = OperationMetrics() if config.metrics_port is not None else None
+    serving = build_server(config, storage, persistence, metrics)
     server, health_servicer = serving.server, serving.health
     try:
         port = server.add_insecure_port(config.address())
@@ -112,6 +119,19 @@ async def serve(config: ServerConfig) -> None:
             f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)"
         ) from None
     await server.start()
+    scraped = ""
+    metrics_server = None
+    if metrics is not None:
+        assert config.metrics_port is not None
+        try:
+            metrics_server, metrics_port = serve_metrics(
+                config.host, config.metrics_port, StoreCollector(metrics, storage, persistence)
+            )
+        except OSError as error:
+            raise SystemExit(
+                f"nestkv: cannot serve metrics on {config.address(config.metrics_port)}: {error}"
+            ) from None
+        scraped = f", metrics at http://{config.address(metrics_port)}/metrics"
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]
@@ -126,8 +146,13 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
-    log.info("nestkv serving on %s", config.address(port))
+    log.info(
+        "nestkv serving on %s (version %s, event loop %s%s)",
+        config.address(port),
+        VERSION,
+        type(loop).__module__,
+        scraped,
+    )
 
     await stop.wait()
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
@@ -137,6 +162,9 @@ async def serve(config: ServerConfig) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await serving.stop(config.shutdown_grace)
+    if metrics_server is not None:
+        await asyncio.to_thread(metrics_server.shutdown)
+        metrics_server.server_close()
     if persistence is not None:
         try:
             entries = await persistence.snapshot(storage)

@@ -39,6 +39,10 @@ class ServerConfig(msgspec.Struct, frozen=True):
     """What a write over max_memory does: fail (noeviction) or evict, as Redis's maxmemory-policy."""
     max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1)] = 100
     """Calls one client connection may have open at once; more wait their turn."""
+    metrics_port: Port | None = None
+    """Serve Prometheus metrics at http://host:metrics_port/metrics (0: a free port); None: off."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or as one JSON object a line (for log collectors)."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from nestkv.server import VERSION
 from nestkv.server.errors import InvalidArgument, StoreFault, StoreFull, StoreUnavailable
 from nestkv.server.limits import Limits, MiB, check_span
+from nestkv.server.metrics import OperationMetrics
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -91,10 +92,13 @@ class StoreServicer:
         chunk_bytes: int = RESPONSE_CHUNK_BYTES,
         commit: Callable[[], None] | None = None,
         writable: Callable[[], None] | None = None,
+        metrics: OperationMetrics | None = None,
     ) -> None:
         """`commit` runs after each request's writes, before the answer; `writable` before each
-        write, raising StoreUnavailable when writes cannot be kept (persistence)."""
+        write, raising StoreUnavailable when writes cannot be kept (persistence); `metrics`, if
+        given, counts every operation with its status and duration, and every batch's size."""
         self._storage = storage
+        self._metrics = metrics
         self._commit = commit or _nothing
         self._writable = writable or _nothing
         self._limits = limits
@@ -128,9 +132,9 @@ class StoreServicer:
                     response_serializer=serialize,
                 )
             else:
-                operation = self._operations[_KIND_OF_REQUEST[method.input_type.full_name]]
+                kind = _KIND_OF_REQUEST[method.input_type.full_name]
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    _unary(operation, getattr(pb, method.output_type.name), self._commit),
+                    _unary(self._measured(kind), getattr(pb, method.output_type.name), self._commit),
                     request_deserializer=parse,
                     response_serializer=serialize,
                 )
@@ -179,6 +183,8 @@ class StoreServicer:
         responses = [response]
         results = response.results
         operations = self._operations
+        metrics = self._metrics
+        clock = time.perf_counter
         room = self._chunk_bytes
         for operation in request.operations:
             result = results.add()
@@ -188,11 +194,17 @@ class StoreServicer:
                 continue
             out = getattr(result, kind)
             out.SetInParent()
+            started = clock() if metrics else 0.0
             try:
                 operations[kind](getattr(operation, kind), out)
             except StoreFault as fault:
-                _fail(result, status_of(fault), str(fault))
+                code = status_of(fault)
+                _fail(result, code, str(fault))
+                if metrics:
+                    metrics.record(kind, code.name, clock() - started)
                 continue
+            if metrics:
+                metrics.record(kind, "OK", clock() - started)
             if kind == "get":
                 room -= len(out.value)
                 if room < 0 and len(results) > 1:
@@ -204,7 +216,26 @@ class StoreServicer:
                     results = response.results
                     room = self._chunk_bytes - len(out.value)
         self._commit()
+        if metrics:
+            metrics.batch_sizes.observe(len(request.operations))
         return responses
+
+    def _measured(self, kind: str) -> Operation:
+        """The operation `kind`, counted with its status and duration when there are metrics."""
+        operation, metrics = self._operations[kind], self._metrics
+        if metrics is None:
+            return operation
+
+        def measured(request: Any, response: Any) -> None:
+            started = time.perf_counter()
+            try:
+                operation(request, response)
+            except StoreFault as fault:
+                metrics.record(kind, status_of(fault).name, time.perf_counter() - started)
+                raise
+            metrics.record(kind, "OK", time.perf_counter() - started)
+
+        return measured
 
     def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
         limits = self._limits

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-READY = re.compile(r"nestkv serving on (?P<host>.+):(?P<port>\d+)$")
+READY = re.compile(r"nestkv serving on (?P<host>[^\s\"]+):(?P<port>\d+)\b")
 
 
 class ServerProcess:

@@ -36,6 +36,7 @@ A snapshot here is a task of the server: cancelled, it removes its file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import gc
 import logging
@@ -162,6 +163,8 @@ class Persistence:
         self._fsyncing = asyncio.Lock()  # the everysec fsync against a snapshot closing the old log
         self._unsynced = False
         self._records_since_snapshot = 0
+        self.last_snapshot: float | None = None
+        """When (wall clock) the last complete snapshot was written; None: never."""
 
     @classmethod
     def open(
@@ -237,6 +240,7 @@ class Persistence:
         path = self.directory / _SNAPSHOT
         if not path.exists():
             return 0, 0
+        self.last_snapshot = path.stat().st_mtime
         data = path.read_bytes()
         payloads, end = read_frames(data)
         problem = None
@@ -397,6 +401,14 @@ class Persistence:
 
     # Snapshots
 
+    def log_bytes(self) -> int:
+        """Bytes of the log files on disk (the writes not yet covered by a snapshot, about)."""
+        total = 0
+        for number in self._log_numbers():
+            with contextlib.suppress(FileNotFoundError):  # deleted by a snapshot meanwhile
+                total += self._log_path(number).stat().st_size
+        return total
+
     def has_changes(self) -> bool:
         return self._records_since_snapshot > 0
 
@@ -439,6 +451,7 @@ class Persistence:
             self._records_since_snapshot += pending  # still to be covered: the next round tries again
             raise
         await _in_thread(self._fsync_directory)
+        self.last_snapshot = self._wall()
         for number in self._log_numbers():
             if number <= covered:
                 await _in_thread(self._log_path(number).unlink)  # a large file takes ~0.1 s

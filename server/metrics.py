@@ -1,0 +1,146 @@
+"""Prometheus metrics: what operators scrape at /metrics, as etcd's and Redis exporters' figures.
+
+Counting happens on the event loop in plain Python counters (`OperationMetrics`),
+a dict increment and a list increment per operation; prometheus-client only
+reads them, from its HTTP server's thread, when scraped. Names follow the
+Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` counters.
+
+    nestkv_operations_total{operation, code}        counter: operations by kind and gRPC status name
+    nestkv_operation_duration_seconds{operation}    histogram: time the server spent on one operation
+    nestkv_batch_operations                         histogram: operations per Pipeline batch
+    nestkv_keys, nestkv_memory_bytes,               gauges: the store (memory as --max-memory counts it)
+      nestkv_max_memory_bytes
+    nestkv_evictions_total, nestkv_expired_keys_total   counters
+    nestkv_log_bytes, nestkv_last_snapshot_age_seconds  gauges, with --data-dir
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nestkv.server.storage import NamespacedStorage
+    from nestkv.server.storage.persistence import Persistence
+
+OPERATIONS = ("set", "get", "delete", "delete_all", "exists", "expires_in")
+DURATION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 0.1, 1.0)
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0)
+
+
+class Histogram:
+    """Counts per bucket (upper bounds `bounds`, then +Inf) and the sum of what was observed."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[float, int]], float]:
+        """Cumulative buckets (upper bound, count at or below it; the last bound inf) and the sum."""
+        counts, total = list(self.counts), self.sum
+        buckets, running = [], 0
+        for bound, count in zip([*self.bounds, math.inf], counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets, total
+
+
+class OperationMetrics:
+    """What the servicer counts: operations by kind and status, their durations, batch sizes."""
+
+    __slots__ = ("batch_sizes", "counts", "durations")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.durations = {operation: Histogram(DURATION_BUCKETS) for operation in OPERATIONS}
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
+
+    def record(self, operation: str, code: str, seconds: float) -> None:
+        key = (operation, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.durations[operation].observe(seconds)
+
+
+class StoreCollector:
+    """The prometheus-client collector of a server: reads the counters and the store when scraped."""
+
+    def __init__(
+        self, operations: OperationMetrics, storage: NamespacedStorage, persistence: Persistence | None
+    ) -> None:
+        self._operations = operations
+        self._storage = storage
+        self._persistence = persistence
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        def buckets_of(histogram: Histogram) -> tuple[list[tuple[str, float]], float]:
+            buckets, total = histogram.cumulative()
+            return [("+Inf" if bound == math.inf else repr(bound), count) for bound, count in buckets], total
+
+        operations = CounterMetricFamily(
+            "nestkv_operations", "Operations by kind and gRPC status code.", labels=["operation", "code"]
+        )
+        for (operation, code), count in self._operations.counts.copy().items():
+            operations.add_metric([operation, code], count)
+        yield operations
+        durations = HistogramMetricFamily(
+            "nestkv_operation_duration_seconds",
+            "Time the server spent on one operation, from parsed request to filled response.",
+            labels=["operation"],
+        )
+        for operation, histogram in self._operations.durations.items():
+            durations.add_metric([operation], *buckets_of(histogram))
+        yield durations
+        batches = HistogramMetricFamily("nestkv_batch_operations", "Operations per Pipeline batch.")
+        batches.add_metric([], *buckets_of(self._operations.batch_sizes))
+        yield batches
+        storage = self._storage
+        yield GaugeMetricFamily(
+            "nestkv_keys", "Keys held, expired keys not yet reclaimed included.", storage.keys
+        )
+        yield GaugeMetricFamily(
+            "nestkv_memory_bytes", "Bytes the keys take as --max-memory counts them.", storage.used_memory
+        )
+        yield GaugeMetricFamily(
+            "nestkv_max_memory_bytes", "The --max-memory bound; 0: none.", storage.max_memory
+        )
+        yield CounterMetricFamily(
+            "nestkv_evictions", "Keys evicted to stay within --max-memory.", storage.evictions
+        )
+        yield CounterMetricFamily(
+            "nestkv_expired_keys", "Keys reclaimed after they expired.", storage.expired
+        )
+        if self._persistence is not None:
+            yield GaugeMetricFamily(
+                "nestkv_log_bytes",
+                "Bytes of the logs not yet covered by a snapshot.",
+                self._persistence.log_bytes(),
+            )
+            last = self._persistence.last_snapshot
+            if last is not None:
+                yield GaugeMetricFamily(
+                    "nestkv_last_snapshot_age_seconds",
+                    "Seconds since the last complete snapshot was written.",
+                    max(0.0, time.time() - last),
+                )
+
+
+def serve_metrics(host: str, port: int, collector: StoreCollector) -> tuple[Any, int]:
+    """Serve /metrics on `host`:`port` (0: a free port) from a thread; the HTTP server and its port."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    httpd, _ = start_http_server(port, addr=host, registry=registry)
+    return httpd, int(httpd.server_port)

@@ -1,0 +1,119 @@
+"""--metrics-port: /metrics scraped over HTTP from a real server process after known operations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nestkv.client import GrpcStore, InvalidRequestError
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+from tests.polling import eventually
+from tests.serverproc import ServerProcess
+
+_METRICS_AT = re.compile(r"metrics at (http://\S+/metrics)")
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(server: ServerProcess) -> Samples:
+    url = next(match[1] for line in server.log if (match := _METRICS_AT.search(line)))
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def operations(samples: Samples, operation: str, code: str = "OK") -> float:
+    return samples.get(("nestkv_operations_total", (("code", code), ("operation", operation))), 0.0)
+
+
+async def test_metrics_count_exactly_the_operations_done(tmp_path: Path) -> None:
+    args = ("--metrics-port", "0", "--data-dir", str(tmp_path), "--snapshot-interval", "0.2")
+    with ServerProcess(*args) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            for i in range(3):
+                await store.set(f"k{i}", b"v" * 100)
+            await store.get("k0")
+            await store.get("missing")
+            await store.delete("k2")
+            await store.exists("k1")
+            await store.expires_in("k1")
+            with pytest.raises(InvalidRequestError):
+                await store.set("k" * 5000, b"v")
+            await store.with_namespace("other").delete_all()
+            await asyncio.gather(*(store.get(f"k{i}") for i in range(10)))  # one batch of 10
+            async with grpc.aio.insecure_channel(server.target) as channel:  # a one-operation RPC
+                await store_pb2_grpc.StoreServiceStub(channel).Get(pb.GetRequest(key="k1"))
+            stats = await store.stats()
+            await eventually(
+                lambda: "nestkv_last_snapshot_age_seconds" in {name for name, _ in scrape(server)}
+            )
+            samples = scrape(server)
+    assert operations(samples, "set") == 3
+    assert operations(samples, "set", "INVALID_ARGUMENT") == 1
+    assert operations(samples, "get") == 2 + 10 + 1
+    assert operations(samples, "delete") == 1
+    assert operations(samples, "exists") == 1
+    assert operations(samples, "expires_in") == 1
+    assert operations(samples, "delete_all") == 1
+    assert samples["nestkv_operation_duration_seconds_count", (("operation", "get"),)] == 13
+    assert samples["nestkv_operation_duration_seconds_count", (("operation", "set"),)] == 4
+    assert samples["nestkv_operation_duration_seconds_sum", (("operation", "get"),)] > 0
+    # Every Pipeline batch, in order: 3 sets, 2 gets, delete, exists, expires_in, the refused set,
+    # delete_all (one operation each), then the batch of 10.
+    assert samples["nestkv_batch_operations_count", ()] == 11
+    assert samples["nestkv_batch_operations_bucket", (("le", "8.0"),)] == 10
+    assert samples["nestkv_batch_operations_bucket", (("le", "16.0"),)] == 11
+    assert samples["nestkv_keys", ()] == 2 == stats.server.keys
+    assert samples["nestkv_memory_bytes", ()] == stats.server.memory_bytes
+    assert samples["nestkv_max_memory_bytes", ()] == 0
+    assert samples["nestkv_evictions_total", ()] == 0
+    assert samples["nestkv_expired_keys_total", ()] == 0
+    assert samples["nestkv_log_bytes", ()] >= 0
+    assert 0 <= samples["nestkv_last_snapshot_age_seconds", ()] < 60
+
+
+async def test_metrics_count_evictions_and_expirations() -> None:
+    with ServerProcess(
+        "--metrics-port", "0", "--max-memory", "1M", "--eviction-policy", "allkeys-lru"
+    ) as server:
+        async with GrpcStore.with_client(server.target) as store:
+            await store.set_many({f"brief{i}": b"v" for i in range(5)}, expires_in=1)
+            await asyncio.sleep(1.5)
+            await store.set_many({f"big{i}": b"v" * 1000 for i in range(2000)})
+            stats = await store.stats()
+        samples = scrape(server)
+    assert samples["nestkv_expired_keys_total", ()] == 5
+    assert samples["nestkv_evictions_total", ()] == stats.server.evictions > 0
+    assert samples["nestkv_max_memory_bytes", ()] == 1024 * 1024
+
+
+def test_without_the_flag_nothing_listens_for_metrics() -> None:
+    with ServerProcess() as server:
+        assert not [line for line in server.log if "metrics at" in line]
+
+
+def test_json_logs_are_one_object_a_line_and_never_one_per_operation() -> None:
+    with ServerProcess("--log-format", "json") as server:
+
+        async def work() -> None:
+            async with GrpcStore.with_client(server.target) as store:
+                await store.set_many({f"k{i}": b"v" for i in range(100)})
+
+        asyncio.run(work())
+    lines = [json.loads(line) for line in server.log]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert lines[0]["message"].startswith("nestkv serving on 127.0.0.1:")
+    assert lines[-1]["message"] == "nestkv stopped"
+    assert len(lines) <= 4  # serving, stopping, stopped: nothing per operation
