@@ -10,6 +10,8 @@ so absolute figures from different runs do not compare. Workloads:
   in another.
 * memory: server memory per key with 1,000,000 keys (21-byte keys, 100-byte
   values, TTL): nestkv's RSS growth against redis-server's `used_memory`.
+* metrics: mixed at 64 tasks against a second server with `--metrics-port`,
+  interleaved with the plain one, best of 3 each: what counting costs.
 * gather: `asyncio.gather` of n single `exists` calls from one GrpcStore, for
   n of 5,000, 20,000 and 100,000 (100,000 operations each: 20 gathers of
   5,000, ...): ops/s against n, as a ratio to the first n (callers beyond
@@ -84,6 +86,22 @@ async def run_mixed(stores: dict[str, Any], concurrency: Sequence[int], operatio
             rows.append({"store": name, "tasks": tasks, **await mixed(store, tasks, count, MIXED_KEYS)})
             print(f"  mixed {name:9} {tasks:4} tasks: {rows[-1]['ops_per_s']:10,.0f} ops/s", flush=True)
     return rows
+
+
+async def metrics_overhead(plain: str, measured: str, operations: int, rounds: int = 3) -> Row:
+    """mixed at 64 tasks against a server without and one with --metrics-port, interleaved."""
+    best: dict[str, float] = {"plain": 0.0, "metrics": 0.0}
+    async with GrpcStore.with_client(plain) as without, GrpcStore.with_client(measured) as with_metrics:
+        stores = {"plain": without.with_namespace("mixed"), "metrics": with_metrics.with_namespace("mixed")}
+        for store in stores.values():
+            await asyncio.gather(*(store.set(f"key{i}", VALUE, expires_in=TTL) for i in range(MIXED_KEYS)))
+            await mixed(store, 16, 2_000, MIXED_KEYS)
+        for _ in range(rounds):  # the best of each: noise only ever slows a round down
+            for name, store in stores.items():
+                row = await mixed(store, 64, operations, MIXED_KEYS)
+                best[name] = max(best[name], row["ops_per_s"])
+    print(f"  metrics overhead: {best}", flush=True)
+    return {"plain_ops_per_s": best["plain"], "metrics_ops_per_s": best["metrics"]}
 
 
 async def run_gather(target: str, sizes: Sequence[int]) -> list[Row]:
@@ -215,6 +233,15 @@ def report(results: dict[str, Any]) -> str:
             f"| gather of {row['operations']:,} single ops | {row['ops_per_s']:,.0f} | "
             f"{ratio(row['ops_per_s'], first)} |"
         )
+    overhead = results["metrics"]
+    lines += [
+        "",
+        "| workload | without --metrics-port | with | with vs without |",
+        "|---|---:|---:|---:|",
+        f"| mixed, 64 tasks, best of 3 | {overhead['plain_ops_per_s']:,.0f} ops/s | "
+        f"{overhead['metrics_ops_per_s']:,.0f} ops/s | "
+        f"{ratio(overhead['metrics_ops_per_s'], overhead['plain_ops_per_s'])} |",
+    ]
     if results.get("redis_skipped"):
         lines += ["", f"Redis rows skipped: {results['redis_skipped']}"]
     return "\n".join(lines)
@@ -297,6 +324,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.operations,
         )
         results["gather"] = await run_gather(nestkv.target, args.gather_sizes)
+        with nestkv_server("--metrics-port", "0") as measured:
+            results["metrics"] = await metrics_overhead(nestkv.target, measured.target, args.operations)
         await stores["GrpcStore"].close()
         if "RedisStore" in stores:
             await stores["RedisStore"]._redis.aclose()
