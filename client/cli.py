@@ -8,8 +8,9 @@
       ping                             health check; exit 0 serving, 1 otherwise
 
 Exit codes: 0 done (for exists: the key exists), 1 a missing key, a key that
-does not exist or a server not serving, 2 an error, named in one line on
-stderr. argparse is enough here: eight commands of one or two arguments
+does not exist or a server not serving, 2 an error (of the server, the
+arguments or the standard streams), named in one line on stderr, never a
+traceback. argparse is enough here: eight commands of one or two arguments
 each do not need a CLI library.
 """
 
@@ -21,20 +22,30 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import msgspec
 
 from nestkv.client.errors import StoreError
-from nestkv.client.store import DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
+from nestkv.client.store import DEFAULT_MAX_VALUE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
 
 MISSING = 1
 FAILED = 2
 
 
+class CommandError(Exception):
+    """A problem with the command itself or its standard streams; the message says which."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors too are one line (argparse would print the usage first)."""
+        self.exit(FAILED, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="nestkv", description="Talk to a nestkv server.")
+    top = _Parser(prog="nestkv", description="Talk to a nestkv server.")
     top.add_argument(
         "--target",
         default=os.environ.get("NESTKV_TARGET", DEFAULT_TARGET),
@@ -50,7 +61,13 @@ def parser() -> argparse.ArgumentParser:
         help="one namespace segment, repeated for each level (a segment may hold '/')",
     )
     top.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds (default: %(default)s)")
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    top.add_argument(
+        "--max-value-bytes",
+        type=int,
+        default=DEFAULT_MAX_VALUE_BYTES,
+        help="largest value to send or receive; match the server's flag (default: %(default)s)",
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     commands.add_parser("get", help="print the value of KEY").add_argument("key")
     setting = commands.add_parser("set", help="store VALUE ('-': standard input) under KEY")
     setting.add_argument("key")
@@ -69,9 +86,13 @@ def parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     """Run one command; its exit code. StoreError and ValueError propagate to `main`."""
+    if not args.timeout > 0:
+        raise CommandError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.command == "ping":
         return await ping(args.target, args.timeout)
-    async with GrpcStore.with_client(args.target, timeout=args.timeout) as root:
+    async with GrpcStore.with_client(
+        args.target, timeout=args.timeout, max_value_bytes=args.max_value_bytes
+    ) as root:
         store = root
         for segment in args.path:
             store = store.with_namespace(segment)
@@ -80,28 +101,48 @@ async def run(args: argparse.Namespace) -> int:
                 value = await store.get(args.key)
                 if value is None:
                     return MISSING
-                sys.stdout.buffer.write(value)
+                _write(value)
             case "set":
-                value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
+                value = _read_stdin() if args.value == "-" else os.fsencode(args.value)
                 ttl = None if args.ttl is None else _seconds(args.ttl)
                 await store.set(args.key, value, expires_in=ttl)  # type: ignore[arg-type]
             case "delete":
                 await store.delete(args.key)
             case "exists":
                 found = await store.exists(args.key)
-                print("true" if found else "false")
+                _write(b"true\n" if found else b"false\n")
                 return 0 if found else MISSING
             case "ttl":
                 left = await store.expires_in(args.key)
                 if left is None:
                     return MISSING
-                print(left)
+                _write(f"{left}\n".encode())
             case "delete-all":
                 await store.delete_all()
             case "stats":
                 stats = await store.stats()
-                print(json.dumps(msgspec.to_builtins(stats)) if args.json else stats_table(stats))
+                text = json.dumps(msgspec.to_builtins(stats)) if args.json else stats_table(stats)
+                _write(f"{text}\n".encode())
     return 0
+
+
+def _read_stdin() -> bytes:
+    if sys.stdin is None:
+        raise CommandError("standard input is closed; nothing to read the value from")
+    return sys.stdin.buffer.read()
+
+
+def _write(data: bytes) -> None:
+    """Write to standard output and flush, so that a failure to write is seen here."""
+    if sys.stdout is None:
+        raise CommandError("standard output is closed; nowhere to write")
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except OSError as error:
+        # Nothing more will go out: keep Python from failing again at exit on the same stream.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise CommandError(f"cannot write to standard output: {error.strerror or error}") from None
 
 
 def _seconds(ttl: float) -> float:
@@ -140,12 +181,10 @@ async def ping(target: str, seconds: float) -> int:
                 health_pb2.HealthCheckRequest(service=""), timeout=seconds, wait_for_ready=False
             )
         except grpc.aio.AioRpcError as error:
-            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                print(f"not serving: {target} cannot be reached ({error.code().name})")
-                return MISSING
-            raise
+            _write(f"not serving: {target}: {error.code().name}: {error.details()}\n".encode())
+            return MISSING
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(status)
+    _write(f"{status}\n".encode())
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else MISSING
 
 
@@ -155,16 +194,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(run(args))
     except StoreError as error:
         code = _fail(f"{args.target}: {error}")
-    except (ValueError, TypeError) as error:
+    except (CommandError, ValueError, TypeError) as error:
         code = _fail(str(error))
-    except grpc.aio.AioRpcError as error:
-        code = _fail(f"{args.target}: {error.code().name}: {error.details()}")
     except KeyboardInterrupt:
         code = 130
-    sys.stdout.flush()
     raise SystemExit(code)
 
 
 def _fail(message: str) -> int:
-    print(f"nestkv: {message}", file=sys.stderr)
+    if sys.stderr is not None:
+        print(f"nestkv: {message}", file=sys.stderr)
     return FAILED

@@ -115,3 +115,58 @@ def test_errors_are_one_line_with_exit_code_2_and_no_traceback(target: str) -> N
         2,
         b"nestkv: namespace must be a non-empty string\n",
     )
+
+
+def test_closed_or_broken_standard_streams_are_errors_not_tracebacks(target: str) -> None:
+    nestkv("set", "big", "-", stdin=b"v" * 1_000_000, target=target)
+    command = [sys.executable, "-m", "nestkv.client", "--target", target]
+    closed_stdin = subprocess.run(
+        [*command, "set", "k", "-"],
+        stdin=None,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert (closed_stdin.returncode, closed_stdin.stderr) == (
+        2,
+        b"nestkv: standard input is closed; nothing to read the value from\n",
+    )
+    closed_stdout = subprocess.run(
+        [*command, "get", "big"],
+        capture_output=False,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert (closed_stdout.returncode, closed_stdout.stderr) == (
+        2,
+        b"nestkv: standard output is closed; nowhere to write\n",
+    )
+    with open("/dev/full", "wb") as full:
+        no_space = subprocess.run(
+            [*command, "get", "big"], stdout=full, stderr=subprocess.PIPE, timeout=60, check=False
+        )
+    assert no_space.returncode == 2
+    assert no_space.stderr.startswith(b"nestkv: cannot write to standard output: No space left")
+    assert no_space.stderr.count(b"\n") == 1
+
+
+def test_usage_errors_are_one_line(target: str) -> None:
+    for args in ([], ["frobnicate"], ["get"], ["--timeout", "-1", "get", "k"]):
+        done = nestkv(*args, target=target)
+        assert done.returncode == 2, args
+        assert done.stderr.count(b"\n") == 1, (args, done.stderr)
+        assert b"Traceback" not in done.stderr
+
+
+def test_values_larger_than_the_default_limit_with_max_value_bytes() -> None:
+    value = os.urandom(17 * 1024 * 1024)
+    with ServerProcess("--max-value-bytes", str(32 * 1024 * 1024)) as server:
+        limit = ["--max-value-bytes", str(32 * 1024 * 1024)]
+        refused = nestkv("set", "big", "-", stdin=value, target=server.target)
+        assert refused.returncode == 2
+        assert b"the limit is 16777216 (max_value_bytes)" in refused.stderr
+        assert nestkv(*limit, "set", "big", "-", stdin=value, target=server.target).returncode == 0
+        assert nestkv(*limit, "get", "big", target=server.target).stdout == value
