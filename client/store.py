@@ -297,7 +297,7 @@ class GrpcStore(NamespacedStore):
     async def stats(self) -> Stats:
         """Figures of this store's namespace with everything below it, and of the whole server.
 
-        Costs the server a walk of this namespace's subtree of namespaces (not of their keys).
+        Cheap for the server (a lookup of the namespace): the figures are kept as the store changes.
         """
         try:
             response = await self._connection.stub().Stats(

@@ -128,19 +128,15 @@ class NamespacedStorage:
         old = entries.pop(key, None) if self._lru else entries.get(key)  # LRU: to the end of the order
         old_deadline = NEVER if old is None else deadline_of(old)
         stored = entries[key] = pack(value, deadline)
+        expiring = (deadline != NEVER) - (old_deadline != NEVER)
+        node.expiring += expiring
         if old is None:
-            _grow(node, entry_size(key, stored), 1)
+            _grow(node, entry_size(key, stored), 1, expiring)
         else:
-            _grow(node, entry_size(key, stored) - entry_size(key, old), 0)
-        if deadline == NEVER:
-            if old_deadline != NEVER:
-                node.expiring -= 1
-        elif old_deadline == NEVER:
-            node.expiring += 1
+            _grow(node, entry_size(key, stored) - entry_size(key, old), 0, expiring)
+        if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) < slot_of(old_deadline)):
             self._schedule(node, key, deadline)
-        elif slot_of(deadline) < slot_of(old_deadline):
-            self._schedule(node, key, deadline)
-        # Otherwise the key is listed no later than its new deadline already.
+        # Otherwise the key has no deadline, or is listed no later than its new one already.
 
     def renew_until(self, path: Sequence[str], key: str, deadline: float) -> None:
         """Give an entry that has a deadline the new `deadline`, even if it has passed; not journaled.
@@ -291,14 +287,12 @@ class NamespacedStorage:
     def subtree(self, path: Sequence[str]) -> SubtreeStats:
         """Keys, bytes and expiring keys of the namespace at `path` and below, and its child namespaces.
 
-        Keys and bytes are kept per subtree; expiring keys cost a walk of the
-        subtree's namespaces (not of their keys).
+        O(depth): the figures are kept per subtree as the store changes.
         """
         node = self._tree.find(path)
         if node is None:
             return SubtreeStats(0, 0, 0, 0)
-        expiring = sum(below.expiring for _, below in self._tree.walk(path))
-        return SubtreeStats(node.subtree_keys, node.subtree_bytes, expiring, len(node.children))
+        return SubtreeStats(node.subtree_keys, node.subtree_bytes, node.subtree_expiring, len(node.children))
 
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped (walks the subtree)."""
@@ -324,9 +318,9 @@ class NamespacedStorage:
     def _discard(self, node: Node, key: str) -> None:
         """Take an entry out with its accounting; the caller prunes the node when it is done with it."""
         stored = node.entries.pop(key)
-        _grow(node, -entry_size(key, stored), -1)
-        if deadline_of(stored) != NEVER:
-            node.expiring -= 1
+        expiring = deadline_of(stored) != NEVER
+        node.expiring -= expiring
+        _grow(node, -entry_size(key, stored), -1, -expiring)
 
     def _make_room(self, path: Sequence[str], key: str, value_bytes: int) -> None:
         """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull."""
@@ -439,12 +433,13 @@ class NamespacedStorage:
         return steps
 
 
-def _grow(node: Node, delta_bytes: int, delta_keys: int) -> None:
+def _grow(node: Node, delta_bytes: int, delta_keys: int, delta_expiring: int) -> None:
     """Add to the subtree totals of `node` and each of its ancestors: the one place they change."""
     here: Node | None = node
     while here is not None:
         here.subtree_bytes += delta_bytes
         here.subtree_keys += delta_keys
+        here.subtree_expiring += delta_expiring
         here = here.parent
 
 

@@ -37,9 +37,9 @@ class Node:
     `slots` maps a time slot to keys that may expire in it (see
     storage.expiry); `expiring` counts the entries that have a deadline, and
     `scheduled` the keys listed in `slots`, stale ones included.
-    `subtree_bytes` and `subtree_keys` are the accounted size and the number
-    of the entries of this node and every node below it (kept by the storage
-    engine).
+    `subtree_bytes`, `subtree_keys` and `subtree_expiring` are the accounted
+    size, the number and the number with a deadline of the entries of this
+    node and every node below it (kept by the storage engine).
     """
 
     __slots__ = (
@@ -51,6 +51,7 @@ class Node:
         "scheduled",
         "slots",
         "subtree_bytes",
+        "subtree_expiring",
         "subtree_keys",
     )
 
@@ -64,6 +65,7 @@ class Node:
         self.scheduled = 0
         self.subtree_bytes = 0
         self.subtree_keys = 0
+        self.subtree_expiring = 0
 
     def is_attached_to(self, root: Node) -> bool:
         """Whether this node is still reachable from `root` (not dropped by a delete_all)."""
@@ -114,8 +116,11 @@ class NamespaceTree:
             root = self.root
             dropped.children, dropped.entries, dropped.slots = root.children, root.entries, root.slots
             dropped.subtree_bytes, dropped.subtree_keys = root.subtree_bytes, root.subtree_keys
+            dropped.subtree_expiring = root.subtree_expiring
             root.children, root.entries, root.slots = {}, {}, {}
-            root.expiring = root.scheduled = root.subtree_bytes = root.subtree_keys = 0
+            root.expiring = root.scheduled = root.subtree_bytes = root.subtree_keys = (
+                root.subtree_expiring
+            ) = 0
             return dropped
         node = self.find(path)
         if node is None or node.parent is None:
@@ -124,6 +129,7 @@ class NamespaceTree:
         while ancestor is not None:
             ancestor.subtree_bytes -= node.subtree_bytes
             ancestor.subtree_keys -= node.subtree_keys
+            ancestor.subtree_expiring -= node.subtree_expiring
             ancestor = ancestor.parent
         del node.parent.children[node.name]
         self.prune(node.parent)

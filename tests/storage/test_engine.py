@@ -13,6 +13,7 @@ import pytest
 from nestkv.server.errors import StoreFull
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.engine import entry_size
+from nestkv.server.storage.tree import deadline_of
 
 
 class FakeClock:
@@ -382,9 +383,7 @@ def test_delete_all_gives_its_bytes_back_at_once_and_no_write_frees_them(clock: 
 
 
 @pytest.mark.parametrize("policy", [None, "allkeys-lru", "volatile-lru", "volatile-ttl"])
-def test_subtree_byte_totals_match_the_entries_after_any_history(
-    clock: FakeClock, policy: str | None
-) -> None:
+def test_subtree_totals_match_the_entries_after_any_history(clock: FakeClock, policy: str | None) -> None:
     # Bounded at about 60 entries of the 250 keys written: evictions run all along.
     storage = NamespacedStorage(clock) if policy is None else bounded(clock, policy, entries=60)
     random = __import__("random").Random(7)
@@ -405,13 +404,15 @@ def test_subtree_byte_totals_match_the_entries_after_any_history(
             clock.advance(0.3)
             storage.reap()
     for path in paths:
-        expected = sum(
-            entry_size(key, stored)
-            for _, node in storage._tree.walk(path)
-            for key, stored in node.entries.items()
+        below = [
+            (key, stored) for _, node in storage._tree.walk(path) for key, stored in node.entries.items()
+        ]
+        expected = (
+            len(below),
+            sum(entry_size(key, stored) for key, stored in below),
+            sum(deadline_of(stored) != NEVER for _, stored in below),
         )
-        node = storage._tree.find(path)
-        assert (0 if node is None else node.subtree_bytes) == expected
+        assert storage.subtree(path)[:3] == expected
 
 
 @pytest.mark.parametrize(
