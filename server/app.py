@@ -118,10 +118,9 @@ async def serve(config: ServerConfig) -> None:
         raise SystemExit(
             f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)"
         ) from None
-    await server.start()
     scraped = ""
     metrics_server = None
-    if metrics is not None:
+    if metrics is not None:  # before the store serves: a port in use stops the start cleanly
         assert config.metrics_port is not None
         try:
             metrics_server, metrics_port = serve_metrics(
@@ -132,6 +131,7 @@ async def serve(config: ServerConfig) -> None:
                 f"nestkv: cannot serve metrics on {config.address(config.metrics_port)}: {error}"
             ) from None
         scraped = f", metrics at http://{config.address(metrics_port)}/metrics"
+    await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]

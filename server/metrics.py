@@ -66,9 +66,16 @@ class OperationMetrics:
         self.batch_sizes = Histogram(BATCH_BUCKETS)
 
     def record(self, operation: str, code: str, seconds: float) -> None:
+        """One operation, with the status its caller got and the server's time on it."""
         key = (operation, code)
         self.counts[key] = self.counts.get(key, 0) + 1
         self.durations[operation].observe(seconds)
+
+    def record_batch(self, size: int, operations: Sequence[tuple[str, str, float]]) -> None:
+        """A Pipeline batch of `size` operations, and each of them as by `record`."""
+        self.batch_sizes.observe(size)
+        for operation, code, seconds in operations:
+            self.record(operation, code, seconds)
 
 
 class StoreCollector:

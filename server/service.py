@@ -9,6 +9,7 @@ mapping; nothing else in the server chooses a status code.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -133,8 +134,11 @@ class StoreServicer:
                 )
             else:
                 kind = _KIND_OF_REQUEST[method.input_type.full_name]
+                record = functools.partial(self._metrics.record, kind) if self._metrics else None
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    _unary(self._measured(kind), getattr(pb, method.output_type.name), self._commit),
+                    _unary(
+                        self._operations[kind], getattr(pb, method.output_type.name), self._commit, record
+                    ),
                     request_deserializer=parse,
                     response_serializer=serialize,
                 )
@@ -184,6 +188,7 @@ class StoreServicer:
         results = response.results
         operations = self._operations
         metrics = self._metrics
+        measured: list[tuple[str, str, float]] = []  # with metrics: counted once the batch is committed
         clock = time.perf_counter
         room = self._chunk_bytes
         for operation in request.operations:
@@ -201,10 +206,10 @@ class StoreServicer:
                 code = status_of(fault)
                 _fail(result, code, str(fault))
                 if metrics:
-                    metrics.record(kind, code.name, clock() - started)
+                    measured.append((kind, code.name, clock() - started))
                 continue
             if metrics:
-                metrics.record(kind, "OK", clock() - started)
+                measured.append((kind, "OK", clock() - started))
             if kind == "get":
                 room -= len(out.value)
                 if room < 0 and len(results) > 1:
@@ -215,27 +220,17 @@ class StoreServicer:
                     del results[-1]
                     results = response.results
                     room = self._chunk_bytes - len(out.value)
-        self._commit()
+        try:
+            self._commit()
+        except StoreFault as fault:  # the whole batch fails with this status, whatever each op did
+            if metrics:
+                failed = status_of(fault).name
+                failures = [(kind, failed, seconds) for kind, _, seconds in measured]
+                metrics.record_batch(len(request.operations), failures)
+            raise
         if metrics:
-            metrics.batch_sizes.observe(len(request.operations))
+            metrics.record_batch(len(request.operations), measured)
         return responses
-
-    def _measured(self, kind: str) -> Operation:
-        """The operation `kind`, counted with its status and duration when there are metrics."""
-        operation, metrics = self._operations[kind], self._metrics
-        if metrics is None:
-            return operation
-
-        def measured(request: Any, response: Any) -> None:
-            started = time.perf_counter()
-            try:
-                operation(request, response)
-            except StoreFault as fault:
-                metrics.record(kind, status_of(fault).name, time.perf_counter() - started)
-                raise
-            metrics.record(kind, "OK", time.perf_counter() - started)
-
-        return measured
 
     def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
         limits = self._limits
@@ -313,19 +308,32 @@ def _nothing() -> None:
 
 
 def _unary(
-    operation: Operation, response_class: type[Message], commit: Callable[[], None]
+    operation: Operation,
+    response_class: type[Message],
+    commit: Callable[[], None],
+    record: Callable[[str, float], None] | None = None,
 ) -> Callable[[Any, Any], Awaitable[Any]]:
-    """A grpc.aio method running one operation, turning a StoreFault into its status."""
+    """A grpc.aio method running one operation, turning a StoreFault into its status.
+
+    `record(code, seconds)`, if given, counts the call once its status is known (after the commit).
+    """
 
     async def method(request: Any, context: Any) -> Any:
+        started = time.perf_counter()
         if isinstance(request, _Malformed):
+            if record:
+                record(grpc.StatusCode.INVALID_ARGUMENT.name, time.perf_counter() - started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         response = response_class()
         try:
             operation(request, response)
             commit()
         except StoreFault as fault:
+            if record:
+                record(status_of(fault).name, time.perf_counter() - started)
             await context.abort(status_of(fault), str(fault))
+        if record:
+            record("OK", time.perf_counter() - started)
         return response
 
     return method

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -97,6 +100,23 @@ async def test_metrics_count_evictions_and_expirations() -> None:
     assert samples["nestkv_expired_keys_total", ()] == 5
     assert samples["nestkv_evictions_total", ()] == stats.server.evictions > 0
     assert samples["nestkv_max_memory_bytes", ()] == 1024 * 1024
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "nestkv.server", "--port", "0", "--metrics-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"nestkv: cannot serve metrics on 127.0.0.1:{port}:")
+    assert done.stderr.count("\n") == 1, done.stderr
 
 
 def test_without_the_flag_nothing_listens_for_metrics() -> None:

@@ -1,8 +1,12 @@
-"""StoreServicer.run_batch driven directly: how a batch's results are cut into responses."""
+"""StoreServicer.run_batch driven directly: how a batch's results are cut into responses, and counted."""
 
 from __future__ import annotations
 
+import pytest
+
+from nestkv.server.errors import StoreUnavailable
 from nestkv.server.limits import Limits
+from nestkv.server.metrics import OperationMetrics
 from nestkv.server.service import StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
@@ -36,3 +40,32 @@ def test_a_batch_of_small_results_is_one_response() -> None:
     responses = servicer.run_batch(request)
     assert len(responses) == 1
     assert len(responses[0].results) == 500
+
+
+def test_metrics_count_a_batch_once_with_the_status_its_caller_got() -> None:
+    failures = [StoreUnavailable("cannot write the log")]
+
+    def commit() -> None:
+        if failures:
+            raise failures.pop()
+
+    metrics = OperationMetrics()
+    servicer = StoreServicer(NamespacedStorage(), Limits(), commit=commit, metrics=metrics)
+    batch = pb.PipelineRequest(
+        operations=[
+            pb.Operation(set=pb.SetRequest(key="k", value=b"v")),
+            pb.Operation(get=pb.GetRequest(key="k")),
+        ]
+    )
+    with pytest.raises(StoreUnavailable):
+        servicer.run_batch(batch)  # the stream fails: every operation of the batch failed with it
+    assert metrics.counts == {("set", "UNAVAILABLE"): 1, ("get", "UNAVAILABLE"): 1}
+    servicer.run_batch(batch)  # the client sends it again
+    assert metrics.counts == {
+        ("set", "UNAVAILABLE"): 1,
+        ("get", "UNAVAILABLE"): 1,
+        ("set", "OK"): 1,
+        ("get", "OK"): 1,
+    }
+    assert sum(metrics.batch_sizes.counts) == 2
+    assert metrics.durations["set"].counts[-1] == 0  # no operation took a second
