@@ -13,11 +13,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(SERVING): pyproject.toml setup.py protos/generate.py | $(BIN)/python
+PROTOS := $(wildcard protos/nestkv/*/*.proto)
+
+$(SERVING): pyproject.toml setup.py protos/generate.py $(PROTOS) | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(INSTALLED): pyproject.toml setup.py protos/generate.py | $(BIN)/python
+$(INSTALLED): pyproject.toml setup.py protos/generate.py $(PROTOS) | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(SERVING)
 

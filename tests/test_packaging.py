@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -17,9 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
-    out = tmp_path_factory.mktemp("wheel")
-    # A copy of the sources, so that the build leaves nothing in the checkout.
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the sources as they are, so that a build leaves nothing in the checkout."""
     source = tmp_path_factory.mktemp("source")
     subprocess.run(
         ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(source / "src.tar"), "HEAD"], check=True
@@ -38,26 +38,37 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
             copy.symlink_to(path.readlink())
         elif path.is_file():
             copy.write_bytes(path.read_bytes())
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    (source / "src.tar").unlink()
+    return source
+
+
+def build_wheel(source: Path, out: Path) -> zipfile.ZipFile:
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out)]
+    built = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=300, check=False)
     assert built.returncode == 0, built.stderr
     (path,) = out.glob("nestkv-*.whl")
     return zipfile.ZipFile(path)
+
+
+@pytest.fixture(scope="module")
+def wheel(source: Path, tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    return build_wheel(source, tmp_path_factory.mktemp("wheel"))
+
+
+def test_the_sdist_builds_the_same_wheel(source: Path, wheel: zipfile.ZipFile, tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-c", f"import setuptools.build_meta as b; b.build_sdist({str(tmp_path)!r})"],
+        cwd=source,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    (sdist,) = tmp_path.glob("nestkv-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    again = build_wheel(unpacked, tmp_path / "wheel")
+    assert sorted(again.namelist()) == sorted(wheel.namelist())
 
 
 def test_the_wheel_holds_nestkv_and_nothing_else_at_the_top_level(wheel: zipfile.ZipFile) -> None:
