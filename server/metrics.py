@@ -58,10 +58,12 @@ class Histogram:
 class OperationMetrics:
     """What the servicer counts: operations by kind and status, their durations, batch sizes."""
 
-    __slots__ = ("batch_sizes", "counts", "durations")
+    __slots__ = ("batch_sizes", "counts", "durations", "ok")
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
+        self.ok = {operation: (operation, "OK") for operation in OPERATIONS}
+        """The counts' key of each operation's success, made once: the hot path allocates nothing."""
+        self.counts: dict[tuple[str, str], int] = dict.fromkeys(self.ok.values(), 0)
         self.durations = {operation: Histogram(DURATION_BUCKETS) for operation in OPERATIONS}
         self.batch_sizes = Histogram(BATCH_BUCKETS)
 
@@ -71,11 +73,11 @@ class OperationMetrics:
         self.counts[key] = self.counts.get(key, 0) + 1
         self.durations[operation].observe(seconds)
 
-    def record_batch(self, size: int, operations: Sequence[tuple[str, str, float]]) -> None:
-        """A Pipeline batch of `size` operations, and each of them as by `record`."""
-        self.batch_sizes.observe(size)
-        for operation, code, seconds in operations:
-            self.record(operation, code, seconds)
+    def recount(self, operation: str, counted: str, code: str) -> None:
+        """An operation counted with status `counted` ended with `code` after all (its batch failed)."""
+        self.counts[operation, counted] -= 1
+        key = (operation, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 class StoreCollector:

@@ -51,6 +51,9 @@ _KIND_OF_REQUEST = {
 _KINDS = ", ".join(_KIND_OF_REQUEST.values())
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 def status_of(fault: StoreFault) -> grpc.StatusCode:
     return next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
 
@@ -188,7 +191,6 @@ class StoreServicer:
         results = response.results
         operations = self._operations
         metrics = self._metrics
-        measured: list[tuple[str, str, float]] = []  # with metrics: counted once the batch is committed
         clock = time.perf_counter
         room = self._chunk_bytes
         for operation in request.operations:
@@ -206,10 +208,11 @@ class StoreServicer:
                 code = status_of(fault)
                 _fail(result, code, str(fault))
                 if metrics:
-                    measured.append((kind, code.name, clock() - started))
+                    metrics.record(kind, code.name, clock() - started)
                 continue
             if metrics:
-                measured.append((kind, "OK", clock() - started))
+                metrics.counts[metrics.ok[kind]] += 1
+                metrics.durations[kind].observe(clock() - started)
             if kind == "get":
                 room -= len(out.value)
                 if room < 0 and len(results) > 1:
@@ -220,17 +223,30 @@ class StoreServicer:
                     del results[-1]
                     results = response.results
                     room = self._chunk_bytes - len(out.value)
+        if metrics:
+            metrics.batch_sizes.observe(len(request.operations))
         try:
             self._commit()
-        except StoreFault as fault:  # the whole batch fails with this status, whatever each op did
-            if metrics:
-                failed = status_of(fault).name
-                failures = [(kind, failed, seconds) for kind, _, seconds in measured]
-                metrics.record_batch(len(request.operations), failures)
+        except StoreFault as fault:
+            if metrics:  # the stream fails: every operation of the batch failed with it
+                self._recount(metrics, request, responses, status_of(fault).name)
             raise
-        if metrics:
-            metrics.record_batch(len(request.operations), measured)
         return responses
+
+    @staticmethod
+    def _recount(
+        metrics: OperationMetrics,
+        request: pb.PipelineRequest,
+        responses: list[pb.PipelineResponse],
+        code: str,
+    ) -> None:
+        """Count every operation of a batch whose commit failed with `code` instead of its own status."""
+        results = [result for response in responses for result in response.results]
+        for operation, result in zip(request.operations, results, strict=True):
+            kind = operation.WhichOneof("operation")
+            if kind is not None:
+                error = result.WhichOneof("result") == "error"
+                metrics.recount(kind, _CODE_NAMES[result.error.code] if error else "OK", code)
 
     def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
         limits = self._limits
