@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -191,7 +192,9 @@ class StoreServicer:
         results = response.results
         operations = self._operations
         metrics = self._metrics
-        clock = time.perf_counter
+        if metrics:  # looked up once per batch: counting costs ~0.3 µs an operation
+            clock, counts, ok, durations = time.perf_counter, metrics.counts, metrics.ok, metrics.durations
+            started = clock()
         room = self._chunk_bytes
         for operation in request.operations:
             result = results.add()
@@ -201,18 +204,24 @@ class StoreServicer:
                 continue
             out = getattr(result, kind)
             out.SetInParent()
-            started = clock() if metrics else 0.0
             try:
                 operations[kind](getattr(operation, kind), out)
             except StoreFault as fault:
                 code = status_of(fault)
                 _fail(result, code, str(fault))
                 if metrics:
-                    metrics.record(kind, code.name, clock() - started)
+                    now = clock()
+                    metrics.record(kind, code.name, now - started)
+                    started = now
                 continue
             if metrics:
-                metrics.counts[metrics.ok[kind]] += 1
-                metrics.durations[kind].observe(clock() - started)
+                # From the end of the operation before: its parsing and its result's building count too.
+                now = clock()
+                counts[ok[kind]] += 1
+                histogram, elapsed = durations[kind], now - started
+                histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+                histogram.sum += elapsed
+                started = now
             if kind == "get":
                 room -= len(out.value)
                 if room < 0 and len(results) > 1:
