@@ -2,7 +2,8 @@
 
     StoreError                      any failure of a store operation
      ├── InvalidRequestError        the server rejected the request (INVALID_ARGUMENT,
-     │                              OUT_OF_RANGE); also a ValueError. Nothing was changed.
+     │                              OUT_OF_RANGE), or the client a value over max_value_bytes
+     │                              before sending it; also a ValueError. Nothing was changed.
      ├── StoreUnavailableError      the server could not be reached, after retries (UNAVAILABLE),
      │                              or dropped the call while shutting down (CANCELLED)
      ├── StoreTimeoutError          the call's deadline passed (DEADLINE_EXCEEDED); also a TimeoutError
