@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from nestkv.server.errors import StoreFull
 from nestkv.server.storage.expiry import ExpiryWheel, slot_of
-from nestkv.server.storage.tree import DEADLINE_BYTES, NamespaceTree, Node, deadline_of, pack, value_of
+from nestkv.server.storage.tree import DEADLINE_BYTES, NamespaceTree, Node, deadline_of, grow, pack, value_of
 
 Clock = Callable[[], float]
 NEVER = math.inf
@@ -130,10 +130,8 @@ class NamespacedStorage:
         stored = entries[key] = pack(value, deadline)
         expiring = (deadline != NEVER) - (old_deadline != NEVER)
         node.expiring += expiring
-        if old is None:
-            _grow(node, entry_size(key, stored), 1, expiring)
-        else:
-            _grow(node, entry_size(key, stored) - entry_size(key, old), 0, expiring)
+        size = entry_size(key, stored) - (0 if old is None else entry_size(key, old))
+        grow(node, size, old is None, expiring)
         if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) < slot_of(old_deadline)):
             self._schedule(node, key, deadline)
         # Otherwise the key has no deadline, or is listed no later than its new one already.
@@ -295,8 +293,8 @@ class NamespacedStorage:
         return SubtreeStats(node.subtree_keys, node.subtree_bytes, node.subtree_expiring, len(node.children))
 
     def count(self, path: Sequence[str] = ()) -> int:
-        """Entries held at `path` and below, including expired ones not yet reaped (walks the subtree)."""
-        return sum(len(node.entries) for _, node in self._tree.walk(path))
+        """Entries held at `path` and below, including expired ones not yet reaped; O(depth)."""
+        return self.subtree(path).keys
 
     def index_size(self) -> int:
         """Keys listed in the expiry wheel, stale listings included (walks the tree)."""
@@ -320,7 +318,7 @@ class NamespacedStorage:
         stored = node.entries.pop(key)
         expiring = deadline_of(stored) != NEVER
         node.expiring -= expiring
-        _grow(node, -entry_size(key, stored), -1, -expiring)
+        grow(node, -entry_size(key, stored), -1, -expiring)
 
     def _make_room(self, path: Sequence[str], key: str, value_bytes: int) -> None:
         """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull."""
@@ -431,16 +429,6 @@ class NamespacedStorage:
                 node.children = {}
                 steps += 1
         return steps
-
-
-def _grow(node: Node, delta_bytes: int, delta_keys: int, delta_expiring: int) -> None:
-    """Add to the subtree totals of `node` and each of its ancestors: the one place they change."""
-    here: Node | None = node
-    while here is not None:
-        here.subtree_bytes += delta_bytes
-        here.subtree_keys += delta_keys
-        here.subtree_expiring += delta_expiring
-        here = here.parent
 
 
 def _path_of(node: Node) -> tuple[str, ...]:

@@ -77,6 +77,16 @@ class Node:
         return node is root
 
 
+def grow(node: Node, delta_bytes: int, delta_keys: int, delta_expiring: int) -> None:
+    """Add to the subtree totals of `node` and each of its ancestors: the one place they change."""
+    here: Node | None = node
+    while here is not None:
+        here.subtree_bytes += delta_bytes
+        here.subtree_keys += delta_keys
+        here.subtree_expiring += delta_expiring
+        here = here.parent
+
+
 class NamespaceTree:
     """The tree of namespaces below one root."""
 
@@ -125,12 +135,7 @@ class NamespaceTree:
         node = self.find(path)
         if node is None or node.parent is None:
             return None
-        ancestor: Node | None = node.parent
-        while ancestor is not None:
-            ancestor.subtree_bytes -= node.subtree_bytes
-            ancestor.subtree_keys -= node.subtree_keys
-            ancestor.subtree_expiring -= node.subtree_expiring
-            ancestor = ancestor.parent
+        grow(node.parent, -node.subtree_bytes, -node.subtree_keys, -node.subtree_expiring)
         del node.parent.children[node.name]
         self.prune(node.parent)
         return node
