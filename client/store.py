@@ -121,17 +121,18 @@ class _Connection:
             "max_batch_size": max_batch_size,
             "max_batches_in_flight": max_batches_in_flight,
         }
-        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Pipeline]] = {}
+        # Per loop: the channel, its StoreService stub and its Pipeline.
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Any, Pipeline]] = {}
 
     def pipeline(self) -> Pipeline:
         """The Pipeline to send operations with in the running loop."""
-        return self._opened()[1]
+        return self._opened()[2]
 
     def stub(self) -> Any:
-        """A StoreService stub on the running loop's channel, for the RPCs outside the Pipeline."""
-        return store_pb2_grpc.StoreServiceStub(self._opened()[0])
+        """The StoreService stub of the running loop's channel, for the RPCs outside the Pipeline."""
+        return self._opened()[1]
 
-    def _opened(self) -> tuple[Any, Pipeline]:
+    def _opened(self) -> tuple[Any, Any, Pipeline]:
         loop = asyncio.get_running_loop()
         opened = self._by_loop.get(loop)
         if opened is None:
@@ -141,14 +142,14 @@ class _Connection:
             if channel is None:
                 channel = grpc.aio.insecure_channel(self._target, options=self._options)
             stub = store_pb2_grpc.StoreServiceStub(channel)
-            opened = self._by_loop[loop] = (channel, Pipeline(stub.Pipeline, **self._pipeline_settings))
+            opened = self._by_loop[loop] = (channel, stub, Pipeline(stub.Pipeline, **self._pipeline_settings))
         return opened
 
     async def close(self) -> None:
         """Stop the running loop's stream and close its channel, unless the caller owns the channel."""
         opened = self._by_loop.pop(asyncio.get_running_loop(), None)
         if opened is not None:
-            channel, pipeline = opened
+            channel, _, pipeline = opened
             await pipeline.close()
             if channel is not self._callers_channel:
                 await channel.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -192,9 +191,8 @@ class StoreServicer:
         results = response.results
         operations = self._operations
         metrics = self._metrics
-        if metrics:  # looked up once per batch: counting costs ~0.3 µs an operation
-            clock, counts, ok, durations = time.perf_counter, metrics.counts, metrics.ok, metrics.durations
-            started = clock()
+        clock = time.perf_counter
+        started = clock() if metrics else 0.0
         room = self._chunk_bytes
         for operation in request.operations:
             result = results.add()
@@ -217,10 +215,7 @@ class StoreServicer:
             if metrics:
                 # From the end of the operation before: its parsing and its result's building count too.
                 now = clock()
-                counts[ok[kind]] += 1
-                histogram, elapsed = durations[kind], now - started
-                histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
-                histogram.sum += elapsed
+                metrics.succeeded(kind, now - started)
                 started = now
             if kind == "get":
                 room -= len(out.value)
