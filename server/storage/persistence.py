@@ -492,12 +492,10 @@ class Persistence:
             _write_all(fd, frame(_encode(SnapshotEnd(written))))
             await _in_thread(os.fsync, fd)
         except BaseException:
-            os.close(fd)
             os.unlink(temporary)  # cut short (an error, or the server stopping): nothing of it is left
             raise
-        else:
-            os.close(fd)
         finally:
+            os.close(fd)
             gc.unfreeze()
         return written
 
