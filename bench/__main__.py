@@ -76,11 +76,16 @@ async def mixed(store: Any, tasks: int, operations: int, keys: int) -> Row:
     }
 
 
+async def prepare_mixed(store: Any) -> None:
+    """The keys the mixed workload reads, and a warm-up of connections and code paths."""
+    await asyncio.gather(*(store.set(f"key{i}", VALUE, expires_in=TTL) for i in range(MIXED_KEYS)))
+    await mixed(store, 16, 2_000, MIXED_KEYS)
+
+
 async def run_mixed(stores: dict[str, Any], concurrency: Sequence[int], operations: int) -> list[Row]:
     rows = []
     for name, store in stores.items():
-        await asyncio.gather(*(store.set(f"key{i}", VALUE, expires_in=TTL) for i in range(MIXED_KEYS)))
-        await mixed(store, 16, 2_000, MIXED_KEYS)  # warm up connections and code paths
+        await prepare_mixed(store)
         for tasks in concurrency:
             count = operations // 8 if tasks == 1 else operations
             rows.append({"store": name, "tasks": tasks, **await mixed(store, tasks, count, MIXED_KEYS)})
@@ -94,8 +99,7 @@ async def metrics_overhead(plain: str, measured: str, operations: int, rounds: i
     async with GrpcStore.with_client(plain) as without, GrpcStore.with_client(measured) as with_metrics:
         stores = {"plain": without.with_namespace("mixed"), "metrics": with_metrics.with_namespace("mixed")}
         for store in stores.values():
-            await asyncio.gather(*(store.set(f"key{i}", VALUE, expires_in=TTL) for i in range(MIXED_KEYS)))
-            await mixed(store, 16, 2_000, MIXED_KEYS)
+            await prepare_mixed(store)
         for _ in range(rounds):  # the best of each: noise only ever slows a round down
             for name, store in stores.items():
                 row = await mixed(store, 64, operations, MIXED_KEYS)

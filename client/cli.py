@@ -22,12 +22,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 import msgspec
 
 from nestkv.client.errors import StoreError
+from nestkv.client.stats import Stats
 from nestkv.client.store import DEFAULT_MAX_VALUE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
 
 MISSING = 1
@@ -151,7 +152,7 @@ def _seconds(ttl: float) -> float:
     return ttl
 
 
-def stats_table(stats: Any) -> str:
+def stats_table(stats: Stats) -> str:
     namespace, server = stats.namespace, stats.server
     rows = [
         ("namespace", "/".join(stats.path) or "(root)"),
