@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,7 +14,9 @@ import msgspec
 
 from nestkv.server.app import serve
 from nestkv.server.config import ServerConfig
+from nestkv.server.errors import InvalidArgument
 from nestkv.server.limits import Limits
+from nestkv.server.security import TokenEntry, digest, new_token, toml_entry
 
 _HELP = {
     "host": "address to listen on (default: %(default)s)",
@@ -32,6 +35,12 @@ _HELP = {
     "metrics_port": "serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
     "(default: off)",
     "log_format": "text, or json: one JSON object a line (default: %(default)s)",
+    "tls_cert": "PEM certificate chain: serve TLS only (with --tls-key); reloaded on SIGHUP",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA that client certificates must chain to: mutual TLS",
+    "auth_file": "TOML file of tokens, each confined to a namespace; calls then need one "
+    "(see `nestkv-server token new`); reloaded on SIGHUP",
+    "insecure": "serve a non-loopback --host with neither TLS nor tokens, on purpose",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",
     "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
     "max_depth": "most namespace segments in a path (default: %(default)s)",
@@ -61,6 +70,14 @@ _TYPES: dict[str, Callable[[str], Any]] = {"max_memory": byte_count, "metrics_po
 def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], skip: str = "") -> None:
     for field in msgspec.structs.fields(struct):
         if field.name == skip:
+            continue
+        if field.default is False:
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=field.name,
+                action="store_true",
+                help=_HELP[field.name],
+            )
             continue
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
@@ -118,8 +135,54 @@ class JsonLines(logging.Formatter):
         return json.dumps(line)
 
 
+def token_command(argv: Sequence[str]) -> None:
+    """`nestkv-server token new`: a fresh token on the first line, its auth file entry after."""
+    parser = argparse.ArgumentParser(
+        prog="nestkv-server token",
+        description="Mint a token: the token alone on the first line of stdout, then the entry to "
+        "append to the --auth-file (`... | tail -n +2 >> tokens.toml`). Only the token's SHA-256 "
+        "goes in the file.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    new = commands.add_parser("new", help="mint a token and print its auth file entry")
+    new.add_argument("--name", required=True, help="the token's name, for logs and metrics")
+    where = new.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--path",
+        action="append",
+        metavar="SEGMENT",
+        help="one segment of the token's root namespace, repeated for each level",
+    )
+    where.add_argument(
+        "--whole-store", action="store_true", help="root the token at the root: every namespace"
+    )
+    new.add_argument(
+        "--access",
+        choices=("read", "readwrite"),
+        default="read",
+        help="read: get, exists, expires_in, stats; readwrite: everything (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    path = [] if args.whole_store else args.path
+    try:
+        entry = msgspec.convert(
+            {"name": args.name, "sha256": "0" * 64, "path": path, "access": args.access}, TokenEntry
+        )
+        Limits().check_path(entry.path)
+    except (msgspec.ValidationError, InvalidArgument) as error:
+        new.error(str(error).replace("$.", "--"))
+    token = new_token()
+    print(token)
+    print()
+    print(toml_entry(entry.name, digest(token), entry.path, entry.access), end="")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_config(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["token"]:
+        token_command(arguments[1:])
+        return
+    config = parse_config(arguments)
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonLines()

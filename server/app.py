@@ -15,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from nestkv.server import VERSION
 from nestkv.server.config import ServerConfig
-from nestkv.server.metrics import OperationMetrics, StoreCollector, serve_metrics
+from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
+from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, is_loopback, open_security
 from nestkv.server.service import SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence, PersistenceError
@@ -47,6 +48,7 @@ def build_server(
     storage: NamespacedStorage,
     persistence: Persistence | None = None,
     metrics: OperationMetrics | None = None,
+    gate: Gate | None = None,
 ) -> StoreServer:
     """A grpc.aio server (not started) hosting the store, health and reflection."""
     message_bytes = config.limits.max_message_bytes()
@@ -73,6 +75,7 @@ def build_server(
         commit=persistence.commit if persistence else None,
         writable=persistence.writable if persistence else None,
         metrics=metrics,
+        gate=gate,
     )
     store_servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
@@ -82,6 +85,23 @@ def build_server(
         server,
     )
     return StoreServer(server, store_servicer, health_servicer)
+
+
+def reload_security(tls: TlsFiles | None, gate: Gate) -> None:
+    """SIGHUP: read the TLS files and the auth file again; one that fails to load is kept as it was."""
+    if tls is not None:
+        tls.reload()
+    gate.reload()
+
+
+def describe_security(tls: TlsFiles | None, gate: Gate) -> str:
+    """How callers reach the store, for the ready line: `, TLS`, `, mutual TLS`, `, N tokens`."""
+    parts = []
+    if tls is not None:
+        parts.append("mutual TLS" if tls.client_ca else "TLS")
+    if gate.required:
+        parts.append(f"{gate.tokens()} tokens from {gate.path}")
+    return "".join(f", {part}" for part in parts)
 
 
 async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
@@ -107,13 +127,21 @@ def open_persistence(config: ServerConfig, storage: NamespacedStorage) -> Persis
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight calls finish (up to the grace period)."""
+    denials = Denials() if config.metrics_port is not None else None
+    try:
+        tls, gate = open_security(config, denials)
+    except SecurityConfigError as error:
+        raise SystemExit(f"nestkv: {error}") from None
     storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
     persistence = open_persistence(config, storage)
     metrics = OperationMetrics() if config.metrics_port is not None else None
-    serving = build_server(config, storage, persistence, metrics)
+    serving = build_server(config, storage, persistence, metrics, gate)
     server, health_servicer = serving.server, serving.health
     try:
-        port = server.add_insecure_port(config.address())
+        if tls is not None:
+            port = server.add_secure_port(config.address(), tls.credentials)
+        else:
+            port = server.add_insecure_port(config.address())
     except RuntimeError as exc:
         raise SystemExit(
             f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)"
@@ -124,7 +152,7 @@ async def serve(config: ServerConfig) -> None:
         assert config.metrics_port is not None
         try:
             metrics_server, metrics_port = serve_metrics(
-                config.host, config.metrics_port, StoreCollector(metrics, storage, persistence)
+                config.host, config.metrics_port, StoreCollector(metrics, storage, persistence, denials)
             )
         except OSError as error:
             raise SystemExit(
@@ -146,13 +174,17 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_security, tls, gate)
     log.info(
-        "nestkv serving on %s (version %s, event loop %s%s)",
+        "nestkv serving on %s (version %s, event loop %s%s%s)",
         config.address(port),
         VERSION,
         type(loop).__module__,
+        describe_security(tls, gate),
         scraped,
     )
+    if gate.required and tls is None and not is_loopback(config.host):
+        log.warning("tokens travel in plaintext to %s: add --tls-cert and --tls-key", config.host)
 
     await stop.wait()
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)

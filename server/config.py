@@ -43,6 +43,16 @@ class ServerConfig(msgspec.Struct, frozen=True):
     """Serve Prometheus metrics at http://host:metrics_port/metrics (0: a free port); None: off."""
     log_format: Literal["text", "json"] = "text"
     """Log lines as text, or as one JSON object a line (for log collectors)."""
+    tls_cert: str = ""
+    """PEM certificate chain to serve TLS with (with tls_key); reloaded on SIGHUP."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_client_ca: str = ""
+    """PEM CA certificates that client certificates must chain to: mutual TLS (needs tls_cert)."""
+    auth_file: str = ""
+    """TOML file of tokens, each confined to a namespace; every call then needs one. Reloaded on SIGHUP."""
+    insecure: bool = False
+    """Serve a non-loopback host with neither TLS nor tokens, on purpose."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 

@@ -3,7 +3,9 @@
     StoreFault
      ├── InvalidArgument     a field is malformed or over a limit (also a ValueError)
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
-     └── StoreUnavailable    writes are refused for now: the log on disk cannot be written
+     ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
+     ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
+     └── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
 
 The servicer maps each class to a gRPC status code through one table
 (`server.service.STATUS_OF`).
@@ -26,3 +28,11 @@ class StoreFull(StoreFault):
 
 class StoreUnavailable(StoreFault):
     """The server cannot take writes for now (its log cannot be written); reads still work."""
+
+
+class Unauthenticated(StoreFault):
+    """The call carries no token, or one the auth file does not hold; nothing was read or changed."""
+
+
+class PermissionDenied(StoreFault):
+    """The caller's token does not allow this operation; nothing was changed."""

@@ -12,6 +12,9 @@ Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` counters.
       nestkv_max_memory_bytes
     nestkv_evictions_total, nestkv_expired_keys_total   counters
     nestkv_log_bytes, nestkv_last_snapshot_age_seconds  gauges, with --data-dir
+    nestkv_auth_denials_total{token, reason}       counter: calls and operations refused, by token
+                                                   name ("" if none) and reason (missing_token,
+                                                   unknown_token, read_only)
 """
 
 from __future__ import annotations
@@ -85,15 +88,33 @@ class OperationMetrics:
         self.counts[key] = self.counts.get(key, 0) + 1
 
 
+class Denials:
+    """Calls and operations refused for want of a valid token or of access, by token name and reason."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def count(self, token: str, reason: str) -> None:
+        key = (token, reason)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
 class StoreCollector:
     """The prometheus-client collector of a server: reads the counters and the store when scraped."""
 
     def __init__(
-        self, operations: OperationMetrics, storage: NamespacedStorage, persistence: Persistence | None
+        self,
+        operations: OperationMetrics,
+        storage: NamespacedStorage,
+        persistence: Persistence | None,
+        denials: Denials | None = None,
     ) -> None:
         self._operations = operations
         self._storage = storage
         self._persistence = persistence
+        self._denials = denials
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -119,6 +140,15 @@ class StoreCollector:
         batches = HistogramMetricFamily("nestkv_batch_operations", "Operations per Pipeline batch.")
         batches.add_metric([], *buckets_of(self._operations.batch_sizes))
         yield batches
+        if self._denials is not None:
+            denied = CounterMetricFamily(
+                "nestkv_auth_denials",
+                "Calls and operations refused for want of a valid token or of access.",
+                labels=["token", "reason"],
+            )
+            for (token, reason), count in self._denials.counts.copy().items():
+                denied.add_metric([token, reason], count)
+            yield denied
         storage = self._storage
         yield GaugeMetricFamily(
             "nestkv_keys", "Keys held, expired keys not yet reclaimed included.", storage.keys

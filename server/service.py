@@ -19,9 +19,17 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
 from nestkv.server import VERSION
-from nestkv.server.errors import InvalidArgument, StoreFault, StoreFull, StoreUnavailable
+from nestkv.server.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    StoreFault,
+    StoreFull,
+    StoreUnavailable,
+    Unauthenticated,
+)
 from nestkv.server.limits import Limits, MiB, check_span
 from nestkv.server.metrics import OperationMetrics
+from nestkv.server.security import Gate, Grant
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -29,6 +37,8 @@ STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     StoreFault: grpc.StatusCode.UNKNOWN,
 }
 
@@ -97,11 +107,14 @@ class StoreServicer:
         commit: Callable[[], None] | None = None,
         writable: Callable[[], None] | None = None,
         metrics: OperationMetrics | None = None,
+        gate: Gate | None = None,
     ) -> None:
         """`commit` runs after each request's writes, before the answer; `writable` before each
         write, raising StoreUnavailable when writes cannot be kept (persistence); `metrics`, if
-        given, counts every operation with its status and duration, and every batch's size."""
+        given, counts every operation with its status and duration, and every batch's size;
+        `gate`, if given, admits each call by its token and scopes its operations (default: open)."""
         self._storage = storage
+        self._gate = gate or Gate("", limits)
         self._metrics = metrics
         self._commit = commit or _nothing
         self._writable = writable or _nothing
@@ -131,7 +144,9 @@ class StoreServicer:
                 )
             elif method.name == _STATS:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    _unary(self.stats, pb.StatsResponse, _nothing),
+                    _unary(
+                        "stats", self.stats, pb.StatsResponse, _nothing, self._gate, confine=_confine_stats
+                    ),
                     request_deserializer=parse,
                     response_serializer=serialize,
                 )
@@ -140,7 +155,12 @@ class StoreServicer:
                 record = functools.partial(self._metrics.record, kind) if self._metrics else None
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                     _unary(
-                        self._operations[kind], getattr(pb, method.output_type.name), self._commit, record
+                        kind,
+                        self._operations[kind],
+                        getattr(pb, method.output_type.name),
+                        self._commit,
+                        self._gate,
+                        record,
                     ),
                     request_deserializer=parse,
                     response_serializer=serialize,
@@ -160,10 +180,23 @@ class StoreServicer:
                 stream.cancel()
 
     async def pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        """The Pipeline RPC: each batch in order, answered in one or more responses."""
+        """The Pipeline RPC: each batch in order, answered in one or more responses.
+
+        The token is checked once, when the stream opens, and again after the auth file is
+        reloaded (a revoked token's stream ends); each operation's access is checked on its own.
+        """
         stream = asyncio.current_task()
         batches = aiter(requests)
+        gate = self._gate
+        admitted = -1  # the gate's version the stream's grant comes from
+        grant = gate.everything
         while not self._stopping:
+            if admitted != gate.version:
+                admitted = gate.version
+                try:
+                    grant = gate.admit(context)
+                except Unauthenticated as fault:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(fault))
             self._reading.add(stream)
             try:
                 request = await anext(batches)
@@ -178,14 +211,16 @@ class StoreServicer:
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             try:
-                responses = self.run_batch(request)
+                responses = self.run_batch(request, grant)
             except StoreFault as fault:  # the commit failed: the client may send the batch again
                 await context.abort(status_of(fault), str(fault))
             for response in responses:
                 yield response
 
-    def run_batch(self, request: pb.PipelineRequest) -> list[pb.PipelineResponse]:
-        """Run a batch's operations in order; one response unless the values read need more."""
+    def run_batch(self, request: pb.PipelineRequest, grant: Grant | None = None) -> list[pb.PipelineResponse]:
+        """Run a batch's operations in order, as `grant` allows (default: anything); one response
+        unless the values read need more."""
+        scope = (grant or self._gate.everything).scope
         response = pb.PipelineResponse(id=request.id)
         responses = [response]
         results = response.results
@@ -203,7 +238,9 @@ class StoreServicer:
             out = getattr(result, kind)
             out.SetInParent()
             try:
-                operations[kind](getattr(operation, kind), out)
+                request_of_kind = getattr(operation, kind)
+                scope(kind, request_of_kind)
+                operations[kind](request_of_kind, out)
             except StoreFault as fault:
                 code = status_of(fault)
                 _fail(result, code, str(fault))
@@ -254,7 +291,6 @@ class StoreServicer:
 
     def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
         limits = self._limits
-        limits.check_path(request.path)
         limits.check_key(request.key)
         limits.check_value(request.value)
         ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
@@ -262,7 +298,6 @@ class StoreServicer:
         self._storage.set(request.path, request.key, request.value, ttl)
 
     def get(self, request: pb.GetRequest, response: pb.GetResponse) -> None:
-        self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         renew_for = _span(request.renew_for, "renew_for") if request.HasField("renew_for") else None
         if renew_for is not None:
@@ -273,23 +308,19 @@ class StoreServicer:
             response.value = value
 
     def delete(self, request: pb.DeleteRequest, response: pb.DeleteResponse) -> None:
-        self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         self._writable()
         self._storage.delete(request.path, request.key)
 
     def delete_all(self, request: pb.DeleteAllRequest, response: pb.DeleteAllResponse) -> None:
-        self._limits.check_path(request.path)
         self._writable()
         self._storage.delete_all(request.path)
 
     def exists(self, request: pb.ExistsRequest, response: pb.ExistsResponse) -> None:
-        self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         response.exists = self._storage.exists(request.path, request.key)
 
     def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
-        self._limits.check_path(request.path)
         storage = self._storage
         subtree = storage.subtree(request.path)
         namespace = response.namespace
@@ -306,7 +337,6 @@ class StoreServicer:
         server.version = VERSION
 
     def expires_in(self, request: pb.ExpiresInRequest, response: pb.ExpiresInResponse) -> None:
-        self._limits.check_path(request.path)
         self._limits.check_key(request.key)
         left = self._storage.expires_in(request.path, request.key)
         if left is None:
@@ -327,15 +357,26 @@ def _nothing() -> None:
     pass
 
 
+def _confine_stats(response: pb.StatsResponse) -> None:
+    """Stats for a token rooted below the root: the server-wide figures would describe other tenants."""
+    server = response.server
+    server.keys = server.memory_bytes = server.max_memory_bytes = 0
+    server.evictions = server.expired_keys = 0
+
+
 def _unary(
+    kind: str,
     operation: Operation,
     response_class: type[Message],
     commit: Callable[[], None],
+    gate: Gate,
     record: Callable[[str, float], None] | None = None,
+    confine: Callable[[Any], None] | None = None,
 ) -> Callable[[Any, Any], Awaitable[Any]]:
-    """A grpc.aio method running one operation, turning a StoreFault into its status.
+    """A grpc.aio method running one operation as the caller's token allows, a StoreFault as its status.
 
-    `record(code, seconds)`, if given, counts the call once its status is known (after the commit).
+    `record(code, seconds)`, if given, counts the call once its status is known (after the commit);
+    `confine(response)`, if given, trims the response of a caller whose token has a root.
     """
 
     async def method(request: Any, context: Any) -> Any:
@@ -346,7 +387,11 @@ def _unary(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         response = response_class()
         try:
+            grant = gate.admit(context)
+            grant.scope(kind, request)
             operation(request, response)
+            if confine and grant.root:
+                confine(response)
             commit()
         except StoreFault as fault:
             if record:
