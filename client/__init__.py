@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from nestkv.client.base import NamespacedStore, StorageObject, Store
 from nestkv.client.errors import (
+    AuthenticationError,
     InvalidRequestError,
+    PermissionDeniedError,
     StoreError,
     StoreFullError,
     StoreProtocolError,
@@ -24,11 +26,13 @@ from nestkv.client.stats import NamespaceStats, ServerStats, Stats
 from nestkv.client.store import GrpcStore, channel_options
 
 __all__ = [
+    "AuthenticationError",
     "GrpcStore",
     "InvalidRequestError",
     "LocalStore",
     "NamespaceStats",
     "NamespacedStore",
+    "PermissionDeniedError",
     "ServerStats",
     "Stats",
     "StorageObject",

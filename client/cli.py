@@ -1,6 +1,7 @@
 """The `nestkv` command (also `python -m nestkv.client`): the store from a shell, as redis-cli and etcdctl.
 
-    nestkv [--target HOST:PORT] [-n SEGMENT]... COMMAND
+    nestkv [--target HOST:PORT] [--ca FILE] [--cert FILE --key FILE] [--token TOKEN]
+           [-n SEGMENT]... COMMAND
       get KEY                          the value to stdout, byte for byte; exit 1 if missing
       set KEY VALUE|- [--ttl SECONDS]  '-' reads the value from stdin (binary safe)
       delete KEY | exists KEY | ttl KEY | delete-all
@@ -61,6 +62,22 @@ def parser() -> argparse.ArgumentParser:
         metavar="SEGMENT",
         help="one namespace segment, repeated for each level (a segment may hold '/')",
     )
+    top.add_argument(
+        "--tls", action="store_true", help="connect over TLS, trusting the system's CA certificates"
+    )
+    top.add_argument(
+        "--ca", dest="tls_ca", metavar="FILE", help="PEM CA certificates to trust: connect over TLS"
+    )
+    top.add_argument(
+        "--cert", dest="tls_cert", metavar="FILE", help="PEM client certificate, for mutual TLS (with --key)"
+    )
+    top.add_argument("--key", dest="tls_key", metavar="FILE", help="PEM private key of --cert")
+    top.add_argument(
+        "--token",
+        default=os.environ.get("NESTKV_TOKEN"),
+        help="token for a server with --auth-file (default: $NESTKV_TOKEN); sent only over TLS, "
+        "or in plaintext to a loopback address",
+    )
     top.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds (default: %(default)s)")
     top.add_argument(
         "--max-value-bytes",
@@ -89,10 +106,15 @@ async def run(args: argparse.Namespace) -> int:
     """Run one command; its exit code. StoreError and ValueError propagate to `main`."""
     if not args.timeout > 0:
         raise CommandError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    credentials = channel_credentials(args)
     if args.command == "ping":
-        return await ping(args.target, args.timeout)
+        return await ping(args.target, args.timeout, credentials)
     async with GrpcStore.with_client(
-        args.target, timeout=args.timeout, max_value_bytes=args.max_value_bytes
+        args.target,
+        timeout=args.timeout,
+        max_value_bytes=args.max_value_bytes,
+        credentials=credentials,
+        token=args.token or None,
     ) as root:
         store = root
         for segment in args.path:
@@ -125,6 +147,29 @@ async def run(args: argparse.Namespace) -> int:
                 text = json.dumps(msgspec.to_builtins(stats)) if args.json else stats_table(stats)
                 _write(f"{text}\n".encode())
     return 0
+
+
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls, --ca, --cert and --key; None (plaintext) without any of them."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CommandError("--cert and --key go together: give both, or neither")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+
+    def read(path: str | None, flag: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as error:
+            raise CommandError(f"cannot read {flag} {path}: {error.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(args.tls_ca, "--ca"),
+        private_key=read(args.tls_key, "--key"),
+        certificate_chain=read(args.tls_cert, "--cert"),
+    )
 
 
 def _read_stdin() -> bytes:
@@ -172,11 +217,16 @@ def stats_table(stats: Stats) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-async def ping(target: str, seconds: float) -> int:
-    """Ask grpc.health.v1 whether the server is serving: 0 if so, MISSING otherwise."""
+async def ping(target: str, seconds: float, credentials: grpc.ChannelCredentials | None = None) -> int:
+    """Ask grpc.health.v1 whether the server is serving: 0 if so, MISSING otherwise (no token needed)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    channel = (
+        grpc.aio.insecure_channel(target)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials)
+    )
+    async with channel:
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=seconds, wait_for_ready=False
@@ -194,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = asyncio.run(run(args))
     except StoreError as error:
-        code = _fail(f"{args.target}: {error}")
+        hint = ""
+        if error.code == "UNAVAILABLE" and not (args.tls or args.tls_ca or args.tls_cert):
+            hint = " (if the server serves TLS, connect with --ca FILE or --tls)"
+        code = _fail(f"{args.target}: {error}{hint}")
     except (CommandError, ValueError, TypeError) as error:
         code = _fail(str(error))
     except KeyboardInterrupt:

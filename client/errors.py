@@ -8,6 +8,10 @@
      │                              or dropped the call while shutting down (CANCELLED)
      ├── StoreTimeoutError          the call's deadline passed (DEADLINE_EXCEEDED); also a TimeoutError
      ├── StoreFullError             the server is out of a resource (RESOURCE_EXHAUSTED)
+     ├── AuthenticationError        the server needs a token and got none, or one it does not
+     │                              hold (UNAUTHENTICATED); nothing was read or changed
+     ├── PermissionDeniedError      the token does not allow the operation, a write with a
+     │                              `read` token (PERMISSION_DENIED); nothing was changed
      └── StoreProtocolError         any other status: a server or protocol fault
 
 Arguments the client can check itself (negative durations, empty namespaces,
@@ -51,6 +55,14 @@ class StoreFullError(StoreError):
     """The server refused the write for lack of a resource (memory, concurrency)."""
 
 
+class AuthenticationError(StoreError):
+    """The server requires a token and the call had none, or one the server does not hold (revoked)."""
+
+
+class PermissionDeniedError(StoreError):
+    """The caller's token does not allow this operation (a write with a `read` token)."""
+
+
 class StoreProtocolError(StoreError):
     """The server failed or answered with a status the client does not expect."""
 
@@ -62,6 +74,8 @@ _ERROR_OF: dict[Any, type[StoreError]] = {
     grpc.StatusCode.CANCELLED: StoreUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: StoreTimeoutError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFullError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -93,6 +94,7 @@ class _Connection:
     __slots__ = (
         "_by_loop",
         "_callers_channel",
+        "_credentials",
         "_options",
         "_pipeline_settings",
         "_target",
@@ -105,6 +107,7 @@ class _Connection:
         *,
         channel: Any = None,
         target: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         max_value_bytes: int,
         timeout: float | None,
@@ -112,6 +115,7 @@ class _Connection:
         max_batches_in_flight: int,
     ) -> None:
         self._target = target
+        self._credentials = credentials
         self._options = list(options)
         self.max_value_bytes = max_value_bytes
         self.timeout = timeout
@@ -139,8 +143,10 @@ class _Connection:
             # Forget channels of loops that are gone: they cannot be used or closed any more.
             self._by_loop = {old: pair for old, pair in self._by_loop.items() if not old.is_closed()}
             channel = self._callers_channel
-            if channel is None:
+            if channel is None and self._credentials is None:
                 channel = grpc.aio.insecure_channel(self._target, options=self._options)
+            elif channel is None:
+                channel = grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
             stub = store_pb2_grpc.StoreServiceStub(channel)
             opened = self._by_loop[loop] = (channel, stub, Pipeline(stub.Pipeline, **self._pipeline_settings))
         return opened
@@ -215,17 +221,27 @@ class GrpcStore(NamespacedStore):
         options: Sequence[tuple[str, Any]] = (),
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> Self:
-        """A root store that owns an insecure channel to `target` ("host:port").
+        """A root store that owns a channel to `target` ("host:port").
 
         Safe to call outside a running event loop: the channel opens on first use.
         `max_value_bytes` should match the server's --max-value-bytes: a larger
         value raises InvalidRequestError before anything is sent. `options`
         are extra grpc channel options, which override the defaults.
+
+        `credentials` are gRPC channel credentials, such as
+        `grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)`
+        for TLS and mutual TLS; None: plaintext. `token` is sent with every
+        call as `authorization: Bearer <token>` call credentials, which gRPC
+        sends only over TLS, or in plaintext to a loopback address (local
+        channel credentials): any other target without `credentials` raises ValueError.
         """
         # gRPC uses the first occurrence of an option: the caller's come first.
         connection = _Connection(
             target=target,
+            credentials=_with_token(credentials, token, target),
             options=[*options, *channel_options(max_value_bytes)],
             max_value_bytes=_positive(max_value_bytes, "max_value_bytes"),
             timeout=timeout,
@@ -395,6 +411,38 @@ def _in_path(request: Any, path: tuple[str, ...]) -> Any:
     else:
         request.SetInParent()
     return request
+
+
+def _with_token(
+    credentials: grpc.ChannelCredentials | None, token: str | None, target: str
+) -> grpc.ChannelCredentials | None:
+    """Channel credentials that also send `token` with every call."""
+    if token is None:
+        return credentials
+    if not isinstance(token, str) or not token or any(char.isspace() for char in token):
+        raise ValueError(
+            "token must be a non-empty str without whitespace, as `nestkv-server token new` prints"
+        )
+    if credentials is None:
+        if not _is_loopback(target):
+            raise ValueError(
+                f"a token is sent only over TLS, or in plaintext to a loopback address; {target!r} is "
+                "neither: pass credentials=grpc.ssl_channel_credentials(...)"
+            )
+        credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    return grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+
+
+def _is_loopback(target: str) -> bool:
+    """Whether a "host:port" target names this machine (127.0.0.0/8, [::1], localhost)."""
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _positive(number: int, name: str) -> int:

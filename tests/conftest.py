@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
+import grpc
 import pytest
 
 from nestkv.client import GrpcStore, LocalStore, NamespacedStore
+from tests.pki import AuthFile, Pki, make_pki
 from tests.serverproc import ServerProcess
 
 
@@ -30,7 +33,47 @@ async def grpc_store(server: ServerProcess) -> AsyncIterator[GrpcStore]:
         yield store
 
 
-@pytest.fixture(params=["local_store", "grpc_store"])
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA with server and client certificates (and an unrelated CA), made for this session."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@dataclass(frozen=True)
+class SecureServer:
+    """A server process serving TLS with an auth file, and a token of it rooted at ["tenant"]."""
+
+    process: ServerProcess
+    auth_file: AuthFile
+    credentials: grpc.ChannelCredentials
+    token: str
+
+    @property
+    def target(self) -> str:
+        return self.process.target
+
+
+@pytest.fixture(scope="session")
+def secure_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServer]:
+    auth_file = AuthFile(tmp_path_factory.mktemp("auth") / "tokens.toml")
+    token = auth_file.mint("tenant", ["tenant"], "readwrite")
+    tls = ("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key))
+    with ServerProcess(*tls, "--auth-file", str(auth_file.path)) as process:
+        yield SecureServer(process, auth_file, pki.credentials(), token)
+
+
+@pytest.fixture
+async def secure_grpc_store(secure_server: SecureServer) -> AsyncIterator[GrpcStore]:
+    """A GrpcStore over TLS whose token confines it to ["tenant"]: its root is that namespace."""
+    store = GrpcStore.with_client(
+        secure_server.target, credentials=secure_server.credentials, token=secure_server.token
+    )
+    async with store:
+        await store.delete_all()
+        yield store
+
+
+@pytest.fixture(params=["local_store", "grpc_store", "secure_grpc_store"])
 def store(request: pytest.FixtureRequest) -> NamespacedStore:
     """Every store the contract suite must hold for, in the manner of Litestar's store tests."""
     value: NamespacedStore = request.getfixturevalue(request.param)
