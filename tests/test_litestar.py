@@ -16,6 +16,7 @@ from litestar.stores.registry import StoreRegistry
 from litestar.testing import TestClient
 
 from nestkv.client import GrpcStore
+from tests.conftest import SecureServer
 from tests.serverproc import ServerProcess
 
 calls = {"cached": 0}
@@ -61,27 +62,40 @@ def make_app(root: GrpcStore) -> Litestar:
     )
 
 
+Connect = Callable[[], GrpcStore]
+
+
+@pytest.fixture(params=["plaintext", "tls_and_token"])
+def connect(request: pytest.FixtureRequest) -> Connect:
+    """Opens a root store on the app's server: plaintext, or over TLS with a token rooted at ["tenant"]."""
+    if request.param == "plaintext":
+        server: ServerProcess = request.getfixturevalue("server")
+        return lambda: GrpcStore.with_client(server.target)
+    secure: SecureServer = request.getfixturevalue("secure_server")
+    return lambda: GrpcStore.with_client(secure.target, credentials=secure.credentials, token=secure.token)
+
+
 @pytest.fixture
-def app(server: ServerProcess) -> Litestar:
-    root = GrpcStore.with_client(server.target)
+def app(connect: Connect) -> Litestar:
+    root = connect()
     asyncio.run(root.delete_all())
     return make_app(root)
 
 
-def on_server(server: ServerProcess, *namespaces: str) -> GrpcStore:
+def on_server(connect: Connect, *namespaces: str) -> GrpcStore:
     """A separate client on the same server, to look at what the app stored."""
-    store = GrpcStore.with_client(server.target)
+    store = connect()
     for namespace in namespaces:
         store = store.with_namespace(namespace)
     return store
 
 
-def test_server_side_sessions_live_in_the_store(app: Litestar, server: ServerProcess) -> None:
+def test_server_side_sessions_live_in_the_store(app: Litestar, connect: Connect) -> None:
     with TestClient(app) as client:
         assert client.post("/login").status_code == 201
         session_id = client.cookies["session"]
         assert client.get("/me").json() == {"user": "alice"}
-    sessions = on_server(server, "sessions")
+    sessions = on_server(connect, "sessions")
     assert asyncio.run(sessions.exists(session_id)) is True
     assert asyncio.run(sessions.expires_in(session_id)) == 1_209_600  # Litestar's default max_age, renewed
     # A fresh app (new loop, new lifespan) on the same server still knows the session.
@@ -90,16 +104,16 @@ def test_server_side_sessions_live_in_the_store(app: Litestar, server: ServerPro
         assert client.get("/me").json() == {"user": "alice"}
 
 
-def test_response_cache_lives_in_the_store(app: Litestar, server: ServerProcess) -> None:
+def test_response_cache_lives_in_the_store(app: Litestar, connect: Connect) -> None:
     with TestClient(app) as client:
         first = client.get("/cached").json()
         assert client.get("/cached").json() == first  # served from the cache
-        asyncio.run(on_server(server, "response_cache").delete_all())
+        asyncio.run(on_server(connect, "response_cache").delete_all())
         assert client.get("/cached").json() == {"calls": first["calls"] + 1}
 
 
-def test_rate_limit_counts_in_the_store(app: Litestar, server: ServerProcess) -> None:
+def test_rate_limit_counts_in_the_store(app: Litestar, connect: Connect) -> None:
     with TestClient(app) as client:
         assert [client.get("/limited").status_code for _ in range(4)] == [200, 200, 200, 429]
-        asyncio.run(on_server(server, "rate_limit").delete_all())
+        asyncio.run(on_server(connect, "rate_limit").delete_all())
         assert client.get("/limited").status_code == 200

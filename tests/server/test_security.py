@@ -1,0 +1,155 @@
+"""The auth file and the grants it gives, driven directly; `nestkv-server token new` as a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nestkv.server.errors import InvalidArgument, PermissionDenied
+from nestkv.server.limits import Limits
+from nestkv.server.metrics import Denials
+from nestkv.server.security import Grant, SecurityConfigError, digest, load_tokens, toml_entry
+from nestkv.v1 import store_pb2 as pb
+
+DIGEST = "ab" * 32
+
+
+def entry(name: str = "t", sha256: str = DIGEST, path: str = '["a"]', access: str = "read") -> str:
+    return f'[[tokens]]\nname = "{name}"\nsha256 = "{sha256}"\npath = {path}\naccess = "{access}"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[[tokens]\n", "(at line 1, column 9)"),
+        (entry() + "role = 1\n", "unknown field `role`"),
+        (entry(sha256="AB" * 32), "$.tokens[0].sha256"),
+        (entry(sha256="ab"), "$.tokens[0].sha256"),
+        (entry(access="admin"), "'admin'"),
+        (entry(name=""), "$.tokens[0].name"),
+        (entry() + "\n" + entry(sha256="cd" * 32), "token 't' (entry 2): the name is taken"),
+        (entry() + "\n" + entry(name="u"), "token 'u' (entry 2): the same sha256"),
+        (entry(path='["a", ""]'), "token 't' (entry 1): path: namespace segment is empty"),
+        (entry(path=str(["s"] * 33).replace("'", '"')), "path: path has 33 segments; the limit is 32"),
+    ],
+)
+def test_an_auth_file_that_cannot_be_used_is_refused_with_the_reason(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    with pytest.raises(SecurityConfigError, match="auth file") as raised:
+        load_tokens(str(path), Limits(), None)
+    assert problem in str(raised.value)
+    assert str(path) in str(raised.value)
+
+
+def test_a_missing_auth_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SecurityConfigError, match=r"cannot read auth file .*missing\.toml"):
+        load_tokens(str(tmp_path / "missing.toml"), Limits(), None)
+
+
+segments = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@given(name=segments, path=st.lists(segments, max_size=4), access=st.sampled_from(["read", "readwrite"]))
+def test_toml_entry_reads_back_as_written(name: str, path: list[str], access: str) -> None:
+    """Names and segments with quotes, backslashes, control characters or DEL survive the TOML."""
+    parsed = tomllib.loads(toml_entry(name, DIGEST, path, access))
+    assert parsed == {"tokens": [{"name": name, "sha256": DIGEST, "path": path, "access": access}]}
+
+
+def test_scope_roots_the_path_and_checks_it_as_the_caller_sent_it() -> None:
+    grant = Grant("t", ("tenant", "x"), True, Limits(max_depth=3))
+    request = pb.SetRequest(path=["a", "b", "c"], key="k")
+    grant.scope("set", request)
+    assert list(request.path) == ["tenant", "x", "a", "b", "c"]
+    with pytest.raises(InvalidArgument, match="path has 4 segments; the limit is 3"):
+        grant.scope("get", pb.GetRequest(path=["a", "b", "c", "d"], key="k"))
+    with pytest.raises(InvalidArgument, match="namespace segment is empty"):
+        grant.scope("exists", pb.ExistsRequest(path=["a", ""], key="k"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_message"),
+    [
+        ("set", pb.SetRequest(key="k")),
+        ("delete", pb.DeleteRequest(key="k")),
+        ("delete_all", pb.DeleteAllRequest()),
+        ("get", pb.GetRequest(key="k", renew_for={"seconds": 5})),
+    ],
+)
+def test_a_read_grant_refuses_every_change_and_counts_it(kind: str, request_message: object) -> None:
+    denials = Denials()
+    grant = Grant("reader", ("tenant",), False, Limits(), denials)
+    with pytest.raises(PermissionDenied, match=r"token .reader. has read access; .* needs readwrite"):
+        grant.scope(kind, request_message)
+    assert denials.counts == {("reader", "read_only"): 1}
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_message"),
+    [
+        ("get", pb.GetRequest(key="k")),
+        ("exists", pb.ExistsRequest(key="k")),
+        ("expires_in", pb.ExpiresInRequest(key="k")),
+        ("stats", pb.StatsRequest()),
+    ],
+)
+def test_a_read_grant_allows_every_read(kind: str, request_message: pb.GetRequest) -> None:
+    Grant("reader", ("tenant",), False, Limits()).scope(kind, request_message)
+    assert list(request_message.path) == ["tenant"]
+
+
+def token_new(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nestkv.server", "token", "new", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_token_new_prints_the_token_then_the_entry_to_append(tmp_path: Path) -> None:
+    auth_file = tmp_path / "tokens.toml"
+    tokens = []
+    for name, path in (("tenant-a", ["--path", "tenant-a"]), ("ops", ["--whole-store"])):
+        minted = token_new("--name", name, *path, "--access", "readwrite")
+        assert minted.returncode == 0, minted.stderr
+        token, rest = minted.stdout.split("\n", 1)
+        tokens.append(token)
+        with auth_file.open("a") as file:  # what `| tail -n +2 >> tokens.toml` appends
+            file.write(rest)
+    assert tokens[0] != tokens[1]
+    for token in tokens:
+        assert token.startswith("nkv_")
+        assert len(token) - len("nkv_") >= 43  # 32 random bytes, base64url: 256 bits
+        assert token not in auth_file.read_text()
+    index = load_tokens(str(auth_file), Limits(), None)
+    grants = {grant.name: (full, grant) for bucket in index.values() for full, grant in bucket}
+    assert grants["tenant-a"][0] == hashlib.sha256(tokens[0].encode()).digest()
+    assert grants["tenant-a"][0].hex() == digest(tokens[0])
+    assert (grants["tenant-a"][1].root, grants["tenant-a"][1].writes) == (("tenant-a",), True)
+    assert (grants["ops"][1].root, grants["ops"][1].writes) == ((), True)
+
+
+def test_token_new_defaults_to_read_and_needs_a_place(tmp_path: Path) -> None:
+    minted = token_new("--name", "reader", "--path", "a", "--path", "b/c")
+    assert minted.returncode == 0
+    assert minted.stdout.split("\n", 2)[2] == entry(
+        "reader", digest(minted.stdout.split("\n")[0]), '["a", "b/c"]'
+    )
+    nowhere = token_new("--name", "x")
+    assert nowhere.returncode == 2
+    assert "one of the arguments --path --whole-store is required" in nowhere.stderr
+    empty = token_new("--name", "x", "--path", "")
+    assert empty.returncode == 2
+    assert "namespace segment is empty" in empty.stderr
