@@ -1,11 +1,42 @@
 // A nestkv client in Node.js that knows nothing but protos/nestkv/v1/store.proto.
-// Usage: node client.js HOST:PORT PROTO_DIR
-// Reads what the Python side wrote, writes a key for it to read, prints JSON.
+// Usage: node client.js HOST:PORT PROTO_DIR [SEGMENT...]
+// Reads what the Python side wrote under the namespace SEGMENT... (default: poly glot),
+// writes a key for it to read, prints one JSON line.
+//
+// Environment:
+//   NESTKV_CA_FILE  PEM file of the CA to trust: connect over TLS (otherwise plaintext)
+//   NESTKV_TOKEN    token sent as `authorization: Bearer <token>` call credentials;
+//                   needs NESTKV_CA_FILE (grpc-js sends call credentials over TLS only)
+//
+// A call that fails with a gRPC status ends the run with exit code 2 and the JSON line
+// {"error": {"method", "code", "details"}}; any other failure exits with 1.
 "use strict";
+const fs = require("fs");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 
-const [target, protoDir] = process.argv.slice(2);
+const [target, protoDir, ...segments] = process.argv.slice(2);
+const path = segments.length ? segments : ["poly", "glot"];
+const caFile = process.env.NESTKV_CA_FILE || null;
+const token = process.env.NESTKV_TOKEN || null;
+
+function channelCredentials() {
+  if (!caFile) {
+    if (token) {
+      throw new Error("NESTKV_TOKEN needs NESTKV_CA_FILE: call credentials go over TLS only");
+    }
+    return grpc.credentials.createInsecure();
+  }
+  const tls = grpc.credentials.createSsl(fs.readFileSync(caFile));
+  if (!token) return tls;
+  const bearer = grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+    const metadata = new grpc.Metadata();
+    metadata.set("authorization", `Bearer ${token}`);
+    callback(null, metadata);
+  });
+  return grpc.credentials.combineChannelCredentials(tls, bearer);
+}
+
 const definition = protoLoader.loadSync("nestkv/v1/store.proto", {
   includeDirs: [protoDir],
   keepCase: true,
@@ -13,18 +44,26 @@ const definition = protoLoader.loadSync("nestkv/v1/store.proto", {
   defaults: true,
 });
 const { StoreService } = grpc.loadPackageDefinition(definition).nestkv.v1;
-const client = new StoreService(target, grpc.credentials.createInsecure());
+const client = new StoreService(target, channelCredentials());
+
+class CallError extends Error {
+  constructor(method, error) {
+    super(`${method}: ${error.message}`);
+    this.method = method;
+    this.code = error.code;
+    this.details = error.details;
+  }
+}
 
 function call(method, request) {
   return new Promise((resolve, reject) =>
     client[method](request, { deadline: Date.now() + 5000 }, (error, response) =>
-      error ? reject(error) : resolve(response),
+      error ? reject(new CallError(method, error)) : resolve(response),
     ),
   );
 }
 
 async function main() {
-  const path = ["poly", "glot"];
   const read = await call("Get", { path, key: "from-python" });
   const ttl = await call("ExpiresIn", { path, key: "from-python" });
   await call("Set", {
@@ -33,10 +72,10 @@ async function main() {
     value: Buffer.from("hello from node ✓"),
     expires_in: { seconds: 60, nanos: 0 },
   });
-  const missing = await call("Get", { path: ["poly"], key: "from-python" });
+  const missing = await call("Get", { path: path.slice(0, -1), key: "from-python" });
   let invalid = null;
   try {
-    await call("Set", { path: ["poly", ""], key: "k", value: Buffer.from("") });
+    await call("Set", { path: [path[0], ""], key: "k", value: Buffer.from("") });
   } catch (error) {
     invalid = { code: error.code, details: error.details };
   }
@@ -50,10 +89,17 @@ async function main() {
       invalid,
     }),
   );
-  client.close();
 }
 
-main().catch((error) => {
-  console.error(error);
-  process.exit(1);
-});
+main()
+  .catch((error) => {
+    if (error instanceof CallError) {
+      const { method, code, details } = error;
+      console.log(JSON.stringify({ error: { method, code, details } }));
+      process.exitCode = 2;
+    } else {
+      console.error(error);
+      process.exitCode = 1;
+    }
+  })
+  .finally(() => client.close());
