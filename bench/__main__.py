@@ -10,8 +10,14 @@ so absolute figures from different runs do not compare. Workloads:
   in another.
 * memory: server memory per key with 1,000,000 keys (21-byte keys, 100-byte
   values, TTL): nestkv's RSS growth against redis-server's `used_memory`.
-* metrics: mixed at 64 tasks against a second server with `--metrics-port`,
-  interleaved with the plain one, best of 3 each: what counting costs.
+* overheads: mixed at 64 tasks (GrpcStore, Pipeline batches) and unary
+  `Exists` calls at 16 tasks (what a polyglot caller sends), against servers
+  run plain, with `--metrics-port`, with TLS, and with TLS and a token rooted
+  at a namespace (`--auth-file`), interleaved, best of 3 each: what counting,
+  TLS and token checks cost, as ratios to the plain server. The token goes
+  as call credentials, and for unary calls also as plain metadata (a Python
+  client's call credentials run a plugin per call; the server's check is the
+  same either way).
 * gather: `asyncio.gather` of n single `exists` calls from one GrpcStore, for
   n of 5,000, 20,000 and 100,000 (100,000 operations each: 20 gathers of
   5,000, ...): ops/s against n, as a ratio to the first n (callers beyond
@@ -25,18 +31,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
 import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from bench.servers import RedisServer, nestkv_server, redis_server, rss_bytes
 from nestkv.client import GrpcStore, LocalStore
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+from tests.pki import AuthFile, make_pki
 
 VALUE = b"v" * 100
 TTL = 3600
@@ -93,19 +106,100 @@ async def run_mixed(stores: dict[str, Any], concurrency: Sequence[int], operatio
     return rows
 
 
-async def metrics_overhead(plain: str, measured: str, operations: int, rounds: int = 3) -> Row:
-    """mixed at 64 tasks against a server without and one with --metrics-port, interleaved."""
-    best: dict[str, float] = {"plain": 0.0, "metrics": 0.0}
-    async with GrpcStore.with_client(plain) as without, GrpcStore.with_client(measured) as with_metrics:
-        stores = {"plain": without.with_namespace("mixed"), "metrics": with_metrics.with_namespace("mixed")}
-        for store in stores.values():
-            await prepare_mixed(store)
+class Variant:
+    """A server run with some flags, and how a client reaches it."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        *,
+        unary_metadata: bool = False,
+    ) -> None:
+        self.target = target
+        self.credentials = credentials
+        self.token = token
+        self.unary_metadata = unary_metadata
+        """Unary calls carry the token as metadata of their own, not as call credentials."""
+
+    def store(self) -> GrpcStore:
+        return GrpcStore.with_client(self.target, credentials=self.credentials, token=self.token)
+
+    def channel(self) -> grpc.aio.Channel:
+        """A plain grpc.aio channel, as a polyglot caller would open (the token as call credentials)."""
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.target)
+        credentials = self.credentials
+        if self.token is not None and not self.unary_metadata:
+            call = grpc.access_token_call_credentials(self.token)
+            credentials = grpc.composite_channel_credentials(credentials, call)
+        return grpc.aio.secure_channel(self.target, credentials)
+
+
+async def unary_exists(variant: Variant, stub: Any, tasks: int, operations: int) -> float:
+    """ops/s of one-operation Exists calls from `tasks` tasks."""
+    per_task = max(1, operations // tasks)
+    metadata = (("authorization", f"Bearer {variant.token}"),) if variant.unary_metadata else None
+
+    async def worker() -> None:
+        for i in range(per_task):
+            await stub.Exists(pb.ExistsRequest(path=["unary"], key=f"key{i}"), timeout=10, metadata=metadata)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return per_task * tasks / (time.perf_counter() - started)
+
+
+async def overheads(variants: dict[str, Variant], operations: int, rounds: int = 3) -> list[Row]:
+    """mixed at 64 tasks and unary Exists at 16 tasks on each variant, interleaved, best of `rounds`."""
+    best: dict[str, Row] = {
+        name: {"variant": name, "mixed_ops_per_s": 0.0, "unary_ops_per_s": 0.0} for name in variants
+    }
+    stores = {name: variant.store() for name, variant in variants.items()}
+    channels = {name: variant.channel() for name, variant in variants.items()}
+    stubs = {name: store_pb2_grpc.StoreServiceStub(channel) for name, channel in channels.items()}
+    try:
+        for name, store in stores.items():
+            await prepare_mixed(store.with_namespace("mixed"))
+            await unary_exists(variants[name], stubs[name], 16, 1_000)
         for _ in range(rounds):  # the best of each: noise only ever slows a round down
             for name, store in stores.items():
-                row = await mixed(store, 64, operations, MIXED_KEYS)
-                best[name] = max(best[name], row["ops_per_s"])
-    print(f"  metrics overhead: {best}", flush=True)
-    return {"plain_ops_per_s": best["plain"], "metrics_ops_per_s": best["metrics"]}
+                row = await mixed(store.with_namespace("mixed"), 64, operations, MIXED_KEYS)
+                unary = await unary_exists(variants[name], stubs[name], 16, operations // 4)
+                best[name]["mixed_ops_per_s"] = max(best[name]["mixed_ops_per_s"], row["ops_per_s"])
+                best[name]["unary_ops_per_s"] = max(best[name]["unary_ops_per_s"], unary)
+    finally:
+        for store in stores.values():
+            await store.close()
+        for channel in channels.values():
+            await channel.close()
+    print(f"  overheads: {list(best.values())}", flush=True)
+    return list(best.values())
+
+
+@contextlib.contextmanager
+def variant_servers(plain: str) -> Iterator[dict[str, Variant]]:
+    """The plain server given, and servers with metrics, with TLS, and with TLS and a scoped token."""
+    with tempfile.TemporaryDirectory() as directory:
+        pki = make_pki(Path(directory))
+        auth_file = AuthFile(Path(directory) / "tokens.toml")
+        token = auth_file.mint("bench", ["bench"], "readwrite")
+        tls = ("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key))
+        with (
+            nestkv_server("--metrics-port", "0") as metrics,
+            nestkv_server(*tls) as secure,
+            nestkv_server(*tls, "--auth-file", str(auth_file.path)) as scoped,
+        ):
+            yield {
+                "plaintext": Variant(plain),
+                "--metrics-port": Variant(metrics.target),
+                "TLS": Variant(secure.target, pki.credentials()),
+                "TLS + token": Variant(scoped.target, pki.credentials(), token),
+                "TLS + token as metadata": Variant(
+                    scoped.target, pki.credentials(), token, unary_metadata=True
+                ),
+            }
 
 
 async def run_gather(target: str, sizes: Sequence[int]) -> list[Row]:
@@ -237,15 +331,19 @@ def report(results: dict[str, Any]) -> str:
             f"| gather of {row['operations']:,} single ops | {row['ops_per_s']:,.0f} | "
             f"{ratio(row['ops_per_s'], first)} |"
         )
-    overhead = results["metrics"]
     lines += [
         "",
-        "| workload | without --metrics-port | with | with vs without |",
-        "|---|---:|---:|---:|",
-        f"| mixed, 64 tasks, best of 3 | {overhead['plain_ops_per_s']:,.0f} ops/s | "
-        f"{overhead['metrics_ops_per_s']:,.0f} ops/s | "
-        f"{ratio(overhead['metrics_ops_per_s'], overhead['plain_ops_per_s'])} |",
+        "| server (best of 3) | mixed, 64 tasks, ops/s | vs plaintext | unary Exists, 16 tasks, ops/s "
+        "| vs plaintext |",
+        "|---|---:|---:|---:|---:|",
     ]
+    plain = results["overheads"][0]
+    for row in results["overheads"]:
+        lines.append(
+            f"| {row['variant']} | {row['mixed_ops_per_s']:,.0f} | "
+            f"{ratio(row['mixed_ops_per_s'], plain['mixed_ops_per_s'])} | {row['unary_ops_per_s']:,.0f} | "
+            f"{ratio(row['unary_ops_per_s'], plain['unary_ops_per_s'])} |"
+        )
     if results.get("redis_skipped"):
         lines += ["", f"Redis rows skipped: {results['redis_skipped']}"]
     return "\n".join(lines)
@@ -328,8 +426,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.operations,
         )
         results["gather"] = await run_gather(nestkv.target, args.gather_sizes)
-        with nestkv_server("--metrics-port", "0") as measured:
-            results["metrics"] = await metrics_overhead(nestkv.target, measured.target, args.operations)
+        with variant_servers(nestkv.target) as variants:
+            results["overheads"] = await overheads(variants, args.operations)
         await stores["GrpcStore"].close()
         if "RedisStore" in stores:
             await stores["RedisStore"]._redis.aclose()

@@ -23,9 +23,16 @@ def test_bench_runs_and_writes_every_row(tmp_path: Path) -> None:
         assert all(row["ops_per_s"] > 0 and row["p99_us"] >= row["p50_us"] > 0 for row in rows)
     assert results["nestkv"]["delete_all_s"] > 0
     assert [row["operations"] for row in results["gather"]] == [300, 900]
-    assert results["metrics"]["plain_ops_per_s"] > 0
-    assert results["metrics"]["metrics_ops_per_s"] > 0
-    assert "| mixed, 64 tasks, best of 3 |" in done.stdout
+    overheads = results["overheads"]
+    assert [row["variant"] for row in overheads] == [
+        "plaintext",
+        "--metrics-port",
+        "TLS",
+        "TLS + token",
+        "TLS + token as metadata",
+    ]
+    assert all(row["mixed_ops_per_s"] > 0 and row["unary_ops_per_s"] > 0 for row in overheads)
+    assert "| TLS + token |" in done.stdout
     assert "| gather of 900 single ops |" in done.stdout
     assert "| mixed, 64 tasks | GrpcStore |" in done.stdout
     assert ("redis" in results) != ("redis_skipped" in results)
