@@ -186,17 +186,11 @@ class StoreServicer:
         reloaded (a revoked token's stream ends); each operation's access is checked on its own.
         """
         stream = asyncio.current_task()
-        batches = aiter(requests)
         gate = self._gate
-        admitted = -1  # the gate's version the stream's grant comes from
-        grant = gate.everything
+        admitted = gate.version  # the tokens the stream's grant comes from
+        grant = await _admit(gate, context)
+        batches = aiter(requests)  # only now: a stream refused unread leaves no receiver behind
         while not self._stopping:
-            if admitted != gate.version:
-                admitted = gate.version
-                try:
-                    grant = gate.admit(context)
-                except Unauthenticated as fault:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(fault))
             self._reading.add(stream)
             try:
                 request = await anext(batches)
@@ -210,6 +204,9 @@ class StoreServicer:
                 self._reading.discard(stream)
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            if admitted != gate.version:  # the tokens were reloaded: is this one still held?
+                admitted = gate.version
+                grant = await _admit(gate, context)
             try:
                 responses = self.run_batch(request, grant)
             except StoreFault as fault:  # the commit failed: the client may send the batch again
@@ -346,6 +343,15 @@ class StoreServicer:
             seconds = int(left)
             response.expires_in.seconds = seconds
             response.expires_in.nanos = int((left - seconds) * 1e9)
+
+
+async def _admit(gate: Gate, context: Any) -> Grant:
+    """The grant of a stream's token; a stream without a valid one ends with UNAUTHENTICATED."""
+    try:
+        return gate.admit(context)
+    except Unauthenticated as fault:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(fault))
+        raise  # abort raises; this line only tells type checkers so
 
 
 def _fail(result: pb.OperationResult, code: grpc.StatusCode, message: str) -> None:
