@@ -75,8 +75,9 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument(
         "--token",
         default=os.environ.get("NESTKV_TOKEN"),
-        help="token for a server with --auth-file (default: $NESTKV_TOKEN); sent only over TLS, "
-        "or in plaintext to a loopback address",
+        help="token for a server with --auth-file (default: $NESTKV_TOKEN, which other users cannot "
+        "read in the process list as they can arguments); sent only over TLS, or in plaintext to a "
+        "loopback address",
     )
     top.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds (default: %(default)s)")
     top.add_argument(
