@@ -15,6 +15,17 @@ from typing import Self
 READY = re.compile(r"nestkv serving on (?P<host>[^\s\"]+):(?P<port>\d+)\b")
 
 
+def server_command(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m nestkv.server ARGS` run to its end (a start that must fail, `token new`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "nestkv.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class ServerProcess:
     """`python -m nestkv.server --port 0 ...`: started on enter, stopped (SIGTERM) on exit."""
 

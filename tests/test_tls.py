@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -16,7 +14,7 @@ from nestkv.client import GrpcStore, StoreUnavailableError
 from tests.client.test_cli import nestkv
 from tests.pki import Authority, Pki
 from tests.polling import eventually
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, server_command
 
 
 def tls_flags(pki: Pki) -> tuple[str, ...]:
@@ -25,13 +23,7 @@ def tls_flags(pki: Pki) -> tuple[str, ...]:
 
 def fails_to_start(*args: str) -> str:
     """Run the server with `args`; it must exit with status 1 without serving: its last line of stderr."""
-    done = subprocess.run(
-        [sys.executable, "-m", "nestkv.server", "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = server_command("--port", "0", *args)
     assert done.returncode == 1, done.stderr
     assert "serving on" not in done.stderr
     return done.stderr.strip().splitlines()[-1]

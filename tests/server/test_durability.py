@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,14 @@ from nestkv.server.config import ServerConfig
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence
 from tests.polling import eventually
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, server_command
 from tests.storage.test_persistence import break_log, mend_log
 
 _SNAPSHOT_WRITTEN = re.compile(r"snapshot of \d+ entries written")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nestkv.server", "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return server_command("--port", "0", *args)
 
 
 async def write_until_stopped(target: str, name: str, acknowledged: list[str], stop: asyncio.Event) -> None:

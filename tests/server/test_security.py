@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from nestkv.server.limits import Limits
 from nestkv.server.metrics import Denials
 from nestkv.server.security import Grant, SecurityConfigError, digest, load_tokens, toml_entry
 from nestkv.v1 import store_pb2 as pb
+from tests.serverproc import server_command
 
 DIGEST = "ab" * 32
 
@@ -109,13 +109,7 @@ def test_a_read_grant_allows_every_read(kind: str, request_message: pb.GetReques
 
 
 def token_new(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nestkv.server", "token", "new", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return server_command("token", "new", *args)
 
 
 def test_token_new_prints_the_token_then_the_entry_to_append(tmp_path: Path) -> None:
