@@ -419,9 +419,11 @@ def _with_token(
     """Channel credentials that also send `token` with every call."""
     if token is None:
         return credentials
-    if not isinstance(token, str) or not token or any(char.isspace() for char in token):
+    if not (isinstance(token, str) and token and token.isascii() and token.isprintable()) or " " in token:
+        # gRPC refuses anything else as metadata, and only after the retries, as UNAVAILABLE.
         raise ValueError(
-            "token must be a non-empty str without whitespace, as `nestkv-server token new` prints"
+            "token must be a non-empty str of printable ASCII without spaces, "
+            "as `nestkv-server token new` prints"
         )
     if credentials is None:
         if not _is_loopback(target):

@@ -34,6 +34,8 @@ _HELP = {
     "max_concurrent_streams": "calls one connection may have open at once (default: %(default)s)",
     "metrics_port": "serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
     "(default: off)",
+    "metrics_host": "address to serve the metrics on: plain HTTP, no token, so loopback unless set "
+    "(0.0.0.0 for a Prometheus on another machine) (default: %(default)s)",
     "log_format": "text, or json: one JSON object a line (default: %(default)s)",
     "tls_cert": "PEM certificate chain: serve TLS only (with --tls-key); reloaded on SIGHUP",
     "tls_key": "PEM private key of --tls-cert",

@@ -100,7 +100,7 @@ def describe_security(tls: TlsFiles | None, gate: Gate) -> str:
     if tls is not None:
         parts.append("mutual TLS" if tls.client_ca else "TLS")
     if gate.required:
-        parts.append(f"{gate.tokens()} tokens from {gate.path}")
+        parts.append(f"{gate.tokens()} token{'' if gate.tokens() == 1 else 's'} from {gate.path}")
     return "".join(f", {part}" for part in parts)
 
 
@@ -152,13 +152,14 @@ async def serve(config: ServerConfig) -> None:
         assert config.metrics_port is not None
         try:
             metrics_server, metrics_port = serve_metrics(
-                config.host, config.metrics_port, StoreCollector(metrics, storage, persistence, denials)
+                config.metrics_host,
+                config.metrics_port,
+                StoreCollector(metrics, storage, persistence, denials),
             )
         except OSError as error:
-            raise SystemExit(
-                f"nestkv: cannot serve metrics on {config.address(config.metrics_port)}: {error}"
-            ) from None
-        scraped = f", metrics at http://{config.address(metrics_port)}/metrics"
+            where = config.address(config.metrics_port, config.metrics_host)
+            raise SystemExit(f"nestkv: cannot serve metrics on {where}: {error}") from None
+        scraped = f", metrics at http://{config.address(metrics_port, config.metrics_host)}/metrics"
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

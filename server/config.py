@@ -40,7 +40,9 @@ class ServerConfig(msgspec.Struct, frozen=True):
     max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1)] = 100
     """Calls one client connection may have open at once; more wait their turn."""
     metrics_port: Port | None = None
-    """Serve Prometheus metrics at http://host:metrics_port/metrics (0: a free port); None: off."""
+    """Serve Prometheus metrics at http://metrics_host:metrics_port/metrics (0: a free port); None: off."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics are served on: plain HTTP without tokens, so loopback unless asked for."""
     log_format: Literal["text", "json"] = "text"
     """Log lines as text, or as one JSON object a line (for log collectors)."""
     tls_cert: str = ""
@@ -56,7 +58,8 @@ class ServerConfig(msgspec.Struct, frozen=True):
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 
-    def address(self, port: int | None = None) -> str:
-        """`host:port` (IPv6 hosts in brackets), with `port` in place of the configured one if given."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port if port is None else port}"
+    def address(self, port: int | None = None, host: str | None = None) -> str:
+        """`host:port` (IPv6 hosts in brackets), with `port` and `host` in place of the configured ones."""
+        host = self.host if host is None else host
+        port = self.port if port is None else port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

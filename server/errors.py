@@ -17,6 +17,10 @@ from __future__ import annotations
 class StoreFault(Exception):
     """Base of the errors a request can cause; the message is shown to the caller."""
 
+    def confined(self) -> str:
+        """The message for a caller confined to a namespace: nothing about the rest of the store."""
+        return str(self)
+
 
 class InvalidArgument(StoreFault, ValueError):
     """A request field is malformed or over a limit; nothing was changed."""
@@ -24,6 +28,14 @@ class InvalidArgument(StoreFault, ValueError):
 
 class StoreFull(StoreFault):
     """A write would exceed the memory bound and the eviction policy frees nothing; nothing was changed."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+    def confined(self) -> str:
+        # The full message gives the memory the whole store uses: other tenants' data.
+        return f"the store is full: this write needs {self.needed} B and nothing may be evicted"
 
 
 class StoreUnavailable(StoreFault):

@@ -14,7 +14,7 @@ Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` counters.
     nestkv_log_bytes, nestkv_last_snapshot_age_seconds  gauges, with --data-dir
     nestkv_auth_denials_total{token, reason}       counter: calls and operations refused, by token
                                                    name ("" if none) and reason (missing_token,
-                                                   unknown_token, read_only)
+                                                   unknown_token, ambiguous_token, read_only)
 """
 
 from __future__ import annotations

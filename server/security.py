@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nestkv.server")
 
-WRITES = frozenset({"set", "delete", "delete_all"})
-"""Operations a `read` token may not run (nor a `get` that renews: it changes the expiry)."""
+READS = frozenset({"get", "exists", "expires_in", "stats"})
+"""The operations a `read` token may run (a `get` only without renew_for: a renewal changes the
+expiry). An allow list: an operation added later is refused to `read` tokens until listed here."""
 TOKEN_BYTES = 32
 """Randomness of a minted token: 256 bits."""
 TOKEN_PREFIX = "nkv_"
@@ -96,7 +97,7 @@ class Grant:
         store, with the same max_depth below it as the whole store has for an unscoped caller.
         """
         self.limits.check_path(request.path)
-        if not self.writes and (kind in WRITES or (kind == "get" and request.HasField("renew_for"))):
+        if not self.writes and (kind not in READS or (kind == "get" and request.HasField("renew_for"))):
             if self.denials is not None:
                 self.denials.count(self.name, "read_only")
             action = "get with renew_for" if kind == "get" else kind
@@ -111,6 +112,7 @@ def digest(token: str) -> str:
 
 
 def new_token() -> str:
+    """A fresh random token: TOKEN_PREFIX and 256 bits in URL-safe base64 (printable ASCII)."""
     return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
 
 
@@ -158,13 +160,15 @@ class Gate:
         self.everything = Grant("", (), True, limits)
         """The grant of every call when there is no auth file."""
         self.version = 0
-        """Bumped by every reload that changes the tokens: streams admitted before it are admitted again."""
+        """Bumped by every successful reload: streams admitted before it are admitted again."""
 
     @property
     def required(self) -> bool:
+        """Whether calls need a token (the server has an auth file)."""
         return self._index is not None
 
     def tokens(self) -> int:
+        """How many tokens the auth file holds."""
         return sum(len(grants) for grants in (self._index or {}).values())
 
     def admit(self, context: Any) -> Grant:
@@ -173,6 +177,9 @@ class Gate:
         if index is None:
             return self.everything
         token = _bearer(context.invocation_metadata() or ())
+        if token is _AMBIGUOUS:
+            self._deny("", "ambiguous_token")
+            raise Unauthenticated("the call carries more than one authorization header; send one")
         if token is None:
             self._deny("", "missing_token")
             raise Unauthenticated(
@@ -191,25 +198,48 @@ class Gate:
         if not self.path:
             return
         try:
-            self._index = load_tokens(self.path, self._limits, self.denials)
+            index = load_tokens(self.path, self._limits, self.denials)
         except SecurityConfigError as error:
             log.error("kept the previous tokens: %s", error)
             return
+        if not index and self._index:
+            # Most likely caught half-written (`>` truncates first): taking it would lock every caller out.
+            log.error(
+                "kept the previous tokens: auth file %s holds none now; replace the file in one step "
+                "(write another, then rename it over), or restart the server to revoke every token",
+                self.path,
+            )
+            return
+        self._index = index
         self.version += 1
-        log.info("auth file %s reloaded: %d tokens", self.path, self.tokens())
+        log.info("auth file %s reloaded: %s", self.path, _count(self.tokens(), "token"))
 
     def _deny(self, name: str, reason: str) -> None:
         if self.denials is not None:
             self.denials.count(name, reason)
 
 
+_AMBIGUOUS = ""
+
+
 def _bearer(metadata: Iterable[tuple[str, Any]]) -> str | None:
-    for key, value in metadata:
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+    """The token of `authorization: Bearer <token>`; None without one; _AMBIGUOUS if sent twice.
+
+    Proxies differ on which of two headers counts: a call that carries two is refused.
+    """
+    values = [value for key, value in metadata if key == "authorization"]
+    if len(values) > 1:
+        return _AMBIGUOUS
+    if not values or not isinstance(values[0], str):
+        return None
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return None
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 class TlsFiles:
@@ -232,7 +262,9 @@ class TlsFiles:
         except SecurityConfigError as error:
             log.error("kept the previous TLS credentials: %s", error)
             return
-        log.info("TLS credentials reloaded from %s", self.cert)
+        # gRPC builds its handshaker from them at the next handshake; one it cannot build (a key
+        # type Python's OpenSSL reads and gRPC's BoringSSL does not) is logged by gRPC there.
+        log.info("TLS credentials reloaded from %s: new handshakes use them", self.cert)
 
     def _fetch(self) -> Any:
         # Called by gRPC before every handshake: a new configuration once, then None (no change).
@@ -243,7 +275,13 @@ class TlsFiles:
         cert, key = _read(self.cert, "--tls-cert"), _read(self.key, "--tls-key")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            context.load_cert_chain(self.cert, self.key)
+            # A password callback, or OpenSSL would ask for a pass phrase on the terminal and block.
+            context.load_cert_chain(self.cert, self.key, password=_no_pass_phrase)
+        except _EncryptedKey:
+            raise SecurityConfigError(
+                f"--tls-key {self.key} is encrypted; gRPC needs an unencrypted PEM key "
+                "(openssl pkey -in KEY -out PLAIN), readable by the server only"
+            ) from None
         except (ssl.SSLError, OSError) as error:
             raise SecurityConfigError(
                 f"--tls-cert {self.cert} and --tls-key {self.key} are not a PEM certificate chain "
@@ -262,6 +300,14 @@ class TlsFiles:
         if cert != _read(self.cert, "--tls-cert") or key != _read(self.key, "--tls-key"):
             raise SecurityConfigError(f"{self.cert} or {self.key} changed while being read; try again")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_pass_phrase() -> str:
+    raise _EncryptedKey
 
 
 def _read(path: str, flag: str) -> bytes:

@@ -217,7 +217,8 @@ class StoreServicer:
     def run_batch(self, request: pb.PipelineRequest, grant: Grant | None = None) -> list[pb.PipelineResponse]:
         """Run a batch's operations in order, as `grant` allows (default: anything); one response
         unless the values read need more."""
-        scope = (grant or self._gate.everything).scope
+        grant = grant or self._gate.everything
+        scope = grant.scope
         response = pb.PipelineResponse(id=request.id)
         responses = [response]
         results = response.results
@@ -240,7 +241,7 @@ class StoreServicer:
                 operations[kind](request_of_kind, out)
             except StoreFault as fault:
                 code = status_of(fault)
-                _fail(result, code, str(fault))
+                _fail(result, code, fault.confined() if grant.root else str(fault))
                 if metrics:
                     now = clock()
                     metrics.record(kind, code.name, now - started)
@@ -350,7 +351,7 @@ async def _admit(gate: Gate, context: Any) -> Grant:
     try:
         return gate.admit(context)
     except Unauthenticated as fault:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(fault))
+        await context.abort(status_of(fault), str(fault))
         raise  # abort raises; this line only tells type checkers so
 
 
@@ -387,13 +388,14 @@ def _unary(
 
     async def method(request: Any, context: Any) -> Any:
         started = time.perf_counter()
-        if isinstance(request, _Malformed):
-            if record:
-                record(grpc.StatusCode.INVALID_ARGUMENT.name, time.perf_counter() - started)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        grant = None
         response = response_class()
         try:
-            grant = gate.admit(context)
+            grant = gate.admit(
+                context
+            )  # first: a caller without a token learns nothing, not even a parse error
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.reason)
             grant.scope(kind, request)
             operation(request, response)
             if confine and grant.root:
@@ -402,7 +404,7 @@ def _unary(
         except StoreFault as fault:
             if record:
                 record(status_of(fault).name, time.perf_counter() - started)
-            await context.abort(status_of(fault), str(fault))
+            await context.abort(status_of(fault), fault.confined() if grant and grant.root else str(fault))
         if record:
             record("OK", time.perf_counter() - started)
         return response

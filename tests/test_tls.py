@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from nestkv.client import GrpcStore, StoreUnavailableError
 from tests.client.test_cli import nestkv
@@ -148,6 +149,22 @@ def test_non_loopback_host_needs_tls_or_tokens_or_insecure(pki: Pki, tmp_path: P
     for allowed in (("--insecure",), tls_flags(pki), ("--auth-file", str(auth_file))):
         assert "cannot listen on 192.0.2.1" in fails_to_start("--host", "192.0.2.1", *allowed)
     assert "refusing" in fails_to_start("--host", "0.0.0.0")
+
+
+def test_an_encrypted_key_stops_the_start_with_the_reason_and_never_asks_for_a_pass_phrase(
+    pki: Pki, tmp_path: Path
+) -> None:
+    key = serialization.load_pem_private_key(pki.server.key_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    line = fails_to_start("--tls-cert", str(pki.server.cert), "--tls-key", str(encrypted))
+    assert f"--tls-key {encrypted} is encrypted; gRPC needs an unencrypted PEM key" in line
 
 
 def test_tls_flags_that_cannot_work_stop_the_start(pki: Pki, tmp_path: Path) -> None:

@@ -649,6 +649,32 @@ async def test_calls_without_a_valid_token_are_unauthenticated_and_change_nothin
     await assert_holds(admin, {(("a",), "k"): b"kept", ((), "k"): b"kept"})
 
 
+async def test_two_authorization_headers_are_refused_whichever_comes_first(
+    served: Served, admin: Unary, stub: Any
+) -> None:
+    valid, wrong = bearer(served.tokens["a-rw"]), bearer(WRONG_TOKEN)
+    _, before = served.scrape()
+    for metadata in (valid + wrong, wrong + valid, valid + valid):
+        assert codes(await Unary(stub, metadata).run(op_set((), "k", b"v"))) == [UNAUTHENTICATED]
+    _, after = served.scrape()
+    assert denials(after, "", "ambiguous_token") - denials(before, "", "ambiguous_token") == 3
+    assert (await admin.stats(())).namespace.keys == 0
+
+
+async def test_a_malformed_request_without_a_token_learns_only_that_it_needs_one(
+    channel: Any, served: Served
+) -> None:
+    set_raw = channel.unary_unary("/nestkv.v1.StoreService/Set")
+    garbage = b"\xff\xff\xff"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await set_raw(garbage, timeout=5)
+    assert raised.value.code() == UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await set_raw(garbage, timeout=5, metadata=bearer(served.tokens["a-rw"]))
+    assert raised.value.code() == INVALID_ARGUMENT
+    assert "malformed nestkv.v1.SetRequest" in (raised.value.details() or "")
+
+
 @pytest.mark.parametrize("token", [None, WRONG_TOKEN], ids=["no-token", "unknown-token"])
 async def test_grpc_store_without_a_valid_token_raises_authentication_error(
     served: Served, admin: Unary, token: str | None
@@ -761,6 +787,8 @@ BROKEN_AUTH_FILES = {
     "invalid-toml": '[[tokens]\nname = "a-rw"\n',
     "bad-digest": '[[tokens]]\nname = "x"\nsha256 = "not hex"\npath = []\naccess = "readwrite"\n',
     "unknown-access": '[[tokens]]\nname = "x"\nsha256 = "' + "0" * 64 + '"\npath = []\naccess = "admin"\n',
+    # As `>` leaves it for a moment: valid TOML, no tokens. Taken, it would lock every caller out.
+    "empty": "",
 }
 
 

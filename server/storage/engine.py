@@ -328,13 +328,14 @@ class NamespacedStorage:
         if old is not None:
             needed -= entry_size(key, old)
         if needed > self._max_memory:
-            raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all")
+            raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all", needed)
         while self.used_memory + needed > self._max_memory:
             if self._policy == "noeviction" or not self._evict_one(path, key):
                 raise StoreFull(
                     f"used memory {self.used_memory} B + {needed} B for this write would exceed "
                     f"max_memory {self._max_memory} B, and eviction policy {self._policy} frees nothing; "
-                    "reads and deletes still work"
+                    "reads and deletes still work",
+                    needed,
                 )
 
     def _evict_one(self, path: Sequence[str], key: str) -> bool:

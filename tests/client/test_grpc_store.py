@@ -6,12 +6,14 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from nestkv.client import (
+    AuthenticationError,
     GrpcStore,
     InvalidRequestError,
     StoreError,
@@ -26,6 +28,7 @@ from nestkv.server.service import StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
+from tests.pki import AuthFile
 from tests.serverproc import ServerProcess
 
 
@@ -259,3 +262,32 @@ def test_one_store_serves_two_live_loops_with_a_channel_each(server: ServerProce
 def test_wrapping_no_channel_is_a_type_error() -> None:
     with pytest.raises(TypeError, match=r"use GrpcStore\.with_client"):
         GrpcStore(None)
+
+
+@pytest.mark.parametrize("token", ["", "tök", "a b", "a\x01b", "a\nb"])
+def test_a_token_grpc_cannot_send_is_refused_before_any_call(token: str) -> None:
+    with pytest.raises(ValueError, match="token must be a non-empty str of printable ASCII without spaces"):
+        GrpcStore.with_client("127.0.0.1:50051", token=token)
+
+
+@pytest.mark.parametrize("target", ["10.0.0.1:50051", "nestkv.internal:50051", "[::]:50051", "localhost.:1"])
+def test_a_token_goes_in_plaintext_only_to_a_loopback_address(target: str) -> None:
+    with pytest.raises(
+        ValueError, match="a token is sent only over TLS, or in plaintext to a loopback address"
+    ):
+        GrpcStore.with_client(target, token="nkv_x")
+
+
+async def test_a_token_reaches_a_loopback_server_without_tls(tmp_path: Path) -> None:
+    """gRPC sends call credentials over local channel credentials: plaintext, peer checked to be local."""
+    auth_file = AuthFile(tmp_path / "tokens.toml")
+    token = auth_file.mint("local", ["local"])
+    with ServerProcess("--auth-file", str(auth_file.path)) as server:
+        for host in ("127.0.0.1", "localhost"):
+            target = f"{host}:{server.port}"
+            async with GrpcStore.with_client(target, token=token) as store:
+                await store.set("k", b"v")
+                assert (await store.stats()).namespace.keys == 1  # under ["local"]: the token arrived
+            async with GrpcStore.with_client(target) as store:
+                with pytest.raises(AuthenticationError):
+                    await store.get("k")

@@ -7,16 +7,20 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nestkv.server.__main__ import parse_config
 from nestkv.server.errors import InvalidArgument, PermissionDenied
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import Denials
 from nestkv.server.security import Grant, SecurityConfigError, digest, load_tokens, toml_entry
+from nestkv.server.service import StoreServicer
+from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
-from tests.serverproc import server_command
+from tests.serverproc import ServerProcess, server_command
 
 DIGEST = "ab" * 32
 
@@ -147,3 +151,38 @@ def test_token_new_defaults_to_read_and_needs_a_place(tmp_path: Path) -> None:
     empty = token_new("--name", "x", "--path", "")
     assert empty.returncode == 2
     assert "namespace segment is empty" in empty.stderr
+
+
+def test_an_operation_no_one_listed_as_a_read_is_refused_to_a_read_grant() -> None:
+    """Access is an allow list: an operation added later is not a read until it is listed as one."""
+    with pytest.raises(PermissionDenied):
+        Grant("reader", (), False, Limits()).scope("compare_and_set", pb.SetRequest(key="k"))
+
+
+def test_a_full_store_tells_a_scoped_caller_nothing_of_the_memory_others_use() -> None:
+    storage = NamespacedStorage(max_memory=10_000)
+    servicer = StoreServicer(storage, Limits())
+    servicer.run_batch(
+        pb.PipelineRequest(operations=[pb.Operation(set=pb.SetRequest(key="other", value=b"x" * 6_000))])
+    )
+    write = pb.PipelineRequest(operations=[pb.Operation(set=pb.SetRequest(key="k", value=b"y" * 6_000))])
+    [unscoped] = servicer.run_batch(write)
+    assert "used memory" in unscoped.results[0].error.message  # the operator's view: every figure
+    write = pb.PipelineRequest(operations=[pb.Operation(set=pb.SetRequest(key="k", value=b"y" * 6_000))])
+    [scoped] = servicer.run_batch(write, Grant("tenant", ("tenant",), True, Limits()))
+    error = scoped.results[0].error
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert error.message.startswith("the store is full: this write needs ")
+    assert str(storage.used_memory) not in error.message
+    assert "max_memory" not in error.message
+
+
+def test_metrics_are_served_on_loopback_unless_told_otherwise() -> None:
+    """/metrics has no tokens: the store served on another address does not take the metrics along."""
+    config = parse_config(["--host", "0.0.0.0", "--insecure", "--metrics-port", "0"])
+    assert (config.host, config.metrics_host) == ("0.0.0.0", "127.0.0.1")
+    with ServerProcess("--host", "127.0.0.2", "--metrics-port", "0") as server:
+        assert "nestkv serving on 127.0.0.2:" in server.log[-1]
+        assert ", metrics at http://127.0.0.1:" in server.log[-1]
+    with ServerProcess("--metrics-port", "0", "--metrics-host", "127.0.0.3") as server:
+        assert ", metrics at http://127.0.0.3:" in server.log[-1]
