@@ -153,7 +153,8 @@ def token_command(argv: Sequence[str]) -> None:
         "--path",
         action="append",
         metavar="SEGMENT",
-        help="one segment of the token's root namespace, repeated for each level",
+        help="one segment of the token's root namespace, repeated for each level "
+        "(checked against the default limits)",
     )
     where.add_argument(
         "--whole-store", action="store_true", help="root the token at the root: every namespace"

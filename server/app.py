@@ -143,9 +143,11 @@ async def serve(config: ServerConfig) -> None:
         else:
             port = server.add_insecure_port(config.address())
     except RuntimeError as exc:
-        raise SystemExit(
-            f"nestkv: cannot listen on {config.address()}: {exc} (is the port in use?)"
-        ) from None
+        # gRPC says only that it could not bind; with TLS, its BoringSSL may also refuse a key type.
+        hint = (
+            "is the port in use, or the TLS key of a type gRPC cannot use?" if tls else "is the port in use?"
+        )
+        raise SystemExit(f"nestkv: cannot listen on {config.address()}: {exc} ({hint})") from None
     scraped = ""
     metrics_server = None
     if metrics is not None:  # before the store serves: a port in use stops the start cleanly
