@@ -72,6 +72,8 @@ class TokenEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class AuthFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The whole auth file: its `[[tokens]]` entries, and nothing else."""
+
     tokens: list[TokenEntry] = []
 
 
