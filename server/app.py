@@ -100,7 +100,7 @@ def describe_security(tls: TlsFiles | None, gate: Gate) -> str:
     if tls is not None:
         parts.append("mutual TLS" if tls.client_ca else "TLS")
     if gate.required:
-        parts.append(f"{gate.tokens()} token{'' if gate.tokens() == 1 else 's'} from {gate.path}")
+        parts.append(f"{gate.tokens()} from {gate.path}")
     return "".join(f", {part}" for part in parts)
 
 

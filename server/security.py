@@ -169,19 +169,21 @@ class Gate:
         """Whether calls need a token (the server has an auth file)."""
         return self._index is not None
 
-    def tokens(self) -> int:
-        """How many tokens the auth file holds."""
-        return sum(len(grants) for grants in (self._index or {}).values())
+    def tokens(self) -> str:
+        """How many tokens the auth file holds, for the log: `1 token`, `3 tokens`."""
+        count = sum(len(grants) for grants in (self._index or {}).values())
+        return f"{count} token" if count == 1 else f"{count} tokens"
 
     def admit(self, context: Any) -> Grant:
         """The grant of the call of a grpc.aio ServicerContext, by its token; raises Unauthenticated."""
         index = self._index
         if index is None:
             return self.everything
-        token = _bearer(context.invocation_metadata() or ())
-        if token is _AMBIGUOUS:
+        headers = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
+        if len(headers) > 1:  # proxies differ on which of two headers counts: refuse both
             self._deny("", "ambiguous_token")
             raise Unauthenticated("the call carries more than one authorization header; send one")
+        token = _bearer(headers[0]) if headers else None
         if token is None:
             self._deny("", "missing_token")
             raise Unauthenticated(
@@ -214,34 +216,21 @@ class Gate:
             return
         self._index = index
         self.version += 1
-        log.info("auth file %s reloaded: %s", self.path, _count(self.tokens(), "token"))
+        log.info("auth file %s reloaded: %s", self.path, self.tokens())
 
     def _deny(self, name: str, reason: str) -> None:
         if self.denials is not None:
             self.denials.count(name, reason)
 
 
-_AMBIGUOUS = ""
-
-
-def _bearer(metadata: Iterable[tuple[str, Any]]) -> str | None:
-    """The token of `authorization: Bearer <token>`; None without one; _AMBIGUOUS if sent twice.
-
-    Proxies differ on which of two headers counts: a call that carries two is refused.
-    """
-    values = [value for key, value in metadata if key == "authorization"]
-    if len(values) > 1:
-        return _AMBIGUOUS
-    if not values or not isinstance(values[0], str):
+def _bearer(header: Any) -> str | None:
+    """The token of an `authorization: Bearer <token>` header; None if it holds none."""
+    if not isinstance(header, str):
         return None
-    scheme, _, token = values[0].partition(" ")
+    scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 class TlsFiles:

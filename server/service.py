@@ -391,9 +391,8 @@ def _unary(
         grant = None
         response = response_class()
         try:
-            grant = gate.admit(
-                context
-            )  # first: a caller without a token learns nothing, not even a parse error
+            # First: a caller without a token learns nothing, not even that its request would not parse.
+            grant = gate.admit(context)
             if isinstance(request, _Malformed):
                 raise InvalidArgument(request.reason)
             grant.scope(kind, request)
