@@ -43,6 +43,13 @@ _HELP = {
     "auth_file": "TOML file of tokens, each confined to a namespace; calls then need one "
     "(see `nestkv-server token new`); reloaded on SIGHUP",
     "insecure": "serve a non-loopback --host with neither TLS nor tokens, on purpose",
+    "node_id": "this node's id in --cluster (default: the host name, a StatefulSet's pod name)",
+    "cluster": "the members: ID=HOST:PORT,... or @FILE with one ID=HOST:PORT a line, re-read when it "
+    "changes; every node gets the same list, itself included (default: a cluster of one)",
+    "health_port": "also serve grpc.health.v1 alone, in plaintext, on this port: for Kubernetes' gRPC "
+    "probes, which do not speak TLS (default: off)",
+    "drain_timeout": "on SIGTERM, seconds to hand this node's keys to the other members before exiting "
+    "(default: %(default)s)",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",
     "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
     "max_depth": "most namespace segments in a path (default: %(default)s)",
@@ -66,7 +73,7 @@ def byte_count(text: str) -> int:
         ) from None
 
 
-_TYPES: dict[str, Callable[[str], Any]] = {"max_memory": byte_count, "metrics_port": int}
+_TYPES: dict[str, Callable[[str], Any]] = {"max_memory": byte_count, "metrics_port": int, "health_port": int}
 
 
 def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], skip: str = "") -> None:

@@ -55,6 +55,16 @@ class ServerConfig(msgspec.Struct, frozen=True):
     """TOML file of tokens, each confined to a namespace; every call then needs one. Reloaded on SIGHUP."""
     insecure: bool = False
     """Serve a non-loopback host with neither TLS nor tokens, on purpose."""
+    node_id: str = ""
+    """This node's id in the cluster's member list; empty: the host name (a StatefulSet's pod name)."""
+    cluster: str = ""
+    """Members, every node's id and address: `ID=HOST:PORT,...`, or `@FILE` with one a line, re-read
+    when it changes; empty: a cluster of one."""
+    health_port: Port | None = None
+    """Also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes' gRPC probes,
+    which do not speak TLS); None: off."""
+    drain_timeout: Seconds = 60.0
+    """On SIGTERM, seconds to hand this node's keys to the other members before it exits."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
 
