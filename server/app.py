@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nestkv.server import VERSION
+from nestkv.server.cluster import Cluster, ClusterConfigError, Membership
+from nestkv.server.cluster.peers import Peers
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
 from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, is_loopback, open_security
@@ -49,6 +51,7 @@ def build_server(
     persistence: Persistence | None = None,
     metrics: OperationMetrics | None = None,
     gate: Gate | None = None,
+    cluster: Cluster | None = None,
 ) -> StoreServer:
     """A grpc.aio server (not started) hosting the store, health and reflection."""
     message_bytes = config.limits.max_message_bytes()
@@ -76,6 +79,7 @@ def build_server(
         writable=persistence.writable if persistence else None,
         metrics=metrics,
         gate=gate,
+        cluster=cluster,
     )
     store_servicer.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
@@ -102,6 +106,57 @@ def describe_security(tls: TlsFiles | None, gate: Gate) -> str:
     if gate.required:
         parts.append(f"{gate.tokens()} from {gate.path}")
     return "".join(f", {part}" for part in parts)
+
+
+def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Cluster | None:
+    """The cluster this node is one of (None without --cluster); exits if it cannot be one."""
+    if not config.cluster:
+        return None
+    try:
+        membership = Membership(config.node_id, config.cluster)
+    except ClusterConfigError as error:
+        raise SystemExit(f"nestkv: {error}") from None
+    credentials = None
+    if tls is not None:
+        if not tls.client_ca:
+            raise SystemExit(
+                "nestkv: a cluster served over TLS needs --tls-client-ca: the nodes present their "
+                "--tls-cert to each other and check the other's against that CA (mutual TLS)"
+            )
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(config.tls_client_ca).read_bytes(),
+            private_key=Path(config.tls_key).read_bytes(),
+            certificate_chain=Path(config.tls_cert).read_bytes(),
+        )
+    elif gate.required:
+        raise SystemExit(
+            "nestkv: a cluster with --auth-file needs mutual TLS (--tls-cert, --tls-key, --tls-client-ca): "
+            "a node takes forwarded operations, already scoped to their caller's token, only from "
+            "a member that proves who it is by its certificate"
+        )
+    peers = Peers(membership.node_id, credentials, config.limits.max_value_bytes)
+    return Cluster(membership, peers, gate, peers_by_certificate=tls is not None)
+
+
+def describe_cluster(cluster: Cluster | None) -> str:
+    """`, node ID of N (version V)` for the ready line; nothing for a single server."""
+    if cluster is None:
+        return ""
+    topology = cluster.topology
+    return f", node {cluster.node_id} of {len(topology.members)} (members version {topology.version})"
+
+
+def serve_health(config: ServerConfig, health_servicer: Any) -> tuple[Any, int]:
+    """A second server, plaintext, with grpc.health.v1 alone: Kubernetes' gRPC probes speak no TLS."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(config.address(config.health_port))
+    except RuntimeError as exc:
+        raise SystemExit(
+            f"nestkv: cannot serve health on {config.address(config.health_port)}: {exc}"
+        ) from None
+    return server, port
 
 
 async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
@@ -134,8 +189,9 @@ async def serve(config: ServerConfig) -> None:
         raise SystemExit(f"nestkv: {error}") from None
     storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
     persistence = open_persistence(config, storage)
+    cluster = open_cluster(config, tls, gate)
     metrics = OperationMetrics() if config.metrics_port is not None else None
-    serving = build_server(config, storage, persistence, metrics, gate)
+    serving = build_server(config, storage, persistence, metrics, gate, cluster)
     server, health_servicer = serving.server, serving.health
     try:
         if tls is not None:
@@ -148,6 +204,9 @@ async def serve(config: ServerConfig) -> None:
             "is the port in use, or the TLS key of a type gRPC cannot use?" if tls else "is the port in use?"
         )
         raise SystemExit(f"nestkv: cannot listen on {config.address()}: {exc} ({hint})") from None
+    health_server = None
+    if config.health_port is not None:
+        health_server, health_port = serve_health(config, serving.health)
     scraped = ""
     metrics_server = None
     if metrics is not None:  # before the store serves: a port in use stops the start cleanly
@@ -165,7 +224,12 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if health_server is not None:
+        await health_server.start()
+        scraped += f", health at {config.address(health_port)}"
     background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]
+    if cluster is not None:
+        background.append(asyncio.create_task(cluster.membership.watch_forever()))
     if persistence is not None:
         background.append(
             asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))
@@ -184,7 +248,7 @@ async def serve(config: ServerConfig) -> None:
         VERSION,
         type(loop).__module__,
         describe_security(tls, gate),
-        scraped,
+        describe_cluster(cluster) + scraped,
     )
     if gate.required and tls is None and not is_loopback(config.host):
         log.warning("tokens travel in plaintext to %s: add --tls-cert and --tls-key", config.host)
@@ -197,6 +261,10 @@ async def serve(config: ServerConfig) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await serving.stop(config.shutdown_grace)
+    if health_server is not None:
+        await health_server.stop(None)
+    if cluster is not None:
+        await cluster.peers.close()
     if metrics_server is not None:
         await asyncio.to_thread(metrics_server.shutdown)
         metrics_server.server_close()

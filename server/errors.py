@@ -5,7 +5,8 @@
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
      ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
-     └── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
+     ├── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
+ └── NodeFault           another cluster node answered a forwarded operation with this status
 
 The servicer maps each class to a gRPC status code through one table
 (`server.service.STATUS_OF`).
@@ -48,3 +49,11 @@ class Unauthenticated(StoreFault):
 
 class PermissionDenied(StoreFault):
     """The caller's token does not allow this operation; nothing was changed."""
+
+
+class NodeFault(StoreFault):
+    """Another node of the cluster failed the operation forwarded to it; `code` is its status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

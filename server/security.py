@@ -81,6 +81,8 @@ class Grant:
     """What the holder of one token may do, and under which root."""
 
     __slots__ = ("denials", "limits", "name", "root", "writes")
+    forwarded = False
+    """True for operations another cluster node scoped and forwarded (nestkv.server.cluster.PeerGrant)."""
 
     def __init__(
         self, name: str, root: tuple[str, ...], writes: bool, limits: Limits, denials: Denials | None = None

@@ -12,15 +12,17 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
+from nestkv.client.placement import HASH_NAME
 from nestkv.server import VERSION
 from nestkv.server.errors import (
     InvalidArgument,
+    NodeFault,
     PermissionDenied,
     StoreFault,
     StoreFull,
@@ -30,6 +32,9 @@ from nestkv.server.errors import (
 from nestkv.server.limits import Limits, MiB, check_span
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.security import Gate, Grant
+
+if TYPE_CHECKING:
+    from nestkv.server.cluster import Cluster
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -52,6 +57,8 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 SERVICE_NAME: str = _SERVICE.full_name
 _PIPELINE = "Pipeline"
 _STATS = "Stats"
+_TOPOLOGY = "Topology"
+_ANSWERS_AHEAD = 32  # batches of a routed stream read ahead while earlier ones await other nodes
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
 _KIND_OF_REQUEST = {
     field.message_type.full_name: field.name
@@ -65,6 +72,8 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def status_of(fault: StoreFault) -> grpc.StatusCode:
+    if isinstance(fault, NodeFault):
+        return grpc.StatusCode[fault.code]
     return next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
 
 
@@ -108,13 +117,17 @@ class StoreServicer:
         writable: Callable[[], None] | None = None,
         metrics: OperationMetrics | None = None,
         gate: Gate | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         """`commit` runs after each request's writes, before the answer; `writable` before each
         write, raising StoreUnavailable when writes cannot be kept (persistence); `metrics`, if
         given, counts every operation with its status and duration, and every batch's size;
-        `gate`, if given, admits each call by its token and scopes its operations (default: open)."""
+        `gate`, if given, admits each call by its token and scopes its operations (default: open);
+        `cluster`, if given, sends each operation to the node that owns its key."""
         self._storage = storage
         self._gate = gate or Gate("", limits)
+        self._cluster = cluster
+        self._admit = cluster.admit if cluster else self._gate.admit
         self._metrics = metrics
         self._commit = commit or _nothing
         self._writable = writable or _nothing
@@ -142,10 +155,20 @@ class StoreServicer:
                 handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                     self.pipeline, request_deserializer=parse, response_serializer=serialize
                 )
+            elif method.name == _TOPOLOGY:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self.topology, request_deserializer=parse, response_serializer=serialize
+                )
             elif method.name == _STATS:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                     _unary(
-                        "stats", self.stats, pb.StatsResponse, _nothing, self._gate, confine=_confine_stats
+                        "stats",
+                        self.stats,
+                        pb.StatsResponse,
+                        _nothing,
+                        self._admit,
+                        confine=_confine_stats,
+                        remote=self._cluster_stats if self._cluster else None,
                     ),
                     request_deserializer=parse,
                     response_serializer=serialize,
@@ -159,8 +182,9 @@ class StoreServicer:
                         self._operations[kind],
                         getattr(pb, method.output_type.name),
                         self._commit,
-                        self._gate,
+                        self._admit,
                         record,
+                        remote=functools.partial(self._route_unary, kind) if self._cluster else None,
                     ),
                     request_deserializer=parse,
                     response_serializer=serialize,
@@ -185,10 +209,48 @@ class StoreServicer:
         The token is checked once, when the stream opens, and again after the auth file is
         reloaded (a revoked token's stream ends); each operation's access is checked on its own.
         """
+        batches = self._batches(requests, context)
+        if self._cluster is None:
+            async for request, grant in batches:
+                try:
+                    responses = self.run_batch(request, grant)
+                except StoreFault as fault:  # the commit failed: the client may send the batch again
+                    await context.abort(status_of(fault), str(fault))
+                for response in responses:
+                    yield response
+            return
+        # Routed: batches whose operations went to other nodes are answered once those have; the
+        # stream reads on meanwhile (an unreachable node must not hold up the keys of the others),
+        # and answers in order.
+        answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
+
+        async def read() -> None:
+            try:
+                async for request, grant in batches:
+                    await answers.put(self._run_routed(request, grant))
+            except BaseException as error:
+                await answers.put(error)
+                return
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                if isinstance(answer, StoreFault):
+                    await context.abort(status_of(answer), str(answer))
+                if isinstance(answer, BaseException):
+                    raise answer
+                for response in await answer:
+                    yield response
+        finally:
+            reader.cancel()
+
+    async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
+        """The batches of a stream with the grant each runs under, until the stream or the server ends."""
         stream = asyncio.current_task()
         gate = self._gate
         admitted = gate.version  # the tokens the stream's grant comes from
-        grant = await _admit(gate, context)
+        grant = await _admit(self._admit, context)
         batches = aiter(requests)  # only now: a stream refused unread leaves no receiver behind
         while not self._stopping:
             self._reading.add(stream)
@@ -204,21 +266,60 @@ class StoreServicer:
                 self._reading.discard(stream)
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            if admitted != gate.version:  # the tokens were reloaded: is this one still held?
+            if admitted != gate.version and not grant.forwarded:  # tokens reloaded: still held?
                 admitted = gate.version
-                grant = await _admit(gate, context)
-            try:
-                responses = self.run_batch(request, grant)
-            except StoreFault as fault:  # the commit failed: the client may send the batch again
-                await context.abort(status_of(fault), str(fault))
-            for response in responses:
-                yield response
+                grant = await _admit(self._admit, context)
+            yield request, grant
 
-    def run_batch(self, request: pb.PipelineRequest, grant: Grant | None = None) -> list[pb.PipelineResponse]:
+    def _run_routed(self, request: pb.PipelineRequest, grant: Grant) -> Awaitable[list[pb.PipelineResponse]]:
+        """Run a batch here and on the nodes that own its keys; its responses, once all have answered.
+
+        A commit failure is raised as StoreFault here (the stream ends), as in run_batch.
+        """
+        pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] = []
+        responses = self.run_batch(request, grant, pending)
+        stale = self._cluster is not None and request.topology_version not in (
+            "",
+            self._cluster.topology.version,
+        )
+        if stale:
+            assert self._cluster is not None
+            responses[0].topology_version = self._cluster.topology.version
+        if not pending:
+            done: asyncio.Future[list[pb.PipelineResponse]] = asyncio.get_running_loop().create_future()
+            done.set_result(responses)
+            return done
+        return self._gather(request, responses, pending)
+
+    async def _gather(
+        self,
+        request: pb.PipelineRequest,
+        responses: list[pb.PipelineResponse],
+        pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]],
+    ) -> list[pb.PipelineResponse]:
+        answers = await asyncio.gather(*(answer for _, answer in pending))
+        for (result, _), answer in zip(pending, answers, strict=True):
+            if answer is not None and result.WhichOneof("result") != "error":
+                result.CopyFrom(answer)
+        return _rechunk(request.id, responses, self._chunk_bytes)
+
+    def run_batch(
+        self,
+        request: pb.PipelineRequest,
+        grant: Grant | None = None,
+        pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] | None = None,
+    ) -> list[pb.PipelineResponse]:
         """Run a batch's operations in order, as `grant` allows (default: anything); one response
-        unless the values read need more."""
+        unless the values read need more.
+
+        In a cluster, an operation another node owns is sent there, and `pending` gets its
+        result with the answer to put in it (None: keep the result as it is).
+        """
         grant = grant or self._gate.everything
         scope = grant.scope
+        cluster = None if grant.forwarded or pending is None else self._cluster
+        # A batch the client routed by the current topology: its delete_all is for this node only.
+        fan_out = cluster is not None and request.topology_version != cluster.topology.version
         response = pb.PipelineResponse(id=request.id)
         responses = [response]
         results = response.results
@@ -238,6 +339,18 @@ class StoreServicer:
             try:
                 request_of_kind = getattr(operation, kind)
                 scope(kind, request_of_kind)
+                if cluster is not None:
+                    assert pending is not None
+                    if kind == "delete_all":
+                        if fan_out:  # here below, and on every other node
+                            pending.append((result, cluster.fan_out(operation)))
+                    else:
+                        owner = cluster.owner(request_of_kind.path, request_of_kind.key)
+                        if owner is not None:
+                            pending.append((result, cluster.forward(owner, operation)))
+                            if metrics:
+                                started = clock()
+                            continue
                 operations[kind](request_of_kind, out)
             except StoreFault as fault:
                 code = status_of(fault)
@@ -286,6 +399,72 @@ class StoreServicer:
             if kind is not None:
                 error = result.WhichOneof("result") == "error"
                 metrics.recount(kind, _CODE_NAMES[result.error.code] if error else "OK", code)
+
+    async def topology(self, request: Any, context: Any) -> pb.TopologyResponse:
+        """The Topology RPC: the members, the version of their list, the hash, the caller's root."""
+        try:
+            grant = self._admit(context)
+        except Unauthenticated as fault:
+            await context.abort(status_of(fault), str(fault))
+        response = pb.TopologyResponse(hash=HASH_NAME, root=grant.root)
+        if self._cluster is None:  # a single server: no members, everything goes to it
+            return response
+        topology = self._cluster.topology
+        for member, address in topology.members.items():
+            response.members.add(id=member, address=address)
+        response.version = topology.version
+        response.node_id = self._cluster.node_id
+        return response
+
+    async def _route_unary(
+        self, kind: str, request: Any, response: Any, run_here: Callable[[], None]
+    ) -> None:
+        """One-operation RPC in a cluster: on the key's owner, or (delete_all) on every node."""
+        assert self._cluster is not None
+        cluster = self._cluster
+        operation = pb.Operation()
+        getattr(operation, kind).CopyFrom(request)
+        if kind == "delete_all":
+            run_here()
+            failed = await cluster.fan_out(operation)
+        else:
+            owner = cluster.owner(request.path, request.key)
+            if owner is None:
+                run_here()
+                return
+            failed = await cluster.forward(owner, operation)
+            if failed.WhichOneof("result") != "error":
+                response.CopyFrom(getattr(failed, kind))
+                return
+        if failed is not None:
+            raise NodeFault(_CODE_NAMES[failed.error.code], failed.error.message)
+
+    async def _cluster_stats(self, request: Any, response: Any, run_here: Callable[[], None]) -> None:
+        """Stats in a cluster: this node's figures and every other's, each and summed."""
+        assert self._cluster is not None
+        run_here()
+        own = pb.NodeStats(
+            node_id=self._cluster.node_id, namespace=response.namespace, server=response.server
+        )
+        answers = await self._cluster.stats(request)
+        missing = [answer for answer in answers.values() if isinstance(answer, str)]
+        if missing:
+            raise StoreUnavailable(
+                f"stats did not reach {len(missing)} of {len(answers) + 1} nodes: " + "; ".join(missing)
+            )
+        response.nodes.append(own)
+        for member, answer in sorted(answers.items()):
+            assert isinstance(answer, pb.StatsResponse)
+            response.nodes.add(node_id=member, namespace=answer.namespace, server=answer.server)
+        total_namespace, total_server = response.namespace, response.server
+        for node in response.nodes[1:]:
+            for name in ("keys", "bytes", "expiring_keys"):
+                setattr(total_namespace, name, getattr(total_namespace, name) + getattr(node.namespace, name))
+            total_namespace.child_namespaces = max(
+                total_namespace.child_namespaces, node.namespace.child_namespaces
+            )
+            for name in ("keys", "memory_bytes", "max_memory_bytes", "evictions", "expired_keys"):
+                setattr(total_server, name, getattr(total_server, name) + getattr(node.server, name))
 
     def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
         limits = self._limits
@@ -346,13 +525,33 @@ class StoreServicer:
             response.expires_in.nanos = int((left - seconds) * 1e9)
 
 
-async def _admit(gate: Gate, context: Any) -> Grant:
+async def _admit(admit: Callable[[Any], Grant], context: Any) -> Grant:
     """The grant of a stream's token; a stream without a valid one ends with UNAUTHENTICATED."""
     try:
-        return gate.admit(context)
+        return admit(context)
     except Unauthenticated as fault:
         await context.abort(status_of(fault), str(fault))
         raise  # abort raises; this line only tells type checkers so
+
+
+def _rechunk(
+    batch_id: int, responses: list[pb.PipelineResponse], chunk_bytes: int
+) -> list[pb.PipelineResponse]:
+    """`responses` cut again so that values of about `chunk_bytes` go in each (forwarded reads
+    arrive after the batch was first cut)."""
+    results = [result for response in responses for result in response.results]
+    if len(responses) == 1 and sum(len(result.get.value) for result in results) <= chunk_bytes:
+        return responses
+    cut = [pb.PipelineResponse(id=batch_id, topology_version=responses[0].topology_version)]
+    room = chunk_bytes
+    for result in results:
+        size = len(result.get.value)
+        if size > room and cut[-1].results:
+            cut.append(pb.PipelineResponse(id=batch_id))
+            room = chunk_bytes
+        room -= size
+        cut[-1].results.add().CopyFrom(result)
+    return cut
 
 
 def _fail(result: pb.OperationResult, code: grpc.StatusCode, message: str) -> None:
@@ -376,14 +575,17 @@ def _unary(
     operation: Operation,
     response_class: type[Message],
     commit: Callable[[], None],
-    gate: Gate,
+    admit: Callable[[Any], Grant],
     record: Callable[[str, float], None] | None = None,
     confine: Callable[[Any], None] | None = None,
+    remote: Callable[[Any, Any, Callable[[], None]], Awaitable[None]] | None = None,
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     """A grpc.aio method running one operation as the caller's token allows, a StoreFault as its status.
 
     `record(code, seconds)`, if given, counts the call once its status is known (after the commit);
-    `confine(response)`, if given, trims the response of a caller whose token has a root.
+    `confine(response)`, if given, trims the response of a caller whose token has a root;
+    `remote(request, response, run_here)`, if given (a cluster), runs the operation where its key
+    lives, calling `run_here()` for this node's part; calls other nodes forwarded are run here.
     """
 
     async def method(request: Any, context: Any) -> Any:
@@ -392,11 +594,14 @@ def _unary(
         response = response_class()
         try:
             # First: a caller without a token learns nothing, not even that its request would not parse.
-            grant = gate.admit(context)
+            grant = admit(context)
             if isinstance(request, _Malformed):
                 raise InvalidArgument(request.reason)
             grant.scope(kind, request)
-            operation(request, response)
+            if remote is None or grant.forwarded:
+                operation(request, response)
+            else:
+                await remote(request, response, functools.partial(operation, request, response))
             if confine and grant.root:
                 confine(response)
             commit()

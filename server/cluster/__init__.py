@@ -1,0 +1,149 @@
+"""One store over many nodes: who owns a key, forwarding to the owner, fan-out, peer admission.
+
+Kubernetes (or whoever runs the nodes) gives every node the same member list;
+nothing here elects or agrees on anything. `Cluster` answers, for each
+operation a node receives, whether it runs here or goes to its owner, and
+admits the calls other members forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import grpc
+
+from nestkv.server.cluster.peers import PEER_HEADER, Peers, failure_of
+from nestkv.server.cluster.topology import ClusterConfigError, Membership, Topology, parse_members
+from nestkv.server.errors import Unauthenticated
+from nestkv.server.security import Gate, Grant
+from nestkv.v1 import store_pb2 as pb
+
+__all__ = ["Cluster", "ClusterConfigError", "Membership", "PeerGrant", "Topology", "parse_members"]
+
+_CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
+
+
+class PeerGrant(Grant):
+    """A call another member forwarded: its paths were scoped there, its operations run here."""
+
+    __slots__ = ()
+    forwarded = True
+
+    def scope(self, kind: str, request: Any) -> None:
+        pass
+
+
+class Cluster:
+    """Routing of one node: its membership, its connections to the peers, and who may forward."""
+
+    def __init__(
+        self, membership: Membership, peers: Peers, gate: Gate, *, peers_by_certificate: bool
+    ) -> None:
+        """`peers_by_certificate`: a forwarded call must come with a client certificate naming a
+        member (mutual TLS); otherwise forwarded calls are taken from anyone, which grants nothing
+        when every caller may do anything already (no auth file: the server checks that)."""
+        self.membership = membership
+        self.peers = peers
+        self._gate = gate
+        self._by_certificate = peers_by_certificate
+        self._peer = PeerGrant("peer", (), True, gate.everything.limits)
+
+    @property
+    def node_id(self) -> str:
+        return self.membership.node_id
+
+    @property
+    def topology(self) -> Topology:
+        return self.membership.current
+
+    def admit(self, context: Any) -> Grant:
+        """The grant of a call: a peer's forwarded call, or a caller's by its token (Gate.admit)."""
+        for key, value in context.invocation_metadata() or ():
+            if key == PEER_HEADER:
+                self._check_peer(context, value)
+                return self._peer
+        return self._gate.admit(context)
+
+    def _check_peer(self, context: Any, sender: str) -> None:
+        members = self.topology.members
+        if not self._by_certificate:
+            if sender in members:
+                return
+            raise Unauthenticated(f"forwarded calls are taken only from members; {sender!r} is not one")
+        names = {
+            name.decode(errors="replace")
+            for prop in ("x509_common_name", "x509_subject_alternative_name")
+            for name in context.auth_context().get(prop, ())
+        }
+        if sender not in members or sender not in names:
+            raise Unauthenticated(
+                "forwarded calls are taken only from members, by a client certificate naming "
+                f"the member; {sender!r} did not present one"
+            )
+
+    def owner(self, path: Sequence[str], key: str) -> str | None:
+        """The member that owns the key, None if it is this node."""
+        owner = self.topology.owner(path, key)
+        return None if owner == self.node_id else owner
+
+    def forward(self, member: str, operation: pb.Operation) -> Awaitable[pb.OperationResult]:
+        """Run `operation` on `member`; its OperationResult, an error result if it failed."""
+        future = self.peers.forward(self.topology.members[member], operation)
+        return _result_of(member, future)
+
+    def fan_out(self, operation: pb.Operation) -> Awaitable[pb.OperationResult | None]:
+        """Run `operation` (a delete_all) on every other member: None if all did, else an error result
+        naming those that did not."""
+        members = self.topology.members
+        futures = {
+            member: self.peers.forward(address, operation)
+            for member, address in members.items()
+            if member != self.node_id
+        }
+        return _all_of(futures)
+
+    async def stats(self, request: pb.StatsRequest) -> dict[str, pb.StatsResponse | str]:
+        """Every other member's own figures for the scoped path, or why it did not answer."""
+        others = [
+            (member, address) for member, address in self.topology.members.items() if member != self.node_id
+        ]
+        answers = await asyncio.gather(
+            *(self.peers.stats(address, request) for _, address in others), return_exceptions=True
+        )
+        return {
+            member: answer if isinstance(answer, pb.StatsResponse) else f"{member}: {answer}"
+            for (member, _), answer in zip(others, answers, strict=True)
+        }
+
+
+def error_result(code: str, message: str) -> pb.OperationResult:
+    result = pb.OperationResult()
+    result.error.code = _CODE_NUMBERS.get(code, grpc.StatusCode.UNKNOWN.value[0])
+    result.error.message = message
+    return result
+
+
+async def _result_of(member: str, future: asyncio.Future[Any]) -> pb.OperationResult:
+    try:
+        result: pb.OperationResult = await future
+    except Exception as error:
+        return error_result(*failure_of(member, error))
+    return result
+
+
+async def _all_of(futures: dict[str, asyncio.Future[Any]]) -> pb.OperationResult | None:
+    failed = []
+    for member, future in futures.items():
+        try:
+            await future
+        except Exception as error:
+            failed.append((member, failure_of(member, error)[1]))
+    if not failed:
+        return None
+    return error_result(
+        "UNAVAILABLE",
+        f"delete_all did not reach {len(failed)} of {len(futures) + 1} nodes, whose keys remain: "
+        + "; ".join(message for _, message in failed),
+    )

@@ -1,0 +1,105 @@
+"""Connections to the other members: one channel and one Pipeline stream per peer, for forwarding.
+
+Forwarded operations ride the client's own Pipeline (nestkv.client._batching):
+those forwarded in the same turn of the loop share a batch, batches keep their
+order per peer, a broken stream is opened again and its unanswered operations
+sent again. Every call carries `nestkv-peer: <this node's id>`; the receiving
+node runs what it is sent on its own store and never forwards it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from nestkv.client._batching import Pipeline
+from nestkv.client.errors import StoreError, StoreTimeoutError, error_from_rpc
+from nestkv.client.store import channel_options
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+
+PEER_HEADER = "nestkv-peer"
+"""Metadata naming the node that sent a call: its operations were routed (and scoped) there."""
+
+PEER_TIMEOUT = 3.0
+"""Seconds a forwarded operation may take: under GrpcStore's 5 s, so its caller hears why."""
+
+
+class PeerUnavailable(Exception):
+    """A peer did not answer; the message names it."""
+
+
+class Peers:
+    """This node's connections to the other members, opened on first use and kept."""
+
+    def __init__(
+        self,
+        node_id: str,
+        credentials: grpc.ChannelCredentials | None,
+        max_value_bytes: int,
+        timeout: float = PEER_TIMEOUT,
+    ) -> None:
+        self._metadata = ((PEER_HEADER, node_id),)
+        self._credentials = credentials
+        self._options = channel_options(max_value_bytes)
+        self._timeout = timeout
+        self._open: dict[str, tuple[Any, Any, Pipeline]] = {}
+
+    def _connection(self, address: str) -> tuple[Any, Any, Pipeline]:
+        opened = self._open.get(address)
+        if opened is None:
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+            stub = store_pb2_grpc.StoreServiceStub(channel)
+
+            def open_stream() -> Any:
+                return stub.Pipeline(metadata=self._metadata)
+
+            opened = self._open[address] = (channel, stub, Pipeline(open_stream, timeout=self._timeout))
+        return opened
+
+    def forward(self, address: str, operation: pb.Operation) -> asyncio.Future[Any]:
+        """Send `operation` to the peer at `address`; the future of its OperationResult.
+
+        The future fails with the StoreError of the operation's error, or of the stream's failure.
+        """
+        pipeline = self._connection(address)[2]
+        added, future = pipeline.add(operation.ByteSize(), pipeline.deadline())
+        added.CopyFrom(operation)
+        return future
+
+    async def stats(self, address: str, request: pb.StatsRequest) -> pb.StatsResponse:
+        """The peer's own figures for the (already scoped) path of `request`."""
+        stub = self._connection(address)[1]
+        try:
+            response: pb.StatsResponse = await stub.Stats(
+                request, metadata=self._metadata, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise PeerUnavailable(f"{address}: {error_from_rpc(error)}") from None
+        return response
+
+    async def close(self) -> None:
+        opened, self._open = self._open, {}
+        for channel, _, pipeline in opened.values():
+            await pipeline.close()
+            await channel.close()
+
+
+def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT) -> tuple[str, str]:
+    """(status name, message) of a forwarded operation that failed, naming the node it went to.
+
+    The operation's own error (INVALID_ARGUMENT, say) keeps its status; a node that did not answer
+    in time is UNAVAILABLE, as one that could not be reached: the caller's key is on that node.
+    """
+    if isinstance(error, StoreTimeoutError):
+        return "UNAVAILABLE", f"node {member} did not answer within {timeout} s"
+    if isinstance(error, StoreError):
+        if error.code in ("UNAVAILABLE", "CANCELLED"):
+            return "UNAVAILABLE", f"node {member} is unavailable: {error}"
+        return error.code, str(error).removeprefix(f"{error.code}: ")
+    return "INTERNAL", f"forwarding to node {member} failed: {error!r}"
