@@ -100,7 +100,9 @@ def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], sk
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     """Parse flags into a ServerConfig; an invalid value exits with a message naming the flag."""
     parser = argparse.ArgumentParser(
-        prog="nestkv-server", description="Serve the nestkv namespaced key/value store over gRPC."
+        prog="nestkv-server",
+        description="Serve the nestkv namespaced key/value store over gRPC.",
+        allow_abbrev=False,  # a misspelt flag in a manifest fails, not silently means another
     )
     _add_flags(parser, ServerConfig, skip="limits")
     _add_flags(parser, Limits)
