@@ -75,8 +75,8 @@ class _Batch:
 
     __slots__ = ("answered", "deadlines", "futures", "message", "payload", "sent_at", "timer", "timer_at")
 
-    def __init__(self, batch_id: int) -> None:
-        self.message = pb.PipelineRequest(id=batch_id)
+    def __init__(self, batch_id: int, topology_version: str = "") -> None:
+        self.message = pb.PipelineRequest(id=batch_id, topology_version=topology_version)
         self.futures: list[asyncio.Future[Any]] = []
         self.deadlines: list[float] = []  # loop time; empty when operations have no deadline
         self.payload = 0
@@ -116,7 +116,7 @@ class _Batch:
         self.answered = 0
         if not any(future.done() for future in self.futures):
             return self
-        again = _Batch(self.message.id)
+        again = _Batch(self.message.id, self.message.topology_version)
         for index, future in enumerate(self.futures):
             if not future.done():
                 again.message.operations.append(self.message.operations[index])
@@ -149,6 +149,8 @@ class Pipeline:
         "_timeout",
         "_waiting",
         "_wakeup",
+        "on_stale",
+        "topology_version",
         "wakeups",
     )
 
@@ -183,6 +185,10 @@ class Pipeline:
         self._driver: asyncio.Task[None] | None = None
         self.wakeups = 0
         """Callers woken from waiting for room, in all: one per caller that waited."""
+        self.topology_version = ""
+        """Sent with every batch: the cluster topology its operations were routed by (routing)."""
+        self.on_stale: Callable[[str], None] | None = None
+        """Called with the node's version when it answers that `topology_version` is stale."""
 
     def deadline(self) -> float | None:
         """The deadline (loop time) of an operation issued now; None without a timeout."""
@@ -208,7 +214,7 @@ class Pipeline:
             or (batch.payload + payload > self._max_batch_bytes and batch.futures)
         ):
             self._next_id += 1
-            batch = _Batch(self._next_id)
+            batch = _Batch(self._next_id, self.topology_version)
             self._waiting.append(batch)
         future = self._loop.create_future()
         batch.futures.append(future)
@@ -412,6 +418,8 @@ class Pipeline:
                 return StoreProtocolError(disorder, "INTERNAL"), False
             self._last_answer = self._loop.time()
             self._failures = 0
+            if response.topology_version and self.on_stale is not None:
+                self.on_stale(response.topology_version)
             batch = self._sent[0]
             futures = batch.futures
             index = batch.answered

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
 
@@ -14,7 +14,8 @@ import grpc
 from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
 from nestkv.client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
 from nestkv.client.base import NamespacedStore
-from nestkv.client.errors import InvalidRequestError, error_from_rpc
+from nestkv.client.errors import InvalidRequestError, StoreError, StoreUnavailableError, error_from_rpc
+from nestkv.client.routing import Router
 from nestkv.client.stats import Stats, stats_from_response
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
@@ -125,37 +126,64 @@ class _Connection:
             "max_batch_size": max_batch_size,
             "max_batches_in_flight": max_batches_in_flight,
         }
-        # Per loop: the channel, its StoreService stub and its Pipeline.
-        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Any, Pipeline]] = {}
+        # Per loop: the channel, its StoreService stub, its Pipeline and (an owned channel) a Router.
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Any, Pipeline, Router | None]] = {}
 
-    def pipeline(self) -> Pipeline:
-        """The Pipeline to send operations with in the running loop."""
-        return self._opened()[2]
+    def pipeline(self, path: Sequence[str], key: str) -> Pipeline:
+        """The Pipeline to send an operation on `key` in `path` with, in the running loop."""
+        opened = self._opened()
+        router = opened[3]
+        return opened[2] if router is None else router.pipeline_for(path, key)
+
+    def every_node(self) -> tuple[Pipeline, dict[str, Pipeline] | None]:
+        """The seed's Pipeline, and every member's when the store routes and knows the cluster."""
+        opened = self._opened()
+        router = opened[3]
+        return opened[2], None if router is None else router.every_node()
 
     def stub(self) -> Any:
         """The StoreService stub of the running loop's channel, for the RPCs outside the Pipeline."""
         return self._opened()[1]
 
-    def _opened(self) -> tuple[Any, Any, Pipeline]:
+    def _opened(self) -> tuple[Any, Any, Pipeline, Router | None]:
         loop = asyncio.get_running_loop()
         opened = self._by_loop.get(loop)
         if opened is None:
             # Forget channels of loops that are gone: they cannot be used or closed any more.
             self._by_loop = {old: pair for old, pair in self._by_loop.items() if not old.is_closed()}
             channel = self._callers_channel
-            if channel is None and self._credentials is None:
-                channel = grpc.aio.insecure_channel(self._target, options=self._options)
-            elif channel is None:
-                channel = grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
+            router = None
+            if channel is None:
+                channel = self._channel(self._target)
             stub = store_pb2_grpc.StoreServiceStub(channel)
-            opened = self._by_loop[loop] = (channel, stub, Pipeline(stub.Pipeline, **self._pipeline_settings))
+            pipeline = Pipeline(stub.Pipeline, **self._pipeline_settings)
+            if channel is not self._callers_channel:  # a channel of our own: route to the owners
+                router = Router(stub, pipeline, self._member_pipeline, self.timeout)
+            opened = self._by_loop[loop] = (channel, stub, pipeline, router)
         return opened
+
+    def _channel(self, target: str) -> Any:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(target, options=self._options)
+        return grpc.aio.secure_channel(target, self._credentials, options=self._options)
+
+    def _member_pipeline(self, address: str) -> tuple[Pipeline, Callable[[], Awaitable[None]]]:
+        channel = self._channel(address)
+        pipeline = Pipeline(store_pb2_grpc.StoreServiceStub(channel).Pipeline, **self._pipeline_settings)
+
+        async def close() -> None:
+            await pipeline.close()
+            await channel.close()
+
+        return pipeline, close
 
     async def close(self) -> None:
         """Stop the running loop's stream and close its channel, unless the caller owns the channel."""
         opened = self._by_loop.pop(asyncio.get_running_loop(), None)
         if opened is not None:
-            channel, _, pipeline = opened
+            channel, _, pipeline, router = opened
+            if router is not None:
+                await router.close()
             await pipeline.close()
             if channel is not self._callers_channel:
                 await channel.close()
@@ -292,17 +320,38 @@ class GrpcStore(NamespacedStore):
         await (await self._add_delete(check_key(key)))
 
     async def delete_all(self) -> None:
-        operation, result = await self._add(0)
-        _in_path(operation.delete_all, self._path)
-        await result
+        seed, members = self._connection.every_node()
+        if members is None:  # a single server, or a cluster not known yet: the node reaches the others
+            operation, result = await self._add_to(seed, 0)
+            _in_path(operation.delete_all, self._path)
+            await result
+            return
+        results = {}
+        for member, pipeline in members.items():
+            operation, results[member] = await self._add_to(pipeline, 0)
+            _in_path(operation.delete_all, self._path)
+        outcomes = await asyncio.gather(*results.values(), return_exceptions=True)
+        failed = {
+            member: error
+            for member, error in zip(results, outcomes, strict=True)
+            if isinstance(error, BaseException)
+        }
+        if failed:
+            for error in failed.values():
+                if not isinstance(error, StoreError):
+                    raise error
+            raise StoreUnavailableError(
+                f"UNAVAILABLE: delete_all did not reach {len(failed)} of {len(results)} nodes, whose keys "
+                "remain: " + "; ".join(f"{member}: {error}" for member, error in failed.items())
+            )
 
     async def exists(self, key: str) -> bool:
-        operation, result = await self._add(len(check_key(key)))
+        operation, result = await self._add(len(check_key(key)), key)
         _in_path(operation.exists, self._path).key = key
         return bool((await result).exists.exists)
 
     async def expires_in(self, key: str) -> int | None:
-        operation, result = await self._add(len(check_key(key)))
+        operation, result = await self._add(len(check_key(key)), key)
         _in_path(operation.expires_in, self._path).key = key
         response = (await result).expires_in
         if not response.found:
@@ -367,9 +416,13 @@ class GrpcStore(NamespacedStore):
             )
         return data
 
-    async def _add(self, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
-        """A new operation of the running loop's pipeline, once it has room; fill it in at once."""
-        pipeline = self._connection.pipeline()
+    async def _add(self, payload: int, key: str) -> tuple[pb.Operation, asyncio.Future[Any]]:
+        """A new operation on `key`, in the pipeline of its node, once it has room; fill it in at once."""
+        return await self._add_to(self._connection.pipeline(self._path, key), payload)
+
+    @staticmethod
+    async def _add_to(pipeline: Pipeline, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
+        """A new operation of `pipeline`, once it has room; fill it in at once."""
         deadline = pipeline.deadline()
         if pipeline.has_room():
             return pipeline.add(payload, deadline)
@@ -382,7 +435,7 @@ class GrpcStore(NamespacedStore):
         return pipeline.add(payload, deadline, waited=True)
 
     async def _add_set(self, key: str, data: bytes, ttl: float | None) -> asyncio.Future[Any]:
-        operation, result = await self._add(len(key) + len(data))
+        operation, result = await self._add(len(key) + len(data), key)
         request = _in_path(operation.set, self._path)
         request.key = key
         request.value = data
@@ -391,7 +444,7 @@ class GrpcStore(NamespacedStore):
         return result
 
     async def _add_get(self, key: str, renew: float | None) -> asyncio.Future[Any]:
-        operation, result = await self._add(len(key))
+        operation, result = await self._add(len(key), key)
         request = _in_path(operation.get, self._path)
         request.key = key
         if renew is not None:
@@ -399,7 +452,7 @@ class GrpcStore(NamespacedStore):
         return result
 
     async def _add_delete(self, key: str) -> asyncio.Future[Any]:
-        operation, result = await self._add(len(key))
+        operation, result = await self._add(len(key), key)
         _in_path(operation.delete, self._path).key = key
         return result
 

@@ -61,7 +61,7 @@ class Histogram:
 class OperationMetrics:
     """What the servicer counts: operations by kind and status, their durations, batch sizes."""
 
-    __slots__ = ("batch_sizes", "counts", "durations", "ok")
+    __slots__ = ("batch_sizes", "counts", "durations", "forwarded", "ok")
 
     def __init__(self) -> None:
         self.ok = {operation: (operation, "OK") for operation in OPERATIONS}
@@ -69,6 +69,8 @@ class OperationMetrics:
         self.counts: dict[tuple[str, str], int] = dict.fromkeys(self.ok.values(), 0)
         self.durations = {operation: Histogram(DURATION_BUCKETS) for operation in OPERATIONS}
         self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.forwarded: dict[str, int] = {}
+        """Operations sent on to the member that owns their key, by member (counted there too)."""
 
     def succeeded(self, operation: str, seconds: float) -> None:
         """`record(operation, "OK", seconds)` without building the key: the common case, per operation."""
@@ -140,6 +142,14 @@ class StoreCollector:
         batches = HistogramMetricFamily("nestkv_batch_operations", "Operations per Pipeline batch.")
         batches.add_metric([], *buckets_of(self._operations.batch_sizes))
         yield batches
+        forwarded = CounterMetricFamily(
+            "nestkv_forwarded_operations",
+            "Operations sent on to the cluster member that owns their key (delete_all: to every member).",
+            labels=["node"],
+        )
+        for node, count in self._operations.forwarded.copy().items():
+            forwarded.add_metric([node], count)
+        yield forwarded
         if self._denials is not None:
             denied = CounterMetricFamily(
                 "nestkv_auth_denials",

@@ -343,12 +343,13 @@ class StoreServicer:
                     assert pending is not None
                     if kind == "delete_all":
                         if fan_out:  # here below, and on every other node
-                            pending.append((result, cluster.fan_out(operation)))
+                            pending.append((result, cluster.fan_out(operation, metrics)))
                     else:
                         owner = cluster.owner(request_of_kind.path, request_of_kind.key)
                         if owner is not None:
                             pending.append((result, cluster.forward(owner, operation)))
                             if metrics:
+                                metrics.forwarded[owner] = metrics.forwarded.get(owner, 0) + 1
                                 started = clock()
                             continue
                 operations[kind](request_of_kind, out)
@@ -424,14 +425,17 @@ class StoreServicer:
         cluster = self._cluster
         operation = pb.Operation()
         getattr(operation, kind).CopyFrom(request)
+        metrics = self._metrics
         if kind == "delete_all":
             run_here()
-            failed = await cluster.fan_out(operation)
+            failed = await cluster.fan_out(operation, metrics)
         else:
             owner = cluster.owner(request.path, request.key)
             if owner is None:
                 run_here()
                 return
+            if metrics:
+                metrics.forwarded[owner] = metrics.forwarded.get(owner, 0) + 1
             failed = await cluster.forward(owner, operation)
             if failed.WhichOneof("result") != "error":
                 response.CopyFrom(getattr(failed, kind))

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from nestkv.client import GrpcStore, LocalStore, NamespacedStore
+from nestkv.client import GrpcStore, LocalStore, NamespacedStore, channel_options
+from tests.clusterproc import ClusterProcesses
 from tests.pki import AuthFile, Pki, make_pki
 from tests.serverproc import ServerProcess
 
@@ -73,7 +74,35 @@ async def secure_grpc_store(secure_server: SecureServer) -> AsyncIterator[GrpcSt
         yield store
 
 
-@pytest.fixture(params=["local_store", "grpc_store", "secure_grpc_store"])
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcesses]:
+    """Three real nodes on this machine, each with its own data directory and metrics."""
+    with ClusterProcesses(tmp_path_factory.mktemp("cluster"), 3, "--metrics-port", "0") as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def cluster_store(cluster: ClusterProcesses) -> AsyncIterator[GrpcStore]:
+    """The topology-aware client: given one node, it sends each operation to the key's owner."""
+    store = GrpcStore.with_client(cluster.target("node-0"))
+    async with store:
+        await store.delete_all()
+        yield store
+
+
+@pytest.fixture
+async def pinned_cluster_store(cluster: ClusterProcesses) -> AsyncIterator[GrpcStore]:
+    """A client on a channel of its own to one node, which forwards what other nodes own."""
+    channel = grpc.aio.insecure_channel(cluster.target("node-1"), options=channel_options())
+    store = GrpcStore(channel)
+    await store.delete_all()
+    yield store
+    await channel.close()
+
+
+@pytest.fixture(
+    params=["local_store", "grpc_store", "secure_grpc_store", "cluster_store", "pinned_cluster_store"]
+)
 def store(request: pytest.FixtureRequest) -> NamespacedStore:
     """Every store the contract suite must hold for, in the manner of Litestar's store tests."""
     value: NamespacedStore = request.getfixturevalue(request.param)

@@ -17,6 +17,7 @@ import grpc
 from nestkv.server.cluster.peers import PEER_HEADER, Peers, failure_of
 from nestkv.server.cluster.topology import ClusterConfigError, Membership, Topology, parse_members
 from nestkv.server.errors import Unauthenticated
+from nestkv.server.metrics import OperationMetrics
 from nestkv.server.security import Gate, Grant
 from nestkv.v1 import store_pb2 as pb
 
@@ -93,10 +94,16 @@ class Cluster:
         future = self.peers.forward(self.topology.members[member], operation)
         return _result_of(member, future)
 
-    def fan_out(self, operation: pb.Operation) -> Awaitable[pb.OperationResult | None]:
+    def fan_out(
+        self, operation: pb.Operation, metrics: OperationMetrics | None = None
+    ) -> Awaitable[pb.OperationResult | None]:
         """Run `operation` (a delete_all) on every other member: None if all did, else an error result
         naming those that did not."""
         members = self.topology.members
+        if metrics:
+            for member in members:
+                if member != self.node_id:
+                    metrics.forwarded[member] = metrics.forwarded.get(member, 0) + 1
         futures = {
             member: self.peers.forward(address, operation)
             for member, address in members.items()

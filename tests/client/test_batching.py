@@ -116,7 +116,7 @@ async def test_batches_in_flight_are_bounded_and_callers_wait(recording: tuple[R
         await fake.wait_for_batches(2)
         await asyncio.sleep(0.2)
         assert fake.batches == [10, 10]  # no third batch while two are unanswered
-        pipeline = store._connection.pipeline()
+        pipeline = store._connection.pipeline((), "k0")
         waiting = sum(len(batch.futures) for batch in pipeline._waiting)
         assert waiting <= 30  # back-pressure: the other callers wait before adding anything
         assert not any(write.done() for write in writes)
@@ -205,7 +205,7 @@ async def test_callers_waiting_for_room_go_in_order_and_are_woken_once(
         assert fake.batches == [10]
         fake.answering.set()
         await asyncio.gather(*writes)
-        pipeline = store._connection.pipeline()
+        pipeline = store._connection.pipeline((), "k0")
     assert fake.keys == [f"k{i:03d}" for i in range(100)]  # first come, first sent
     # The first 11 callers found room (a batch in flight and one filling); each of the others
     # was woken once, not once per answered batch.

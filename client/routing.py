@@ -1,0 +1,161 @@
+"""Routing: each operation straight to the node that owns its key, one Pipeline per node.
+
+`Router` learns the cluster from the Topology RPC of the node the store was
+given (the seed). Until it knows, and for a single server, everything goes
+to the seed, which forwards what it does not own: nothing waits for the
+topology, and nothing is ever sent to a node the topology does not name.
+Each batch carries the topology version it was routed by; a node that holds
+another version answers all the same and says so, and the router reads the
+topology again. The owner of a key is computed by nestkv.client.placement,
+the same function the servers use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from nestkv.client._batching import Pipeline
+from nestkv.client.placement import HASH_NAME, Placement
+from nestkv.v1 import store_pb2 as pb
+
+log = logging.getLogger("nestkv.client")
+
+_RETRY_AFTER = 1.0  # seconds before a failed Topology read is tried again
+_SETTLED = float("inf")
+
+
+class Router:
+    """The pipelines of one event loop: the seed's, and one per member once the topology is known."""
+
+    __slots__ = (
+        "_closing",
+        "_last_try",
+        "_make_pipeline",
+        "_placement",
+        "_reading",
+        "_root",
+        "_seed",
+        "_seed_stub",
+        "_timeout",
+        "members",
+        "pipelines",
+        "version",
+    )
+
+    def __init__(
+        self,
+        seed_stub: Any,
+        seed: Pipeline,
+        make_pipeline: Callable[[str], tuple[Pipeline, Callable[[], Any]]],
+        timeout: float | None,
+    ) -> None:
+        """`make_pipeline(address)` opens a channel to a member: its Pipeline, and how to close it."""
+        self._seed_stub = seed_stub
+        self._seed = seed
+        self._make_pipeline = make_pipeline
+        self._timeout = timeout
+        self._placement: Placement | None = None
+        self._root: tuple[str, ...] = ()
+        self._reading: asyncio.Task[None] | None = None
+        self._last_try = -_RETRY_AFTER
+        self._closing: list[asyncio.Task[None]] = []
+        self.version = ""
+        self.members: dict[str, str] = {}
+        self.pipelines: dict[str, tuple[Pipeline, Callable[[], Any]]] = {}
+        seed.on_stale = self.stale
+
+    def pipeline_for(self, path: Sequence[str], key: str) -> Pipeline:
+        """The pipeline of the node that owns `key` in `path` (the seed's while the owner is unknown)."""
+        placement = self._placement
+        if placement is None:
+            self._read_soon()
+            return self._seed
+        owner = placement.owner((*self._root, *path) if self._root else path, key)
+        return self.pipelines[owner][0]
+
+    def every_node(self) -> dict[str, Pipeline] | None:
+        """Every member's pipeline, for an operation each must run (delete_all); None: not known."""
+        if self._placement is None:
+            self._read_soon()
+            return None
+        return {member: pipeline for member, (pipeline, _) in self.pipelines.items()}
+
+    def stale(self, version: str) -> None:
+        """A node answered with another topology version than the one the batch was routed by."""
+        if version != self.version:
+            self._read_soon(force=True)
+
+    def _read_soon(self, *, force: bool = False) -> None:
+        if self._reading is not None or (self._last_try == _SETTLED and not force):
+            return
+        now = time.monotonic()
+        if not force and now - self._last_try < _RETRY_AFTER:
+            return
+        self._last_try = now
+        self._reading = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            response = await self._seed_stub.Topology(pb.TopologyRequest(), timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            # An older server (UNIMPLEMENTED) or one out of reach: the seed forwards meanwhile.
+            log.debug("topology not read from the seed: %s", error.code().name)
+            return
+        finally:
+            self._reading = None
+        self._use(response)
+
+    def _use(self, response: pb.TopologyResponse) -> None:
+        members = {member.id: member.address for member in response.members}
+        if not members or response.hash != HASH_NAME:
+            self._placement = None  # a single server, or a hash this client does not know: the seed
+            self._last_try = _SETTLED  # asked: only a node saying the version changed asks again
+            return
+        for member, (_, close) in list(self.pipelines.items()):
+            if self.members.get(member) != members.get(member):
+                del self.pipelines[member]
+                # Its operations in flight get their deadline to finish before it closes.
+                self._closing.append(
+                    asyncio.get_running_loop().create_task(_close_later(close, self._timeout))
+                )
+        for member, address in members.items():
+            if member not in self.pipelines:
+                pipeline, close = self._make_pipeline(address)
+                pipeline.on_stale = self.stale
+                self.pipelines[member] = (pipeline, close)
+        for pipeline, _ in self.pipelines.values():
+            pipeline.topology_version = response.version
+        self.members = members
+        self.version = response.version
+        self._root = tuple(response.root)
+        self._placement = Placement(members)
+
+    async def close(self) -> None:
+        """Stop reading the topology and close every member's pipeline and channel."""
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+        closers = [close for _, close in self.pipelines.values()]
+        self.pipelines, self._placement = {}, None
+        for close in closers:
+            await close()
+        for task in self._closing:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._closing = []
+
+
+async def _close_later(close: Callable[[], Any], delay: float | None) -> None:
+    try:
+        await asyncio.sleep(delay or 5.0)
+    finally:
+        await close()
