@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nestkv.server import VERSION
-from nestkv.server.cluster import Cluster, ClusterConfigError, Membership
+from nestkv.server.cluster import Cluster, ClusterConfigError, HandOff, Membership
 from nestkv.server.cluster.peers import Peers
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
@@ -138,6 +138,28 @@ def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Clus
     return Cluster(membership, peers, gate, peers_by_certificate=tls is not None)
 
 
+def _nothing() -> None:
+    pass
+
+
+async def drain(cluster: Cluster, limit: float) -> None:
+    """On SIGTERM: a node no longer among the members hands its keys off before it stops serving.
+
+    A node still among them keeps its keys (on its data directory) for when it comes back.
+    """
+    cluster.membership.reload()
+    handoff = cluster.handoff
+    if cluster.node_id in cluster.topology.members or handoff is None:
+        return
+    log.info("nestkv draining: handing off this node's keys (up to %.0fs)", limit)
+    try:
+        await asyncio.wait_for(handoff.passed.wait(), limit)
+    except TimeoutError:
+        log.error("drain timed out after %.0fs: keys not handed off stay in the data directory", limit)
+        return
+    log.info("drain done: %d keys handed off", handoff.sent)
+
+
 def describe_cluster(cluster: Cluster | None) -> str:
     """`, node ID of N (version V)` for the ready line; nothing for a single server."""
     if cluster is None:
@@ -229,7 +251,14 @@ async def serve(config: ServerConfig) -> None:
         scraped += f", health at {config.address(health_port)}"
     background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]
     if cluster is not None:
+        handoff = cluster.handoff = HandOff(
+            cluster.membership,
+            storage,
+            persistence.commit if persistence else _nothing,
+            cluster.peers.hand_off,
+        )
         background.append(asyncio.create_task(cluster.membership.watch_forever()))
+        background.append(asyncio.create_task(handoff.run_forever()))
     if persistence is not None:
         background.append(
             asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))
@@ -254,6 +283,8 @@ async def serve(config: ServerConfig) -> None:
         log.warning("tokens travel in plaintext to %s: add --tls-cert and --tls-key", config.host)
 
     await stop.wait()
+    if cluster is not None:
+        await drain(cluster, config.drain_timeout)
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
     # A periodic snapshot under way is cut short first: the one taken after the last call replaces it.
     for task in background:

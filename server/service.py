@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 
 from nestkv.client.placement import HASH_NAME
 from nestkv.server import VERSION
+from nestkv.server.cluster.peers import PEER_HEADER
 from nestkv.server.errors import (
     InvalidArgument,
     NodeFault,
@@ -34,7 +35,7 @@ from nestkv.server.metrics import OperationMetrics
 from nestkv.server.security import Gate, Grant
 
 if TYPE_CHECKING:
-    from nestkv.server.cluster import Cluster
+    from nestkv.server.cluster import Cluster, HandOff
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -58,6 +59,8 @@ SERVICE_NAME: str = _SERVICE.full_name
 _PIPELINE = "Pipeline"
 _STATS = "Stats"
 _TOPOLOGY = "Topology"
+_HAND_OFF = "HandOff"
+_READ_KINDS = frozenset({"get", "exists", "expires_in"})
 _ANSWERS_AHEAD = 32  # batches of a routed stream read ahead while earlier ones await other nodes
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
 _KIND_OF_REQUEST = {
@@ -154,6 +157,10 @@ class StoreServicer:
             if method.name == _PIPELINE:
                 handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                     self.pipeline, request_deserializer=parse, response_serializer=serialize
+                )
+            elif method.name == _HAND_OFF:
+                handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                    self.hand_off, request_deserializer=parse, response_serializer=serialize
                 )
             elif method.name == _TOPOLOGY:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -318,6 +325,7 @@ class StoreServicer:
         grant = grant or self._gate.everything
         scope = grant.scope
         cluster = None if grant.forwarded or pending is None else self._cluster
+        handoff = self._cluster.handoff if self._cluster is not None else None
         # A batch the client routed by the current topology: its delete_all is for this node only.
         fan_out = cluster is not None and request.topology_version != cluster.topology.version
         response = pb.PipelineResponse(id=request.id)
@@ -353,6 +361,10 @@ class StoreServicer:
                                 started = clock()
                             continue
                 operations[kind](request_of_kind, out)
+                if handoff is not None and (handoff.open or grant.forwarded):
+                    asked = self._during_hand_off(handoff, kind, request_of_kind, out, grant)
+                    if asked is not None and cluster is not None and pending is not None:
+                        pending.append((result, cluster.forward(asked, operation)))
             except StoreFault as fault:
                 code = status_of(fault)
                 _fail(result, code, fault.confined() if grant.root else str(fault))
@@ -401,6 +413,48 @@ class StoreServicer:
                 error = result.WhichOneof("result") == "error"
                 metrics.recount(kind, _CODE_NAMES[result.error.code] if error else "OK", code)
 
+    def _during_hand_off(
+        self, handoff: HandOff, kind: str, request: Any, response: Any, grant: Grant
+    ) -> str | None:
+        """Keep hand-offs right around an operation run here: the member to ask about a read that
+        missed (None: the miss stands); deletes remembered, so no older copy brings a key back."""
+        if kind in _READ_KINDS:
+            if grant.forwarded or _found(kind, response):
+                return None  # a forwarded read is answered as it is: never forwarded a second time
+            return handoff.previous_owner(request.path, request.key)
+        if kind == "delete":
+            handoff.deleted(request.path, request.key)
+        elif kind == "delete_all":
+            handoff.cleared(request.path)
+        elif grant.forwarded and self._cluster is not None and self._cluster.owner(request.path, request.key):
+            handoff.write_elsewhere()  # a peer placed it by another member list: pass it on
+        return None
+
+    async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> pb.HandOffResponse:
+        """The HandOff RPC: keys another member no longer owns, stored here unless news to nobody."""
+        grant = await _admit(self._admit, context)
+        handoff = self._cluster.handoff if self._cluster is not None else None
+        if not grant.forwarded or handoff is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "HandOff is for the members of a cluster only"
+            )
+        assert handoff is not None
+        sender = dict(context.invocation_metadata() or ()).get(PEER_HEADER, "")
+        response = pb.HandOffResponse()
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            try:
+                self._writable()
+                stored, skipped = handoff.take(sender, request)
+                self._commit()
+            except StoreFault as fault:  # the sender keeps its keys and tries again
+                await context.abort(status_of(fault), str(fault))
+            response.stored += stored
+            response.skipped += skipped
+        response.passed_version = handoff.passed_version
+        return response
+
     async def topology(self, request: Any, context: Any) -> pb.TopologyResponse:
         """The Topology RPC: the members, the version of their list, the hash, the caller's root."""
         try:
@@ -426,14 +480,21 @@ class StoreServicer:
         operation = pb.Operation()
         getattr(operation, kind).CopyFrom(request)
         metrics = self._metrics
+        handoff = cluster.handoff
         if kind == "delete_all":
             run_here()
+            if handoff is not None:
+                handoff.cleared(request.path)
             failed = await cluster.fan_out(operation, metrics)
         else:
             owner = cluster.owner(request.path, request.key)
             if owner is None:
                 run_here()
-                return
+                if handoff is None or not handoff.open:
+                    return
+                owner = self._during_hand_off(handoff, kind, request, response, self._gate.everything)
+                if owner is None:
+                    return
             if metrics:
                 metrics.forwarded[owner] = metrics.forwarded.get(owner, 0) + 1
             failed = await cluster.forward(owner, operation)
@@ -556,6 +617,11 @@ def _rechunk(
         room -= size
         cut[-1].results.add().CopyFrom(result)
     return cut
+
+
+def _found(kind: str, response: Any) -> bool:
+    """Whether a read's response found its key."""
+    return bool(response.exists) if kind == "exists" else bool(response.found)
 
 
 def _fail(result: pb.OperationResult, code: grpc.StatusCode, message: str) -> None:

@@ -35,24 +35,27 @@ class ClusterProcesses:
         self.nodes: dict[str, ServerProcess] = {}
         self.add_members(size)
 
-    def add_members(self, count: int) -> list[str]:
-        """Give `count` more nodes ports and list them in the members file (not started)."""
+    def add_members(self, count: int, *, listed: bool = True) -> list[str]:
+        """Give `count` more nodes ports and (`listed`) list them in the members file (not started)."""
         first = len(self.ports)
         new = [f"node-{n}" for n in range(first, first + count)]
         self.ports.update(zip(new, free_ports(count), strict=True))
-        self.write_members(list(self.ports))
+        if listed:
+            self.write_members(list(self.ports))
         return new
 
-    def write_members(self, members: Sequence[str]) -> None:
+    def write_members(self, members: Sequence[str], path: Path | None = None) -> None:
         """List `members` in the members file (replaced whole, as a ConfigMap update does)."""
+        path = path or self.members_file
         text = "".join(f"{member}=127.0.0.1:{self.ports[member]}\n" for member in members)
-        staged = self.members_file.with_suffix(".new")
+        staged = path.with_suffix(".new")
         staged.write_text(text)
-        staged.replace(self.members_file)
+        staged.replace(path)
 
-    def node(self, member: str, *extra: str) -> ServerProcess:
-        """A process for `member` (not started)."""
-        args = ["--port", str(self.ports[member]), "--node-id", member, "--cluster", f"@{self.members_file}"]
+    def node(self, member: str, *extra: str, members_file: Path | None = None) -> ServerProcess:
+        """A process for `member` (not started), reading `members_file` (default: the shared one)."""
+        listed = members_file or self.members_file
+        args = ["--port", str(self.ports[member]), "--node-id", member, "--cluster", f"@{listed}"]
         if self.data:
             data_dir = self.directory / member
             data_dir.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from nestkv.server.cluster.handoff import HandOff
 from nestkv.server.cluster.peers import PEER_HEADER, Peers, failure_of
 from nestkv.server.cluster.topology import ClusterConfigError, Membership, Topology, parse_members
 from nestkv.server.errors import Unauthenticated
@@ -21,7 +22,16 @@ from nestkv.server.metrics import OperationMetrics
 from nestkv.server.security import Gate, Grant
 from nestkv.v1 import store_pb2 as pb
 
-__all__ = ["Cluster", "ClusterConfigError", "Membership", "PeerGrant", "Topology", "parse_members"]
+__all__ = [
+    "PEER_HEADER",
+    "Cluster",
+    "ClusterConfigError",
+    "HandOff",
+    "Membership",
+    "PeerGrant",
+    "Topology",
+    "parse_members",
+]
 
 _CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
 
@@ -42,14 +52,19 @@ class Cluster:
     def __init__(
         self, membership: Membership, peers: Peers, gate: Gate, *, peers_by_certificate: bool
     ) -> None:
-        """`peers_by_certificate`: a forwarded call must come with a client certificate naming a
-        member (mutual TLS); otherwise forwarded calls are taken from anyone, which grants nothing
-        when every caller may do anything already (no auth file: the server checks that)."""
+        """`peers_by_certificate`: a forwarded call must come with a client certificate (of the
+        --tls-client-ca) that names the node it claims to come from (mutual TLS). The member list
+        is not asked: a node added a moment ago is a peer before every list names it, so the CA
+        must give node names to nodes only. Otherwise forwarded calls are taken from anyone, which
+        grants nothing when every caller may do anything already (no auth file: open_cluster
+        refuses a cluster with tokens and without mutual TLS)."""
         self.membership = membership
         self.peers = peers
         self._gate = gate
         self._by_certificate = peers_by_certificate
         self._peer = PeerGrant("peer", (), True, gate.everything.limits)
+        self.handoff: HandOff | None = None
+        """Set once the storage is recovered (nestkv.server.app)."""
 
     @property
     def node_id(self) -> str:
@@ -68,20 +83,17 @@ class Cluster:
         return self._gate.admit(context)
 
     def _check_peer(self, context: Any, sender: str) -> None:
-        members = self.topology.members
         if not self._by_certificate:
-            if sender in members:
-                return
-            raise Unauthenticated(f"forwarded calls are taken only from members; {sender!r} is not one")
+            return
         names = {
             name.decode(errors="replace")
             for prop in ("x509_common_name", "x509_subject_alternative_name")
             for name in context.auth_context().get(prop, ())
         }
-        if sender not in members or sender not in names:
+        if not sender or sender not in names:
             raise Unauthenticated(
-                "forwarded calls are taken only from members, by a client certificate naming "
-                f"the member; {sender!r} did not present one"
+                "forwarded calls are taken only from cluster nodes, by a client certificate naming "
+                f"the node; none presented names {sender!r}"
             )
 
     def owner(self, path: Sequence[str], key: str) -> str | None:

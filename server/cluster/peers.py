@@ -10,6 +10,8 @@ node runs what it is sent on its own store and never forwards it again.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -25,6 +27,9 @@ PEER_HEADER = "nestkv-peer"
 
 PEER_TIMEOUT = 3.0
 """Seconds a forwarded operation may take: under GrpcStore's 5 s, so its caller hears why."""
+
+HAND_OFF_TIMEOUT = 600.0
+"""Seconds one hand-off stream may take: a node's worth of keys to one member."""
 
 
 class PeerUnavailable(Exception):
@@ -82,6 +87,11 @@ class Peers:
         except grpc.aio.AioRpcError as error:
             raise PeerUnavailable(f"{address}: {error_from_rpc(error)}") from None
         return response
+
+    def hand_off(self, address: str) -> Callable[[Any], Awaitable[pb.HandOffResponse]]:
+        """The HandOff call to the peer at `address`: give it the requests, await its answer."""
+        stub = self._connection(address)[1]
+        return functools.partial(stub.HandOff, metadata=self._metadata, timeout=HAND_OFF_TIMEOUT)
 
     async def close(self) -> None:
         opened, self._open = self._open, {}

@@ -262,6 +262,28 @@ class NamespacedStorage:
         """Each namespace that holds entries, with its path (walks the tree)."""
         return ((path, node) for path, node in self._tree.walk() if node.entries)
 
+    def entries(self, node: Node) -> list[tuple[str, bytes]]:
+        """The (key, stored form) pairs of a namespace from `namespaces()`, as they are now."""
+        return list(node.entries.items())
+
+    def time_left(self, stored: bytes) -> float | None:
+        """Seconds a stored form has left: `NEVER` if it has no deadline, None if it has expired."""
+        deadline = deadline_of(stored)
+        if deadline == NEVER:
+            return NEVER
+        left = deadline - self._clock()
+        return left if left > 0 else None
+
+    def delete_unchanged(self, path: Sequence[str], key: str, stored: bytes) -> bool:
+        """Remove `key` if it still holds `stored` (the very object `entries` gave); whether it did."""
+        node = self._tree.find(path)
+        if node is None or node.entries.get(key) is not stored:
+            return False
+        self._remove(node, key)
+        if self.journal is not None:
+            self.journal.delete(path, key)
+        return True
+
     @property
     def keys(self) -> int:
         """Entries in the whole store, expired ones not yet reclaimed included; O(1)."""

@@ -1,0 +1,242 @@
+"""Hand-off: when the members change, each key moves to its new owner, and none is lost or unseen.
+
+Every node runs a *pass* when it starts and whenever its member list
+changes (or a key it does not own was written to it by a peer that placed
+it by an older list): it sends every key it holds but does not own, with
+the time it has left, to the key's owner on a HandOff stream, and drops
+each key once the owner has answered, unless it changed meanwhile. The last
+message to every other member, keys or not, says `done` for that version.
+
+The receiving side stores a handed-off key only if it does not hold the key
+already and has not deleted it since the change (a write to the new owner
+is newer than anything handed off). Until every member of the previous list
+has said `done` for the current version, a read that misses is asked of the
+key's previous owner, so a key is never unseen while it travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from nestkv.server.cluster.topology import Membership, Topology
+from nestkv.server.storage import NEVER, NamespacedStorage
+from nestkv.server.storage.tree import value_of
+from nestkv.v1 import store_pb2 as pb
+
+log = logging.getLogger("nestkv.server")
+
+_CHUNK = 500  # entries per HandOffRequest
+_YIELD_EVERY = 2_000  # keys looked at between two yields to the event loop
+_RETRY = 1.0  # seconds before a member that could not be reached is tried again
+
+
+class HandOff:
+    """This node's side of hand-offs: what it sends, what it takes in, where a miss is asked next."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        storage: NamespacedStorage,
+        commit: Callable[[], None],
+        open_stream: Callable[[str], Any],
+    ) -> None:
+        """`open_stream(address)` opens a HandOff call to a member; `commit` makes writes durable."""
+        self._membership = membership
+        self._storage = storage
+        self._commit = commit
+        self._open_stream = open_stream
+        self._needed = asyncio.Event()
+        self._needed.set()  # a pass at start: the data directory may hold keys others own now
+        self.passed = asyncio.Event()  # the last pass covered the current members (for the drain)
+        current = membership.current
+        others = {
+            member: address for member, address in current.members.items() if member != membership.node_id
+        }
+        # At start, the list before is unknown: take it to be this one without this node (a node added).
+        self.previous: Topology | None = Topology(others) if others else None
+        self._done_from: dict[str, str] = {}
+        self._deleted: set[tuple[tuple[str, ...], str]] = set()
+        self._cleared: list[tuple[str, ...]] = []
+        self.passed_version = ""
+        """The topology version of the last complete pass: this node holds no key others own under it."""
+        self.sent = 0
+        self.open = self.previous is not None
+        """Whether keys may still be on their way here: a miss is then asked of the previous owner."""
+        membership.listeners.append(self._changed)
+
+    def _changed(self, previous: Topology, current: Topology) -> None:
+        self.previous = previous
+        self._deleted.clear()
+        self._cleared.clear()
+        self.passed.clear()
+        self._needed.set()
+        self._reopen()
+
+    def _reopen(self) -> None:
+        self.open = bool(self._expecting())
+        if not self.open:  # every member of the list before has handed off: forget the deletes
+            self._deleted.clear()
+            self._cleared.clear()
+
+    def write_elsewhere(self) -> None:
+        """A peer wrote a key this node does not own (it placed it by another list): pass again."""
+        self._needed.set()
+
+    # The receiving side.
+
+    def _expecting(self) -> set[str]:
+        previous = self.previous
+        if previous is None:
+            return set()
+        version = self._membership.current.version
+        node_id = self._membership.node_id
+        return {
+            member
+            for member in previous.members
+            if member != node_id and self._done_from.get(member) != version
+        }
+
+    def previous_owner(self, path: Sequence[str], key: str) -> str | None:
+        """The member to ask about a key missing here while hand-offs run; None: the miss stands."""
+        previous = self.previous
+        if previous is None or self._gone_here(path, key):
+            return None
+        owner = previous.owner(path, key)
+        return owner if owner in self._expecting() else None
+
+    def deleted(self, path: Sequence[str], key: str) -> None:
+        """A key was deleted here while hand-offs run: an older copy on its way must not bring it back."""
+        if self.open:
+            self._deleted.add((tuple(path), key))
+
+    def cleared(self, path: Sequence[str]) -> None:
+        """A namespace was emptied here while hand-offs run (delete_all)."""
+        if self.open:
+            self._cleared.append(tuple(path))
+
+    def _gone_here(self, path: Sequence[str], key: str) -> bool:
+        if (tuple(path), key) in self._deleted:
+            return True
+        return any(tuple(path[: len(prefix)]) == prefix for prefix in self._cleared)
+
+    def take(self, sender: str, request: pb.HandOffRequest) -> tuple[int, int]:
+        """Store the entries of one HandOffRequest that are news here; (stored, skipped)."""
+        storage = self._storage
+        stored = skipped = 0
+        for entry in request.entries:
+            path, key = entry.path, entry.key
+            if self._gone_here(path, key) or storage.exists(path, key):
+                skipped += 1
+                continue
+            ttl = None
+            if entry.HasField("expires_in"):
+                ttl = entry.expires_in.seconds + entry.expires_in.nanos / 1e9
+                if ttl <= 0:
+                    skipped += 1
+                    continue
+            storage.set(path, key, entry.value, ttl)
+            stored += 1
+        if request.done:
+            self._done_from[sender] = request.topology_version
+            self._reopen()
+        if stored:
+            node_id = self._membership.node_id
+            current = self._membership.current
+            if any(current.owner(entry.path, entry.key) != node_id for entry in request.entries):
+                self._needed.set()  # placed by a list this node no longer has: send them on
+        return stored, skipped
+
+    # The sending side.
+
+    async def run_forever(self) -> None:
+        """Run a pass whenever one is needed, until cancelled."""
+        while True:
+            await self._needed.wait()
+            self._needed.clear()
+            topology = self._membership.current
+            try:
+                complete = await self._pass(topology)
+            except Exception:
+                log.exception("hand-off pass failed; trying again")
+                complete = False
+            if complete and topology is self._membership.current and not self._needed.is_set():
+                self.passed_version = topology.version
+                self.passed.set()
+            elif not complete:
+                await asyncio.sleep(_RETRY)
+                self._needed.set()
+
+    async def _pass(self, topology: Topology) -> bool:
+        """Send every key this node holds but does not own to its owner; whether all were taken."""
+        node_id = self._membership.node_id
+        storage = self._storage
+        outgoing: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {
+            member: [] for member in topology.members if member != node_id
+        }
+        looked = 0
+        for path, node in list(storage.namespaces()):
+            for key, stored in storage.entries(node):
+                looked += 1
+                if looked % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                    if topology is not self._membership.current:
+                        return False  # the members changed again: start over with the new list
+                owner = topology.owner(path, key)
+                if owner != node_id:
+                    outgoing[owner].append((path, key, stored))
+        moving = sum(len(entries) for entries in outgoing.values())
+        if moving:
+            log.info("handing off %d keys to %s", moving, ", ".join(m for m, e in outgoing.items() if e))
+        complete = True
+        results = await asyncio.gather(
+            *(self._send(member, topology, entries) for member, entries in outgoing.items()),
+            return_exceptions=True,
+        )
+        for member, result in zip(outgoing, results, strict=True):
+            if isinstance(result, BaseException):
+                complete = False
+                log.warning("hand-off to %s did not go through, trying again: %s", member, result)
+                continue
+            dropped = sum(
+                storage.delete_unchanged(path, key, stored) for path, key, stored in outgoing[member]
+            )
+            self._commit()
+            self.sent += dropped
+        if moving and complete:
+            log.info("hand-off of version %s done: %d keys moved", topology.version, moving)
+        return complete
+
+    async def _send(
+        self, member: str, topology: Topology, entries: list[tuple[tuple[str, ...], str, bytes]]
+    ) -> pb.HandOffResponse:
+        storage = self._storage
+        version = topology.version
+
+        async def requests() -> Any:
+            for start in range(0, len(entries), _CHUNK):
+                request = pb.HandOffRequest(topology_version=version)
+                for path, key, stored in entries[start : start + _CHUNK]:
+                    left = storage.time_left(stored)
+                    if left is None:
+                        continue  # expired on the way
+                    entry = request.entries.add(path=path, key=key, value=value_of(stored))
+                    if left != NEVER:
+                        entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
+                yield request
+            yield pb.HandOffRequest(topology_version=version, done=True)
+
+        call: Callable[..., Awaitable[pb.HandOffResponse]] = self._open_stream(topology.members[member])
+        try:
+            response = await call(requests())
+        except grpc.aio.AioRpcError as error:
+            raise ConnectionError(f"{member}: {error.code().name}: {error.details()}") from None
+        if response.passed_version == self._membership.current.version:
+            # It holds nothing this node owns now (this node restarted, say): misses need not ask it.
+            self._done_from[member] = response.passed_version
+            self._reopen()
+        return response
