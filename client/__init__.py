@@ -22,7 +22,7 @@ from nestkv.client.errors import (
     StoreUnavailableError,
 )
 from nestkv.client.local import LocalStore
-from nestkv.client.stats import NamespaceStats, ServerStats, Stats
+from nestkv.client.stats import NamespaceStats, NodeStats, ServerStats, Stats
 from nestkv.client.store import GrpcStore, channel_options
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "LocalStore",
     "NamespaceStats",
     "NamespacedStore",
+    "NodeStats",
     "PermissionDeniedError",
     "ServerStats",
     "Stats",

@@ -428,7 +428,7 @@ class Pipeline:
                 index += 1
                 if future.done():
                     continue
-                if result.WhichOneof("result") == "error":
+                if result.WhichOneof("result") == "error" and not result.error.HasField("moved_to"):
                     future.set_exception(error_from_code(result.error.code, result.error.message))
                 else:
                     future.set_result(result)

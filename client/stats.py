@@ -39,33 +39,58 @@ class ServerStats(msgspec.Struct, frozen=True, gc=False):
     """The server's nestkv version."""
 
 
+class NodeStats(msgspec.Struct, frozen=True):
+    """One node's own figures, in a cluster."""
+
+    namespace: NamespaceStats
+    server: ServerStats
+
+
 class Stats(msgspec.Struct, frozen=True):
-    """The answer to `GrpcStore.stats()`: the store's namespace subtree, and the server."""
+    """The answer to `GrpcStore.stats()`: the store's namespace subtree, and the server.
+
+    In a cluster, `namespace` and `server` are sums over the nodes (`uptime_seconds` and
+    `version` are the answering node's; `child_namespaces` the most any node has), and `nodes`
+    gives each node's own figures by node id; a single server leaves `nodes` empty.
+    """
 
     path: tuple[str, ...]
     """The namespace described (the store's own)."""
     namespace: NamespaceStats
     server: ServerStats
+    nodes: dict[str, NodeStats] = {}
+    """Each node's own figures, by node id (a cluster only)."""
 
 
 def stats_from_response(path: tuple[str, ...], response: Any) -> Stats:
     """A Stats from a nestkv.v1.StatsResponse."""
-    namespace, server = response.namespace, response.server
     return Stats(
         path=path,
-        namespace=NamespaceStats(
-            keys=namespace.keys,
-            bytes=namespace.bytes,
-            expiring_keys=namespace.expiring_keys,
-            child_namespaces=namespace.child_namespaces,
-        ),
-        server=ServerStats(
-            keys=server.keys,
-            memory_bytes=server.memory_bytes,
-            max_memory_bytes=server.max_memory_bytes,
-            evictions=server.evictions,
-            expired_keys=server.expired_keys,
-            uptime_seconds=server.uptime.ToNanoseconds() / 1e9,
-            version=server.version,
-        ),
+        namespace=_namespace(response.namespace),
+        server=_server(response.server),
+        nodes={
+            node.node_id: NodeStats(namespace=_namespace(node.namespace), server=_server(node.server))
+            for node in response.nodes
+        },
+    )
+
+
+def _namespace(namespace: Any) -> NamespaceStats:
+    return NamespaceStats(
+        keys=namespace.keys,
+        bytes=namespace.bytes,
+        expiring_keys=namespace.expiring_keys,
+        child_namespaces=namespace.child_namespaces,
+    )
+
+
+def _server(server: Any) -> ServerStats:
+    return ServerStats(
+        keys=server.keys,
+        memory_bytes=server.memory_bytes,
+        max_memory_bytes=server.max_memory_bytes,
+        evictions=server.evictions,
+        expired_keys=server.expired_keys,
+        uptime_seconds=server.uptime.ToNanoseconds() / 1e9,
+        version=server.version,
     )

@@ -36,6 +36,7 @@ from nestkv.server.security import Gate, Grant
 
 if TYPE_CHECKING:
     from nestkv.server.cluster import Cluster, HandOff
+from nestkv.server.cluster import PeerGrant
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -326,6 +327,8 @@ class StoreServicer:
         scope = grant.scope
         cluster = None if grant.forwarded or pending is None else self._cluster
         handoff = self._cluster.handoff if self._cluster is not None else None
+        # A peer's operations on keys our list gives to a third node go back to it, to send there.
+        moving = self._cluster if isinstance(grant, PeerGrant) and not grant.mode else None
         # A batch the client routed by the current topology: its delete_all is for this node only.
         fan_out = cluster is not None and request.topology_version != cluster.topology.version
         response = pb.PipelineResponse(id=request.id)
@@ -360,11 +363,20 @@ class StoreServicer:
                                 metrics.forwarded[owner] = metrics.forwarded.get(owner, 0) + 1
                                 started = clock()
                             continue
+                elif moving is not None and kind != "delete_all":
+                    # Even back to the sender: its list gives the key to this node, ours to it, and
+                    # a key handed off there is found only there.
+                    owner = moving.owner(request_of_kind.path, request_of_kind.key)
+                    if owner is not None:
+                        moving.moved(result, owner, moving.topology.members[owner])
+                        continue
                 operations[kind](request_of_kind, out)
-                if handoff is not None and (handoff.open or grant.forwarded):
-                    asked = self._during_hand_off(handoff, kind, request_of_kind, out, grant)
-                    if asked is not None and cluster is not None and pending is not None:
-                        pending.append((result, cluster.forward(asked, operation)))
+                if handoff is not None and (grant.forwarded or handoff.active) and pending is not None:
+                    asked = self._during_hand_off(
+                        handoff, kind, request_of_kind, out, grant, request.topology_version
+                    )
+                    if asked is not None:
+                        pending.append((result, self._ask_previous_owner(handoff, asked, operation)))
             except StoreFault as fault:
                 code = status_of(fault)
                 _fail(result, code, fault.confined() if grant.root else str(fault))
@@ -414,21 +426,34 @@ class StoreServicer:
                 metrics.recount(kind, _CODE_NAMES[result.error.code] if error else "OK", code)
 
     def _during_hand_off(
-        self, handoff: HandOff, kind: str, request: Any, response: Any, grant: Grant
+        self, handoff: HandOff, kind: str, request: Any, response: Any, grant: Grant, version: str = ""
     ) -> str | None:
         """Keep hand-offs right around an operation run here: the member to ask about a read that
         missed (None: the miss stands); deletes remembered, so no older copy brings a key back."""
         if kind in _READ_KINDS:
-            if grant.forwarded or _found(kind, response):
-                return None  # a forwarded read is answered as it is: never forwarded a second time
+            if _found(kind, response) or (isinstance(grant, PeerGrant) and grant.mode):
+                return None  # redirected (the sender asks next) or asked: answered from what is here
             return handoff.previous_owner(request.path, request.key)
         if kind == "delete":
             handoff.deleted(request.path, request.key)
         elif kind == "delete_all":
             handoff.cleared(request.path)
-        elif grant.forwarded and self._cluster is not None and self._cluster.owner(request.path, request.key):
-            handoff.write_elsewhere()  # a peer placed it by another member list: pass it on
+        else:
+            handoff.written(request.path, request.key)
+            if (
+                grant.forwarded
+                and self._cluster is not None
+                and self._cluster.owner(request.path, request.key)
+            ):
+                handoff.write_elsewhere(version)  # a peer placed it by another member list
         return None
+
+    def _ask_previous_owner(
+        self, handoff: HandOff, member: str, operation: pb.Operation
+    ) -> Awaitable[pb.OperationResult]:
+        assert self._cluster is not None
+        assert handoff.previous is not None
+        return self._cluster.forward(member, operation, handoff.previous.members[member], "asked")
 
     async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> pb.HandOffResponse:
         """The HandOff RPC: keys another member no longer owns, stored here unless news to nobody."""
@@ -488,16 +513,18 @@ class StoreServicer:
             failed = await cluster.fan_out(operation, metrics)
         else:
             owner = cluster.owner(request.path, request.key)
-            if owner is None:
+            if owner is not None:
+                if metrics:
+                    metrics.forwarded[owner] = metrics.forwarded.get(owner, 0) + 1
+                failed = await cluster.forward(owner, operation)
+            else:
                 run_here()
-                if handoff is None or not handoff.open:
+                if handoff is None or not handoff.active:
                     return
-                owner = self._during_hand_off(handoff, kind, request, response, self._gate.everything)
-                if owner is None:
+                asked = self._during_hand_off(handoff, kind, request, response, self._gate.everything)
+                if asked is None:
                     return
-            if metrics:
-                metrics.forwarded[owner] = metrics.forwarded.get(owner, 0) + 1
-            failed = await cluster.forward(owner, operation)
+                failed = await self._ask_previous_owner(handoff, asked, operation)
             if failed.WhichOneof("result") != "error":
                 response.CopyFrom(getattr(failed, kind))
                 return

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from nestkv.server.cluster.handoff import HandOff
-from nestkv.server.cluster.peers import PEER_HEADER, Peers, failure_of
+from nestkv.server.cluster.peers import MODE_HEADER, MODES, PEER_HEADER, Peers, failure_of
 from nestkv.server.cluster.topology import ClusterConfigError, Membership, Topology, parse_members
 from nestkv.server.errors import Unauthenticated
 from nestkv.server.metrics import OperationMetrics
@@ -37,10 +37,20 @@ _CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
 
 
 class PeerGrant(Grant):
-    """A call another member forwarded: its paths were scoped there, its operations run here."""
+    """A call another member forwarded: its paths were scoped there, its operations run here.
 
-    __slots__ = ()
+    `sender` is the node that forwarded it; `mode` why (nestkv.server.cluster.peers.MODE_HEADER):
+    "" sent to the owner, "redirected" (run here whatever this node's list says), "asked" (a
+    new owner asking the previous one: answered from what is here, nothing more).
+    """
+
+    __slots__ = ("mode", "sender")
     forwarded = True
+
+    def __init__(self, sender: str, mode: str, limits: Any) -> None:
+        super().__init__("peer", (), True, limits)
+        self.sender = sender
+        self.mode = mode
 
     def scope(self, kind: str, request: Any) -> None:
         pass
@@ -62,7 +72,7 @@ class Cluster:
         self.peers = peers
         self._gate = gate
         self._by_certificate = peers_by_certificate
-        self._peer = PeerGrant("peer", (), True, gate.everything.limits)
+        self._peers: dict[tuple[str, str], PeerGrant] = {}
         self.handoff: HandOff | None = None
         """Set once the storage is recovered (nestkv.server.app)."""
 
@@ -76,10 +86,17 @@ class Cluster:
 
     def admit(self, context: Any) -> Grant:
         """The grant of a call: a peer's forwarded call, or a caller's by its token (Gate.admit)."""
-        for key, value in context.invocation_metadata() or ():
+        metadata = context.invocation_metadata() or ()
+        for key, value in metadata:
             if key == PEER_HEADER:
                 self._check_peer(context, value)
-                return self._peer
+                mode = next((mode for name, mode in metadata if name == MODE_HEADER), "")
+                if mode not in MODES:
+                    raise Unauthenticated(f"{MODE_HEADER} must be one of {', '.join(MODES[1:])}")
+                grant = self._peers.get((value, mode))
+                if grant is None:
+                    grant = self._peers[value, mode] = PeerGrant(value, mode, self._gate.everything.limits)
+                return grant
         return self._gate.admit(context)
 
     def _check_peer(self, context: Any, sender: str) -> None:
@@ -101,10 +118,46 @@ class Cluster:
         owner = self.topology.owner(path, key)
         return None if owner == self.node_id else owner
 
-    def forward(self, member: str, operation: pb.Operation) -> Awaitable[pb.OperationResult]:
-        """Run `operation` on `member`; its OperationResult, an error result if it failed."""
-        future = self.peers.forward(self.topology.members[member], operation)
-        return _result_of(member, future)
+    def forward(
+        self, member: str, operation: pb.Operation, address: str = "", mode: str = ""
+    ) -> Awaitable[pb.OperationResult]:
+        """Run `operation` on `member` (at `address`, default: its address in the current list); its
+        OperationResult, an error result if it failed. Sent on once if the member's list gives the
+        key to another node. `mode`: see PeerGrant."""
+        topology = self.topology
+        address = address or topology.members[member]
+        future = self.peers.forward(address, operation, mode, topology.version)
+        return self._result_of(member, address, operation, future)
+
+    async def _result_of(
+        self, member: str, address: str, operation: pb.Operation, future: asyncio.Future[Any]
+    ) -> pb.OperationResult:
+        """The result of a forwarded operation, following a redirect once.
+
+        A node that redirects still holds the keys it has not handed off yet: a read that misses
+        where it was redirected to is asked of it once more.
+        """
+        try:
+            result: pb.OperationResult = await future
+            if result.WhichOneof("result") == "error" and result.error.HasField("moved_to"):
+                moved_from = address
+                member, address = result.error.moved_to.id, result.error.moved_to.address
+                version = self.topology.version
+                result = await self.peers.forward(address, operation, "redirected", version)
+                if _missed(operation, result):
+                    member = f"{member}'s previous owner"
+                    result = await self.peers.forward(moved_from, operation, "asked", version)
+        except Exception as error:
+            return error_result(*failure_of(member, error))
+        return result
+
+    @staticmethod
+    def moved(result: pb.OperationResult, member: str, address: str) -> None:
+        """Fill `result` with the answer to a peer whose list gives a key to another node than ours."""
+        result.error.code = grpc.StatusCode.ABORTED.value[0]
+        result.error.message = f"this node's member list gives the key to {member}"
+        result.error.moved_to.id = member
+        result.error.moved_to.address = address
 
     def fan_out(
         self, operation: pb.Operation, metrics: OperationMetrics | None = None
@@ -117,7 +170,7 @@ class Cluster:
                 if member != self.node_id:
                     metrics.forwarded[member] = metrics.forwarded.get(member, 0) + 1
         futures = {
-            member: self.peers.forward(address, operation)
+            member: self.peers.forward(address, operation, version=self.topology.version)
             for member, address in members.items()
             if member != self.node_id
         }
@@ -137,18 +190,20 @@ class Cluster:
         }
 
 
+def _missed(operation: pb.Operation, result: pb.OperationResult) -> bool:
+    """Whether `result` is that of a read that found nothing."""
+    kind = operation.WhichOneof("operation")
+    if kind == "exists":
+        return not result.exists.exists
+    if kind in ("get", "expires_in"):
+        return result.WhichOneof("result") == kind and not getattr(result, kind).found
+    return False
+
+
 def error_result(code: str, message: str) -> pb.OperationResult:
     result = pb.OperationResult()
     result.error.code = _CODE_NUMBERS.get(code, grpc.StatusCode.UNKNOWN.value[0])
     result.error.message = message
-    return result
-
-
-async def _result_of(member: str, future: asyncio.Future[Any]) -> pb.OperationResult:
-    try:
-        result: pb.OperationResult = await future
-    except Exception as error:
-        return error_result(*failure_of(member, error))
     return result
 
 

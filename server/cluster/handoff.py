@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,8 @@ log = logging.getLogger("nestkv.server")
 _CHUNK = 500  # entries per HandOffRequest
 _YIELD_EVERY = 2_000  # keys looked at between two yields to the event loop
 _RETRY = 1.0  # seconds before a member that could not be reached is tried again
+_QUIET = 60.0  # seconds after the last hand-off received that what it must not undo is remembered
+_SETTLE = 10.0  # seconds before keys a peer placed here by a list this node does not know go on
 
 
 class HandOff:
@@ -60,8 +63,14 @@ class HandOff:
         # At start, the list before is unknown: take it to be this one without this node (a node added).
         self.previous: Topology | None = Topology(others) if others else None
         self._done_from: dict[str, str] = {}
+        # What a hand-off must not undo, kept while one may still come (see `active`): keys
+        # deleted or namespaces emptied here, and keys held only because a hand-off brought them
+        # (a later hand-off of the same key, from a sender that got a newer write, replaces them).
         self._deleted: set[tuple[tuple[str, ...], str]] = set()
         self._cleared: list[tuple[str, ...]] = []
+        self._handed: set[tuple[tuple[str, ...], str]] = set()
+        self._taken_until = 0.0  # monotonic time until which hand-offs are taken to be under way
+        self._later: asyncio.TimerHandle | None = None
         self.passed_version = ""
         """The topology version of the last complete pass: this node holds no key others own under it."""
         self.sent = 0
@@ -71,20 +80,39 @@ class HandOff:
 
     def _changed(self, previous: Topology, current: Topology) -> None:
         self.previous = previous
-        self._deleted.clear()
-        self._cleared.clear()
         self.passed.clear()
         self._needed.set()
         self._reopen()
 
     def _reopen(self) -> None:
         self.open = bool(self._expecting())
-        if not self.open:  # every member of the list before has handed off: forget the deletes
+
+    @property
+    def active(self) -> bool:
+        """Whether a hand-off may be under way here: the writes and deletes it must not undo are
+        remembered, and a miss may be asked of the previous owner (`open`)."""
+        if self.open or time.monotonic() < self._taken_until:
+            return True
+        if self._deleted or self._cleared or self._handed:  # all handed off, and quiet: forget
             self._deleted.clear()
             self._cleared.clear()
+            self._handed.clear()
+        return False
 
-    def write_elsewhere(self) -> None:
-        """A peer wrote a key this node does not own (it placed it by another list): pass again."""
+    def write_elsewhere(self, sender_version: str = "") -> None:
+        """A key this node does not own was written here by a peer that placed it by another list.
+
+        If that list is this node's previous one, the peer is behind: the key goes on at once.
+        Otherwise this node may be the one behind, and sending the key back now would only bounce
+        it between the two: its own change will pass it on; a pass comes later in any case.
+        """
+        if sender_version and self.previous is not None and sender_version == self.previous.version:
+            self._needed.set()
+        elif self._later is None:
+            self._later = asyncio.get_running_loop().call_later(_SETTLE, self._pass_later)
+
+    def _pass_later(self) -> None:
+        self._later = None
         self._needed.set()
 
     # The receiving side.
@@ -109,14 +137,20 @@ class HandOff:
         owner = previous.owner(path, key)
         return owner if owner in self._expecting() else None
 
+    def written(self, path: Sequence[str], key: str) -> None:
+        """A key was written here (not by a hand-off) while hand-offs run: no hand-off replaces it."""
+        if self._handed:
+            self._handed.discard((tuple(path), key))
+
     def deleted(self, path: Sequence[str], key: str) -> None:
         """A key was deleted here while hand-offs run: an older copy on its way must not bring it back."""
-        if self.open:
+        if self.active:
+            self._handed.discard((tuple(path), key))
             self._deleted.add((tuple(path), key))
 
     def cleared(self, path: Sequence[str]) -> None:
         """A namespace was emptied here while hand-offs run (delete_all)."""
-        if self.open:
+        if self.active:
             self._cleared.append(tuple(path))
 
     def _gone_here(self, path: Sequence[str], key: str) -> bool:
@@ -128,11 +162,15 @@ class HandOff:
         """Store the entries of one HandOffRequest that are news here; (stored, skipped)."""
         storage = self._storage
         stored = skipped = 0
+        handed = self._handed
+        self._taken_until = time.monotonic() + _QUIET
         for entry in request.entries:
             path, key = entry.path, entry.key
-            if self._gone_here(path, key) or storage.exists(path, key):
+            name = (tuple(path), key)
+            if name not in handed and (self._gone_here(path, key) or storage.exists(path, key)):
                 skipped += 1
                 continue
+            handed.add(name)
             ttl = None
             if entry.HasField("expires_in"):
                 ttl = entry.expires_in.seconds + entry.expires_in.nanos / 1e9
@@ -148,7 +186,7 @@ class HandOff:
             node_id = self._membership.node_id
             current = self._membership.current
             if any(current.owner(entry.path, entry.key) != node_id for entry in request.entries):
-                self._needed.set()  # placed by a list this node no longer has: send them on
+                self.write_elsewhere(request.topology_version)
         return stored, skipped
 
     # The sending side.
@@ -200,7 +238,7 @@ class HandOff:
         for member, result in zip(outgoing, results, strict=True):
             if isinstance(result, BaseException):
                 complete = False
-                log.warning("hand-off to %s did not go through, trying again: %s", member, result)
+                log.info("hand-off to %s did not go through yet, trying again: %s", member, result)
                 continue
             dropped = sum(
                 storage.delete_unchanged(path, key, stored) for path, key, stored in outgoing[member]

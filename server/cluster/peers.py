@@ -25,6 +25,16 @@ from nestkv.v1 import store_pb2_grpc
 PEER_HEADER = "nestkv-peer"
 """Metadata naming the node that sent a call: its operations were routed (and scoped) there."""
 
+MODE_HEADER = "nestkv-peer-mode"
+"""Metadata of a peer stream saying why its operations came here (absent: sent to their owner):
+
+- `redirected`: another node said this one owns the keys (ABORTED with moved_to): run them here;
+- `asked`: the new owner of the keys asks this node, their previous owner, during a hand-off:
+  answer from what this node holds, and nothing more.
+"""
+
+MODES = ("", "redirected", "asked")
+
 PEER_TIMEOUT = 3.0
 """Seconds a forwarded operation may take: under GrpcStore's 5 s, so its caller hears why."""
 
@@ -47,12 +57,22 @@ class Peers:
         timeout: float = PEER_TIMEOUT,
     ) -> None:
         self._metadata = ((PEER_HEADER, node_id),)
+        self._node_id = node_id
         self._credentials = credentials
-        self._options = channel_options(max_value_bytes)
+        self._options = [
+            # A peer that was down (starting, restarting) is reconnected to within a tenth of a
+            # second, not after gRPC's default backoff of 1 s growing to 2 minutes: forwarded
+            # operations fail fast while it is down, and go through as soon as it is back.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
+            *channel_options(max_value_bytes),
+        ]
         self._timeout = timeout
-        self._open: dict[str, tuple[Any, Any, Pipeline]] = {}
+        self._open: dict[str, tuple[Any, Any, dict[str, Pipeline]]] = {}
 
-    def _connection(self, address: str) -> tuple[Any, Any, Pipeline]:
+    def _connection(self, address: str) -> tuple[Any, Any, dict[str, Pipeline]]:
+        """The channel and stub to `address`, and its Pipeline for each mode (see MODE_HEADER)."""
         opened = self._open.get(address)
         if opened is None:
             if self._credentials is None:
@@ -61,18 +81,29 @@ class Peers:
                 channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             stub = store_pb2_grpc.StoreServiceStub(channel)
 
-            def open_stream() -> Any:
-                return stub.Pipeline(metadata=self._metadata)
-
-            opened = self._open[address] = (channel, stub, Pipeline(open_stream, timeout=self._timeout))
+            pipelines = {
+                mode: Pipeline(
+                    functools.partial(
+                        stub.Pipeline,
+                        metadata=(*self._metadata, (MODE_HEADER, mode)) if mode else self._metadata,
+                    ),
+                    timeout=self._timeout,
+                )
+                for mode in MODES
+            }
+            opened = self._open[address] = (channel, stub, pipelines)
         return opened
 
-    def forward(self, address: str, operation: pb.Operation) -> asyncio.Future[Any]:
+    def forward(
+        self, address: str, operation: pb.Operation, mode: str = "", version: str = ""
+    ) -> asyncio.Future[Any]:
         """Send `operation` to the peer at `address`; the future of its OperationResult.
 
-        The future fails with the StoreError of the operation's error, or of the stream's failure.
+        The future fails with the StoreError of the operation's error, or of the stream's failure;
+        an error with `moved_to` set comes as a result (the caller redirects it).
         """
-        pipeline = self._connection(address)[2]
+        pipeline = self._connection(address)[2][mode]
+        pipeline.topology_version = version  # the list it was placed by, for the receiver to compare
         added, future = pipeline.add(operation.ByteSize(), pipeline.deadline())
         added.CopyFrom(operation)
         return future
@@ -95,8 +126,9 @@ class Peers:
 
     async def close(self) -> None:
         opened, self._open = self._open, {}
-        for channel, _, pipeline in opened.values():
-            await pipeline.close()
+        for channel, _, pipelines in opened.values():
+            for pipeline in pipelines.values():
+                await pipeline.close()
             await channel.close()
 
 

@@ -1,0 +1,150 @@
+"""Resizing a cluster under traffic: 3 -> 4 and 4 -> 3 nodes, and a node killed mid-hand-off.
+
+Writers keep writing (each its own keys, one write at a time, so the last
+acknowledged value of every key is known) and reading back what was
+acknowledged, through a topology-aware client and a client pinned to one
+node, while the members change. Every acknowledged value must read back
+throughout and after, and at the end each node holds exactly the keys the
+placement gives it. NESTKV_SOAK=1 (make soak) runs them ten times larger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+
+from nestkv.client import GrpcStore, channel_options
+from nestkv.client.placement import Placement
+from tests.clusterproc import ClusterProcesses
+
+SOAK = os.environ.get("NESTKV_SOAK") == "1"
+PRELOADED = 20_000 if SOAK else 2_000
+WRITERS = 8
+
+
+class Traffic:
+    """Writers on their own keys, each reading back what it wrote; what was acknowledged, and failures."""
+
+    def __init__(self, stores: list[GrpcStore]) -> None:
+        self.stores = stores
+        self.acknowledged: dict[str, bytes] = {}
+        self.failures: list[str] = []
+        self.reads = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def preload(self, count: int) -> None:
+        items = {f"pre-{n}": f"v0-{n}".encode() for n in range(count)}
+        await self.stores[0].with_namespace("data").set_many(items)
+        self.acknowledged.update(items)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._write(n)) for n in range(WRITERS)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _write(self, writer: int) -> None:
+        store = self.stores[writer % len(self.stores)].with_namespace("data")
+        rng = random.Random(writer)
+        mine = [f"pre-{n}" for n in range(writer, PRELOADED, WRITERS)]  # preloaded keys it overwrites
+        written: list[str] = []
+        round_ = 0
+        while not self._stop.is_set():
+            round_ += 1
+            # A new key, and a preloaded one overwritten: both must survive the hand-off.
+            for key in (f"w{writer}-{round_}", rng.choice(mine)):
+                value = f"v{round_}-{writer}".encode()
+                await store.set(key, value)
+                self.acknowledged[key] = value
+                written.append(key)
+            # This writer's own keys read back exactly; any preloaded key is there (others write it).
+            for key in (rng.choice(written), rng.choice(written), f"pre-{rng.randrange(PRELOADED)}"):
+                got = await store.get(key)
+                self.reads += 1
+                if got != self.acknowledged[key] and (key in written or got is None):
+                    self.failures.append(f"{key}: read {got!r}, acknowledged {self.acknowledged[key]!r} (writer {writer})")
+
+
+@asynccontextmanager
+async def clients(cluster: ClusterProcesses, pinned_to: str) -> AsyncIterator[list[GrpcStore]]:
+    """A topology-aware client (given node-0) and one on a channel of its own to `pinned_to`."""
+    channel = grpc.aio.insecure_channel(cluster.target(pinned_to), options=channel_options())
+    routing = GrpcStore.with_client(cluster.target("node-0"), timeout=10)
+    try:
+        yield [routing, GrpcStore(channel, timeout=10)]
+    finally:
+        await routing.close()
+        await channel.close()
+
+
+async def settled(store: GrpcStore, members: list[str], keys: list[str]) -> None:
+    """Wait until each of `members` holds exactly the keys of ["data"] the placement gives it."""
+    placement = Placement(members)
+    expected = dict.fromkeys(members, 0)
+    for key in keys:
+        expected[placement.owner(["data"], key)] += 1
+    counts: dict[str, int] = {}
+    async with asyncio.timeout(30):
+        while counts != expected:
+            stats = await store.with_namespace("data").stats()
+            counts = {node: figures.namespace.keys for node, figures in stats.nodes.items()}
+            await asyncio.sleep(0.1)
+
+
+async def check_every_key(store: GrpcStore, acknowledged: dict[str, bytes]) -> None:
+    keys = sorted(acknowledged)
+    values = await store.with_namespace("data").get_many(keys)
+    wrong = [(key, value) for key, value in zip(keys, values, strict=True) if value != acknowledged[key]]
+    assert not wrong, f"{len(wrong)} of {len(keys)} keys lost or stale, e.g. {wrong[:5]}"
+
+
+async def resize_under_traffic(tmp_path: Path, grow: bool) -> None:
+    with ClusterProcesses(tmp_path, 3 if grow else 4, "--fsync", "everysec") as cluster:
+        async with clients(cluster, "node-1") as stores:
+            traffic = Traffic(stores)
+            await traffic.preload(PRELOADED)
+            traffic.start()
+            await asyncio.sleep(0.5)
+            if grow:
+                (new,) = cluster.add_members(1, listed=False)
+                # The new node starts with the new list; the others read it a moment later, as
+                # Kubernetes' ConfigMap reaches pods at different times.
+                own_list = tmp_path / "members-of-new-node"
+                cluster.write_members(list(cluster.ports), own_list)
+                cluster.nodes[new] = cluster.node(new, members_file=own_list).start()
+                cluster.write_members(list(cluster.ports))
+                members = list(cluster.ports)
+            else:
+                members = ["node-0", "node-1", "node-2"]
+                cluster.write_members(members)
+            await asyncio.sleep(3)  # traffic across the change and the hand-off
+            await traffic.stop()
+            if not grow:
+                # Removed from the list: it hands everything off, then SIGTERM finds nothing left.
+                assert cluster.nodes["node-3"].stop(signal.SIGTERM) == 0
+            assert not traffic.failures, traffic.failures[:10]
+            assert traffic.reads > 100
+            await settled(stores[0], members, list(traffic.acknowledged))
+            await check_every_key(stores[0], traffic.acknowledged)
+            await check_every_key(stores[1], traffic.acknowledged)
+
+
+async def test_growing_from_3_to_4_nodes_under_traffic_loses_and_hides_no_acknowledged_write(
+    tmp_path: Path,
+) -> None:
+    await resize_under_traffic(tmp_path, grow=True)
+
+
+async def test_shrinking_from_4_to_3_nodes_under_traffic_loses_and_hides_no_acknowledged_write(
+    tmp_path: Path,
+) -> None:
+    await resize_under_traffic(tmp_path, grow=False)
