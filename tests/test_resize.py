@@ -19,10 +19,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+import pytest
 
 from nestkv.client import GrpcStore, channel_options
 from nestkv.client.placement import Placement
 from tests.clusterproc import ClusterProcesses
+from tests.polling import eventually
 
 SOAK = os.environ.get("NESTKV_SOAK") == "1"
 PRELOADED = 20_000 if SOAK else 2_000
@@ -71,7 +73,9 @@ class Traffic:
                 got = await store.get(key)
                 self.reads += 1
                 if got != self.acknowledged[key] and (key in written or got is None):
-                    self.failures.append(f"{key}: read {got!r}, acknowledged {self.acknowledged[key]!r} (writer {writer})")
+                    self.failures.append(
+                        f"{key}: read {got!r}, acknowledged {self.acknowledged[key]!r} (writer {writer})"
+                    )
 
 
 @asynccontextmanager
@@ -148,3 +152,41 @@ async def test_shrinking_from_4_to_3_nodes_under_traffic_loses_and_hides_no_ackn
     tmp_path: Path,
 ) -> None:
     await resize_under_traffic(tmp_path, grow=False)
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+@pytest.mark.parametrize("killed", ["sender", "receiver"])
+async def test_a_node_killed_in_the_middle_of_a_hand_off_loses_no_acknowledged_key(
+    tmp_path: Path, fsync: str, killed: str
+) -> None:
+    # node-0 and node-1 send keys to node-2 (added); one side is killed while they travel, and
+    # restarted on its data directory. A sender drops a key only once the receiver has it; the
+    # receiver answers once the keys are in its log as --fsync says (a killed process keeps what
+    # it wrote to the log; --fsync always also what a machine crash would take).
+    keys = 20 * PRELOADED
+    with ClusterProcesses(tmp_path, 2, "--fsync", fsync) as cluster:
+        async with clients(cluster, "node-1") as stores:
+            items = {f"k{n}": f"v{n}".encode() for n in range(keys)}
+            await stores[0].with_namespace("data").set_many(items)
+            (receiver,) = cluster.add_members(1, listed=False)
+            own_list = tmp_path / "members-of-new-node"
+            cluster.write_members(list(cluster.ports), own_list)
+            cluster.nodes[receiver] = cluster.node(receiver, members_file=own_list).start()
+            sender = cluster.nodes["node-0"]
+            if killed == "sender":
+                # A receiver that does not answer holds the sender mid-hand-off, for certain.
+                cluster.nodes[receiver].process.send_signal(signal.SIGSTOP)
+            cluster.write_members(list(cluster.ports))
+            await eventually(lambda: any("handing off" in line for line in sender.log), interval=0.002)
+            if killed == "sender":
+                await asyncio.sleep(0.5)  # all it does before the receiver answers, done
+            victim = "node-0" if killed == "sender" else receiver
+            assert cluster.nodes[victim].stop(signal.SIGKILL) == -signal.SIGKILL
+            assert not any("hand-off of version" in line for line in sender.log), "killed too late"
+            if killed == "sender":
+                cluster.nodes[receiver].process.send_signal(signal.SIGCONT)
+            restart_list = own_list if victim == receiver else None
+            cluster.nodes[victim] = cluster.node(victim, members_file=restart_list).start()
+            await settled(stores[0], list(cluster.ports), list(items))
+            await check_every_key(stores[0], items)
+            await check_every_key(stores[1], items)
