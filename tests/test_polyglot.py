@@ -1,5 +1,8 @@
 """A Node.js client built from the .proto alone talks to the server, both ways: in plaintext,
-and over TLS with a token sent as grpc-js call credentials."""
+over TLS with a token sent as grpc-js call credentials, and through one node of a cluster,
+which forwards its operations to their keys' owners. And a Node.js placement written from the
+.proto's comment alone computes tests/placement_vectors.json: a client in any language can route
+on its own from the spec."""
 
 from __future__ import annotations
 
@@ -9,21 +12,39 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from nestkv.client import GrpcStore
+from nestkv.client import GrpcStore, channel_options
+from nestkv.client.placement import Placement
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+from tests.clusterproc import ClusterProcesses
 from tests.conftest import SecureServer
 from tests.pki import Pki
 from tests.serverproc import ServerProcess
 
 POLYGLOT = Path(__file__).parent / "polyglot"
 PROTOS = Path(__file__).parent.parent / "protos"
+VECTORS = Path(__file__).parent / "placement_vectors.json"
+SPREAD_KEYS = [f"spread-{n}" for n in range(16)]
+"""The keys client.js writes besides from-node (and reads back), each with the value "KEY from node"."""
 CALL_FAILED = 2
 """client.js's exit code when an RPC fails with a gRPC status (it prints {"error": ...})."""
 UNAUTHENTICATED = 16
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node executable (placement.js needs nothing else: no npm package)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node.js placement cannot run")
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +91,78 @@ async def run_node(
 
 
 async def check_round_trip(result: subprocess.CompletedProcess[str], store: GrpcStore) -> None:
-    """Node read what Python put in `store` (from-python, 30 s) and wrote from-node (60 s) there."""
+    """Node read what Python put in `store` (from-python, 30 s) and wrote from-node (60 s) there,
+    and the spread keys, which it read back."""
     assert result.returncode == 0, result.stdout + result.stderr
     seen: dict[str, Any] = json.loads(result.stdout)
     assert seen["found"] is True
     assert seen["value"] == "hello from python ✓"
     assert seen["ttl_found"] is True
     assert 28 <= seen["ttl_seconds"] <= 30
+    assert seen["spread"] == [f"{key} from node" for key in SPREAD_KEYS]
     assert seen["other_namespace_found"] is False
     assert seen["invalid"]["code"] == 3  # INVALID_ARGUMENT
     assert "namespace segment is empty" in seen["invalid"]["details"]
     assert await store.get("from-node") == "hello from node ✓".encode()
-    assert await store.expires_in("from-node") == 60
+    left = await store.expires_in("from-node")
+    assert left is not None
+    assert 58 <= left <= 60  # rounded to the nearest second: not a timing test
+    for key in SPREAD_KEYS:
+        assert await store.get(key) == f"{key} from node".encode()
+        assert await store.expires_in(key) == -1  # no expiry
 
 
 async def test_node_reads_what_python_wrote_and_python_reads_what_node_wrote(
     server: ServerProcess, node_client: Path
 ) -> None:
     async with GrpcStore.with_client(server.target) as root:
-        store = root.with_namespace("poly").with_namespace("glot")
-        await store.set("from-python", "hello from python ✓", expires_in=30)
-        await check_round_trip(await run_node(node_client, server.target), store)
+        poly = root.with_namespace("poly")
+        try:
+            store = poly.with_namespace("glot")
+            await store.set("from-python", "hello from python ✓", expires_in=30)
+            await check_round_trip(await run_node(node_client, server.target), store)
+        finally:
+            await poly.delete_all()
+
+
+async def keys_per_node(target: str, path: tuple[str, ...]) -> tuple[list[str], dict[str, int]]:
+    """The cluster's members as `target` knows them, and the keys each node holds under `path`.
+
+    From the raw Stats RPC: GrpcStore.stats() gives the totals, not `nodes`.
+    """
+    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+        topology: pb.TopologyResponse = await stub.Topology(pb.TopologyRequest(), timeout=10)
+        stats: pb.StatsResponse = await stub.Stats(pb.StatsRequest(path=path), timeout=10)
+    held = {node.node_id: node.namespace.keys for node in stats.nodes}
+    assert stats.namespace.keys == sum(held.values())
+    return [member.id for member in topology.members], held
+
+
+async def test_node_through_one_node_of_a_cluster_reaches_each_keys_owner(
+    cluster: ClusterProcesses, node_client: Path
+) -> None:
+    namespace = f"polyglot-{uuid.uuid4().hex}"
+    path = (namespace, "glot")
+    # Python routes each key to its owner itself; Node is given node-1's address and nothing else.
+    async with GrpcStore.with_client(cluster.target("node-0")) as root:
+        mine = root.with_namespace(namespace)
+        try:
+            store = mine.with_namespace("glot")
+            await store.set("from-python", "hello from python ✓", expires_in=30)
+            await check_round_trip(await run_node(node_client, cluster.target("node-1"), path), store)
+            members, held = await keys_per_node(cluster.target("node-0"), path)
+        finally:
+            await mine.delete_all()
+    assert sorted(members) == sorted(cluster.ports)
+    placement = Placement(members)
+    node_keys = ["from-node", *SPREAD_KEYS]
+    # Node's keys belong to several nodes (node-1 forwarded those it does not own) ...
+    assert len({placement.owner(path, key) for key in node_keys}) > 1
+    # ... and each node holds exactly the keys it owns, Node's and Python's.
+    owned = Counter(placement.owner(path, key) for key in ["from-python", *node_keys])
+    assert held == {member: owned[member] for member in members}
+    assert sum(1 for count in held.values() if count) > 1
 
 
 async def test_node_over_tls_with_a_token_works_under_the_tokens_root(
@@ -139,3 +211,33 @@ async def test_node_over_tls_without_a_valid_token_is_unauthenticated(
     assert error["method"] == "Get"  # the first call: nothing after it ran
     assert error["code"] == UNAUTHENTICATED
     assert details in error["details"]
+
+
+def run_placement(node: str, vectors: Path) -> dict[str, Any]:
+    """What placement.js computes for the paths, keys and member lists of `vectors`."""
+    result = subprocess.run(
+        [node, str(POLYGLOT / "placement.js"), str(vectors)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    computed: dict[str, Any] = json.loads(result.stdout)
+    return computed
+
+
+def test_a_node_placement_written_from_the_proto_computes_every_vector(node: str) -> None:
+    expected = json.loads(VECTORS.read_text(encoding="utf-8"))
+    computed = run_placement(node, VECTORS)
+    assert computed["hash"] == expected["hash"] == "rendezvous-sha256-splitmix64"
+    assert len(computed["vectors"]) == len(expected["vectors"]) > 0
+    for mine, theirs in zip(computed["vectors"], expected["vectors"], strict=True):
+        where = f"path {theirs['path']!r}, key {theirs['key']!r}"
+        assert (mine["path"], mine["key"]) == (theirs["path"], theirs["key"]), where
+        assert mine["encoding_hex"] == theirs["encoding_hex"], where
+        assert mine["key_hash"] == theirs["key_hash"], where
+        assert mine["scores"] == theirs["scores"], where
+        assert mine["owners"] == theirs["owners"], where
+        assert theirs["scores"], where  # compared something
+        assert theirs["owners"], where

@@ -1,7 +1,9 @@
 // A nestkv client in Node.js that knows nothing but protos/nestkv/v1/store.proto.
 // Usage: node client.js HOST:PORT PROTO_DIR [SEGMENT...]
 // Reads what the Python side wrote under the namespace SEGMENT... (default: poly glot),
-// writes a key for it to read, prints one JSON line.
+// writes a key for it to read and SPREAD_KEYS more (spread-0 ...), reads those back, prints one
+// JSON line. Given one node of a cluster it needs nothing more: the node forwards each operation
+// to its key's owner, so the spread keys land on several nodes.
 //
 // Environment:
 //   NESTKV_CA_FILE  PEM file of the CA to trust: connect over TLS (otherwise plaintext)
@@ -46,6 +48,8 @@ const definition = protoLoader.loadSync("nestkv/v1/store.proto", {
 const { StoreService } = grpc.loadPackageDefinition(definition).nestkv.v1;
 const client = new StoreService(target, channelCredentials());
 
+const SPREAD_KEYS = 16;
+
 class CallError extends Error {
   constructor(method, error) {
     super(`${method}: ${error.message}`);
@@ -66,6 +70,15 @@ function call(method, request) {
 async function main() {
   const read = await call("Get", { path, key: "from-python" });
   const ttl = await call("ExpiresIn", { path, key: "from-python" });
+  const spreadKeys = Array.from({ length: SPREAD_KEYS }, (_, i) => `spread-${i}`);
+  for (const key of spreadKeys) {
+    await call("Set", { path, key, value: Buffer.from(`${key} from node`) });
+  }
+  const spread = [];
+  for (const key of spreadKeys) {
+    const response = await call("Get", { path, key });
+    spread.push(response.found ? Buffer.from(response.value).toString("utf8") : null);
+  }
   await call("Set", {
     path,
     key: "from-node",
@@ -85,6 +98,7 @@ async function main() {
       value: Buffer.from(read.value).toString("utf8"),
       ttl_found: ttl.found,
       ttl_seconds: ttl.expires_in ? Number(ttl.expires_in.seconds) : null,
+      spread,
       other_namespace_found: missing.found,
       invalid,
     }),
