@@ -6,8 +6,11 @@ SERVING := $(VENV)/.serving
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 SOAK_SECONDS ?= 1800
+N ?= 3
+CLUSTER_PORT ?= 50051
+CLUSTER_DIR ?= .cluster
 
-.PHONY: install gen serve test lint typecheck unit bench soak clean
+.PHONY: install gen serve cluster test lint typecheck unit bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +33,16 @@ gen: $(INSTALLED)  ## regenerate the protobuf code beside protos/**/*.proto
 
 serve: $(SERVING)  ## run the server (installs what serving needs, no test tools): make serve ARGS="--port 50051"
 	$(BIN)/python -m nestkv.server $(ARGS)
+
+cluster: $(SERVING)  ## N nodes on this machine, ports CLUSTER_PORT on, data in CLUSTER_DIR/node-I: make cluster N=3
+	mkdir -p $(CLUSTER_DIR)
+	for i in $$(seq 0 $$(($(N) - 1))); do echo "node-$$i=127.0.0.1:$$(($(CLUSTER_PORT) + i))"; done \
+		> $(CLUSTER_DIR)/members.new && mv $(CLUSTER_DIR)/members.new $(CLUSTER_DIR)/members
+	trap 'kill $$(jobs -p) 2>/dev/null; wait' INT TERM; \
+	for i in $$(seq 0 $$(($(N) - 1))); do \
+		$(BIN)/python -m nestkv.server --port $$(($(CLUSTER_PORT) + i)) --node-id node-$$i \
+			--cluster @$(CLUSTER_DIR)/members --data-dir $(CLUSTER_DIR)/node-$$i $(ARGS) & \
+	done; wait
 
 lint: gen
 	$(BIN)/ruff check .
@@ -57,5 +70,5 @@ bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throug
 	cat bench/snapshot.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(CLUSTER_DIR)
 	find protos -name '*_pb2*.py*' -delete
