@@ -56,11 +56,11 @@ unit: gen
 
 test: lint typecheck unit  ## everything CI runs
 
-soak: gen  ## the model-based, fuzz and crash tests at ten times CI's length, stopped after SOAK_SECONDS
+soak: gen  ## the model-based, fuzz, crash and resize tests at ten times CI's size, stopped after SOAK_SECONDS
 	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
-		tests/server/test_durability.py tests/server/test_memory.py
+		tests/server/test_durability.py tests/server/test_memory.py tests/test_resize.py
 
-bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json)
+bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
@@ -68,6 +68,7 @@ bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throug
 	$(BIN)/python -m bench --json bench/results.json --chart bench/throughput.png $(ARGS)
 	$(BIN)/python -m bench.snapshot > bench/snapshot.json
 	cat bench/snapshot.json
+	$(BIN)/python -m bench.cluster --json bench/cluster.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(CLUSTER_DIR)
