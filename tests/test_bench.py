@@ -54,3 +54,45 @@ def test_snapshot_bench_runs_and_reports_every_figure() -> None:
     assert results["pause"]["recovery_s"] > 0
     assert results["under_load"]["snapshots_completed"] >= 1
     assert results["under_load"]["snapshots_failed"] == 0
+
+
+def test_cluster_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "cluster.json"
+    args = ["--nodes", "1,2", "--tasks", "8", "--seconds", "0.5", "--rounds", "1", "--keys", "500"]
+    args += ["--restart-keys", "1000", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    rows = results["throughput"]
+    assert [(row["nodes"], row["client"], row["client_processes"]) for row in rows] == [
+        (1, "topology-aware", 1),
+        (2, "topology-aware", 2),
+        (2, "pinned to node-0", 2),
+    ]
+    for row in rows:
+        assert row["ops_per_s"] > 0
+        assert row["ops_per_s_vs_baseline"] > 0
+        assert row["server_cpu_us_per_op"] > 0
+        assert row["server_cpu_per_op_vs_baseline"] > 0
+        assert row["client_cpu_us_per_op"] > 0
+        assert row["ops_per_batch"] >= 1
+    assert rows[0]["ops_per_s_vs_baseline"] == 1.0
+    assert rows[2]["baseline"] == "2 node(s), topology-aware"
+    # Behaviour, not timing: a routing client's operations reach their owners; a pinned one's half do not.
+    assert rows[0]["forwarded_share"] == rows[1]["forwarded_share"] == 0
+    assert 0.3 < rows[2]["forwarded_share"] < 0.7
+    restart = results["restart"]
+    assert restart["recovered_entries"] == 1000
+    assert restart["stop_exit_code"] == 0
+    assert restart["empty_start_s"] > 0
+    assert restart["start_s"] > 0
+    assert restart["start_vs_empty"] > 0
+    assert isinstance(results["server_log_problems"], list)
+    assert "| 2 | pinned to node-0 | 2 |" in done.stdout
+    assert "| start with 1,000 keys, spawn to ready line |" in done.stdout

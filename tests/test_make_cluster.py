@@ -21,7 +21,7 @@ def consecutive_free_ports(count: int) -> int:
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
+            first: int = probe.getsockname()[1]
         if first + count > 65535:
             continue
         sockets = [socket.socket() for _ in range(count)]
