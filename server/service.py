@@ -62,6 +62,7 @@ _STATS = "Stats"
 _TOPOLOGY = "Topology"
 _HAND_OFF = "HandOff"
 _READ_KINDS = frozenset({"get", "exists", "expires_in"})
+_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry throttle: a negative value says "do not retry"
 _ANSWERS_AHEAD = 32  # batches of a routed stream read ahead while earlier ones await other nodes
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
 _KIND_OF_REQUEST = {
@@ -541,8 +542,9 @@ class StoreServicer:
         answers = await self._cluster.stats(request)
         missing = [answer for answer in answers.values() if isinstance(answer, str)]
         if missing:
-            raise StoreUnavailable(
-                f"stats did not reach {len(missing)} of {len(answers) + 1} nodes: " + "; ".join(missing)
+            raise NodeFault(
+                "UNAVAILABLE",
+                f"stats did not reach {len(missing)} of {len(answers) + 1} nodes: " + "; ".join(missing),
             )
         response.nodes.append(own)
         for member, answer in sorted(answers.items()):
@@ -662,9 +664,9 @@ def _nothing() -> None:
 
 def _confine_stats(response: pb.StatsResponse) -> None:
     """Stats for a token rooted below the root: the server-wide figures would describe other tenants."""
-    server = response.server
-    server.keys = server.memory_bytes = server.max_memory_bytes = 0
-    server.evictions = server.expired_keys = 0
+    for server in (response.server, *(node.server for node in response.nodes)):
+        server.keys = server.memory_bytes = server.max_memory_bytes = 0
+        server.evictions = server.expired_keys = 0
 
 
 def _unary(
@@ -705,6 +707,10 @@ def _unary(
         except StoreFault as fault:
             if record:
                 record(status_of(fault).name, time.perf_counter() - started)
+            if isinstance(fault, NodeFault):
+                # Another node already had its tries: a client's retry policy must not ask again
+                # (it would, for UNAVAILABLE, and overrun its deadline before hearing why).
+                context.set_trailing_metadata(((_PUSHBACK, "-1"),))
             await context.abort(status_of(fault), fault.confined() if grant and grant.root else str(fault))
         if record:
             record("OK", time.perf_counter() - started)

@@ -92,6 +92,37 @@ class Authority:
         issued.key.chmod(0o600)
         return issued
 
+    def issue_node(self, name: str, node_ids: Sequence[str]) -> Issued:
+        """A certificate for the nodes of a cluster, named `name`: each serves with it (localhost,
+        127.0.0.1) and presents it to the others when forwarding, which admit a forwarded call only
+        from a certificate naming a member; so every id of `node_ids` is one of its DNS names, and
+        it is good for both serverAuth and clientAuth."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(x509.DNSName(node_id) for node_id in node_ids),
+        ]
+        certificate = (
+            _builder(subject, self._certificate.subject, key.public_key())
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
+        issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        issued.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        issued.key.chmod(0o600)
+        return issued
+
 
 def _builder(
     subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey

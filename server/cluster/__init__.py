@@ -9,6 +9,7 @@ admits the calls other members forward.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -73,6 +74,7 @@ class Cluster:
         self._gate = gate
         self._by_certificate = peers_by_certificate
         self._peers: dict[tuple[str, str], PeerGrant] = {}
+        self._read_at = 0.0  # when the member file was last read for a caller claiming to be one
         self.handoff: HandOff | None = None
         """Set once the storage is recovered (nestkv.server.app)."""
 
@@ -100,6 +102,11 @@ class Cluster:
         return self._gate.admit(context)
 
     def _check_peer(self, context: Any, sender: str) -> None:
+        if not self._is_member(sender):
+            raise Unauthenticated(
+                f"forwarded calls are taken only from cluster members; {sender!r} is not one "
+                "(of the current member list or the one before it)"
+            )
         if not self._by_certificate:
             return
         names = {
@@ -107,11 +114,28 @@ class Cluster:
             for prop in ("x509_common_name", "x509_subject_alternative_name")
             for name in context.auth_context().get(prop, ())
         }
-        if not sender or sender not in names:
+        if sender not in names:
             raise Unauthenticated(
-                "forwarded calls are taken only from cluster nodes, by a client certificate naming "
-                f"the node; none presented names {sender!r}"
+                "forwarded calls are taken only from cluster members, by a client certificate "
+                f"naming the member; none presented names {sender!r}"
             )
+
+    def _is_member(self, sender: str) -> bool:
+        """Whether `sender` is on the current member list or the one before it.
+
+        A node added a moment ago may call before this node has read the new list: the list is
+        read again then (at most once a second).
+        """
+        for _ in range(2):
+            previous = self.handoff.previous if self.handoff is not None else None
+            if sender in self.topology.members or (previous is not None and sender in previous.members):
+                return True
+            now = time.monotonic()
+            if now - self._read_at < 1.0:
+                return False
+            self._read_at = now
+            self.membership.reload()
+        return False
 
     def owner(self, path: Sequence[str], key: str) -> str | None:
         """The member that owns the key, None if it is this node."""

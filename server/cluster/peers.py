@@ -143,5 +143,7 @@ def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT)
     if isinstance(error, StoreError):
         if error.code in ("UNAVAILABLE", "CANCELLED"):
             return "UNAVAILABLE", f"node {member} is unavailable: {error}"
+        if error.code == "UNAUTHENTICATED":  # it has not read the member list naming this node yet
+            return "UNAVAILABLE", f"node {member} does not take this node as a member (yet): {error}"
         return error.code, str(error).removeprefix(f"{error.code}: ")
     return "INTERNAL", f"forwarding to node {member} failed: {error!r}"
