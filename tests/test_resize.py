@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nestkv.client import GrpcStore, channel_options
+from nestkv.client import GrpcStore, StoreUnavailableError, channel_options
 from nestkv.client.placement import Placement
 from tests.clusterproc import ClusterProcesses
 from tests.polling import eventually
@@ -99,7 +99,11 @@ async def settled(store: GrpcStore, members: list[str], keys: list[str]) -> None
     counts: dict[str, int] = {}
     async with asyncio.timeout(30):
         while counts != expected:
-            stats = await store.with_namespace("data").stats()
+            try:
+                stats = await store.with_namespace("data").stats()
+            except StoreUnavailableError:  # a node still lists a member that has left, for a moment
+                await asyncio.sleep(0.1)
+                continue
             counts = {node: figures.namespace.keys for node, figures in stats.nodes.items()}
             await asyncio.sleep(0.1)
 
@@ -190,3 +194,42 @@ async def test_a_node_killed_in_the_middle_of_a_hand_off_loses_no_acknowledged_k
             await settled(stores[0], list(cluster.ports), list(items))
             await check_every_key(stores[0], items)
             await check_every_key(stores[1], items)
+
+
+async def test_sigterm_on_a_node_taken_off_the_list_hands_its_keys_off_before_it_exits(
+    tmp_path: Path,
+) -> None:
+    # SIGTERM comes before the node has polled its member file: it reads the list, finds itself
+    # off it, and hands every key off before it stops serving.
+    with ClusterProcesses(tmp_path, 3) as cluster:
+        async with clients(cluster, "node-0") as stores:
+            items = {f"k{n}": f"v{n}".encode() for n in range(PRELOADED)}
+            await stores[1].with_namespace("data").set_many(items)
+            leaving = cluster.nodes["node-2"]
+            cluster.write_members(["node-0", "node-1"])
+            assert leaving.stop(signal.SIGTERM) == 0
+            assert any("drain done" in line for line in leaving.log), leaving.log[-5:]
+            await settled(stores[1], ["node-0", "node-1"], list(items))
+            await check_every_key(stores[1], items)
+
+
+async def test_a_drain_that_cannot_finish_ends_after_drain_timeout_and_keeps_the_keys_on_disk(
+    tmp_path: Path,
+) -> None:
+    with ClusterProcesses(tmp_path, 2) as cluster:
+        async with clients(cluster, "node-0") as stores:
+            items = {f"k{n}": f"v{n}".encode() for n in range(200)}
+            await stores[1].with_namespace("data").set_many(items)
+        leaving = cluster.nodes["node-1"]
+        leaving.stop(signal.SIGTERM)  # restarted below with a short drain
+        cluster.nodes["node-1"] = leaving = cluster.node("node-1", "--drain-timeout", "1").start()
+        cluster.nodes["node-0"].process.send_signal(signal.SIGSTOP)  # the only place keys could go
+        try:
+            cluster.write_members(["node-0"])
+            started = asyncio.get_running_loop().time()
+            assert leaving.stop(signal.SIGTERM) == 0
+            assert asyncio.get_running_loop().time() - started < 10
+        finally:
+            cluster.nodes["node-0"].process.send_signal(signal.SIGCONT)
+        assert any("drain timed out after 1s" in line for line in leaving.log), leaving.log[-5:]
+        assert any("snapshot of" in line for line in leaving.log)  # its keys stay on its disk
