@@ -149,6 +149,7 @@ class Pipeline:
         "_timeout",
         "_waiting",
         "_wakeup",
+        "errors_raise",
         "on_stale",
         "topology_version",
         "wakeups",
@@ -189,6 +190,9 @@ class Pipeline:
         """Sent with every batch: the cluster topology its operations were routed by (routing)."""
         self.on_stale: Callable[[str], None] | None = None
         """Called with the node's version when it answers that `topology_version` is stale."""
+        self.errors_raise = True
+        """An operation's error fails its future with a StoreError; False: it is its result (a
+        cluster node forwarding, which passes a peer's error on as it came)."""
 
     def deadline(self) -> float | None:
         """The deadline (loop time) of an operation issued now; None without a timeout."""
@@ -428,7 +432,7 @@ class Pipeline:
                 index += 1
                 if future.done():
                     continue
-                if result.WhichOneof("result") == "error" and not result.error.HasField("moved_to"):
+                if self.errors_raise and result.WhichOneof("result") == "error":
                     future.set_exception(error_from_code(result.error.code, result.error.message))
                 else:
                     future.set_result(result)

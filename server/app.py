@@ -152,12 +152,20 @@ async def drain(cluster: Cluster, limit: float) -> None:
     if cluster.node_id in cluster.topology.members or handoff is None:
         return
     log.info("nestkv draining: handing off this node's keys (up to %.0fs)", limit)
+    sent = handoff.sent
     try:
-        await asyncio.wait_for(handoff.passed.wait(), limit)
+        async with asyncio.timeout(limit):
+            # Until a pass has covered the current list and nothing is left: a peer behind on the
+            # list may still have sent it keys meanwhile.
+            while True:
+                await handoff.passed.wait()
+                if handoff.holds_nothing():
+                    break
+                handoff.again()
     except TimeoutError:
         log.error("drain timed out after %.0fs: keys not handed off stay in the data directory", limit)
         return
-    log.info("drain done: %d keys handed off", handoff.sent)
+    log.info("drain done: %d keys handed off", handoff.sent - sent)
 
 
 def describe_cluster(cluster: Cluster | None) -> str:
@@ -243,6 +251,13 @@ async def serve(config: ServerConfig) -> None:
             where = config.address(config.metrics_port, config.metrics_host)
             raise SystemExit(f"nestkv: cannot serve metrics on {where}: {error}") from None
         scraped = f", metrics at http://{config.address(metrics_port, config.metrics_host)}/metrics"
+    if cluster is not None:  # before the first call: a peer's HandOff or a miss to ask needs it
+        cluster.handoff = HandOff(
+            cluster.membership,
+            storage,
+            persistence.commit if persistence else _nothing,
+            cluster.peers.hand_off,
+        )
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -250,15 +265,9 @@ async def serve(config: ServerConfig) -> None:
         await health_server.start()
         scraped += f", health at {config.address(health_port)}"
     background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]
-    if cluster is not None:
-        handoff = cluster.handoff = HandOff(
-            cluster.membership,
-            storage,
-            persistence.commit if persistence else _nothing,
-            cluster.peers.hand_off,
-        )
+    if cluster is not None and cluster.handoff is not None:
         background.append(asyncio.create_task(cluster.membership.watch_forever()))
-        background.append(asyncio.create_task(handoff.run_forever()))
+        background.append(asyncio.create_task(cluster.handoff.run_forever()))
     if persistence is not None:
         background.append(
             asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))

@@ -6,10 +6,11 @@
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
      ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
      ├── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
- └── NodeFault           another cluster node answered a forwarded operation with this status
+     └── NodeFault           another cluster node failed the operation, or could not be reached: its status
 
 The servicer maps each class to a gRPC status code through one table
-(`server.service.STATUS_OF`).
+(`server.service.STATUS_OF`); a NodeFault carries the status another node (or
+the forwarding to it, `server.cluster.peers.failure_of`) gave.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from google.protobuf.message import DecodeError, Message
 
 from nestkv.client.placement import HASH_NAME
 from nestkv.server import VERSION
-from nestkv.server.cluster.peers import PEER_HEADER
 from nestkv.server.errors import (
     InvalidArgument,
     NodeFault,
@@ -253,6 +252,10 @@ class StoreServicer:
                     yield response
         finally:
             reader.cancel()
+            while not answers.empty():  # batches read but not answered: the stream is over
+                left = answers.get_nowait()
+                if asyncio.iscoroutine(left):
+                    left.close()
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
         """The batches of a stream with the grant each runs under, until the stream or the server ends."""
@@ -286,6 +289,8 @@ class StoreServicer:
         A commit failure is raised as StoreFault here (the stream ends), as in run_batch.
         """
         pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] = []
+        if request.topology_version and self._cluster is not None:
+            self._cluster.heard_of(request.topology_version)
         responses = self.run_batch(request, grant, pending)
         stale = self._cluster is not None and request.topology_version not in (
             "",
@@ -328,8 +333,15 @@ class StoreServicer:
         scope = grant.scope
         cluster = None if grant.forwarded or pending is None else self._cluster
         handoff = self._cluster.handoff if self._cluster is not None else None
-        # A peer's operations on keys our list gives to a third node go back to it, to send there.
-        moving = self._cluster if isinstance(grant, PeerGrant) and not grant.mode else None
+        # A peer's operations on keys our list gives to another node go back to it, to send there;
+        # even redirected ones, once this node is off its own list (it is handing everything off).
+        moving = None
+        if (
+            isinstance(grant, PeerGrant)
+            and self._cluster is not None
+            and (not grant.mode or (grant.mode == "redirected" and self._cluster.removed))
+        ):
+            moving = self._cluster
         # A batch the client routed by the current topology: its delete_all is for this node only.
         fan_out = cluster is not None and request.topology_version != cluster.topology.version
         response = pb.PipelineResponse(id=request.id)
@@ -380,7 +392,8 @@ class StoreServicer:
                         pending.append((result, self._ask_previous_owner(handoff, asked, operation)))
             except StoreFault as fault:
                 code = status_of(fault)
-                _fail(result, code, fault.confined() if grant.root else str(fault))
+                # A peer passes the message to its caller, who may be confined to a namespace.
+                _fail(result, code, fault.confined() if grant.root or grant.forwarded else str(fault))
                 if metrics:
                     now = clock()
                     metrics.record(kind, code.name, now - started)
@@ -449,27 +462,35 @@ class StoreServicer:
                 handoff.write_elsewhere(version)  # a peer placed it by another member list
         return None
 
-    def _ask_previous_owner(
+    async def _ask_previous_owner(
         self, handoff: HandOff, member: str, operation: pb.Operation
-    ) -> Awaitable[pb.OperationResult]:
+    ) -> pb.OperationResult | None:
+        """The answer of a key's previous owner to a read that missed here; None: the miss stands."""
         assert self._cluster is not None
         assert handoff.previous is not None
-        return self._cluster.forward(member, operation, handoff.previous.members[member], "asked")
+        address = handoff.previous.members[member]
+        result = await self._cluster.forward(member, operation, address, "asked")
+        if result.WhichOneof("result") == "error" and handoff.unanswered(member):
+            return None
+        return result
 
     async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> pb.HandOffResponse:
         """The HandOff RPC: keys another member no longer owns, stored here unless news to nobody."""
         grant = await _admit(self._admit, context)
         handoff = self._cluster.handoff if self._cluster is not None else None
-        if not grant.forwarded or handoff is None:
+        if not isinstance(grant, PeerGrant) or handoff is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "HandOff is for the members of a cluster only"
             )
+        assert isinstance(grant, PeerGrant)
         assert handoff is not None
-        sender = dict(context.invocation_metadata() or ()).get(PEER_HEADER, "")
+        sender = grant.sender  # the one the member check admitted
         response = pb.HandOffResponse()
         async for request in requests:
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            if self._cluster is not None:
+                self._cluster.heard_of(request.topology_version)
             try:
                 self._writable()
                 stored, skipped = handoff.take(sender, request)
@@ -525,12 +546,15 @@ class StoreServicer:
                 asked = self._during_hand_off(handoff, kind, request, response, self._gate.everything)
                 if asked is None:
                     return
-                failed = await self._ask_previous_owner(handoff, asked, operation)
+                answer = await self._ask_previous_owner(handoff, asked, operation)
+                if answer is None:
+                    return
+                failed = answer
             if failed.WhichOneof("result") != "error":
                 response.CopyFrom(getattr(failed, kind))
                 return
         if failed is not None:
-            raise NodeFault(_CODE_NAMES[failed.error.code], failed.error.message)
+            raise NodeFault(_CODE_NAMES.get(failed.error.code, "UNKNOWN"), failed.error.message)
 
     async def _cluster_stats(self, request: Any, response: Any, run_here: Callable[[], None]) -> None:
         """Stats in a cluster: this node's figures and every other's, each and summed."""

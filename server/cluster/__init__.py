@@ -75,6 +75,7 @@ class Cluster:
         self._by_certificate = peers_by_certificate
         self._peers: dict[tuple[str, str], PeerGrant] = {}
         self._read_at = 0.0  # when the member file was last read for a caller claiming to be one
+        self._heard_at = 0.0  # when it was last read for a caller with another version
         self.handoff: HandOff | None = None
         """Set once the storage is recovered (nestkv.server.app)."""
 
@@ -85,6 +86,11 @@ class Cluster:
     @property
     def topology(self) -> Topology:
         return self.membership.current
+
+    @property
+    def removed(self) -> bool:
+        """Whether this node is off its own member list (being removed: it hands everything off)."""
+        return self.node_id not in self.membership.current.members
 
     def admit(self, context: Any) -> Grant:
         """The grant of a call: a peer's forwarded call, or a caller's by its token (Gate.admit)."""
@@ -119,6 +125,22 @@ class Cluster:
                 "forwarded calls are taken only from cluster members, by a client certificate "
                 f"naming the member; none presented names {sender!r}"
             )
+
+    def heard_of(self, version: str) -> None:
+        """A caller placed its operations by a member list of `version`: if that is not this node's
+        list, read the member file again now (at most every 0.1 s) rather than at the next poll.
+
+        Nodes read the file at different moments; the first to see a change tells the others by
+        the version on what it forwards, and the window in which they disagree about who owns a
+        key (and a write may go to a node that no longer owns it) shrinks to that of the file
+        reaching them.
+        """
+        if version == self.membership.current.version:
+            return
+        now = time.monotonic()
+        if now - self._heard_at >= 0.1:
+            self._heard_at = now
+            self.membership.reload()
 
     def _is_member(self, sender: str) -> bool:
         """Whether `sender` is on the current member list or the one before it.
@@ -163,11 +185,15 @@ class Cluster:
         """
         try:
             result: pb.OperationResult = await future
-            if result.WhichOneof("result") == "error" and result.error.HasField("moved_to"):
+            if _moved(result):
                 moved_from = address
                 member, address = result.error.moved_to.id, result.error.moved_to.address
                 version = self.topology.version
                 result = await self.peers.forward(address, operation, "redirected", version)
+                if _moved(result):  # sent on once only: the lists are changing, try again
+                    return error_result(
+                        "UNAVAILABLE", f"the member lists of the nodes disagree: {result.error.message}"
+                    )
                 if _missed(operation, result):
                     member = f"{member}'s previous owner"
                     result = await self.peers.forward(moved_from, operation, "asked", version)
@@ -214,14 +240,16 @@ class Cluster:
         }
 
 
+def _moved(result: pb.OperationResult) -> bool:
+    return result.WhichOneof("result") == "error" and result.error.HasField("moved_to")
+
+
 def _missed(operation: pb.Operation, result: pb.OperationResult) -> bool:
     """Whether `result` is that of a read that found nothing."""
     kind = operation.WhichOneof("operation")
-    if kind == "exists":
-        return not result.exists.exists
-    if kind in ("get", "expires_in"):
-        return result.WhichOneof("result") == kind and not getattr(result, kind).found
-    return False
+    if kind not in ("get", "exists", "expires_in") or result.WhichOneof("result") != kind:
+        return False
+    return not (result.exists.exists if kind == "exists" else getattr(result, kind).found)
 
 
 def error_result(code: str, message: str) -> pb.OperationResult:
@@ -235,9 +263,12 @@ async def _all_of(futures: dict[str, asyncio.Future[Any]]) -> pb.OperationResult
     failed = []
     for member, future in futures.items():
         try:
-            await future
+            result: pb.OperationResult = await future
         except Exception as error:
             failed.append((member, failure_of(member, error)[1]))
+            continue
+        if result.WhichOneof("result") == "error":
+            failed.append((member, f"node {member}: {result.error.message}"))
     if not failed:
         return None
     return error_result(

@@ -36,6 +36,7 @@ _YIELD_EVERY = 2_000  # keys looked at between two yields to the event loop
 _RETRY = 1.0  # seconds before a member that could not be reached is tried again
 _QUIET = 60.0  # seconds after the last hand-off received that what it must not undo is remembered
 _SETTLE = 10.0  # seconds before keys a peer placed here by a list this node does not know go on
+_WINDOW = 600.0  # seconds after a change that misses may be asked of previous owners, at most
 
 
 class HandOff:
@@ -63,29 +64,48 @@ class HandOff:
         # At start, the list before is unknown: take it to be this one without this node (a node added).
         self.previous: Topology | None = Topology(others) if others else None
         self._done_from: dict[str, str] = {}
+        self._given_up: set[str] = set()  # removed members that did not answer when asked
         # What a hand-off must not undo, kept while one may still come (see `active`): keys
-        # deleted or namespaces emptied here, and keys held only because a hand-off brought them
-        # (a later hand-off of the same key, from a sender that got a newer write, replaces them).
-        self._deleted: set[tuple[tuple[str, ...], str]] = set()
-        self._cleared: list[tuple[str, ...]] = []
+        # written or deleted here and namespaces emptied here since the change, and keys held
+        # only because a hand-off brought them (a later hand-off of the same key, from a sender
+        # that got a newer write meanwhile, replaces them).
+        self._changed_here: set[tuple[tuple[str, ...], str]] = set()
+        self._cleared: set[tuple[str, ...]] = set()
         self._handed: set[tuple[tuple[str, ...], str]] = set()
         self._taken_until = 0.0  # monotonic time until which hand-offs are taken to be under way
+        self._open_until = time.monotonic() + _WINDOW if self.previous is not None else 0.0
         self._later: asyncio.TimerHandle | None = None
         self.passed_version = ""
         """The topology version of the last complete pass: this node holds no key others own under it."""
         self.sent = 0
-        self.open = self.previous is not None
-        """Whether keys may still be on their way here: a miss is then asked of the previous owner."""
+        self._open = self.previous is not None
         membership.listeners.append(self._changed)
 
     def _changed(self, previous: Topology, current: Topology) -> None:
         self.previous = previous
-        self.passed.clear()
-        self._needed.set()
+        self._given_up.clear()
+        self._open_until = time.monotonic() + _WINDOW
+        self.again()
         self._reopen()
 
+    def again(self) -> None:
+        """Run a pass (again) now."""
+        self.passed.clear()
+        self._needed.set()
+
+    def holds_nothing(self) -> bool:
+        return self._storage.keys == 0
+
     def _reopen(self) -> None:
-        self.open = bool(self._expecting())
+        self._open = bool(self._expecting())
+
+    @property
+    def open(self) -> bool:
+        """Whether keys may still be on their way here: a miss is then asked of the previous owner.
+
+        Until every member of the previous list has said it is done, for at most _WINDOW seconds.
+        """
+        return self._open and time.monotonic() < self._open_until
 
     @property
     def active(self) -> bool:
@@ -93,8 +113,8 @@ class HandOff:
         remembered, and a miss may be asked of the previous owner (`open`)."""
         if self.open or time.monotonic() < self._taken_until:
             return True
-        if self._deleted or self._cleared or self._handed:  # all handed off, and quiet: forget
-            self._deleted.clear()
+        if self._changed_here or self._cleared or self._handed:  # all handed off, and quiet: forget
+            self._changed_here.clear()
             self._cleared.clear()
             self._handed.clear()
         return False
@@ -106,6 +126,7 @@ class HandOff:
         Otherwise this node may be the one behind, and sending the key back now would only bounce
         it between the two: its own change will pass it on; a pass comes later in any case.
         """
+        self.passed.clear()  # it holds a key others own: a drain is not over
         if sender_version and self.previous is not None and sender_version == self.previous.version:
             self._needed.set()
         elif self._later is None:
@@ -126,35 +147,48 @@ class HandOff:
         return {
             member
             for member in previous.members
-            if member != node_id and self._done_from.get(member) != version
+            if member != node_id and self._done_from.get(member) != version and member not in self._given_up
         }
 
     def previous_owner(self, path: Sequence[str], key: str) -> str | None:
         """The member to ask about a key missing here while hand-offs run; None: the miss stands."""
         previous = self.previous
-        if previous is None or self._gone_here(path, key):
+        if previous is None or not self.open or self._gone_here(path, key):
             return None
         owner = previous.owner(path, key)
         return owner if owner in self._expecting() else None
 
+    def unanswered(self, member: str) -> bool:
+        """The previous owner `member` did not answer an ask: whether the miss stands.
+
+        It does if `member` is no longer a member (taken off the list, dead or not: the operator
+        gave its keys up), and then it is asked no more; otherwise the caller hears UNAVAILABLE.
+        """
+        if member in self._membership.current.members:
+            return False
+        self._given_up.add(member)
+        self._reopen()
+        return True
+
     def written(self, path: Sequence[str], key: str) -> None:
-        """A key was written here (not by a hand-off) while hand-offs run: no hand-off replaces it."""
-        if self._handed:
-            self._handed.discard((tuple(path), key))
+        """A key was written here (not by a hand-off) while hand-offs run: no hand-off replaces it,
+        and a miss on it (once it expires) is not asked of the previous owner."""
+        if self.active:
+            name = (tuple(path), key)
+            self._handed.discard(name)
+            self._changed_here.add(name)
 
     def deleted(self, path: Sequence[str], key: str) -> None:
         """A key was deleted here while hand-offs run: an older copy on its way must not bring it back."""
-        if self.active:
-            self._handed.discard((tuple(path), key))
-            self._deleted.add((tuple(path), key))
+        self.written(path, key)
 
     def cleared(self, path: Sequence[str]) -> None:
         """A namespace was emptied here while hand-offs run (delete_all)."""
         if self.active:
-            self._cleared.append(tuple(path))
+            self._cleared.add(tuple(path))
 
     def _gone_here(self, path: Sequence[str], key: str) -> bool:
-        if (tuple(path), key) in self._deleted:
+        if (tuple(path), key) in self._changed_here:
             return True
         return any(tuple(path[: len(prefix)]) == prefix for prefix in self._cleared)
 
@@ -167,7 +201,7 @@ class HandOff:
         for entry in request.entries:
             path, key = entry.path, entry.key
             name = (tuple(path), key)
-            if name not in handed and (self._gone_here(path, key) or storage.exists(path, key)):
+            if self._gone_here(path, key) or (name not in handed and storage.exists(path, key)):
                 skipped += 1
                 continue
             handed.add(name)

@@ -81,16 +81,14 @@ class Peers:
                 channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             stub = store_pb2_grpc.StoreServiceStub(channel)
 
-            pipelines = {
-                mode: Pipeline(
-                    functools.partial(
-                        stub.Pipeline,
-                        metadata=(*self._metadata, (MODE_HEADER, mode)) if mode else self._metadata,
-                    ),
-                    timeout=self._timeout,
+            pipelines = {}
+            for mode in MODES:
+                metadata = (*self._metadata, (MODE_HEADER, mode)) if mode else self._metadata
+                pipeline = Pipeline(
+                    functools.partial(stub.Pipeline, metadata=metadata), timeout=self._timeout
                 )
-                for mode in MODES
-            }
+                pipeline.errors_raise = False  # a peer's error goes back to the caller as it came
+                pipelines[mode] = pipeline
             opened = self._open[address] = (channel, stub, pipelines)
         return opened
 
@@ -99,8 +97,8 @@ class Peers:
     ) -> asyncio.Future[Any]:
         """Send `operation` to the peer at `address`; the future of its OperationResult.
 
-        The future fails with the StoreError of the operation's error, or of the stream's failure;
-        an error with `moved_to` set comes as a result (the caller redirects it).
+        An operation's error is its result (with `moved_to`, the caller redirects it); the future
+        fails with a StoreError when the peer could not be reached or did not answer in time.
         """
         pipeline = self._connection(address)[2][mode]
         pipeline.topology_version = version  # the list it was placed by, for the receiver to compare
@@ -133,10 +131,10 @@ class Peers:
 
 
 def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT) -> tuple[str, str]:
-    """(status name, message) of a forwarded operation that failed, naming the node it went to.
+    """(status name, message) of a forwarded operation whose peer stream failed, naming the node.
 
-    The operation's own error (INVALID_ARGUMENT, say) keeps its status; a node that did not answer
-    in time is UNAVAILABLE, as one that could not be reached: the caller's key is on that node.
+    A node that did not answer in time is UNAVAILABLE, as one that could not be reached: the
+    caller's key is on that node. (An operation's own error comes back as its result.)
     """
     if isinstance(error, StoreTimeoutError):
         return "UNAVAILABLE", f"node {member} did not answer within {timeout} s"

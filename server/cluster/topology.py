@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nestkv.client.placement import HASH_NAME, Placement, topology_version
+from nestkv.client.placement import Placement, topology_version
 
 log = logging.getLogger("nestkv.server")
 
@@ -50,8 +50,6 @@ class Topology:
     def owner(self, path: Sequence[str], key: str) -> str:
         return self.placement.owner(path, key)
 
-    hash_name = HASH_NAME
-
 
 class Membership:
     """This node's id and the current topology; a `@FILE` source is re-read when it changes."""
@@ -61,12 +59,6 @@ class Membership:
         self._file = Path(spec[1:]) if spec.startswith("@") else None
         self._seen: tuple[int, int, int] | None = None
         self.listeners: list[Callable[[Topology, Topology], None]] = []
-        if not spec:
-            # A cluster of one: its own address is whatever the caller reached it by.
-            self.current = Topology({self.node_id: ""})
-            self.clustered = False
-            return
-        self.clustered = True
         members = self._read() if self._file else parse_members(spec, "--cluster")
         if self.node_id not in members:
             raise ClusterConfigError(
