@@ -82,6 +82,10 @@ class Authority:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
             )
         certificate = builder.sign(self._key, hashes.SHA256())
+        return self._write(name, key, certificate)
+
+    def _write(self, name: str, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> Issued:
+        """`name`.crt and `name`.key (readable by its owner only) in the authority's directory."""
         issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
         issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         issued.key.write_bytes(
@@ -113,15 +117,7 @@ class Authority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
-        issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        issued.key.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        issued.key.chmod(0o600)
-        return issued
+        return self._write(name, key, certificate)
 
 
 def _builder(
