@@ -63,12 +63,11 @@ class Cluster:
     def __init__(
         self, membership: Membership, peers: Peers, gate: Gate, *, peers_by_certificate: bool
     ) -> None:
-        """`peers_by_certificate`: a forwarded call must come with a client certificate (of the
-        --tls-client-ca) that names the node it claims to come from (mutual TLS). The member list
-        is not asked: a node added a moment ago is a peer before every list names it, so the CA
-        must give node names to nodes only. Otherwise forwarded calls are taken from anyone, which
-        grants nothing when every caller may do anything already (no auth file: open_cluster
-        refuses a cluster with tokens and without mutual TLS)."""
+        """A forwarded call must name a node of the current member list or the one before it;
+        with `peers_by_certificate` (mutual TLS), its client certificate (of --tls-client-ca) must
+        name that node too. Without it the name is all there is, which grants nothing when every
+        caller may do everything already: open_cluster refuses a cluster with tokens and
+        without mutual TLS."""
         self.membership = membership
         self.peers = peers
         self._gate = gate
@@ -77,7 +76,7 @@ class Cluster:
         self._read_at = 0.0  # when the member file was last read for a caller claiming to be one
         self._heard_at = 0.0  # when it was last read for a caller with another version
         self.handoff: HandOff | None = None
-        """Set once the storage is recovered (nestkv.server.app)."""
+        """Set once the storage is recovered, before the server takes calls (nestkv.server.app)."""
 
     @property
     def node_id(self) -> str:
