@@ -82,7 +82,7 @@ class Placement:
             return hashes[0][1]
         z0 = key_hash(path, key)
         best, owner = -1, ""
-        for node_hash, member in hashes:
+        for node_hash, member in hashes:  # mix() inlined: this runs per operation and member
             z = z0 ^ node_hash
             z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
             z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK

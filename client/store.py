@@ -215,6 +215,12 @@ class GrpcStore(NamespacedStore):
 
     Every operation has a deadline of `timeout` seconds (None: no deadline).
     Failures raise the `nestkv.client.errors.StoreError` tree.
+
+    A cluster: `with_client(target)` given any node reads the cluster's
+    Topology and sends each operation to the node that owns its key, one
+    pipeline per node (one batch in flight each), and `delete_all` to every
+    node (see nestkv.client.routing). `GrpcStore(channel)` talks to the node
+    its channel reaches, which forwards what other nodes own.
     """
 
     __slots__ = ("_connection", "_owns_channel", "_path")
