@@ -290,7 +290,9 @@ class StoreServicer:
         """
         pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] = []
         if request.topology_version and self._cluster is not None:
-            self._cluster.heard_of(request.topology_version)
+            self._cluster.heard_of(
+                request.topology_version, grant.sender if isinstance(grant, PeerGrant) else ""
+            )
         responses = self.run_batch(request, grant, pending)
         stale = self._cluster is not None and request.topology_version not in (
             "",
@@ -490,7 +492,7 @@ class StoreServicer:
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             if self._cluster is not None:
-                self._cluster.heard_of(request.topology_version)
+                self._cluster.heard_of(request.topology_version, sender)
             try:
                 self._writable()
                 stored, skipped = handoff.take(sender, request)
@@ -516,6 +518,9 @@ class StoreServicer:
             response.members.add(id=member, address=address)
         response.version = topology.version
         response.node_id = self._cluster.node_id
+        handoff = self._cluster.handoff
+        if handoff is not None and handoff.previous is not None:
+            response.previous_version = handoff.previous.version
         return response
 
     async def _route_unary(

@@ -233,3 +233,48 @@ async def test_a_drain_that_cannot_finish_ends_after_drain_timeout_and_keeps_the
             cluster.nodes["node-0"].process.send_signal(signal.SIGCONT)
         assert any("drain timed out after 1s" in line for line in leaving.log), leaving.log[-5:]
         assert any("snapshot of" in line for line in leaving.log)  # its keys stay on its disk
+
+
+async def test_a_node_whose_member_file_lags_takes_the_new_list_from_a_peer_and_loses_no_write(
+    tmp_path: Path,
+) -> None:
+    # Each node reads its own file, as pods each get a ConfigMap's update up to a minute apart:
+    # node-0's never changes here. It hears of the new list from the nodes that read theirs,
+    # takes it from them (their list before is its own), and stops taking writes for keys the
+    # new node owns: the last acknowledged write of a key wins wherever it was sent.
+    cluster = ClusterProcesses(tmp_path, 3)
+    files = {member: tmp_path / f"members-of-{member}" for member in ("node-0", "node-1", "node-2", "node-3")}
+    try:
+        for member in ("node-0", "node-1", "node-2"):
+            cluster.write_members(["node-0", "node-1", "node-2"], files[member])
+            cluster.nodes[member] = cluster.node(member, members_file=files[member]).start()
+        (new,) = cluster.add_members(1, listed=False)
+        everyone = list(cluster.ports)
+        cluster.write_members(everyone, files[new])
+        cluster.nodes[new] = cluster.node(new, members_file=files[new]).start()
+        moving = [
+            key for n in range(400) if Placement(everyone[:3]).owner(["data"], key := f"k{n}") == "node-0"
+        ]
+        moving = [key for key in moving if Placement(everyone).owner(["data"], key) == new]
+        assert moving
+        for member in ("node-1", "node-2"):
+            cluster.write_members(everyone, files[member])
+        async with (
+            GrpcStore.with_client(cluster.target("node-1")) as through_new,
+            clients(cluster, "node-0") as (_, through_lagging),
+        ):
+            await eventually(
+                lambda: any("one change ahead" in line for line in cluster.nodes["node-0"].log), within=15
+            )
+            for round_ in range(3):
+                for key in moving:
+                    await through_new.with_namespace("data").set(key, f"new-{round_}")
+                    await through_lagging.with_namespace("data").set(key, f"lagging-{round_}")
+            await asyncio.sleep(1.5)  # any hand-off under way is over
+            values = await through_new.with_namespace("data").get_many(moving)
+            assert values == [b"lagging-2"] * len(moving)
+            stats = await through_new.with_namespace("data").stats()
+            assert stats.nodes[new].namespace.keys == len(moving)
+            assert stats.nodes["node-0"].namespace.keys == 0
+    finally:
+        cluster.stop()

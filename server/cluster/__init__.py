@@ -75,6 +75,7 @@ class Cluster:
         self._peers: dict[tuple[str, str], PeerGrant] = {}
         self._read_at = 0.0  # when the member file was last read for a caller claiming to be one
         self._heard_at = 0.0  # when it was last read for a caller with another version
+        self._asking: asyncio.Task[None] | None = None  # a peer asked for its list
         self.handoff: HandOff | None = None
         """Set once the storage is recovered, before the server takes calls (nestkv.server.app)."""
 
@@ -125,21 +126,42 @@ class Cluster:
                 f"naming the member; none presented names {sender!r}"
             )
 
-    def heard_of(self, version: str) -> None:
+    def heard_of(self, version: str, sender: str = "") -> None:
         """A caller placed its operations by a member list of `version`: if that is not this node's
-        list, read the member file again now (at most every 0.1 s) rather than at the next poll.
+        list, read the member file again now (at most every 0.1 s), and if that does not give
+        it, ask `sender` (a peer) for its list, and take it if the peer's list before was this
+        node's current one: the peer is one change ahead.
 
-        Nodes read the file at different moments; the first to see a change tells the others by
-        the version on what it forwards, and the window in which they disagree about who owns a
-        key (and a write may go to a node that no longer owns it) shrinks to that of the file
-        reaching them.
+        Nodes read the file at different moments (a ConfigMap reaches pods up to a minute
+        apart); while they disagree about who owns a key, a write may go to a node that no
+        longer owns it. The first node to read a change tells the others, by the version on what
+        it forwards and hands off (every pass reaches every member of the list before and after),
+        so they agree within a message or two.
         """
-        if version == self.membership.current.version:
-            return
+        current = self.membership.current.version
+        previous = self.handoff.previous if self.handoff is not None else None
+        if version == current or (previous is not None and version == previous.version):
+            return  # this node's list, or the one before (that peer is behind, and will hear)
         now = time.monotonic()
-        if now - self._heard_at >= 0.1:
-            self._heard_at = now
-            self.membership.reload()
+        if now - self._heard_at < 0.1:
+            return
+        self._heard_at = now
+        if self.membership.reload() or not sender or self._asking is not None:
+            return
+        address = self.topology.members.get(sender) or (previous.members.get(sender) if previous else None)
+        if address:
+            self._asking = asyncio.get_running_loop().create_task(self._take_list_of(sender, address))
+
+    async def _take_list_of(self, sender: str, address: str) -> None:
+        try:
+            response = await self.peers.topology(address)
+        except grpc.aio.AioRpcError:
+            return
+        finally:
+            self._asking = None
+        if response.previous_version and response.previous_version == self.membership.current.version:
+            members = {member.id: member.address for member in response.members}
+            self.membership.change(Topology(members), f"node {sender}, one change ahead")
 
     def _is_member(self, sender: str) -> bool:
         """Whether `sender` is on the current member list or the one before it.

@@ -250,6 +250,14 @@ class HandOff:
         outgoing: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {
             member: [] for member in topology.members if member != node_id
         }
+        # Members of the list before get the `done` too, keys or not: it tells them of this list
+        # (a node taken off it that has not read it yet stops taking writes, see Cluster.heard_of).
+        addresses = dict(topology.members)
+        if self.previous is not None:
+            for member, address in self.previous.members.items():
+                if member != node_id and member not in outgoing:
+                    outgoing[member] = []
+                    addresses[member] = address
         looked = 0
         for path, node in list(storage.namespaces()):
             for key, stored in storage.entries(node):
@@ -266,13 +274,17 @@ class HandOff:
             log.info("handing off %d keys to %s", moving, ", ".join(m for m, e in outgoing.items() if e))
         complete = True
         results = await asyncio.gather(
-            *(self._send(member, topology, entries) for member, entries in outgoing.items()),
+            *(
+                self._send(member, addresses[member], topology, entries)
+                for member, entries in outgoing.items()
+            ),
             return_exceptions=True,
         )
         for member, result in zip(outgoing, results, strict=True):
             if isinstance(result, BaseException):
-                complete = False
-                log.info("hand-off to %s did not go through yet, trying again: %s", member, result)
+                if member in topology.members:  # one only told of the list may be gone for good
+                    complete = False
+                    log.info("hand-off to %s did not go through yet, trying again: %s", member, result)
                 continue
             dropped = sum(
                 storage.delete_unchanged(path, key, stored) for path, key, stored in outgoing[member]
@@ -284,7 +296,11 @@ class HandOff:
         return complete
 
     async def _send(
-        self, member: str, topology: Topology, entries: list[tuple[tuple[str, ...], str, bytes]]
+        self,
+        member: str,
+        address: str,
+        topology: Topology,
+        entries: list[tuple[tuple[str, ...], str, bytes]],
     ) -> pb.HandOffResponse:
         storage = self._storage
         version = topology.version
@@ -302,7 +318,7 @@ class HandOff:
                 yield request
             yield pb.HandOffRequest(topology_version=version, done=True)
 
-        call: Callable[..., Awaitable[pb.HandOffResponse]] = self._open_stream(topology.members[member])
+        call: Callable[..., Awaitable[pb.HandOffResponse]] = self._open_stream(address)
         try:
             response = await call(requests())
         except grpc.aio.AioRpcError as error:

@@ -117,6 +117,14 @@ class Peers:
             raise PeerUnavailable(f"{address}: {error_from_rpc(error)}") from None
         return response
 
+    async def topology(self, address: str) -> pb.TopologyResponse:
+        """The peer's member list, and the one it had before."""
+        stub = self._connection(address)[1]
+        response: pb.TopologyResponse = await stub.Topology(
+            pb.TopologyRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        return response
+
     def hand_off(self, address: str) -> Callable[[Any], Awaitable[pb.HandOffResponse]]:
         """The HandOff call to the peer at `address`: give it the requests, await its answer."""
         stub = self._connection(address)[1]

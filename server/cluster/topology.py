@@ -96,14 +96,18 @@ class Membership:
         except ClusterConfigError as error:
             log.error("kept the previous members: %s", error)
             return False
-        topology = Topology(members)
+        return self.change(Topology(members), f"@{self._file}")
+
+    def change(self, topology: Topology, source: str) -> bool:
+        """Make `topology` the current one (read from `source`); whether it differs."""
         if topology.version == self.current.version:
             return False
         previous, self.current = self.current, topology
         log.info(
-            "members changed (version %s -> %s): %s%s",
+            "members changed (version %s -> %s, from %s): %s%s",
             previous.version,
             topology.version,
+            source,
             ", ".join(topology.members),
             "" if self.node_id in topology.members else f"; {self.node_id} is no longer one of them",
         )
