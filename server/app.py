@@ -168,6 +168,18 @@ async def drain(cluster: Cluster, limit: float) -> None:
     log.info("drain done: %d keys handed off", handoff.sent - sent)
 
 
+async def announce_ready(health_servicer: Any, cluster: Cluster | None) -> None:
+    """StoreService SERVING (readiness): at once for a single server; for a cluster node, once
+    another member took its list. A node added to the list serves no clients before the
+    existing nodes know of it, which would leave it and them each taking writes for the same
+    keys; the first to know tells the others (nestkv.server.cluster.Cluster.heard_of)."""
+    if cluster is not None and cluster.handoff is not None and not cluster.handoff.known.is_set():
+        log.info("StoreService not ready until another member takes this node's list")
+        await cluster.handoff.known.wait()
+        log.info("StoreService ready: a member took this node's list")
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+
 def describe_cluster(cluster: Cluster | None) -> str:
     """`, node ID of N (version V)` for the ready line; nothing for a single server."""
     if cluster is None:
@@ -259,12 +271,13 @@ async def serve(config: ServerConfig) -> None:
             cluster.peers.hand_off,
         )
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    ready = asyncio.create_task(announce_ready(health_servicer, cluster))
     if health_server is not None:
         await health_server.start()
         scraped += f", health at {config.address(health_port)}"
-    background = [asyncio.create_task(reap_forever(storage, config.reap_interval))]
+    background = [ready, asyncio.create_task(reap_forever(storage, config.reap_interval))]
     if cluster is not None and cluster.handoff is not None:
         background.append(asyncio.create_task(cluster.membership.watch_forever()))
         background.append(asyncio.create_task(cluster.handoff.run_forever()))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nestkv.client import GrpcStore, StoreUnavailableError, channel_options
 from nestkv.client.placement import Placement
@@ -278,3 +279,30 @@ async def test_a_node_whose_member_file_lags_takes_the_new_list_from_a_peer_and_
             assert stats.nodes["node-0"].namespace.keys == 0
     finally:
         cluster.stop()
+
+
+async def test_a_node_added_is_not_ready_for_clients_until_a_member_takes_its_list(tmp_path: Path) -> None:
+    # Until then the others may still take writes for the keys it owns: the client Service
+    # must not send it any (Kubernetes' readiness probe asks grpc.health.v1 for StoreService).
+    with ClusterProcesses(tmp_path, 2) as cluster:
+        (new,) = cluster.add_members(1, listed=False)
+        own_list = tmp_path / "members-of-new-node"
+        cluster.write_members(list(cluster.ports), own_list)
+        cluster.nodes[new] = cluster.node(new, members_file=own_list).start()
+        async with grpc.aio.insecure_channel(cluster.target(new)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(service: str) -> int:
+                response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                return int(response.status)
+
+            await asyncio.sleep(1.5)  # its hand-offs are refused: the others do not know it
+            assert await status("") == health_pb2.HealthCheckResponse.SERVING
+            assert await status("nestkv.v1.StoreService") == health_pb2.HealthCheckResponse.NOT_SERVING
+            cluster.write_members(list(cluster.ports))
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="nestkv.v1.StoreService"), timeout=15)
+            async for update in watch:  # the status now, then each change
+                if update.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+        for member in ("node-0", "node-1"):  # they are ready from the start: each knew the other
+            assert any("StoreService ready" in line for line in cluster.nodes[member].log)

@@ -57,6 +57,9 @@ class HandOff:
         self._needed = asyncio.Event()
         self._needed.set()  # a pass at start: the data directory may hold keys others own now
         self.passed = asyncio.Event()  # the last pass covered the current members (for the drain)
+        self.known = asyncio.Event()
+        """Set once another member took this node's list (answered a hand-off as a peer): clients
+        may be sent here then (readiness). Until then nobody else may know this node's list."""
         current = membership.current
         others = {
             member: address for member, address in current.members.items() if member != membership.node_id
@@ -79,6 +82,8 @@ class HandOff:
         """The topology version of the last complete pass: this node holds no key others own under it."""
         self.sent = 0
         self._open = self.previous is not None
+        if not others:
+            self.known.set()
         membership.listeners.append(self._changed)
 
     def _changed(self, previous: Topology, current: Topology) -> None:
@@ -323,6 +328,8 @@ class HandOff:
             response = await call(requests())
         except grpc.aio.AioRpcError as error:
             raise ConnectionError(f"{member}: {error.code().name}: {error.details()}") from None
+        if member in topology.members:
+            self.known.set()
         if response.passed_version == self._membership.current.version:
             # It holds nothing this node owns now (this node restarted, say): misses need not ask it.
             self._done_from[member] = response.passed_version
