@@ -143,6 +143,10 @@ async def resize_under_traffic(tmp_path: Path, grow: bool) -> None:
             assert not traffic.failures, traffic.failures[:10]
             assert traffic.reads > 100
             await settled(stores[0], members, list(traffic.acknowledged))
+            # The topology-aware client was told its list was stale and read the new one.
+            router = stores[0]._connection._opened()[3]
+            assert router is not None
+            assert set(router.members) == set(members)
             await check_every_key(stores[0], traffic.acknowledged)
             await check_every_key(stores[1], traffic.acknowledged)
 
