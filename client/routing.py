@@ -75,7 +75,8 @@ class Router:
         """The pipeline of the node that owns `key` in `path` (the seed's while the owner is unknown)."""
         placement = self._placement
         if placement is None:
-            self._read_soon()
+            if self._last_try != _SETTLED:  # a single server answered: nothing to read
+                self._read_soon()
             return self._seed
         owner = placement.owner((*self._root, *path) if self._root else path, key)
         return self.pipelines[owner][0]

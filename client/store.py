@@ -336,13 +336,13 @@ class GrpcStore(NamespacedStore):
     async def delete_all(self) -> None:
         seed, members = self._connection.every_node()
         if members is None:  # a single server, or a cluster not known yet: the node reaches the others
-            operation, result = await self._add_to(seed, 0)
+            operation, result = await self._add(0, pipeline=seed)
             _in_path(operation.delete_all, self._path)
             await result
             return
         results = {}
         for member, pipeline in members.items():
-            operation, results[member] = await self._add_to(pipeline, 0)
+            operation, results[member] = await self._add(0, pipeline=pipeline)
             _in_path(operation.delete_all, self._path)
         outcomes = await asyncio.gather(*results.values(), return_exceptions=True)
         failed = {
@@ -430,13 +430,14 @@ class GrpcStore(NamespacedStore):
             )
         return data
 
-    async def _add(self, payload: int, key: str) -> tuple[pb.Operation, asyncio.Future[Any]]:
-        """A new operation on `key`, in the pipeline of its node, once it has room; fill it in at once."""
-        return await self._add_to(self._connection.pipeline(self._path, key), payload)
-
-    @staticmethod
-    async def _add_to(pipeline: Pipeline, payload: int) -> tuple[pb.Operation, asyncio.Future[Any]]:
-        """A new operation of `pipeline`, once it has room; fill it in at once."""
+    async def _add(
+        self, payload: int, key: str = "", pipeline: Pipeline | None = None
+    ) -> tuple[pb.Operation, asyncio.Future[Any]]:
+        """A new operation on `key`, in the pipeline of its node (or `pipeline`), once it has room;
+        fill it in at once. (One coroutine per operation: with many callers in line, every object
+        each holds is one more the garbage collector walks.)"""
+        if pipeline is None:
+            pipeline = self._connection.pipeline(self._path, key)
         deadline = pipeline.deadline()
         if pipeline.has_room():
             return pipeline.add(payload, deadline)
