@@ -35,7 +35,7 @@ from nestkv.server.security import Gate, Grant
 
 if TYPE_CHECKING:
     from nestkv.server.cluster import Cluster, HandOff
-from nestkv.server.cluster import PeerGrant
+from nestkv.server.cluster import PeerGrant, missed
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -474,6 +474,22 @@ class StoreServicer:
         result = await self._cluster.forward(member, operation, address, "asked")
         if result.WhichOneof("result") == "error" and handoff.unanswered(member):
             return None
+        if missed(operation, result):
+            # It may have come here meanwhile: a hand-off stores a key here before the previous
+            # owner drops it, so a miss there that came after the drop finds it here now.
+            return self._run_here(operation)
+        return result
+
+    def _run_here(self, operation: pb.Operation) -> pb.OperationResult:
+        """The result of running `operation` on this node's store, now."""
+        result = pb.OperationResult()
+        kind = operation.WhichOneof("operation")
+        out = getattr(result, kind)
+        out.SetInParent()
+        try:
+            self._operations[kind](getattr(operation, kind), out)
+        except StoreFault as fault:
+            _fail(result, status_of(fault), fault.confined())
         return result
 
     async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> pb.HandOffResponse:

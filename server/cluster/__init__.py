@@ -31,6 +31,7 @@ __all__ = [
     "Membership",
     "PeerGrant",
     "Topology",
+    "missed",
     "parse_members",
 ]
 
@@ -215,7 +216,7 @@ class Cluster:
                     return error_result(
                         "UNAVAILABLE", f"the member lists of the nodes disagree: {result.error.message}"
                     )
-                if _missed(operation, result):
+                if missed(operation, result):
                     member = f"{member}'s previous owner"
                     result = await self.peers.forward(moved_from, operation, "asked", version)
         except Exception as error:
@@ -265,7 +266,7 @@ def _moved(result: pb.OperationResult) -> bool:
     return result.WhichOneof("result") == "error" and result.error.HasField("moved_to")
 
 
-def _missed(operation: pb.Operation, result: pb.OperationResult) -> bool:
+def missed(operation: pb.Operation, result: pb.OperationResult) -> bool:
     """Whether `result` is that of a read that found nothing."""
     kind = operation.WhichOneof("operation")
     if kind not in ("get", "exists", "expires_in") or result.WhichOneof("result") != kind:
