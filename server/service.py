@@ -12,7 +12,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 
 from nestkv.client.placement import HASH_NAME
 from nestkv.server import VERSION
+from nestkv.server.cluster import Cluster, HandOff, PeerGrant, missed
 from nestkv.server.errors import (
     InvalidArgument,
     NodeFault,
@@ -32,10 +33,6 @@ from nestkv.server.errors import (
 from nestkv.server.limits import Limits, MiB, check_span
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.security import Gate, Grant
-
-if TYPE_CHECKING:
-    from nestkv.server.cluster import Cluster, HandOff
-from nestkv.server.cluster import PeerGrant, missed
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
