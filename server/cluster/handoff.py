@@ -17,6 +17,7 @@ key's previous owner, so a key is never unseen while it travels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +34,8 @@ log = logging.getLogger("nestkv.server")
 
 _CHUNK = 500  # entries per HandOffRequest
 _YIELD_EVERY = 2_000  # keys looked at between two yields to the event loop
-_RETRY = 1.0  # seconds before a member that could not be reached is tried again
+_RETRY = 1.0  # seconds before a member that could not be reached is tried again, doubling
+_MAX_RETRY = 30.0
 _QUIET = 60.0  # seconds after the last hand-off received that what it must not undo is remembered
 _SETTLE = 10.0  # seconds before keys a peer placed here by a list this node does not know go on
 _WINDOW = 600.0  # seconds after a change that misses may be asked of previous owners, at most
@@ -221,6 +223,8 @@ class HandOff:
         if request.done:
             self._done_from[sender] = request.topology_version
             self._reopen()
+        if request.topology_version == self._membership.current.version:
+            self.known.set()  # a member placed keys by this node's list: it has taken it
         if stored:
             node_id = self._membership.node_id
             current = self._membership.current
@@ -232,6 +236,7 @@ class HandOff:
 
     async def run_forever(self) -> None:
         """Run a pass whenever one is needed, until cancelled."""
+        failures = 0
         while True:
             await self._needed.wait()
             self._needed.clear()
@@ -241,11 +246,17 @@ class HandOff:
             except Exception:
                 log.exception("hand-off pass failed; trying again")
                 complete = False
-            if complete and topology is self._membership.current and not self._needed.is_set():
-                self.passed_version = topology.version
-                self.passed.set()
-            elif not complete:
-                await asyncio.sleep(_RETRY)
+            if complete:
+                failures = 0
+                if topology is self._membership.current and not self._needed.is_set():
+                    self.passed_version = topology.version
+                    self.passed.set()
+            else:
+                # A member down for long: a pass looks at every key, so try again less and less
+                # often; a change of the members (or keys to pass on) cuts the wait short.
+                failures += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._needed.wait(), min(_RETRY * 2 ** (failures - 1), _MAX_RETRY))
                 self._needed.set()
 
     async def _pass(self, topology: Topology) -> bool:
