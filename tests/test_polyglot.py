@@ -106,7 +106,7 @@ async def check_round_trip(result: subprocess.CompletedProcess[str], store: Grpc
     assert await store.get("from-node") == "hello from node ✓".encode()
     left = await store.expires_in("from-node")
     assert left is not None
-    assert 58 <= left <= 60  # rounded to the nearest second: not a timing test
+    assert 50 <= left <= 60  # whole seconds; on a busy machine seconds may pass between write and read
     for key in SPREAD_KEYS:
         assert await store.get(key) == f"{key} from node".encode()
         assert await store.expires_in(key) == -1  # no expiry

@@ -61,7 +61,7 @@ class CallError extends Error {
 
 function call(method, request) {
   return new Promise((resolve, reject) =>
-    client[method](request, { deadline: Date.now() + 5000 }, (error, response) =>
+    client[method](request, { deadline: Date.now() + 15000 }, (error, response) =>
       error ? reject(new CallError(method, error)) : resolve(response),
     ),
   );
