@@ -506,7 +506,14 @@ def _with_token(
 def _is_loopback(target: str) -> bool:
     """Whether a "host:port" target names this machine (127.0.0.0/8, [::1], localhost)."""
     host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]
-    host = host.removeprefix("[").removesuffix("]")
+    return is_loopback_host(host.removeprefix("[").removesuffix("]"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost).
+
+    The server's protected mode asks the same (nestkv.server.security): one answer for both.
+    """
     if host == "localhost":
         return True
     try:

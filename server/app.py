@@ -13,12 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nestkv.client.store import is_loopback_host
 from nestkv.server import VERSION
 from nestkv.server.cluster import Cluster, ClusterConfigError, HandOff, Membership
 from nestkv.server.cluster.peers import Peers
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
-from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, is_loopback, open_security
+from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, open_security
 from nestkv.server.service import SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence, PersistenceError
@@ -136,10 +137,6 @@ def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Clus
         )
     peers = Peers(membership.node_id, credentials, config.limits.max_value_bytes)
     return Cluster(membership, peers, gate, peers_by_certificate=tls is not None)
-
-
-def _nothing() -> None:
-    pass
 
 
 async def drain(cluster: Cluster, limit: float) -> None:
@@ -267,7 +264,7 @@ async def serve(config: ServerConfig) -> None:
         cluster.handoff = HandOff(
             cluster.membership,
             storage,
-            persistence.commit if persistence else _nothing,
+            persistence.commit if persistence else lambda: None,
             cluster.peers.hand_off,
         )
     await server.start()
@@ -301,7 +298,7 @@ async def serve(config: ServerConfig) -> None:
         describe_security(tls, gate),
         describe_cluster(cluster) + scraped,
     )
-    if gate.required and tls is None and not is_loopback(config.host):
+    if gate.required and tls is None and not is_loopback_host(config.host):
         log.warning("tokens travel in plaintext to %s: add --tls-cert and --tls-key", config.host)
 
     await stop.wait()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -39,6 +38,7 @@ import grpc
 import msgspec
 import msgspec.toml
 
+from nestkv.client.store import is_loopback_host
 from nestkv.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import Denials
@@ -310,16 +310,6 @@ def _read(path: str, flag: str) -> bytes:
         raise SecurityConfigError(f"cannot read {flag} {path}: {error.strerror}") from None
 
 
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def open_security(config: ServerConfig, denials: Denials | None = None) -> tuple[TlsFiles | None, Gate]:
     """The TLS credentials and the gate `config` asks for; SecurityConfigError if they cannot be used.
 
@@ -330,7 +320,7 @@ def open_security(config: ServerConfig, denials: Denials | None = None) -> tuple
         raise SecurityConfigError("--tls-cert and --tls-key go together: give both, or neither")
     if config.tls_client_ca and not config.tls_cert:
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if not (config.tls_cert or config.auth_file or config.insecure or is_loopback(config.host)):
+    if not (config.tls_cert or config.auth_file or config.insecure or is_loopback_host(config.host)):
         raise SecurityConfigError(
             f"refusing to serve {config.host} with neither TLS nor tokens: anyone who reaches the port "
             "could read, overwrite and delete every namespace. Add --tls-cert and --tls-key (and "
