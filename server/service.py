@@ -341,6 +341,8 @@ class StoreServicer:
             and (not grant.mode or (grant.mode == "redirected" and self._cluster.removed))
         ):
             moving = self._cluster
+        # Once a batch, not per operation: `active` reads the clock.
+        during_hand_off = handoff is not None and pending is not None and (grant.forwarded or handoff.active)
         # A batch the client routed by the current topology: its delete_all is for this node only.
         fan_out = cluster is not None and request.topology_version != cluster.topology.version
         response = pb.PipelineResponse(id=request.id)
@@ -383,7 +385,9 @@ class StoreServicer:
                         moving.moved(result, owner, moving.topology.members[owner])
                         continue
                 operations[kind](request_of_kind, out)
-                if handoff is not None and (grant.forwarded or handoff.active) and pending is not None:
+                if during_hand_off:
+                    assert handoff is not None
+                    assert pending is not None
                     asked = self._during_hand_off(
                         handoff, kind, request_of_kind, out, grant, request.topology_version
                     )
