@@ -2,8 +2,9 @@
 
 The one command that produces generated code: `make gen` runs it, and so does
 the package build (setup.py), so `pip install .` of a fresh clone works.
-Generated files (`*_pb2.py`, `*_pb2.pyi`, `*_pb2_grpc.py`) are never edited
-and never committed.
+Generated files (`*_pb2.py`, `*_pb2.pyi`, `*_pb2_grpc.py`, and the
+`__init__.py` and `py.typed` that make their folder a package) are never
+edited and never committed.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def generate() -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {sources}")
-    # Mark every directory that holds generated code as a package.
+    # Mark every directory that holds generated code as a typed package, but not the top one
+    # (protos/nestkv): nestkv is a namespace package that server/ and client/ add to.
     for proto in sources:
         for parent in (PROTOS / proto).parents:
-            if parent == PROTOS:
+            if parent.parent == PROTOS:
                 break
             (parent / "__init__.py").touch()
             (parent / "py.typed").touch()

@@ -15,30 +15,24 @@ import pytest
 from tests.serverproc import READY
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_FOLDERS = ("protos", "server", "client")
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the sources as they are, so that a build leaves nothing in the checkout."""
+    """A copy of the working tree's files (committed or not, ignored ones left out), to build from."""
     source = tmp_path_factory.mktemp("source")
-    subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(source / "src.tar"), "HEAD"], check=True
-    )
-    subprocess.run(["tar", "-xf", "src.tar"], cwd=source, check=True)
-    for changed in subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "--modified", "--others", "--exclude-standard"],
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.split():
-        path, copy = ROOT / changed, source / changed  # the working tree as it is, uncommitted too
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink():
-            copy.unlink(missing_ok=True)
-            copy.symlink_to(path.readlink())
-        elif path.is_file():
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        path, copy = ROOT / name, source / name
+        if path.is_file():  # not a file deleted in the working tree
+            copy.parent.mkdir(parents=True, exist_ok=True)
             copy.write_bytes(path.read_bytes())
-    (source / "src.tar").unlink()
     return source
 
 
@@ -71,24 +65,53 @@ def test_the_sdist_builds_the_same_wheel(source: Path, wheel: zipfile.ZipFile, t
     assert sorted(again.namelist()) == sorted(wheel.namelist())
 
 
-def test_the_wheel_holds_nestkv_and_nothing_else_at_the_top_level(wheel: zipfile.ZipFile) -> None:
-    names = wheel.namelist()
-    assert {name.split("/")[0] for name in names} == {"nestkv", "nestkv-0.1.0.dist-info"}
-    for expected in (
-        "nestkv/py.typed",
-        "nestkv/v1/store_pb2.py",
-        "nestkv/v1/store_pb2.pyi",
-        "nestkv/v1/store_pb2_grpc.py",
-        "nestkv/v1/store.proto",
-        "nestkv/server/__main__.py",
-        "nestkv/server/py.typed",
+# What the source tree holds under the package folders and the wheel leaves out on purpose.
+LEFT_OUT = {"protos/generate.py"}  # the build's code generator, run by setup.py
+
+
+def package_files(source: Path) -> set[str]:
+    """The files under protos/, server/ and client/ (generated ones included), as wheel paths."""
+    files = set()
+    for folder in PACKAGE_FOLDERS:
+        for path in (source / folder).rglob("*"):
+            name = path.relative_to(source).as_posix()
+            if path.is_file() and "__pycache__" not in path.parts and name not in LEFT_OUT:
+                files.add(path.relative_to(source / folder).as_posix())
+    return files
+
+
+def test_the_wheel_holds_every_file_of_the_package_folders_and_nothing_else(
+    source: Path, wheel: zipfile.ZipFile
+) -> None:
+    # The wheel fixture built in `source`, so the generated code is there too.
+    packaged = {name for name in wheel.namelist() if not name.startswith("nestkv-0.1.0.dist-info/")}
+    expected = package_files(source)
+    assert {name for name in expected if name.endswith(".py")} >= {
+        "nestkv/server/cluster/__init__.py",
         "nestkv/server/storage/engine.py",
         "nestkv/client/store.py",
-        "nestkv/client/py.typed",
-    ):
-        assert expected in names
+        "nestkv/v1/store_pb2.py",
+        "nestkv/v1/store_pb2_grpc.py",
+    }
+    assert packaged == expected
+    for name in LEFT_OUT:
+        assert (source / name).is_file(), f"{name} is left out on purpose but no longer exists"
+
+
+def test_every_package_is_typed(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    packages = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    # PEP 561: nestkv is a namespace package; each of its parts says it is typed.
+    assert {"nestkv/server", "nestkv/client", "nestkv/v1"} <= packages
+    for package in ("nestkv/server", "nestkv/client", "nestkv/v1"):
+        assert f"{package}/py.typed" in names
+    assert "nestkv/__init__.py" not in names
+
+
+def test_the_wheel_names_its_console_scripts(wheel: zipfile.ZipFile) -> None:
     entry_points = wheel.read("nestkv-0.1.0.dist-info/entry_points.txt").decode()
     assert "nestkv-server = nestkv.server.__main__:main" in entry_points
+    assert "nestkv = nestkv.client.cli:main" in entry_points
 
 
 def test_the_server_starts_from_a_folder_with_its_own_server_and_client(tmp_path: Path) -> None:
