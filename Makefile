@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# make test runs the suite against what ships: the wheel, installed into a virtual environment
+# made afresh, with no link back to the checkout.
+DIST := dist
+WHEEL_VENV := .venv-wheel
 SERVING := $(VENV)/.serving
 INSTALLED := $(VENV)/.installed
 ARGS ?=
@@ -10,7 +14,7 @@ N ?= 3
 CLUSTER_PORT ?= 50051
 CLUSTER_DIR ?= .cluster
 
-.PHONY: install gen serve cluster test lint typecheck unit bench soak clean
+.PHONY: install gen serve cluster test lint typecheck unit wheel installed bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +55,22 @@ lint: gen
 typecheck: gen
 	$(BIN)/mypy
 
-unit: gen
-	$(BIN)/pytest
+unit: gen  ## the suite against the checkout (editable install): the quick loop while editing
+	$(BIN)/pytest $(ARGS)
 
-test: lint typecheck unit  ## everything CI runs
+wheel: $(INSTALLED)  ## build the wheel into dist/ as `pip install .` builds it (isolated build environment)
+	rm -rf $(DIST) build
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	rm -rf build
+
+installed: wheel  ## the suite against the wheel, installed into a fresh virtual environment
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet --upgrade pip
+	$(WHEEL_VENV)/bin/pip install --quiet "$$(ls $(DIST)/nestkv-*.whl)[test]"
+	NESTKV_TEST_INSTALLED=1 $(WHEEL_VENV)/bin/pytest $(ARGS)
+
+test: lint typecheck installed  ## everything CI runs
 
 soak: gen  ## the model-based, fuzz, crash and resize tests at ten times CI's size, stopped after SOAK_SECONDS
 	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
@@ -71,5 +87,5 @@ bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throug
 	$(BIN)/python -m bench.cluster --json bench/cluster.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(CLUSTER_DIR)
+	rm -rf $(VENV) $(WHEEL_VENV) $(DIST) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(CLUSTER_DIR)
 	find protos -name '*_pb2*.py*' -delete

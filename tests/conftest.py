@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +15,26 @@ from nestkv.client import GrpcStore, LocalStore, NamespacedStore, channel_option
 from tests.clusterproc import ClusterProcesses
 from tests.pki import AuthFile, Pki, make_pki
 from tests.serverproc import ServerProcess
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under NESTKV_TEST_INSTALLED (make test), refuse to run unless nestkv is the installed wheel.
+
+    The servers the tests start run `sys.executable -m nestkv.server`: the same nestkv as here.
+    """
+    if not os.environ.get("NESTKV_TEST_INSTALLED"):
+        return
+    import nestkv.client
+    import nestkv.server
+    import nestkv.v1
+
+    for package in (nestkv.server, nestkv.client, nestkv.v1):
+        location = Path(package.__path__[0]).resolve()
+        if not location.is_relative_to(Path(sys.prefix).resolve()):
+            raise pytest.UsageError(
+                f"NESTKV_TEST_INSTALLED is set, but {package.__name__} is {location}, "
+                f"not installed in {sys.prefix}"
+            )
 
 
 @pytest.fixture(scope="session")
