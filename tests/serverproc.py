@@ -27,10 +27,15 @@ def server_command(*args: str, timeout: float = 60) -> subprocess.CompletedProce
 
 
 class ServerProcess:
-    """`python -m nestkv.server --port 0 ...`: started on enter, stopped (SIGTERM) on exit."""
+    """`python -m nestkv.server --port 0 ...`: started on enter, stopped (SIGTERM) on exit.
 
-    def __init__(self, *args: str) -> None:
+    `command`, if given, is the whole command line instead (a server started some other way,
+    such as from the container image), and `args` are not used.
+    """
+
+    def __init__(self, *args: str, command: Sequence[str] = ()) -> None:
         self.args: Sequence[str] = args
+        self.command: Sequence[str] = command
         self.port = 0
         self.log: list[str] = []
         self._process: subprocess.Popen[str] | None = None
@@ -46,8 +51,9 @@ class ServerProcess:
         return self._process
 
     def start(self, timeout: float = 30.0) -> Self:
+        default = [sys.executable, "-m", "nestkv.server", "--host", "127.0.0.1", "--port", "0", *self.args]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "nestkv.server", "--host", "127.0.0.1", "--port", "0", *self.args],
+            list(self.command) or default,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

@@ -69,22 +69,30 @@ def server_container() -> Manifest:
     return container
 
 
-def node_config(ordinal: int) -> ServerConfig:
-    """The config the server of pod `ordinal` runs with: its arguments, as Kubernetes expands them."""
-    container = server_container()
-    env = {variable["name"]: variable for variable in container.get("env", [])}
+def pod_env(ordinal: int) -> dict[str, str]:
+    """The environment variables Kubernetes sets from pod `ordinal`'s name (POD_NAME)."""
     pod_name = f"{statefulset()['metadata']['name']}-{ordinal}"
-    values = {
-        name: pod_name
-        for name, variable in env.items()
+    return {
+        variable["name"]: pod_name
+        for variable in server_container().get("env", [])
         if variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
     }
+
+
+def node_args(ordinal: int) -> list[str]:
+    """The arguments the server of pod `ordinal` runs with, as Kubernetes expands them."""
+    values = pod_env(ordinal)
 
     def expand(match: re.Match[str]) -> str:
         assert match[1] in values, f"$({match[1]}) in the args is not set from the pod's name"
         return values[match[1]]
 
-    return parse_config([re.sub(r"\$\((\w+)\)", expand, arg) for arg in container["args"]])
+    return [re.sub(r"\$\((\w+)\)", expand, arg) for arg in server_container()["args"]]
+
+
+def node_config(ordinal: int) -> ServerConfig:
+    """The config the server of pod `ordinal` runs with."""
+    return parse_config(node_args(ordinal))
 
 
 def containerfile_final_stage() -> list[tuple[str, str]]:
