@@ -138,15 +138,25 @@ async def test_sighup_with_a_broken_certificate_keeps_the_old_one(pki: Pki, tmp_
             await round_trip(store)
 
 
-def test_non_loopback_host_needs_tls_or_tokens_or_insecure(pki: Pki, tmp_path: Path) -> None:
+def test_non_loopback_host_needs_client_certificates_or_tokens_or_insecure(pki: Pki, tmp_path: Path) -> None:
     # 192.0.2.1 (TEST-NET-1) is on no interface here: a server let past the check fails to bind it instead.
     refused = fails_to_start("--host", "192.0.2.1")
     assert "refusing to serve 192.0.2.1 with neither TLS nor tokens" in refused
-    for flag in ("--tls-cert", "--tls-key", "--auth-file", "--insecure"):
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-file", "--insecure"):
         assert flag in refused
+    # TLS encrypts, it does not say who calls: any TLS client could set and delete_all.
+    refused = fails_to_start("--host", "192.0.2.1", *tls_flags(pki))
+    assert "refusing to serve 192.0.2.1 with TLS alone (no client certificates, no tokens)" in refused
+    assert "refusing" in fails_to_start("--host", "0.0.0.0", *tls_flags(pki))
     auth_file = tmp_path / "tokens.toml"
     auth_file.write_text("")
-    for allowed in (("--insecure",), tls_flags(pki), ("--auth-file", str(auth_file))):
+    for allowed in (
+        ("--insecure",),
+        (*tls_flags(pki), "--insecure"),
+        (*tls_flags(pki), "--tls-client-ca", str(pki.ca.cert)),
+        (*tls_flags(pki), "--auth-file", str(auth_file)),
+        ("--auth-file", str(auth_file)),
+    ):
         assert "cannot listen on 192.0.2.1" in fails_to_start("--host", "192.0.2.1", *allowed)
     assert "refusing" in fails_to_start("--host", "0.0.0.0")
 

@@ -186,3 +186,11 @@ def test_metrics_are_served_on_loopback_unless_told_otherwise() -> None:
         assert ", metrics at http://127.0.0.1:" in server.log[-1]
     with ServerProcess("--metrics-port", "0", "--metrics-host", "127.0.0.3") as server:
         assert ", metrics at http://127.0.0.3:" in server.log[-1]
+        assert not any("metrics on" in line for line in server.log)
+
+
+def test_metrics_on_a_non_loopback_address_are_warned_of_at_start() -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: the warning comes before the bind fails.
+    done = server_command("--port", "0", "--metrics-port", "0", "--metrics-host", "192.0.2.1")
+    assert "metrics on 192.0.2.1 are plain HTTP with no token" in done.stderr
+    assert "cannot serve metrics on 192.0.2.1" in done.stderr

@@ -42,7 +42,7 @@ _HELP = {
     "tls_client_ca": "PEM CA that client certificates must chain to: mutual TLS",
     "auth_file": "TOML file of tokens, each confined to a namespace; calls then need one "
     "(see `nestkv-server token new`); reloaded on SIGHUP",
-    "insecure": "serve a non-loopback --host with neither TLS nor tokens, on purpose",
+    "insecure": "serve a non-loopback --host with neither client certificates nor tokens, on purpose",
     "node_id": "this node's id in --cluster (default: the host name, a StatefulSet's pod name)",
     "cluster": "the members: ID=HOST:PORT,... or @FILE with one ID=HOST:PORT a line, re-read when it "
     "changes; every node gets the same list, itself included (default: a cluster of one)",

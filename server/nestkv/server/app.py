@@ -250,6 +250,12 @@ async def serve(config: ServerConfig) -> None:
     metrics_server = None
     if metrics is not None:  # before the store serves: a port in use stops the start cleanly
         assert config.metrics_port is not None
+        if not is_loopback_host(config.metrics_host):
+            log.warning(
+                "metrics on %s are plain HTTP with no token: whoever reaches them sees each node's key "
+                "count and memory, which Stats hides from tenants",
+                config.metrics_host,
+            )
         try:
             metrics_server, metrics_port = serve_metrics(
                 config.metrics_host,

@@ -54,7 +54,7 @@ class ServerConfig(msgspec.Struct, frozen=True):
     auth_file: str = ""
     """TOML file of tokens, each confined to a namespace; every call then needs one. Reloaded on SIGHUP."""
     insecure: bool = False
-    """Serve a non-loopback host with neither TLS nor tokens, on purpose."""
+    """Serve a non-loopback host with neither client certificates nor tokens, on purpose."""
     node_id: str = ""
     """This node's id in the cluster's member list; empty: the host name (a StatefulSet's pod name)."""
     cluster: str = ""

@@ -313,19 +313,24 @@ def _read(path: str, flag: str) -> bytes:
 def open_security(config: ServerConfig, denials: Denials | None = None) -> tuple[TlsFiles | None, Gate]:
     """The TLS credentials and the gate `config` asks for; SecurityConfigError if they cannot be used.
 
-    As Redis's protected mode, a server reachable from other machines must have
-    TLS or tokens, unless `insecure` says that plaintext without tokens is meant.
+    As Redis's protected mode, a server reachable from other machines must know who
+    calls: by client certificate (mutual TLS) or by token, unless `insecure` says that
+    serving anyone who reaches the port is meant. TLS alone encrypts; it does not say who calls.
     """
     if bool(config.tls_cert) != bool(config.tls_key):
         raise SecurityConfigError("--tls-cert and --tls-key go together: give both, or neither")
     if config.tls_client_ca and not config.tls_cert:
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if not (config.tls_cert or config.auth_file or config.insecure or is_loopback_host(config.host)):
+    authenticated = config.tls_client_ca or config.auth_file
+    if not (authenticated or config.insecure or is_loopback_host(config.host)):
+        what = (
+            "TLS alone (no client certificates, no tokens)" if config.tls_cert else "neither TLS nor tokens"
+        )
         raise SecurityConfigError(
-            f"refusing to serve {config.host} with neither TLS nor tokens: anyone who reaches the port "
-            "could read, overwrite and delete every namespace. Add --tls-cert and --tls-key (and "
-            "--tls-client-ca for mutual TLS), --auth-file for tokens, or both; or --insecure to serve "
-            "in plaintext without tokens on purpose"
+            f"refusing to serve {config.host} with {what}: anyone who reaches the port could read, "
+            "overwrite and delete every namespace. Add --tls-client-ca for mutual TLS (with --tls-cert "
+            "and --tls-key), --auth-file for tokens, or both; or --insecure to serve anyone who "
+            "reaches the port on purpose"
         )
     tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     return tls, Gate(config.auth_file, config.limits, denials)
