@@ -17,6 +17,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nestkv.server.security import digest, new_token, toml_entry
 
+# The --cluster-name of the clusters the tests run under mutual TLS.
+CLUSTER_NAME = "nestkv.test"
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -96,21 +99,28 @@ class Authority:
         issued.key.chmod(0o600)
         return issued
 
-    def issue_node(self, name: str, node_ids: Sequence[str]) -> Issued:
+    def issue_node(self, name: str, node_ids: Sequence[str], cluster_name: str = CLUSTER_NAME) -> Issued:
         """A certificate for the nodes of a cluster, named `name`: each serves with it (localhost,
         127.0.0.1) and presents it to the others when forwarding, which admit a forwarded call only
-        from a certificate naming a member; so every id of `node_ids` is one of its DNS names, and
-        it is good for both serverAuth and clientAuth."""
+        from a certificate carrying the DNS name NODE_ID.CLUSTER_NAME (--cluster-name); so each id
+        of `node_ids` is one of its DNS names that way, and it is good for serverAuth and clientAuth."""
+        return self.issue_with_names(
+            name, [x509.DNSName(f"{node_id}.{cluster_name}") for node_id in node_ids]
+        )
+
+    def issue_with_names(self, name: str, names: Sequence[x509.GeneralName]) -> Issued:
+        """A certificate with the common name `name` and the subject alternative names `names` (with
+        localhost and 127.0.0.1), good for serverAuth and clientAuth."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        names: list[x509.GeneralName] = [
+        every_name: list[x509.GeneralName] = [
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            *(x509.DNSName(node_id) for node_id in node_ids),
+            *names,
         ]
         certificate = (
             _builder(subject, self._certificate.subject, key.public_key())
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.SubjectAlternativeName(every_name), critical=False)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,

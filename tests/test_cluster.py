@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,7 +32,7 @@ from nestkv.client.routing import Router
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.clusterproc import ClusterProcesses
-from tests.pki import AuthFile, Issued, Pki
+from tests.pki import CLUSTER_NAME, AuthFile, Issued, Pki
 from tests.polling import eventually
 from tests.serverproc import ServerProcess, server_command
 
@@ -559,6 +560,7 @@ def secure(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secur
     args = (
         *("--tls-cert", str(node_cert.cert), "--tls-key", str(node_cert.key)),
         *("--tls-client-ca", str(pki.ca.cert), "--auth-file", str(auth_file.path)),
+        *("--cluster-name", CLUSTER_NAME),
         *("--health-port", "0", "--metrics-port", "0"),
     )
     with ClusterProcesses(directory, 3, *args, data=False) as cluster:
@@ -707,6 +709,48 @@ async def test_a_client_certificate_naming_no_member_cannot_pose_as_a_peer_by_it
             await stub.DeleteAll(pb.DeleteAllRequest(path=path[:1]), metadata=admin, timeout=10)
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param([], id="common-name"),
+        pytest.param([x509.RFC822Name("node-0")], id="email"),
+        pytest.param([x509.UniformResourceIdentifier("node-0")], id="uri"),
+        pytest.param([x509.DNSName("node-0")], id="bare-node-id"),
+        pytest.param([x509.DNSName(f"node-0.other-{CLUSTER_NAME}")], id="another-cluster"),
+        pytest.param([x509.DNSName(f"node-0.{CLUSTER_NAME}.evil")], id="cluster-name-inside"),
+    ],
+)
+async def test_only_the_dns_name_node_dot_cluster_name_makes_a_certificate_a_peer(
+    secure: Secure, names: list[x509.GeneralName], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A certificate of the cluster's CA that names node-0 as its common name (all of them do), an
+    email, a URI, a bare DNS name, or node-0 of another cluster (two deployments under one CA)."""
+    cluster = secure.cluster
+    impostor = secure.pki.ca.issue_with_names("node-0", names)
+    path = ("impostor", "by-certificate")
+    key = keys_owned_by("node-1", path, 1)[0]
+    admin: Metadata = (("authorization", f"Bearer {secure.admin}"),)
+    as_peer: Metadata = ((PEER, "node-0"),)
+    request = pb.SetRequest(path=path, key=key, value=b"posed")
+    async with channel_to(cluster.target("node-1"), secure.credentials(impostor)) as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Set(request, metadata=as_peer, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert f"carries the DNS name 'node-0.{CLUSTER_NAME}'" in (raised.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Get(pb.GetRequest(path=("tenant",), key="k"), metadata=as_peer, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert await stream_status(stub, [pb.Operation(set=request)], as_peer) == UNAUTHENTICATED
+        entry = pb.HandOffEntry(path=path, key=key, value=b"planted")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.HandOff(
+                iter([pb.HandOffRequest(topology_version="", entries=[entry])]), metadata=as_peer, timeout=10
+            )
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert await node_keys(stub, path, admin) == dict.fromkeys(MEMBERS, 0)
+
+
 async def test_a_tenant_s_stats_show_no_server_wide_figures_of_any_node(secure: Secure) -> None:
     cluster = secure.cluster
     async with pinned(cluster.target("node-0"), secure.with_token(secure.admin)) as admin:
@@ -806,6 +850,13 @@ def test_a_cluster_with_tokens_needs_mutual_tls(pki: Pki, tmp_path: Path) -> Non
     assert "a cluster served over TLS needs --tls-client-ca" in line
     line = refused(*cluster, *tls)
     assert "a cluster served over TLS needs --tls-client-ca" in line
+    mutual = (*tls, "--tls-client-ca", str(pki.ca.cert), "--auth-file", str(auth_file.path))
+    for name in ("", "Nestkv.Default.svc", "nestkv..svc", "-nestkv.svc"):
+        line = refused(*cluster, *mutual, f"--cluster-name={name}")
+        assert (
+            "a cluster served over TLS needs --cluster-name, a DNS name such as nestkv.NAMESPACE.svc" in line
+        )
+        assert repr(name) in line
 
 
 # --- the member file ----------------------------------------------------------------------------------

@@ -69,14 +69,22 @@ def server_container() -> Manifest:
     return container
 
 
+# The namespace the tests deploy to, as `kubectl apply -n NAMESPACE` would.
+NAMESPACE = "default"
+
+
 def pod_env(ordinal: int) -> dict[str, str]:
-    """The environment variables Kubernetes sets from pod `ordinal`'s name (POD_NAME)."""
-    pod_name = f"{statefulset()['metadata']['name']}-{ordinal}"
-    return {
-        variable["name"]: pod_name
-        for variable in server_container().get("env", [])
-        if variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
+    """The environment variables Kubernetes sets from pod `ordinal`'s name and namespace."""
+    fields = {
+        "metadata.name": f"{statefulset()['metadata']['name']}-{ordinal}",
+        "metadata.namespace": NAMESPACE,
     }
+    env = {}
+    for variable in server_container().get("env", []):
+        field = variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        assert field in fields, f"{variable['name']} is set from {field}, which the tests do not know"
+        env[variable["name"]] = fields[field]
+    return env
 
 
 def node_args(ordinal: int) -> list[str]:
@@ -84,7 +92,7 @@ def node_args(ordinal: int) -> list[str]:
     values = pod_env(ordinal)
 
     def expand(match: re.Match[str]) -> str:
-        assert match[1] in values, f"$({match[1]}) in the args is not set from the pod's name"
+        assert match[1] in values, f"$({match[1]}) in the args is not set from the pod's fields"
         return values[match[1]]
 
     return [re.sub(r"\$\((\w+)\)", expand, arg) for arg in server_container()["args"]]
@@ -155,6 +163,7 @@ def test_the_container_args_parse_into_the_intended_config() -> None:
     assert (config.port, config.health_port) == (50051, 50052)
     assert config.node_id == "nestkv-0"
     assert config.cluster == "@/etc/nestkv/cluster/members"
+    assert config.cluster_name == f"{statefulset()['spec']['serviceName']}.{NAMESPACE}.svc"
     assert (config.data_dir, config.fsync) == ("/data", "everysec")
     assert config.tls_cert == "/etc/nestkv/tls/tls.crt"
     assert config.tls_key == "/etc/nestkv/tls/tls.key"

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nestkv.client import GrpcStore, channel_options
@@ -172,7 +173,9 @@ class Pods:
         pki = make_pki(self.directory / "pki")
         headless = statefulset()["spec"]["serviceName"]
         ids = [node_config(n).node_id for n in range(NODES)]
-        node_cert = pki.ca.issue_node("nodes", [*ids, *(f"{i}.{headless}" for i in ids)])
+        # As the deploy README's recipe: the names clients dial, and the one peers are known by.
+        names = [*(f"{i}.{headless}" for i in ids), *(f"{i}.{node_config(0).cluster_name}" for i in ids)]
+        node_cert = pki.ca.issue_with_names("nodes", [x509.DNSName(name) for name in names])
         auth = AuthFile(self.directory / "tokens.toml")
         self.token = auth.mint("tenant", ["tenant"])
         self.credentials = grpc.composite_channel_credentials(

@@ -46,6 +46,8 @@ _HELP = {
     "node_id": "this node's id in --cluster (default: the host name, a StatefulSet's pod name)",
     "cluster": "the members: ID=HOST:PORT,... or @FILE with one ID=HOST:PORT a line, re-read when it "
     "changes; every node gets the same list, itself included (default: a cluster of one)",
+    "cluster_name": "the cluster's DNS name, such as its headless Service's nestkv.NAMESPACE.svc: under "
+    "mutual TLS a peer's certificate must carry the DNS name NODE_ID.CLUSTER_NAME (required then)",
     "health_port": "also serve grpc.health.v1 alone, in plaintext, on this port: for Kubernetes' gRPC "
     "probes, which do not speak TLS (default: off)",
     "drain_timeout": "on SIGTERM, seconds to hand this node's keys to the other members before exiting "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from nestkv.server.storage.persistence import Persistence, PersistenceError
 
 log = logging.getLogger("nestkv.server")
 
+# --cluster-name: lower-case DNS labels, dot-separated (what a certificate's DNS name holds).
+DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 _REAP_BATCH = 2_000  # steps between two yields to the event loop: well under a millisecond
 
 
@@ -124,6 +127,13 @@ def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Clus
                 "nestkv: a cluster served over TLS needs --tls-client-ca: the nodes present their "
                 "--tls-cert to each other and check the other's against that CA (mutual TLS)"
             )
+        if not DNS_NAME.fullmatch(config.cluster_name):
+            raise SystemExit(
+                f"nestkv: a cluster served over TLS needs --cluster-name, a DNS name such as "
+                f"nestkv.NAMESPACE.svc (given: {config.cluster_name!r}): "
+                "a peer is recognised by the DNS name NODE_ID.CLUSTER_NAME in its certificate, so that "
+                "another cluster's nodes under the same CA are not taken for members"
+            )
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(config.tls_client_ca).read_bytes(),
             private_key=Path(config.tls_key).read_bytes(),
@@ -136,7 +146,7 @@ def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Clus
             "a member that proves who it is by its certificate"
         )
     peers = Peers(membership.node_id, credentials, config.limits.max_value_bytes)
-    return Cluster(membership, peers, gate, peers_by_certificate=tls is not None)
+    return Cluster(membership, peers, gate, peer_domain=config.cluster_name if tls is not None else None)
 
 
 async def drain(cluster: Cluster, limit: float) -> None:

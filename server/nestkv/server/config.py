@@ -60,6 +60,10 @@ class ServerConfig(msgspec.Struct, frozen=True):
     cluster: str = ""
     """Members, every node's id and address: `ID=HOST:PORT,...`, or `@FILE` with one a line, re-read
     when it changes; empty: a cluster of one."""
+    cluster_name: str = ""
+    """The cluster's DNS name (a StatefulSet's headless Service: `nestkv.NAMESPACE.svc`). Under
+    mutual TLS a peer is recognised by the DNS name `NODE_ID.CLUSTER_NAME` in its certificate, and
+    by nothing else, so that two clusters under one CA are strangers; required then."""
     health_port: Port | None = None
     """Also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes' gRPC probes,
     which do not speak TLS); None: off."""

@@ -61,18 +61,18 @@ class PeerGrant(Grant):
 class Cluster:
     """Routing of one node: its membership, its connections to the peers, and who may forward."""
 
-    def __init__(
-        self, membership: Membership, peers: Peers, gate: Gate, *, peers_by_certificate: bool
-    ) -> None:
+    def __init__(self, membership: Membership, peers: Peers, gate: Gate, *, peer_domain: str | None) -> None:
         """A forwarded call must name a node of the current member list or the one before it;
-        with `peers_by_certificate` (mutual TLS), its client certificate (of --tls-client-ca) must
-        name that node too. Without it the name is all there is, which grants nothing when every
-        caller may do everything already: open_cluster refuses a cluster with tokens and
-        without mutual TLS."""
+        with a `peer_domain` (mutual TLS: --cluster-name), its client certificate (of
+        --tls-client-ca) must carry the DNS name `NODE.peer_domain` as a subject alternative name:
+        not a common name, an email or a URI, and not the bare node id, which any certificate of
+        another cluster under the same CA may carry too. Without it the name is all there is,
+        which grants nothing when every caller may do everything already: open_cluster refuses a
+        cluster with tokens and without mutual TLS."""
         self.membership = membership
         self.peers = peers
         self._gate = gate
-        self._by_certificate = peers_by_certificate
+        self._peer_domain = peer_domain
         self._peers: dict[tuple[str, str], PeerGrant] = {}
         self._read_at = 0.0  # when the member file was last read for a caller claiming to be one
         self._heard_at = 0.0  # when it was last read for a caller with another version
@@ -114,17 +114,15 @@ class Cluster:
                 f"forwarded calls are taken only from cluster members; {sender!r} is not one "
                 "(of the current member list or the one before it)"
             )
-        if not self._by_certificate:
+        if self._peer_domain is None:
             return
-        names = {
-            name.decode(errors="replace")
-            for prop in ("x509_common_name", "x509_subject_alternative_name")
-            for name in context.auth_context().get(prop, ())
-        }
-        if sender not in names:
+        # gRPC lists a certificate's DNS subject alternative names, and only those, as peer_dns.
+        names = {name.decode(errors="replace").lower() for name in context.auth_context().get("peer_dns", ())}
+        expected = f"{sender}.{self._peer_domain}".lower()
+        if expected not in names:
             raise Unauthenticated(
                 "forwarded calls are taken only from cluster members, by a client certificate "
-                f"naming the member; none presented names {sender!r}"
+                f"naming the member: none presented carries the DNS name {expected!r}"
             )
 
     def heard_of(self, version: str, sender: str = "") -> None:
