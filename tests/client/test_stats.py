@@ -9,7 +9,8 @@ import pytest
 from nestkv.client import GrpcStore, InvalidRequestError, Stats
 from nestkv.server import VERSION
 from nestkv.server.storage.engine import entry_size
-from nestkv.server.storage.tree import DEADLINE_BYTES
+from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
+from nestkv.server.storage.tree import DEADLINE_BYTES, namespace_size
 from tests.serverproc import ServerProcess
 
 
@@ -33,15 +34,16 @@ async def test_stats_of_a_subtree_and_of_the_server() -> None:
     assert stats.namespace.keys == 4
     assert stats.namespace.expiring_keys == 2
     assert stats.namespace.child_namespaces == 2
+    # The entries, the namespaces a, a/b and a/c, and a list in the expiry wheel for a and for a/b.
     assert stats.namespace.bytes == sum(
         size(key, b"x" * n) for key, n in (("k1", 10), ("k2", 20), ("k3", 30), ("k4", 40))
-    )
+    ) + sum(namespace_size(name) for name in "abc") + 2 * (SLOT_OVERHEAD + LISTING_BYTES)
     assert everything.namespace.keys == everything.server.keys == 5
     assert everything.namespace.child_namespaces == 2
     assert (
         everything.server.memory_bytes
         == everything.namespace.bytes
-        == stats.namespace.bytes + size("k5", b"x" * 50)
+        == stats.namespace.bytes + size("k5", b"x" * 50) + namespace_size("ab")
     )
     assert everything.server.max_memory_bytes == 4 * 1024 * 1024
     assert everything.server.evictions == everything.server.expired_keys == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -80,6 +82,50 @@ async def test_a_flood_of_twice_the_bound_keeps_memory_bounded(policy: str) -> N
     else:
         assert refused == 0
         assert len(alive) == len(kept)  # the nearest deadlines went first: the flood's
+
+
+# Shapes a tenant may give its keys (all with empty values), by the path and key of key i.
+FLOOD_SHAPES: dict[str, Callable[[int], tuple[tuple[str, ...], str]]] = {
+    "flat": lambda i: (("flat",), f"k{i:08d}"),
+    "one-namespace-per-key": lambda i: ((f"n{i:08d}",), "k"),
+    "32-deep-chain-per-key": lambda i: ((f"c{i:08d}", *("s",) * 31), "k"),
+    "256-byte-names": lambda i: ((f"{i:0256d}",), "k"),
+}
+SMALL_BOUND = 8 * 1024 * 1024
+# gRPC's buffers, the allocator's arenas, the interpreter's caches: RSS beyond what the store holds.
+RSS_ALLOWANCE = 6 * 1024 * 1024
+
+
+def in_path(store: GrpcStore, path: tuple[str, ...]) -> GrpcStore:
+    return functools.reduce(GrpcStore.with_namespace, path, store)
+
+
+@pytest.mark.parametrize("shape", FLOOD_SHAPES)
+async def test_a_flood_of_any_shape_stops_at_the_bound_and_so_does_rss(shape: str) -> None:
+    # Uncounted namespaces let a 32-deep chain per key grow RSS 800 MB under an 8 MiB bound.
+    shape_of = FLOOD_SHAPES[shape]
+    with ServerProcess("--max-memory", "8M") as server:
+        async with GrpcStore.with_client(server.target, timeout=30) as store:
+            await store.set("warm", b"up")
+            baseline = rss(server)
+            written, full = 0, False
+            while not full:
+                writes = [shape_of(i) for i in range(written, written + CHUNK)]
+                results = await asyncio.gather(
+                    *(in_path(store, path).set(key, b"") for path, key in writes), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, BaseException) and not isinstance(result, StoreFullError):
+                        raise result
+                full = any(isinstance(result, StoreFullError) for result in results)
+                written += CHUNK
+                assert written < 10_000_000, "the store never filled"
+            grown = rss(server) - baseline
+            stats = await store.stats()
+    assert stats.server.memory_bytes <= SMALL_BOUND
+    assert grown < 1.5 * SMALL_BOUND + RSS_ALLOWANCE, (
+        f"RSS grew {grown / 2**20:.1f} MiB for {shape} under an {SMALL_BOUND / 2**20:.0f} MiB bound"
+    )
 
 
 async def test_evicted_keys_stay_gone_after_a_restart(tmp_path: Path) -> None:

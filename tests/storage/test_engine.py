@@ -13,7 +13,8 @@ import pytest
 from nestkv.server.errors import StoreFull
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.engine import entry_size
-from nestkv.server.storage.tree import deadline_of
+from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
+from nestkv.server.storage.tree import NAMESPACE_OVERHEAD, deadline_of, namespace_size
 
 
 class FakeClock:
@@ -270,9 +271,11 @@ def test_shortened_deadlines_keep_the_wheel_bounded(storage: NamespacedStorage, 
     assert storage.index_size() == 0
 
 
-def bounded(clock: FakeClock, policy: str, entries: int = 10) -> NamespacedStorage:
-    """Storage with room for about `entries` entries of a 1-byte key and a 100-byte value."""
-    return NamespacedStorage(clock, max_memory=entries * entry_size("k", b"v" * 108), eviction_policy=policy)  # type: ignore[arg-type]
+def bounded(clock: FakeClock, policy: str, entries: int = 10, slots: int = 0) -> NamespacedStorage:
+    """Storage with room for about `entries` entries of a 1-byte key and a 100-byte value in the
+    root namespace, `slots` of whose deadlines fall in distinct slots of the expiry wheel."""
+    room = entries * entry_size("k", b"v" * 108) + slots * (SLOT_OVERHEAD + LISTING_BYTES)
+    return NamespacedStorage(clock, max_memory=room, eviction_policy=policy)  # type: ignore[arg-type]
 
 
 def test_noeviction_refuses_writes_over_the_bound_and_keeps_serving(clock: FakeClock) -> None:
@@ -304,7 +307,7 @@ def test_allkeys_lru_evicts_the_least_recently_used(clock: FakeClock) -> None:
 
 
 def test_volatile_lru_evicts_only_keys_with_a_deadline(clock: FakeClock) -> None:
-    storage = bounded(clock, "volatile-lru", entries=11)  # room for 10 with these longer keys
+    storage = bounded(clock, "volatile-lru", entries=11, slots=1)  # room for 10 with these longer keys
     for i in range(5):
         storage.set((), f"plain{i}", b"v" * 100)
     for i in range(5):
@@ -318,16 +321,19 @@ def test_volatile_lru_evicts_only_keys_with_a_deadline(clock: FakeClock) -> None
 
 
 def test_volatile_ttl_evicts_the_nearest_deadline_first(clock: FakeClock) -> None:
-    storage = bounded(clock, "volatile-ttl", entries=11)  # room for 10 with these longer keys
+    storage = bounded(clock, "volatile-ttl", entries=11, slots=9)  # room for 10 with these longer keys
     storage.set((), "plain", b"v" * 100)
     for i in range(9):
         storage.set((), f"ttl{i}", b"v" * 100, ttl=100 - i * 10)  # ttl8 expires first
-    storage.set((), "new", b"v" * 100)
-    storage.set((), "new2", b"v" * 100)
+    written = 0
+    while sum(storage.exists((), f"ttl{i}") for i in range(9)) > 7:  # until two have gone
+        storage.set((), f"new{written}", b"v" * 100)
+        written += 1
     assert not storage.exists((), "ttl8")
     assert not storage.exists((), "ttl7")
     assert all(storage.exists((), f"ttl{i}") for i in range(7))
     assert storage.exists((), "plain")
+    assert all(storage.exists((), f"new{n}") for n in range(written))
 
 
 def test_used_memory_comes_back_to_zero(clock: FakeClock) -> None:
@@ -344,7 +350,7 @@ def test_used_memory_comes_back_to_zero(clock: FakeClock) -> None:
 
 
 def test_volatile_ttl_goes_by_the_deadline_a_renewal_gave(clock: FakeClock) -> None:
-    storage = bounded(clock, "volatile-ttl", entries=2)
+    storage = bounded(clock, "volatile-ttl", entries=2, slots=2)
     storage.set((), "a", b"v" * 100, ttl=10)
     storage.set((), "b", b"v" * 100, ttl=20)
     assert storage.get((), "a", renew_for=10_000) == b"v" * 100  # a is listed at +10 s still
@@ -355,7 +361,7 @@ def test_volatile_ttl_goes_by_the_deadline_a_renewal_gave(clock: FakeClock) -> N
 
 
 def test_volatile_ttl_keeps_the_key_it_is_writing_listed_for_expiry(clock: FakeClock) -> None:
-    storage = bounded(clock, "volatile-ttl", entries=3)
+    storage = bounded(clock, "volatile-ttl", entries=3, slots=3)
     storage.set((), "k", b"v" * 100, ttl=5)  # the nearest deadline...
     storage.set((), "x", b"v" * 100, ttl=50)
     storage.set((), "y", b"v" * 100, ttl=60)
@@ -373,13 +379,14 @@ def test_delete_all_gives_its_bytes_back_at_once_and_no_write_frees_them(clock: 
         storage.set(("old", str(i % 7)), f"k{i}", b"v" * 100, ttl=100 if i % 2 else None)
     storage.set(("kept",), "k", b"v" * 100)
     storage.delete_all(("old",))
-    assert storage.used_memory == entry_size("k", b"v" * 108)  # in O(depth): nothing freed yet
+    kept = entry_size("k", b"v" * 108) + namespace_size("kept")
+    assert storage.used_memory == kept  # in O(depth): nothing freed yet
     for i in range(19_000):  # a full store's worth of writes, right after
         storage.set(("new",), f"k{i}", b"v" * 100)
     # The dropped entries were left to the reaper: freeing them is its work, not the writes'.
     assert storage.reap(limit=1_000_000) > 19_000
-    new = sum(entry_size(f"k{i}", b"v" * 108) for i in range(19_000))
-    assert storage.used_memory == new + entry_size("k", b"v" * 108)
+    new = sum(entry_size(f"k{i}", b"v" * 108) for i in range(19_000)) + namespace_size("new")
+    assert storage.used_memory == new + kept == accounted(storage)
 
 
 @pytest.mark.parametrize("policy", [None, "allkeys-lru", "volatile-lru", "volatile-ttl"])
@@ -409,10 +416,20 @@ def test_subtree_totals_match_the_entries_after_any_history(clock: FakeClock, po
         ]
         expected = (
             len(below),
-            sum(entry_size(key, stored) for key, stored in below),
+            accounted(storage, path),
             sum(deadline_of(stored) != NEVER for _, stored in below),
         )
         assert storage.subtree(path)[:3] == expected
+
+
+def accounted(storage: NamespacedStorage, path: tuple[str, ...] = ()) -> int:
+    """The bytes the namespace at `path` should be accounted, recounted from what it holds."""
+    total = 0
+    for here, node in storage._tree.walk(path):
+        total += sum(entry_size(key, stored) for key, stored in node.entries.items())
+        total += len(node.slots) * SLOT_OVERHEAD + node.scheduled * LISTING_BYTES
+        total += namespace_size(here[-1]) if here else 0
+    return total
 
 
 @pytest.mark.parametrize(
@@ -433,3 +450,83 @@ def test_used_memory_follows_what_the_entries_really_allocate(
     finally:
         tracemalloc.stop()
     assert 0.75 < allocated / storage.used_memory < 1.25
+
+
+def allocated_by(writes: Callable[[NamespacedStorage], None]) -> tuple[int, NamespacedStorage]:
+    storage = NamespacedStorage()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        writes(storage)
+        return tracemalloc.get_traced_memory()[0] - before, storage
+    finally:
+        tracemalloc.stop()
+
+
+# What a tenant may choose to make each key cost, beyond its key and value (empty here):
+# (count, the path of key i).
+NAMESPACE_SHAPES: dict[str, tuple[int, Callable[[int], tuple[str, ...]]]] = {
+    "one-namespace-per-key": (30_000, lambda i: (f"n{i:07d}",)),
+    "32-deep-chain-per-key": (1_000, lambda i: (f"c{i:07d}", *("s",) * 31)),
+    "256-byte-names": (20_000, lambda i: (f"{i:0256d}",)),
+    "non-ascii-names": (10_000, lambda i: (f"{i:07d}" + "\U0001f600" * 60,)),
+}
+
+
+@pytest.mark.parametrize("shape", NAMESPACE_SHAPES)
+def test_used_memory_follows_what_namespaces_really_allocate(shape: str) -> None:
+    # Uncounted, a namespace per key made a key cost 95 times what --max-memory counted.
+    count, path_of = NAMESPACE_SHAPES[shape]
+
+    def writes(storage: NamespacedStorage) -> None:
+        for i in range(count):
+            storage.set(path_of(i), "k", b"")
+
+    allocated, storage = allocated_by(writes)
+    assert 0.75 < allocated / storage.used_memory < 1.25
+    assert storage.used_memory == accounted(storage)
+
+
+def test_expiry_bookkeeping_is_counted_and_never_undercounted() -> None:
+    # Each key in a slot of its own, in a namespace of its own: a list and a heap entry each.
+    def distinct_deadlines(storage: NamespacedStorage) -> None:
+        for i in range(20_000):
+            storage.set((f"n{i:07d}",), "k", b"", ttl=1000 + i * 0.1)
+
+    allocated, storage = allocated_by(distinct_deadlines)
+    assert 0.6 < allocated / storage.used_memory < 1.1  # counted with the share stale entries may keep
+
+    # Written and deleted at once: namespaces pruned, their lists stale in the heap until compacted.
+    def written_and_deleted(storage: NamespacedStorage) -> None:
+        for i in range(50_000):
+            storage.set((f"n{i:07d}",), "k", b"", ttl=1_000_000 + i * 0.1)
+            storage.delete((f"n{i:07d}",), "k")
+
+    allocated, storage = allocated_by(written_and_deleted)
+    assert storage.used_memory == 0
+    assert allocated < 1024 * 1024  # a floor of stale heap entries, not one a write
+
+
+def test_namespaces_give_their_bytes_back_when_they_empty(clock: FakeClock) -> None:
+    storage = NamespacedStorage(clock)
+    storage.set(("a", "b", "c"), "k", b"v", ttl=5)
+    storage.set(("a", "d"), "k", b"v")
+    assert storage.used_memory == accounted(storage) > 4 * NAMESPACE_OVERHEAD
+    storage.delete(("a", "d"), "k")
+    assert storage.used_memory == accounted(storage)
+    clock.advance(6)
+    storage.reap()
+    assert storage.used_memory == 0
+    assert storage._tree.root.children == {}
+
+
+def test_a_write_that_would_create_namespaces_over_the_bound_is_refused(clock: FakeClock) -> None:
+    storage = NamespacedStorage(clock, max_memory=10 * NAMESPACE_OVERHEAD)
+    with pytest.raises(StoreFull, match="this write needs"):
+        storage.set(tuple(f"s{d}" for d in range(32)), "k", b"")
+    assert storage.used_memory == 0
+    deep = tuple(f"s{d}" for d in range(8))
+    storage.set(deep, "k", b"")
+    with pytest.raises(StoreFull, match="would exceed max_memory"):
+        storage.set(("other", *deep), "k", b"")
+    assert storage.used_memory == accounted(storage) <= storage.max_memory

@@ -10,8 +10,17 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 from nestkv.server.errors import StoreFull
-from nestkv.server.storage.expiry import ExpiryWheel, slot_of
-from nestkv.server.storage.tree import DEADLINE_BYTES, NamespaceTree, Node, deadline_of, grow, pack, value_of
+from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD, ExpiryWheel, slot_of
+from nestkv.server.storage.tree import (
+    DEADLINE_BYTES,
+    NamespaceTree,
+    Node,
+    deadline_of,
+    grow,
+    pack,
+    text_bytes,
+    value_of,
+)
 
 Clock = Callable[[], float]
 NEVER = math.inf
@@ -32,8 +41,9 @@ class Journal(Protocol):
 
 EvictionPolicy = Literal["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"]
 
-ENTRY_OVERHEAD = 140
-"""Bytes an entry costs beyond its key and value: the objects' headers, its dict slot, its wheel slot.
+ENTRY_OVERHEAD = 132
+"""Bytes an entry costs beyond its key and value: the objects' headers and its dict slot (its
+expiry listing, if it has a deadline, is counted by storage.expiry).
 
 Calibrated on CPython 3.11 with 1M entries (make bench: ~267 B of RSS per
 entry with a 21-byte key and a 100-byte value)."""
@@ -52,7 +62,7 @@ class SubtreeStats(NamedTuple):
 
 
 def entry_size(key: str, stored: bytes) -> int:
-    return len(key) + len(stored) + ENTRY_OVERHEAD
+    return text_bytes(key) + len(stored) + ENTRY_OVERHEAD
 
 
 class NamespacedStorage:
@@ -105,7 +115,8 @@ class NamespacedStorage:
 
     @property
     def used_memory(self) -> int:
-        """Bytes the entries take, by `entry_size`: what `max_memory` bounds.
+        """Bytes the entries take, by `entry_size`, with the namespaces that hold them
+        (`namespace_size`) and their expiry listings: what `max_memory` bounds.
 
         Namespaces dropped by `delete_all` stop counting at once, while `reap`
         frees them in the background, so no write pays for an earlier delete_all.
@@ -116,7 +127,7 @@ class NamespacedStorage:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
         deadline = NEVER if ttl is None else self._clock() + ttl
         if self._max_memory:
-            self._make_room(path, key, len(value))
+            self._make_room(path, key, len(value), deadline)
         self.put(path, key, value, deadline)
         if self.journal is not None:
             self.journal.set(path, key, value, deadline)
@@ -239,14 +250,10 @@ class NamespacedStorage:
         if due is None:
             return None
         slot, node = due
-        keys = node.slots[slot]
-        if not node.is_attached_to(self._tree.root):  # dropped or pruned: nothing of it is live
+        if not node.is_attached_to(self._tree.root):  # dropped: nothing of it is live or counted
             del node.slots[slot]
             return node, None
-        key = keys.pop()
-        node.scheduled -= 1
-        if not keys:
-            del node.slots[slot]
+        key = self._wheel.take(node, slot)
         stored = node.entries.get(key)
         if stored is None:
             return node, None  # deleted since
@@ -342,11 +349,19 @@ class NamespacedStorage:
         node.expiring -= expiring
         grow(node, -entry_size(key, stored), -1, -expiring)
 
-    def _make_room(self, path: Sequence[str], key: str, value_bytes: int) -> None:
-        """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull."""
+    def _make_room(self, path: Sequence[str], key: str, value_bytes: int, deadline: float) -> None:
+        """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull.
+
+        What the write needs counts the namespaces it creates and, with a `deadline`, its
+        listing in the expiry wheel (with the slot's list if the namespace has none yet).
+        """
         node = self._tree.find(path)
         old = None if node is None else node.entries.get(key)
-        needed = len(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
+        needed = text_bytes(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
+        needed += self._tree.creation_size(path)
+        if deadline != NEVER:
+            listed = node is not None and slot_of(deadline) in node.slots
+            needed += LISTING_BYTES + (0 if listed else SLOT_OVERHEAD)
         if old is not None:
             needed -= entry_size(key, old)
         if needed > self._max_memory:

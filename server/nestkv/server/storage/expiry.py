@@ -12,6 +12,13 @@ A shortened deadline lists the key again in the earlier slot. Deletes leave
 stale listings behind, skipped when their slot comes due; a node whose
 listings outnumber twice its expiring entries (plus a floor) has its slots
 rebuilt, which keeps them O(live entries) at O(1) amortized cost per listing.
+The heap's entries for lists that are gone (finished, rebuilt, or of a pruned
+namespace) are dropped when due, or all at once when they outnumber the live
+lists (plus a floor), which keeps the heap O(live lists) as well.
+
+Accounting: each listing and each list are added to their node's accounted
+bytes (`tree.grow`) while they exist, so that expiry bookkeeping counts
+against max_memory as entries do.
 """
 
 from __future__ import annotations
@@ -20,10 +27,18 @@ import heapq
 import itertools
 import math
 
-from nestkv.server.storage.tree import Node, deadline_of
+from nestkv.server.storage.tree import Node, deadline_of, grow
 
 SLOTS_PER_SECOND = 10
 _REBUILD_FLOOR = 64
+_COMPACT_FLOOR = 1024
+
+LISTING_BYTES = 8
+"""Bytes a key's listing in a slot costs: its pointer in the slot's list."""
+SLOT_OVERHEAD = 768
+"""Bytes a node's list for one slot costs beyond its listings: the list, its place in the
+node's `slots`, its heap entry, and a share of the heap entries and pruned nodes that stale
+entries may keep alive until compacted (tracemalloc, as NAMESPACE_OVERHEAD)."""
 
 
 def slot_of(deadline: float) -> int:
@@ -34,33 +49,63 @@ def slot_of(deadline: float) -> int:
 class ExpiryWheel:
     """The nodes' slot lists, earliest slot first."""
 
-    __slots__ = ("_heap", "_seq")
+    __slots__ = ("_compact_at", "_heap", "_seq")
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Node]] = []
         self._seq = itertools.count()
+        self._compact_at = _COMPACT_FLOOR
 
     def schedule(self, node: Node, key: str, deadline: float) -> None:
-        """List `key` of `node` in the slot of `deadline`."""
+        """List `key` of `node` (in the tree) in the slot of `deadline`."""
         slot = slot_of(deadline)
         keys = node.slots.get(slot)
+        cost = LISTING_BYTES
         if keys is None:
             keys = node.slots[slot] = []
+            cost += SLOT_OVERHEAD
             heapq.heappush(self._heap, (slot, next(self._seq), node))
+            if len(self._heap) > self._compact_at:
+                self._compact()
         keys.append(key)
         node.scheduled += 1
+        grow(node, cost, 0, 0)
+
+    def take(self, node: Node, slot: int) -> str:
+        """Take one listing off `node`'s (in the tree) list for `slot`, which is due, and return its key."""
+        keys = node.slots[slot]
+        key = keys.pop()
+        node.scheduled -= 1
+        cost = LISTING_BYTES
+        if not keys:
+            del node.slots[slot]
+            cost += SLOT_OVERHEAD
+        grow(node, -cost, 0, 0)
+        return key
 
     def needs_rebuild(self, node: Node) -> bool:
         return node.scheduled > 2 * node.expiring + _REBUILD_FLOOR
 
     def rebuild(self, node: Node) -> None:
-        """List each expiring entry of `node` once, in its own slot, dropping the stale listings."""
+        """List each expiring entry of `node` (in the tree) once, in its own slot, dropping stale listings."""
+        grow(node, -(len(node.slots) * SLOT_OVERHEAD + node.scheduled * LISTING_BYTES), 0, 0)
         node.slots = {}
         node.scheduled = 0
         for key, stored in node.entries.items():
             deadline = deadline_of(stored)
             if deadline != math.inf:
                 self.schedule(node, key, deadline)
+
+    def _compact(self) -> None:
+        """Drop the heap entries of lists that are gone, and duplicates (a rebuild lists a slot anew)."""
+        live: dict[tuple[int, int], tuple[int, int, Node]] = {}
+        for entry in self._heap:
+            slot, _, node = entry
+            if slot in node.slots:
+                live.setdefault((slot, id(node)), entry)
+        self._heap = list(live.values())
+        heapq.heapify(self._heap)
+        self._compact_at = 2 * len(self._heap) + _COMPACT_FLOOR
 
     def next_due(self, now: float) -> tuple[int, Node] | None:
         """The earliest slot that has ended by `now` (any slot if `now` is inf), with its node; or None."""
