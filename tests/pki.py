@@ -183,14 +183,16 @@ class AuthFile:
         self.path = path
         path.write_text("")
 
-    def mint(self, name: str, path: Sequence[str], access: str = "readwrite") -> str:
+    def mint(
+        self, name: str, path: Sequence[str], access: str = "readwrite", max_bytes: int | None = None
+    ) -> str:
         token = new_token()
         with self.path.open("a") as file:
-            file.write("\n" + toml_entry(name, digest(token), path, access))
+            file.write("\n" + toml_entry(name, digest(token), path, access, max_bytes))
         return token
 
     def revoke(self, name: str) -> None:
-        """Drop the entry named `name` (the file's entries are blocks of five lines)."""
+        """Drop the entry named `name` (the file's entries are blocks between blank lines)."""
         blocks = self.path.read_text().split("\n\n")
         kept = [block for block in blocks if f"name = {json.dumps(name)}\n" not in block + "\n"]
         assert len(kept) == len(blocks) - 1, f"no token named {name!r}"

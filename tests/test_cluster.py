@@ -533,13 +533,15 @@ async def test_stats_with_a_node_down_fails_within_the_client_s_timeout(tmp_path
 
 @dataclass(frozen=True)
 class Secure:
-    """Three nodes under mutual TLS with an auth file; a tenant token rooted at ["tenant"], an admin's."""
+    """Three nodes under mutual TLS with an auth file; a tenant token rooted at ["tenant"], an admin's,
+    and one rooted at ["quoted"] with a byte quota of QUOTA."""
 
     cluster: ClusterProcesses
     pki: Pki
     node_cert: Issued
     tenant: str
     admin: str
+    quoted: str
 
     def credentials(self, client: Issued | None = None) -> grpc.ChannelCredentials:
         return self.pki.credentials(client=client or self.pki.client)
@@ -557,6 +559,7 @@ def secure(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secur
     auth_file = AuthFile(directory / "tokens.toml")
     tenant = auth_file.mint("tenant", ["tenant"], "readwrite")
     admin = auth_file.mint("admin", [], "readwrite")
+    quoted = auth_file.mint("quoted", ["quoted"], "readwrite", max_bytes=QUOTA)
     args = (
         *("--tls-cert", str(node_cert.cert), "--tls-key", str(node_cert.key)),
         *("--tls-client-ca", str(pki.ca.cert), "--auth-file", str(auth_file.path)),
@@ -564,7 +567,7 @@ def secure(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secur
         *("--health-port", "0", "--metrics-port", "0"),
     )
     with ClusterProcesses(directory, 3, *args, data=False) as cluster:
-        yield Secure(cluster, pki, node_cert, tenant, admin)
+        yield Secure(cluster, pki, node_cert, tenant, admin, quoted)
 
 
 async def test_mutual_tls_cluster_serves_a_tenant_through_both_clients(secure: Secure) -> None:
@@ -749,6 +752,32 @@ async def test_only_the_dns_name_node_dot_cluster_name_makes_a_certificate_a_pee
             )
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert await node_keys(stub, path, admin) == dict.fromkeys(MEMBERS, 0)
+
+
+QUOTA = 64 * 1024
+
+
+async def test_a_quota_holds_on_every_node_for_writes_forwarded_to_it(secure: Secure) -> None:
+    # Pinned to node-1: the writes node-0 and node-2 own reach them forwarded, with the token's
+    # root in front; each owner checks the quota on its share, which it knows from its own file.
+    cluster = secure.cluster
+    async with pinned(cluster.target("node-1"), secure.with_token(secure.quoted)) as store:
+        refusals: list[str] = []
+        for n in range(3 * QUOTA // 1000 + 200):
+            try:
+                await store.set(f"k{n}", b"x" * 1000)
+            except StoreError as error:
+                refusals.append(str(error))
+        stats = await store.stats()
+    assert refusals
+    assert all("over its quota of 65536 B" in refusal for refusal in refusals)
+    assert sorted(stats.nodes) == list(MEMBERS)
+    for node in stats.nodes.values():
+        assert node.quota is not None
+        assert node.quota.max_bytes == QUOTA
+        assert QUOTA - 2_000 < node.quota.used_bytes <= QUOTA  # every node filled its share, no more
+    assert stats.quota is not None
+    assert stats.quota.used_bytes == max(node.quota.used_bytes for node in stats.nodes.values() if node.quota)
 
 
 async def test_a_tenant_s_stats_show_no_server_wide_figures_of_any_node(secure: Secure) -> None:

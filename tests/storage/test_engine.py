@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import tracemalloc
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from types import FrameType
 
 import pytest
 
-from nestkv.server.errors import StoreFull
+from nestkv.server.errors import QuotaExceeded, StoreFull
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
@@ -530,3 +531,33 @@ def test_a_write_that_would_create_namespaces_over_the_bound_is_refused(clock: F
     with pytest.raises(StoreFull, match="would exceed max_memory"):
         storage.set(("other", *deep), "k", b"")
     assert storage.used_memory == accounted(storage) <= storage.max_memory
+
+
+def fill_until_refused(storage: NamespacedStorage, path: tuple[str, ...]) -> tuple[int, QuotaExceeded]:
+    """Write 100-byte values at `path` until a quota refuses one: how many went in, and the refusal."""
+    for written in range(1_000):
+        try:
+            storage.set(path, f"k{written}", b"v" * 100)
+        except QuotaExceeded as refusal:
+            return written, refusal
+    raise AssertionError("no quota refused a write")
+
+
+def test_a_quota_bounds_its_namespace_and_only_it(clock: FakeClock) -> None:
+    storage = NamespacedStorage(clock)
+    storage.quotas = {("t",): 20 * 1024, ("t", "small"): 4 * 1024}
+    written, refusal = fill_until_refused(storage, ("t", "a"))
+    assert re.match(r"namespace \['t'\] holds \d+ B .* over its quota of 20480 B", str(refusal))
+    assert 20 * 1024 - 400 < storage.subtree(("t",)).bytes <= 20 * 1024
+    assert storage.count(("t",)) == written  # the refused write changed nothing
+    storage.set(("t", "a"), "k0", b"w" * 100)  # an overwrite of the same size still fits
+    with pytest.raises(QuotaExceeded, match=r"\['t'\]"):
+        storage.set(("t", "b"), "new", b"")  # nor may a new namespace under it
+    storage.set(("other",), "k", b"v" * 100_000)  # other namespaces are not bound by it
+    storage.delete_all(("t", "a"))
+    _, refusal = fill_until_refused(storage, ("t", "small", "x"))
+    assert re.match(r"namespace \['t', 'small'\] .* quota of 4096 B", str(refusal))
+    assert storage.subtree(("t", "small")).bytes <= 4 * 1024
+    assert storage.quota_at(("t", "small", "x")) == (4 * 1024, storage.subtree(("t", "small")).bytes)
+    assert storage.quota_at(("t", "a")) == (20 * 1024, storage.subtree(("t",)).bytes)
+    assert storage.quota_at(("other",)) is None

@@ -22,7 +22,7 @@ from nestkv.client.errors import (
     StoreUnavailableError,
 )
 from nestkv.client.local import LocalStore
-from nestkv.client.stats import NamespaceStats, NodeStats, ServerStats, Stats
+from nestkv.client.stats import NamespaceStats, NodeStats, Quota, ServerStats, Stats
 from nestkv.client.store import GrpcStore, channel_options
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "NamespaceStats",
     "NamespacedStore",
     "NodeStats",
+    "Quota",
     "PermissionDeniedError",
     "ServerStats",
     "Stats",

@@ -13,7 +13,8 @@ class NamespaceStats(msgspec.Struct, frozen=True, gc=False):
     keys: int
     """Keys held, expired keys not yet reclaimed included."""
     bytes: int
-    """Bytes those keys take as --max-memory counts them (key, value, fixed overhead per key)."""
+    """Bytes those keys take as --max-memory counts them (key, value, fixed overhead per key), with
+    the namespaces that hold them and their expiry bookkeeping."""
     expiring_keys: int
     """Of those keys, the ones with an expiry."""
     child_namespaces: int
@@ -39,11 +40,21 @@ class ServerStats(msgspec.Struct, frozen=True, gc=False):
     """The server's nestkv version."""
 
 
+class Quota(msgspec.Struct, frozen=True, gc=False):
+    """A namespace's byte quota (a token's `max_bytes`), checked on each node, and its use."""
+
+    max_bytes: int
+    """The quota, in bytes, on each node."""
+    used_bytes: int
+    """Bytes the namespace takes, as --max-memory counts; in a cluster's totals, the most on one node."""
+
+
 class NodeStats(msgspec.Struct, frozen=True):
     """One node's own figures, in a cluster."""
 
     namespace: NamespaceStats
     server: ServerStats
+    quota: Quota | None = None
 
 
 class Stats(msgspec.Struct, frozen=True):
@@ -60,6 +71,8 @@ class Stats(msgspec.Struct, frozen=True):
     server: ServerStats
     nodes: dict[str, NodeStats] = {}
     """Each node's own figures, by node id (a cluster only)."""
+    quota: Quota | None = None
+    """The byte quota that applies to the namespace (its innermost one with a quota); None: none."""
 
 
 def stats_from_response(path: tuple[str, ...], response: Any) -> Stats:
@@ -69,10 +82,19 @@ def stats_from_response(path: tuple[str, ...], response: Any) -> Stats:
         namespace=_namespace(response.namespace),
         server=_server(response.server),
         nodes={
-            node.node_id: NodeStats(namespace=_namespace(node.namespace), server=_server(node.server))
+            node.node_id: NodeStats(
+                namespace=_namespace(node.namespace), server=_server(node.server), quota=_quota(node)
+            )
             for node in response.nodes
         },
+        quota=_quota(response),
     )
+
+
+def _quota(response: Any) -> Quota | None:
+    if not response.HasField("quota"):
+        return None
+    return Quota(max_bytes=response.quota.max_bytes, used_bytes=response.quota.used_bytes)
 
 
 def _namespace(namespace: Any) -> NamespaceStats:

@@ -176,19 +176,24 @@ def token_command(argv: Sequence[str]) -> None:
         default="read",
         help="read: get, exists, expires_in, stats; readwrite: everything (default: %(default)s)",
     )
+    new.add_argument(
+        "--max-bytes",
+        type=byte_count,
+        help="a byte quota for the token's root namespace on each node, counted as --max-memory "
+        "counts (512, 64K, 100M, 2G; default: none)",
+    )
     args = parser.parse_args(argv)
     path = [] if args.whole_store else args.path
+    fields = {"name": args.name, "sha256": "0" * 64, "path": path, "access": args.access}
     try:
-        entry = msgspec.convert(
-            {"name": args.name, "sha256": "0" * 64, "path": path, "access": args.access}, TokenEntry
-        )
+        entry = msgspec.convert({**fields, "max_bytes": args.max_bytes}, TokenEntry)
         Limits().check_path(entry.path)
     except (msgspec.ValidationError, InvalidArgument) as error:
         new.error(str(error).replace("$.", "--"))
     token = new_token()
     print(token)
     print()
-    print(toml_entry(entry.name, digest(token), entry.path, entry.access), end="")
+    print(toml_entry(entry.name, digest(token), entry.path, entry.access, entry.max_bytes), end="")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

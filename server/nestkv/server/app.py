@@ -95,11 +95,12 @@ def build_server(
     return StoreServer(server, store_servicer, health_servicer)
 
 
-def reload_security(tls: TlsFiles | None, gate: Gate) -> None:
+def reload_security(tls: TlsFiles | None, gate: Gate, storage: NamespacedStorage) -> None:
     """SIGHUP: read the TLS files and the auth file again; one that fails to load is kept as it was."""
     if tls is not None:
         tls.reload()
     gate.reload()
+    storage.quotas = gate.quotas
 
 
 def describe_security(tls: TlsFiles | None, gate: Gate) -> str:
@@ -237,6 +238,7 @@ async def serve(config: ServerConfig) -> None:
     except SecurityConfigError as error:
         raise SystemExit(f"nestkv: {error}") from None
     storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
+    storage.quotas = gate.quotas
     persistence = open_persistence(config, storage)
     cluster = open_cluster(config, tls, gate)
     metrics = OperationMetrics() if config.metrics_port is not None else None
@@ -305,7 +307,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_security, tls, gate)
+    loop.add_signal_handler(signal.SIGHUP, reload_security, tls, gate, storage)
     log.info(
         "nestkv serving on %s (version %s, event loop %s%s%s)",
         config.address(port),

@@ -3,6 +3,7 @@
     StoreFault
      ├── InvalidArgument     a field is malformed or over a limit (also a ValueError)
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
+     ├── QuotaExceeded       a write would take a namespace over its byte quota (a token's max_bytes)
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
      ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
      ├── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
@@ -36,8 +37,16 @@ class StoreFull(StoreFault):
         self.needed = needed
 
     def confined(self) -> str:
-        # The full message gives the memory the whole store uses: other tenants' data.
-        return f"the store is full: this write needs {self.needed} B and nothing may be evicted"
+        # No figures: the memory the whole store uses is other tenants' business, and the bytes a
+        # write needs, tried size after size, would tell how much is free.
+        return "the store is full: nothing may be evicted to make room for this write"
+
+
+class QuotaExceeded(StoreFault):
+    """A write would take a namespace over its byte quota; nothing was changed.
+
+    The message gives that namespace's own figures only, which its tenant may know.
+    """
 
 
 class StoreUnavailable(StoreFault):

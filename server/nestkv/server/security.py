@@ -15,6 +15,7 @@ list of entries such as
     sha256 = "<64 hex digits>"       # SHA-256 of the token: the file never holds a token
     path = ["tenant-a"]              # the token's root; [] is the whole store
     access = "readwrite"             # or "read": get (without renewal), exists, expires_in, stats
+    max_bytes = 67108864             # optional: a byte quota for the root's subtree, on each node
 
 A token's `Grant` is where its caller stands: its root is put in front of the
 path of every request it sends, so no path it can send (namespace segments
@@ -69,6 +70,8 @@ class TokenEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
     path: list[str]
     access: Literal["read", "readwrite"]
+    max_bytes: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """A byte quota for the subtree at `path` on each node, counted as --max-memory counts."""
 
 
 class AuthFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,8 +123,14 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
 
 
-def load_tokens(path: str, limits: Limits, denials: Denials | None) -> dict[bytes, list[tuple[bytes, Grant]]]:
-    """The grants of an auth file, indexed by the first bytes of their digests."""
+Quotas = dict[tuple[str, ...], int]
+"""Byte quotas by root namespace (NamespacedStorage.quotas)."""
+
+
+def load_tokens(
+    path: str, limits: Limits, denials: Denials | None
+) -> tuple[dict[bytes, list[tuple[bytes, Grant]]], Quotas]:
+    """The grants of an auth file, indexed by the first bytes of their digests, and its quotas."""
     try:
         data = Path(path).read_bytes()
         parsed = msgspec.toml.decode(data, type=AuthFile)
@@ -130,6 +139,7 @@ def load_tokens(path: str, limits: Limits, denials: Denials | None) -> dict[byte
     except msgspec.MsgspecError as error:
         raise SecurityConfigError(f"auth file {path}: {error}") from None
     index: dict[bytes, list[tuple[bytes, Grant]]] = {}
+    quotas: Quotas = {}
     names: set[str] = set()
     digests: set[str] = set()
     for number, entry in enumerate(parsed.tokens):
@@ -142,25 +152,35 @@ def load_tokens(path: str, limits: Limits, denials: Denials | None) -> dict[byte
             limits.check_path(entry.path)
         except InvalidArgument as error:
             raise SecurityConfigError(f"{where}: path: {error}") from None
+        root = tuple(entry.path)
+        if entry.max_bytes is not None and quotas.setdefault(root, entry.max_bytes) != entry.max_bytes:
+            raise SecurityConfigError(
+                f"{where}: max_bytes {entry.max_bytes} differs from an earlier token's with the same "
+                f"path ({quotas[root]}): the quota is the namespace's, give its tokens one"
+            )
         names.add(entry.name)
         digests.add(entry.sha256)
         full = bytes.fromhex(entry.sha256)
-        grant = Grant(entry.name, tuple(entry.path), entry.access == "readwrite", limits, denials)
+        grant = Grant(entry.name, root, entry.access == "readwrite", limits, denials)
         index.setdefault(full[:_DIGEST_PREFIX], []).append((full, grant))
-    return index
+    return index, quotas
 
 
 class Gate:
     """Admits StoreService calls: everyone without an auth file, holders of its tokens with one."""
 
-    __slots__ = ("_index", "_limits", "denials", "everything", "path", "version")
+    __slots__ = ("_index", "_limits", "denials", "everything", "path", "quotas", "version")
 
     def __init__(self, path: str, limits: Limits, denials: Denials | None = None) -> None:
         """Raises SecurityConfigError if the auth file `path` cannot be used ("": no auth file)."""
         self.path = path
         self.denials = denials
         self._limits = limits
-        self._index = load_tokens(path, limits, denials) if path else None
+        self._index: dict[bytes, list[tuple[bytes, Grant]]] | None = None
+        self.quotas: Quotas = {}
+        """The byte quotas of the namespaces the tokens are rooted at (their max_bytes)."""
+        if path:
+            self._index, self.quotas = load_tokens(path, limits, denials)
         self.everything = Grant("", (), True, limits)
         """The grant of every call when there is no auth file."""
         self.version = 0
@@ -204,7 +224,7 @@ class Gate:
         if not self.path:
             return
         try:
-            index = load_tokens(self.path, self._limits, self.denials)
+            index, quotas = load_tokens(self.path, self._limits, self.denials)
         except SecurityConfigError as error:
             log.error("kept the previous tokens: %s", error)
             return
@@ -216,7 +236,7 @@ class Gate:
                 self.path,
             )
             return
-        self._index = index
+        self._index, self.quotas = index, quotas
         self.version += 1
         log.info("auth file %s reloaded: %s", self.path, self.tokens())
 
@@ -336,7 +356,9 @@ def open_security(config: ServerConfig, denials: Denials | None = None) -> tuple
     return tls, Gate(config.auth_file, config.limits, denials)
 
 
-def toml_entry(name: str, token_digest: str, path: Iterable[str], access: str) -> str:
+def toml_entry(
+    name: str, token_digest: str, path: Iterable[str], access: str, max_bytes: int | None = None
+) -> str:
     """The auth file entry of a token, as `nestkv-server token new` prints it."""
     return (
         "[[tokens]]\n"
@@ -344,7 +366,7 @@ def toml_entry(name: str, token_digest: str, path: Iterable[str], access: str) -
         f'sha256 = "{token_digest}"\n'
         f"path = [{', '.join(_toml_string(segment) for segment in path)}]\n"
         f'access = "{access}"\n'
-    )
+    ) + (f"max_bytes = {max_bytes}\n" if max_bytes is not None else "")
 
 
 def _toml_string(text: str) -> str:

@@ -25,6 +25,7 @@ from nestkv.server.errors import (
     InvalidArgument,
     NodeFault,
     PermissionDenied,
+    QuotaExceeded,
     StoreFault,
     StoreFull,
     StoreUnavailable,
@@ -39,6 +40,7 @@ from nestkv.v1 import store_pb2 as pb
 STATUS_OF: dict[type[StoreFault], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -585,6 +587,8 @@ class StoreServicer:
         own = pb.NodeStats(
             node_id=self._cluster.node_id, namespace=response.namespace, server=response.server
         )
+        if response.HasField("quota"):
+            own.quota.CopyFrom(response.quota)
         answers = await self._cluster.stats(request)
         missing = [answer for answer in answers.values() if isinstance(answer, str)]
         if missing:
@@ -595,7 +599,11 @@ class StoreServicer:
         response.nodes.append(own)
         for member, answer in sorted(answers.items()):
             assert isinstance(answer, pb.StatsResponse)
-            response.nodes.add(node_id=member, namespace=answer.namespace, server=answer.server)
+            node = response.nodes.add(node_id=member, namespace=answer.namespace, server=answer.server)
+            if answer.HasField("quota"):
+                node.quota.CopyFrom(answer.quota)
+                response.quota.max_bytes = answer.quota.max_bytes
+                response.quota.used_bytes = max(response.quota.used_bytes, answer.quota.used_bytes)
         total_namespace, total_server = response.namespace, response.server
         for node in response.nodes[1:]:
             for name in ("keys", "bytes", "expiring_keys"):
@@ -650,6 +658,9 @@ class StoreServicer:
             storage.max_memory,
         )
         server.evictions, server.expired_keys = storage.evictions, storage.expired
+        quota = storage.quota_at(request.path)
+        if quota is not None:
+            response.quota.max_bytes, response.quota.used_bytes = quota
         server.uptime.FromNanoseconds(int((time.monotonic() - self._started) * 1e9))
         server.version = VERSION
 

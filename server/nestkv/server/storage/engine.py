@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, Protocol
 
-from nestkv.server.errors import StoreFull
+from nestkv.server.errors import QuotaExceeded, StoreFull
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD, ExpiryWheel, slot_of
 from nestkv.server.storage.tree import (
     DEADLINE_BYTES,
@@ -87,6 +87,7 @@ class NamespacedStorage:
         "_tree",
         "_wheel",
         "journal",
+        "quotas",
     )
 
     def __init__(
@@ -98,6 +99,9 @@ class NamespacedStorage:
     ) -> None:
         self.journal: Journal | None = None
         """Told of every mutation once set (persistence attaches it after recovery)."""
+        self.quotas: dict[tuple[str, ...], int] = {}
+        """Byte quotas by namespace: a write may not take the namespace's subtree over its quota
+        (counted as `used_memory` is). Set by the server from the tokens' `max_bytes`."""
         self._max_memory = max_memory  # 0: unbounded
         self._policy = eviction_policy
         self._lru = eviction_policy in ("allkeys-lru", "volatile-lru")
@@ -126,8 +130,12 @@ class NamespacedStorage:
     def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> None:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
         deadline = NEVER if ttl is None else self._clock() + ttl
-        if self._max_memory:
-            self._make_room(path, key, len(value), deadline)
+        if self._max_memory or self.quotas:
+            needed = self._needed(path, key, len(value), deadline)
+            if self.quotas:
+                self._check_quotas(path, needed)
+            if self._max_memory:
+                self._make_room(path, key, needed)
         self.put(path, key, value, deadline)
         if self.journal is not None:
             self.journal.set(path, key, value, deadline)
@@ -321,6 +329,14 @@ class NamespacedStorage:
             return SubtreeStats(0, 0, 0, 0)
         return SubtreeStats(node.subtree_keys, node.subtree_bytes, node.subtree_expiring, len(node.children))
 
+    def quota_at(self, path: Sequence[str]) -> tuple[int, int] | None:
+        """(quota, bytes used) of the innermost namespace at or above `path` that has a quota; None: none."""
+        for depth in range(len(path), -1, -1):
+            quota = self.quotas.get(tuple(path[:depth]))
+            if quota is not None:
+                return quota, self.subtree(path[:depth]).bytes
+        return None
+
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped; O(depth)."""
         return self.subtree(path).keys
@@ -349,12 +365,10 @@ class NamespacedStorage:
         node.expiring -= expiring
         grow(node, -entry_size(key, stored), -1, -expiring)
 
-    def _make_room(self, path: Sequence[str], key: str, value_bytes: int, deadline: float) -> None:
-        """Evict by the policy until a `value_bytes` value under `key` fits, or raise StoreFull.
-
-        What the write needs counts the namespaces it creates and, with a `deadline`, its
-        listing in the expiry wheel (with the slot's list if the namespace has none yet).
-        """
+    def _needed(self, path: Sequence[str], key: str, value_bytes: int, deadline: float) -> int:
+        """The bytes a write of a `value_bytes` value under `key` would add (less if it replaces a
+        larger entry): the entry, the namespaces it creates and, with a `deadline`, its listing in
+        the expiry wheel (with the slot's list if the namespace has none yet)."""
         node = self._tree.find(path)
         old = None if node is None else node.entries.get(key)
         needed = text_bytes(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
@@ -364,6 +378,26 @@ class NamespacedStorage:
             needed += LISTING_BYTES + (0 if listed else SLOT_OVERHEAD)
         if old is not None:
             needed -= entry_size(key, old)
+        return needed
+
+    def _check_quotas(self, path: Sequence[str], needed: int) -> None:
+        """Raise QuotaExceeded if `needed` more bytes at `path` would take a namespace with a quota,
+        at `path` or above it, over that quota."""
+        for depth in range(len(path) + 1):
+            namespace = tuple(path[:depth])
+            quota = self.quotas.get(namespace)
+            if quota is None:
+                continue
+            used = self.subtree(namespace).bytes
+            if needed > 0 and used + needed > quota:
+                raise QuotaExceeded(
+                    f"namespace {list(namespace)} holds {used} B and this write needs {needed} B more: "
+                    f"over its quota of {quota} B (its token's max_bytes); delete keys in it to make room"
+                )
+
+    def _make_room(self, path: Sequence[str], key: str, needed: int) -> None:
+        """Evict by the policy until `needed` more bytes for a write of `key` at `path` fit, or raise
+        StoreFull."""
         if needed > self._max_memory:
             raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all", needed)
         while self.used_memory + needed > self._max_memory:
