@@ -96,3 +96,23 @@ def test_cluster_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert isinstance(results["server_log_problems"], list)
     assert "| 2 | pinned to node-0 | 2 |" in done.stdout
     assert "| start with 1,000 keys, spawn to ready line |" in done.stdout
+
+
+def test_fairness_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "fairness.json"
+    args = ["--batches", "3", "--batch-size", "2000", "--baseline-seconds", "0.5", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fairness", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["flood"] == {"batches": 3, "batch_size": 2000, "seconds": results["flood"]["seconds"]}
+    for key in ("alone", "during_flood"):
+        assert results[key]["reads"] > 0
+        assert results[key]["worst_ms"] >= results[key]["p99_ms"] >= results[key]["median_ms"] > 0
+    assert results["worst_ratio"] > 0
+    assert "| during the flood |" in done.stdout

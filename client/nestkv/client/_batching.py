@@ -53,6 +53,8 @@ from nestkv.client.errors import (
 from nestkv.v1 import store_pb2 as pb
 
 DEFAULT_MAX_BATCH_SIZE = 512
+MAX_BATCH_SIZE = 10_000
+"""The most operations a batch may hold: the server's default --max-batch-operations."""
 DEFAULT_MAX_BATCHES_IN_FLIGHT = 4
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 

@@ -12,7 +12,12 @@ from typing import Any, Self
 import grpc
 
 from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
-from nestkv.client._batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCHES_IN_FLIGHT, Pipeline
+from nestkv.client._batching import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCHES_IN_FLIGHT,
+    MAX_BATCH_SIZE,
+    Pipeline,
+)
 from nestkv.client.base import NamespacedStore
 from nestkv.client.errors import InvalidRequestError, StoreError, StoreUnavailableError, error_from_rpc
 from nestkv.client.routing import Router
@@ -247,7 +252,7 @@ class GrpcStore(NamespacedStore):
             channel=channel,
             max_value_bytes=_positive(max_value_bytes, "max_value_bytes"),
             timeout=timeout,
-            max_batch_size=_positive(max_batch_size, "max_batch_size"),
+            max_batch_size=_batch_size(max_batch_size),
             max_batches_in_flight=_positive(max_batches_in_flight, "max_batches_in_flight"),
         )
         self._owns_channel = False
@@ -287,7 +292,7 @@ class GrpcStore(NamespacedStore):
             options=[*options, *channel_options(max_value_bytes)],
             max_value_bytes=_positive(max_value_bytes, "max_value_bytes"),
             timeout=timeout,
-            max_batch_size=_positive(max_batch_size, "max_batch_size"),
+            max_batch_size=_batch_size(max_batch_size),
             max_batches_in_flight=_positive(max_batches_in_flight, "max_batches_in_flight"),
         )
         return cls._derive(connection, (), owns_channel=True)
@@ -520,6 +525,17 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _batch_size(number: int) -> int:
+    """`max_batch_size`, checked against what a server takes by default: bulk calls (set_many and
+    the others) are cut into batches of at most this many operations."""
+    if _positive(number, "max_batch_size") > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"max_batch_size is {number}; the limit is {MAX_BATCH_SIZE} (a server's default "
+            "--max-batch-operations, which refuses larger batches)"
+        )
+    return number
 
 
 def _positive(number: int, name: str) -> int:

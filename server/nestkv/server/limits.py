@@ -29,6 +29,16 @@ class Limits(msgspec.Struct, frozen=True):
     """Most namespace segments in a path."""
     max_segment_bytes: Positive = 256
     """Largest namespace segment, in bytes of UTF-8."""
+    max_batch_operations: Positive = 10_000
+    """Most operations in one Pipeline batch (GrpcStore sends at most its max_batch_size, 512 by
+    default): what one batch may hold a stream's answers, and its peers' work, for."""
+
+    def check_batch(self, operations: int) -> None:
+        if operations > self.max_batch_operations:
+            raise InvalidArgument(
+                f"batch has {operations} operations; the limit is {self.max_batch_operations} "
+                "(max_batch_operations): send it as several batches"
+            )
 
     def max_message_bytes(self) -> int:
         """The gRPC message size that fits the largest request these limits allow."""

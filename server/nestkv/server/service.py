@@ -62,6 +62,11 @@ _HAND_OFF = "HandOff"
 _READ_KINDS = frozenset({"get", "exists", "expires_in"})
 _PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry throttle: a negative value says "do not retry"
 _ANSWERS_AHEAD = 32  # batches of a routed stream read ahead while earlier ones await other nodes
+# Operations run between two yields to the event loop: a large batch runs in slices, so that no
+# other caller waits behind it for more than one slice (a few milliseconds). In a cluster, a
+# slice's forwarded operations are answered before the next slice runs: what one batch has sent
+# to other nodes and not had answered is at most a slice.
+SLICE_OPERATIONS = 256
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
 _KIND_OF_REQUEST = {
     field.message_type.full_name: field.name
@@ -219,12 +224,16 @@ class StoreServicer:
         batches = self._batches(requests, context)
         if self._cluster is None:
             async for request, grant in batches:
-                try:
-                    responses = self.run_batch(request, grant)
-                except StoreFault as fault:  # the commit failed: the client may send the batch again
-                    await context.abort(status_of(fault), str(fault))
-                for response in responses:
-                    yield response
+                for start in range(0, max(len(request.operations), 1), SLICE_OPERATIONS):
+                    if start:
+                        await asyncio.sleep(0)  # a slice done: let other callers run
+                    try:
+                        responses = self.run_batch(request, grant, start=start, stop=start + SLICE_OPERATIONS)
+                    except StoreFault as fault:  # the commit failed: the client may send the rest again
+                        await context.abort(status_of(fault), str(fault))
+                    for response in responses:
+                        yield response
+                await asyncio.sleep(0)  # and between batches read back to back
             return
         # Routed: batches whose operations went to other nodes are answered once those have; the
         # stream reads on meanwhile (an unreachable node must not hold up the keys of the others),
@@ -234,7 +243,8 @@ class StoreServicer:
         async def read() -> None:
             try:
                 async for request, grant in batches:
-                    await answers.put(self._run_routed(request, grant))
+                    await answers.put(await self._run_routed(request, grant))
+                    await asyncio.sleep(0)  # other callers run between batches read back to back
             except BaseException as error:
                 await answers.put(error)
                 return
@@ -277,22 +287,36 @@ class StoreServicer:
                 self._reading.discard(stream)
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            try:
+                self._limits.check_batch(len(request.operations))
+            except InvalidArgument as fault:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(fault))
             if admitted != gate.version and not grant.forwarded:  # tokens reloaded: still held?
                 admitted = gate.version
                 grant = await _admit(self._admit, context)
             yield request, grant
 
-    def _run_routed(self, request: pb.PipelineRequest, grant: Grant) -> Awaitable[list[pb.PipelineResponse]]:
-        """Run a batch here and on the nodes that own its keys; its responses, once all have answered.
+    async def _run_routed(
+        self, request: pb.PipelineRequest, grant: Grant
+    ) -> Awaitable[list[pb.PipelineResponse]]:
+        """Run a batch here and on the nodes that own its keys, a slice at a time; its responses,
+        once all have answered.
 
         A commit failure is raised as StoreFault here (the stream ends), as in run_batch.
         """
-        pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] = []
         if request.topology_version and self._cluster is not None:
             self._cluster.heard_of(
                 request.topology_version, grant.sender if isinstance(grant, PeerGrant) else ""
             )
-        responses = self.run_batch(request, grant, pending)
+        responses: list[pb.PipelineResponse] = []
+        pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] = []
+        operations = len(request.operations)
+        for start in range(0, max(operations, 1), SLICE_OPERATIONS):
+            if start:
+                await _answered(pending)  # the other nodes answer a slice before the next is sent
+                pending = []
+                await asyncio.sleep(0)  # and other callers run between slices
+            responses += self.run_batch(request, grant, pending, start, start + SLICE_OPERATIONS)
         stale = self._cluster is not None and request.topology_version not in (
             "",
             self._cluster.topology.version,
@@ -300,7 +324,7 @@ class StoreServicer:
         if stale:
             assert self._cluster is not None
             responses[0].topology_version = self._cluster.topology.version
-        if not pending:
+        if not pending and len(responses) == 1:
             done: asyncio.Future[list[pb.PipelineResponse]] = asyncio.get_running_loop().create_future()
             done.set_result(responses)
             return done
@@ -312,10 +336,7 @@ class StoreServicer:
         responses: list[pb.PipelineResponse],
         pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]],
     ) -> list[pb.PipelineResponse]:
-        answers = await asyncio.gather(*(answer for _, answer in pending))
-        for (result, _), answer in zip(pending, answers, strict=True):
-            if answer is not None and result.WhichOneof("result") != "error":
-                result.CopyFrom(answer)
+        await _answered(pending)
         return _rechunk(request.id, responses, self._chunk_bytes)
 
     def run_batch(
@@ -323,9 +344,11 @@ class StoreServicer:
         request: pb.PipelineRequest,
         grant: Grant | None = None,
         pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> list[pb.PipelineResponse]:
-        """Run a batch's operations in order, as `grant` allows (default: anything); one response
-        unless the values read need more.
+        """Run a batch's operations in order (those from `start` to `stop`: a slice), as `grant`
+        allows (default: anything); one response unless the values read need more.
 
         In a cluster, an operation another node owns is sent there, and `pending` gets its
         result with the answer to put in it (None: keep the result as it is).
@@ -355,7 +378,8 @@ class StoreServicer:
         clock = time.perf_counter
         started = clock() if metrics else 0.0
         room = self._chunk_bytes
-        for operation in request.operations:
+        whole = start == 0 and (stop is None or stop >= len(request.operations))
+        for operation in request.operations if whole else request.operations[start:stop]:
             result = results.add()
             kind = operation.WhichOneof("operation")
             if kind is None:
@@ -419,7 +443,7 @@ class StoreServicer:
                     del results[-1]
                     results = response.results
                     room = self._chunk_bytes - len(out.value)
-        if metrics:
+        if metrics and start == 0:
             metrics.batch_sizes.observe(len(request.operations))
         try:
             self._commit()
@@ -674,6 +698,14 @@ class StoreServicer:
             seconds = int(left)
             response.expires_in.seconds = seconds
             response.expires_in.nanos = int((left - seconds) * 1e9)
+
+
+async def _answered(pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]]) -> None:
+    """Wait for the answers of other nodes and put each in its result (an error result stays)."""
+    answers = await asyncio.gather(*(answer for _, answer in pending))
+    for (result, _), answer in zip(pending, answers, strict=True):
+        if answer is not None and result.WhichOneof("result") != "error":
+            result.CopyFrom(answer)
 
 
 async def _admit(admit: Callable[[Any], Grant], context: Any) -> Grant:
