@@ -649,6 +649,24 @@ async def test_calls_without_a_valid_token_are_unauthenticated_and_change_nothin
     await assert_holds(admin, {(("a",), "k"): b"kept", ((), "k"): b"kept"})
 
 
+@pytest.mark.parametrize("metadata", BAD_METADATA.values(), ids=BAD_METADATA.keys())
+async def test_a_refused_stream_ends_unauthenticated_even_with_batches_already_on_their_way(
+    admin: Unary, stub: Any, metadata: Metadata
+) -> None:
+    # Batches written at once, as a client does that does not wait for the stream to be taken: the
+    # refusal was lost to them now and then (grpcio said INTERNAL "Internal error from Core").
+    await admin.must(op_set((), "k", b"kept"))
+    batch = pb.PipelineRequest(id=1, operations=[op_set((), "k", b"overwritten"), op_delete_all(())])
+    for _ in range(30):
+        call = stub.Pipeline(metadata=metadata, timeout=10)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            for _ in range(5):
+                await call.write(batch)
+        assert await call.code() == UNAUTHENTICATED
+        assert "token" in (await call.details() or "")
+    await assert_holds(admin, {((), "k"): b"kept"})
+
+
 async def test_two_authorization_headers_are_refused_whichever_comes_first(
     served: Served, admin: Unary, stub: Any
 ) -> None:

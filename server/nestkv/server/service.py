@@ -9,6 +9,7 @@ mapping; nothing else in the server chooses a status code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,6 +68,8 @@ _ANSWERS_AHEAD = 32  # batches of a routed stream read ahead while earlier ones 
 # slice's forwarded operations are answered before the next slice runs: what one batch has sent
 # to other nodes and not had answered is at most a slice.
 SLICE_OPERATIONS = 256
+_REFUSAL_QUIET_SECONDS = 0.05  # a refused stream ends once no message came for this long...
+_REFUSAL_DRAIN_SECONDS = 1.0  # ...or after this long at most
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
 _KIND_OF_REQUEST = {
     field.message_type.full_name: field.name
@@ -271,8 +274,8 @@ class StoreServicer:
         stream = asyncio.current_task()
         gate = self._gate
         admitted = gate.version  # the tokens the stream's grant comes from
-        grant = await _admit(self._admit, context)
-        batches = aiter(requests)  # only now: a stream refused unread leaves no receiver behind
+        grant = await _admit(self._admit, context, requests)
+        batches = aiter(requests)
         while not self._stopping:
             self._reading.add(stream)
             try:
@@ -293,7 +296,7 @@ class StoreServicer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(fault))
             if admitted != gate.version and not grant.forwarded:  # tokens reloaded: still held?
                 admitted = gate.version
-                grant = await _admit(self._admit, context)
+                grant = await _admit(self._admit, context, batches)
             yield request, grant
 
     async def _run_routed(
@@ -521,11 +524,11 @@ class StoreServicer:
 
     async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> pb.HandOffResponse:
         """The HandOff RPC: keys another member no longer owns, stored here unless news to nobody."""
-        grant = await _admit(self._admit, context)
+        grant = await _admit(self._admit, context, requests)
         handoff = self._cluster.handoff if self._cluster is not None else None
         if not isinstance(grant, PeerGrant) or handoff is None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "HandOff is for the members of a cluster only"
+            await _refuse_stream(
+                requests, context, Unauthenticated("HandOff is for the members of a cluster only")
             )
         assert isinstance(grant, PeerGrant)
         assert handoff is not None
@@ -708,12 +711,27 @@ async def _answered(pending: list[tuple[pb.OperationResult, Awaitable[pb.Operati
             result.CopyFrom(answer)
 
 
-async def _admit(admit: Callable[[Any], Grant], context: Any) -> Grant:
+async def _refuse_stream(requests: AsyncIterator[Any], context: Any, fault: StoreFault) -> None:
+    """End a stream with `fault`'s status once the client stopped sending for a moment.
+
+    Ended while the client's messages are still arriving, a stream's status is lost to some
+    clients (grpcio reports INTERNAL "Internal error from Core"); so what the client sent is read
+    and dropped first, none of it run, for a bounded time.
+    """
+    with contextlib.suppress(TimeoutError, StopAsyncIteration):
+        async with asyncio.timeout(_REFUSAL_DRAIN_SECONDS):
+            messages = aiter(requests)
+            while True:
+                await asyncio.wait_for(anext(messages), _REFUSAL_QUIET_SECONDS)
+    await context.abort(status_of(fault), str(fault))
+
+
+async def _admit(admit: Callable[[Any], Grant], context: Any, requests: AsyncIterator[Any]) -> Grant:
     """The grant of a stream's token; a stream without a valid one ends with UNAUTHENTICATED."""
     try:
         return admit(context)
     except Unauthenticated as fault:
-        await context.abort(status_of(fault), str(fault))
+        await _refuse_stream(requests, context, fault)
         raise  # abort raises; this line only tells type checkers so
 
 
