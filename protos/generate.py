@@ -33,7 +33,10 @@ def generate() -> None:
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {sources}")
     # Mark every directory that holds generated code as a typed package, but not the top one
-    # (protos/nestkv): nestkv is a namespace package that server/ and client/ add to.
+    # (protos/nestkv): nestkv is a namespace package that server/ and client/ add to. Earlier
+    # versions marked it too: a checkout they generated in must lose those files.
+    for stale in ("__init__.py", "py.typed"):
+        (PROTOS / "nestkv" / stale).unlink(missing_ok=True)
     for proto in sources:
         for parent in (PROTOS / proto).parents:
             if parent.parent == PROTOS:

@@ -784,7 +784,7 @@ async def test_a_quota_holds_on_every_node_for_writes_forwarded_to_it(secure: Se
                 refusals.append(str(error))
         stats = await store.stats()
     assert refusals
-    assert all("over its quota of 65536 B" in refusal for refusal in refusals)
+    assert all("a byte quota over this namespace is reached" in refusal for refusal in refusals)
     assert sorted(stats.nodes) == list(MEMBERS)
     for node in stats.nodes.values():
         assert node.quota is not None
@@ -894,6 +894,11 @@ def test_a_cluster_with_tokens_needs_mutual_tls(pki: Pki, tmp_path: Path) -> Non
     line = refused(*cluster, *tls)
     assert "a cluster served over TLS needs --tls-client-ca" in line
     mutual = (*tls, "--tls-client-ca", str(pki.ca.cert), "--auth-file", str(auth_file.path))
+    # A member id with a dot would name another cluster's node: a.b of c.svc is a of b.c.svc.
+    dotted = ("--node-id", "a.b", "--cluster", "a.b=127.0.0.1:1", "--cluster-name", "c.svc")
+    line = refused(*dotted, *mutual)
+    assert "under mutual TLS every member id must be one lower-case DNS label" in line
+    assert "not: a.b" in line
     for name in ("", "Nestkv.Default.svc", "nestkv..svc", "-nestkv.svc"):
         line = refused(*cluster, *mutual, f"--cluster-name={name}")
         assert (

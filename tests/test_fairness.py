@@ -21,7 +21,7 @@ from nestkv.server.service import SLICE_OPERATIONS
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.clusterproc import ClusterProcesses
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, server_command
 
 LIMIT = 10_000  # --max-batch-operations' default
 
@@ -42,24 +42,27 @@ async def stub_of(target: str) -> AsyncIterator[store_pb2_grpc.StoreServiceStub]
 
 
 async def test_a_batch_over_the_limit_is_refused_naming_it_and_the_server_serves_on() -> None:
-    with ServerProcess("--max-batch-operations", "100") as server:
+    too_low = server_command("--max-batch-operations", "511").stderr
+    assert "Expected `int` >= 512 - at `--max-batch-operations`" in too_low
+    with ServerProcess("--max-batch-operations", "600") as server:
         async with stub_of(server.target) as stub:
             call = stub.Pipeline()
-            await call.write(exists_batch(1, 101))
+            await call.write(exists_batch(1, 601))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call.read()
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert refused.value.details() == (
-                "batch has 101 operations; the limit is 100 (max_batch_operations): "
+                "batch has 601 operations; the limit is 600 (max_batch_operations): "
                 "send it as several batches"
             )
             call = stub.Pipeline()
-            await call.write(exists_batch(2, 100))
-            answered = await call.read()
-            assert len(answered.results) == 100
+            await call.write(exists_batch(2, 600))
+            answered = 0
+            while answered < 600:
+                answered += len((await call.read()).results)
             call.cancel()
         # GrpcStore's bulk calls cut their batches to fit (at most max_batch_size, 512 by default).
-        async with GrpcStore.with_client(server.target, max_batch_size=100) as store:
+        async with GrpcStore.with_client(server.target) as store:
             await store.set_many({f"k{n}": b"v" for n in range(1_000)})
             assert await store.get_many([f"k{n}" for n in range(1_000)]) == [b"v"] * 1_000
 

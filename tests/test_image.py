@@ -53,9 +53,16 @@ from tests.test_deploy import (
     statefulset,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("podman") is None, reason="podman is not installed (.ci/run installs it from Debian)"
-)
+# What the test needs besides podman: root, for network namespaces, bind mounts and chroot.
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("podman") is None, reason="podman is not installed (.ci/run installs it from Debian)"
+    ),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("mount") and shutil.which("chroot")),
+        reason="runs the nodes in network namespaces with bind mounts and chroot: needs root, ip and mount",
+    ),
+]
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
@@ -66,7 +73,7 @@ BASE_IMAGE = "localhost/nestkv-test-base:" + hashlib.sha256(BASE_RECIPE.encode()
 NODES = 3
 # A subnet of its own per run, so that two runs on one machine do not meet.
 RUN = os.getpid() % 50000
-SUBNET = f"10.213.{RUN % 200 + 20}"
+SUBNET = f"10.{200 + RUN // 250 % 50}.{RUN % 250}"
 
 
 def run(*command: str, timeout: float = 600, stdin: bytes | None = None) -> str:

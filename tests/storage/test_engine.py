@@ -120,14 +120,17 @@ def test_reap_never_touches_a_namespace_recreated_after_delete_all(
     assert storage.get(("a", "b"), "key") == b"new"
 
 
-def test_renewals_and_overwrites_add_no_index_items(storage: NamespacedStorage, clock: FakeClock) -> None:
+def test_renewals_and_overwrites_keep_the_index_bounded(storage: NamespacedStorage, clock: FakeClock) -> None:
+    # Each moves its key to another slot, listed there at once (so that only writes, which make
+    # room first, ever add listings); the stale ones are dropped when they outnumber the live.
     storage.set((), "session", b"v", ttl=3600)
     storage.set((), "counter", b"0", ttl=60)
     for i in range(10_000):
         storage.get((), "session", renew_for=3600)
         storage.set((), "counter", str(i).encode(), ttl=60)
         clock.advance(0.01)
-    assert storage.index_size() == 2
+        assert storage.index_size() <= 2 * 2 + 64 + 1
+    assert storage.used_memory == accounted(storage)
 
 
 @pytest.mark.parametrize("push_out", ["renew", "overwrite"])
@@ -351,7 +354,7 @@ def test_used_memory_comes_back_to_zero(clock: FakeClock) -> None:
 
 
 def test_volatile_ttl_goes_by_the_deadline_a_renewal_gave(clock: FakeClock) -> None:
-    storage = bounded(clock, "volatile-ttl", entries=2, slots=2)
+    storage = bounded(clock, "volatile-ttl", entries=2, slots=3)  # and a list for the renewal
     storage.set((), "a", b"v" * 100, ttl=10)
     storage.set((), "b", b"v" * 100, ttl=20)
     assert storage.get((), "a", renew_for=10_000) == b"v" * 100  # a is listed at +10 s still
@@ -558,6 +561,32 @@ def test_a_quota_bounds_its_namespace_and_only_it(clock: FakeClock) -> None:
     _, refusal = fill_until_refused(storage, ("t", "small", "x"))
     assert re.match(r"namespace \['t', 'small'\] .* quota of 4096 B", str(refusal))
     assert storage.subtree(("t", "small")).bytes <= 4 * 1024
-    assert storage.quota_at(("t", "small", "x")) == (4 * 1024, storage.subtree(("t", "small")).bytes)
-    assert storage.quota_at(("t", "a")) == (20 * 1024, storage.subtree(("t",)).bytes)
+    small = storage.subtree(("t", "small")).bytes
+    assert storage.quota_at(("t", "small", "x")) == (("t", "small"), 4 * 1024, small)
+    assert storage.quota_at(("t", "a")) == (("t",), 20 * 1024, storage.subtree(("t",)).bytes)
     assert storage.quota_at(("other",)) is None
+
+
+def test_no_path_takes_the_store_past_a_quota_or_the_bound(clock: FakeClock) -> None:
+    # Found by review: overwrites that moved deadlines were listed later by the reaper, renewals
+    # that pulled deadlines in listed at once, neither checked against the bounds.
+    for bounds in ({"quotas": {("q",): 50_000}}, {"max_memory": 50_000}):
+        storage = NamespacedStorage(clock, max_memory=bounds.get("max_memory", 0))  # type: ignore[arg-type]
+        storage.quotas = bounds.get("quotas", {})  # type: ignore[assignment]
+        limit = 50_000
+        with contextlib.suppress(QuotaExceeded, StoreFull):
+            for i in range(200):
+                storage.set(("q",), f"k{i}", b"v", ttl=1)
+        with contextlib.suppress(QuotaExceeded, StoreFull):
+            for i in range(200):
+                storage.set(("q",), f"k{i}", b"v", ttl=2 + i * 0.1)  # each to a slot of its own
+        assert storage.used_memory <= limit
+        clock.advance(1.5)
+        storage.reap()
+        assert storage.used_memory == accounted(storage) <= limit
+        storage.set(("q",), "renewed", b"v", ttl=3600)
+        for i in range(60):  # each renewal pulls the deadline into an earlier slot
+            with contextlib.suppress(QuotaExceeded, StoreFull):
+                storage.get(("q",), "renewed", renew_for=3000 - i * 10)
+            assert storage.used_memory == accounted(storage) <= limit
+        storage.delete_all()

@@ -47,6 +47,8 @@ class Quota(msgspec.Struct, frozen=True, gc=False):
     """The quota, in bytes, on each node."""
     used_bytes: int
     """Bytes the namespace takes, as --max-memory counts; in a cluster's totals, the most on one node."""
+    path: tuple[str, ...] = ()
+    """The namespace the quota is on, from the store's root (a token's root: its own quota is ())."""
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -94,7 +96,8 @@ def stats_from_response(path: tuple[str, ...], response: Any) -> Stats:
 def _quota(response: Any) -> Quota | None:
     if not response.HasField("quota"):
         return None
-    return Quota(max_bytes=response.quota.max_bytes, used_bytes=response.quota.used_bytes)
+    quota = response.quota
+    return Quota(max_bytes=quota.max_bytes, used_bytes=quota.used_bytes, path=tuple(quota.path))
 
 
 def _namespace(namespace: Any) -> NamespaceStats:

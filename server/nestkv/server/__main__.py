@@ -56,8 +56,8 @@ _HELP = {
     "max_value_bytes": "largest value in bytes; gRPC message limits follow it (default: %(default)s)",
     "max_depth": "most namespace segments in a path (default: %(default)s)",
     "max_segment_bytes": "largest namespace segment in bytes of UTF-8 (default: %(default)s)",
-    "max_batch_operations": "most operations in one Pipeline batch; larger ones are refused with "
-    "INVALID_ARGUMENT (default: %(default)s)",
+    "max_batch_operations": "most operations in one Pipeline batch, at least 512; larger ones are "
+    "refused with INVALID_ARGUMENT (default: %(default)s)",
 }
 
 

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from nestkv.client.store import is_loopback_host
 from nestkv.server import VERSION
-from nestkv.server.cluster import Cluster, ClusterConfigError, HandOff, Membership
+from nestkv.server.cluster import DNS_LABEL, Cluster, ClusterConfigError, HandOff, Membership
 from nestkv.server.cluster.peers import Peers
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
@@ -127,6 +127,12 @@ def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Clus
             raise SystemExit(
                 "nestkv: a cluster served over TLS needs --tls-client-ca: the nodes present their "
                 "--tls-cert to each other and check the other's against that CA (mutual TLS)"
+            )
+        labels = [member for member in membership.current.members if not DNS_LABEL.fullmatch(member)]
+        if labels:
+            raise SystemExit(
+                f"nestkv: under mutual TLS every member id must be one lower-case DNS label (a peer is "
+                f"known by the DNS name ID.CLUSTER_NAME in its certificate); not: {', '.join(labels)}"
             )
         if not DNS_NAME.fullmatch(config.cluster_name):
             raise SystemExit(

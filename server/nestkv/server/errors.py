@@ -43,10 +43,14 @@ class StoreFull(StoreFault):
 
 
 class QuotaExceeded(StoreFault):
-    """A write would take a namespace over its byte quota; nothing was changed.
+    """A write would take a namespace over its byte quota; nothing was changed."""
 
-    The message gives that namespace's own figures only, which its tenant may know.
-    """
+    def confined(self) -> str:
+        # The quota may be on a namespace above the caller's root, whose figures are others'.
+        return (
+            "a byte quota over this namespace is reached (a token's max_bytes): "
+            "delete keys under it to make room"
+        )
 
 
 class StoreUnavailable(StoreFault):

@@ -16,6 +16,8 @@ MAX_DURATION_SECONDS = 315_576_000_000
 """The range of google.protobuf.Duration: 10,000 years."""
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+MIN_BATCH_OPERATIONS = 512
+"""The batches GrpcStore sends by default, and the nodes to each other when they forward."""
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -29,9 +31,9 @@ class Limits(msgspec.Struct, frozen=True):
     """Most namespace segments in a path."""
     max_segment_bytes: Positive = 256
     """Largest namespace segment, in bytes of UTF-8."""
-    max_batch_operations: Positive = 10_000
-    """Most operations in one Pipeline batch (GrpcStore sends at most its max_batch_size, 512 by
-    default): what one batch may hold a stream's answers, and its peers' work, for."""
+    max_batch_operations: Annotated[int, msgspec.Meta(ge=MIN_BATCH_OPERATIONS)] = 10_000
+    """Most operations in one Pipeline batch: what one batch may hold a stream's answers, and its
+    peers' work, for. At least what GrpcStore and the nodes' forwarding send by default (512)."""
 
     def check_batch(self, operations: int) -> None:
         if operations > self.max_batch_operations:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -451,21 +451,21 @@ class StoreServicer:
         try:
             self._commit()
         except StoreFault as fault:
-            if metrics:  # the stream fails: every operation of the batch failed with it
-                self._recount(metrics, request, responses, status_of(fault).name)
+            if metrics:  # the stream fails: every operation of the slice failed with it
+                self._recount(metrics, request.operations[start:stop], responses, status_of(fault).name)
             raise
         return responses
 
     @staticmethod
     def _recount(
         metrics: OperationMetrics,
-        request: pb.PipelineRequest,
+        operations: Sequence[pb.Operation],
         responses: list[pb.PipelineResponse],
         code: str,
     ) -> None:
-        """Count every operation of a batch whose commit failed with `code` instead of its own status."""
+        """Count every operation of a slice whose commit failed with `code` instead of its own status."""
         results = [result for response in responses for result in response.results]
-        for operation, result in zip(request.operations, results, strict=True):
+        for operation, result in zip(operations, results, strict=True):
             kind = operation.WhichOneof("operation")
             if kind is not None:
                 error = result.WhichOneof("result") == "error"
@@ -629,7 +629,8 @@ class StoreServicer:
             node = response.nodes.add(node_id=member, namespace=answer.namespace, server=answer.server)
             if answer.HasField("quota"):
                 node.quota.CopyFrom(answer.quota)
-                response.quota.max_bytes = answer.quota.max_bytes
+                if not response.HasField("quota"):
+                    response.quota.CopyFrom(answer.quota)
                 response.quota.used_bytes = max(response.quota.used_bytes, answer.quota.used_bytes)
         total_namespace, total_server = response.namespace, response.server
         for node in response.nodes[1:]:
@@ -687,7 +688,8 @@ class StoreServicer:
         server.evictions, server.expired_keys = storage.evictions, storage.expired
         quota = storage.quota_at(request.path)
         if quota is not None:
-            response.quota.max_bytes, response.quota.used_bytes = quota
+            quota_path, response.quota.max_bytes, response.quota.used_bytes = quota
+            response.quota.path.extend(quota_path)
         server.uptime.FromNanoseconds(int((time.monotonic() - self._started) * 1e9))
         server.version = VERSION
 
@@ -769,11 +771,20 @@ def _nothing() -> None:
     pass
 
 
-def _confine_stats(response: pb.StatsResponse) -> None:
-    """Stats for a token rooted below the root: the server-wide figures would describe other tenants."""
+def _confine_stats(response: pb.StatsResponse, root: tuple[str, ...]) -> None:
+    """Stats for a token rooted below the root: the server-wide figures would describe other tenants,
+    and so would a quota above the root; one at or below it is shown by its path from the root."""
     for server in (response.server, *(node.server for node in response.nodes)):
         server.keys = server.memory_bytes = server.max_memory_bytes = 0
         server.evictions = server.expired_keys = 0
+    figures: list[pb.StatsResponse | pb.NodeStats] = [response, *response.nodes]
+    for stats in figures:
+        if not stats.HasField("quota"):
+            continue
+        if tuple(stats.quota.path[: len(root)]) != root:
+            stats.ClearField("quota")
+        else:
+            del stats.quota.path[: len(root)]
 
 
 def _unary(
@@ -783,13 +794,13 @@ def _unary(
     commit: Callable[[], None],
     admit: Callable[[Any], Grant],
     record: Callable[[str, float], None] | None = None,
-    confine: Callable[[Any], None] | None = None,
+    confine: Callable[[Any, tuple[str, ...]], None] | None = None,
     remote: Callable[[Any, Any, Callable[[], None]], Awaitable[None]] | None = None,
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     """A grpc.aio method running one operation as the caller's token allows, a StoreFault as its status.
 
     `record(code, seconds)`, if given, counts the call once its status is known (after the commit);
-    `confine(response)`, if given, trims the response of a caller whose token has a root;
+    `confine(response, root)`, if given, trims the response of a caller whose token has a root;
     `remote(request, response, run_here)`, if given (a cluster), runs the operation where its key
     lives, calling `run_here()` for this node's part; calls other nodes forwarded are run here.
     """
@@ -809,7 +820,7 @@ def _unary(
             else:
                 await remote(request, response, functools.partial(operation, request, response))
             if confine and grant.root:
-                confine(response)
+                confine(response, grant.root)
             commit()
         except StoreFault as fault:
             if record:

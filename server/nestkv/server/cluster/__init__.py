@@ -9,6 +9,7 @@ admits the calls other members forward.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from nestkv.server.security import Gate, Grant
 from nestkv.v1 import store_pb2 as pb
 
 __all__ = [
+    "DNS_LABEL",
     "PEER_HEADER",
     "Cluster",
     "ClusterConfigError",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 _CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
+# Under mutual TLS a member's id is the first label of the DNS name its certificate carries:
+# one label, or ids with dots would name another cluster's nodes (a.b of c.svc is a of b.c.svc).
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class PeerGrant(Grant):
@@ -116,6 +121,11 @@ class Cluster:
             )
         if self._peer_domain is None:
             return
+        if not DNS_LABEL.fullmatch(sender):
+            raise Unauthenticated(
+                f"forwarded calls are taken only from cluster members named by one lower-case DNS "
+                f"label under mutual TLS; {sender!r} is not one"
+            )
         # gRPC lists a certificate's DNS subject alternative names, and only those, as peer_dns.
         names = {name.decode(errors="replace").lower() for name in context.auth_context().get("peer_dns", ())}
         expected = f"{sender}.{self._peer_domain}".lower()

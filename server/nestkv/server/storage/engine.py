@@ -131,11 +131,7 @@ class NamespacedStorage:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
         deadline = NEVER if ttl is None else self._clock() + ttl
         if self._max_memory or self.quotas:
-            needed = self._needed(path, key, len(value), deadline)
-            if self.quotas:
-                self._check_quotas(path, needed)
-            if self._max_memory:
-                self._make_room(path, key, needed)
+            self._reserve(path, key, self._needed(path, key, len(value), deadline))
         self.put(path, key, value, deadline)
         if self.journal is not None:
             self.journal.set(path, key, value, deadline)
@@ -151,9 +147,9 @@ class NamespacedStorage:
         node.expiring += expiring
         size = entry_size(key, stored) - (0 if old is None else entry_size(key, old))
         grow(node, size, old is None, expiring)
-        if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) < slot_of(old_deadline)):
+        if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) != slot_of(old_deadline)):
             self._schedule(node, key, deadline)
-        # Otherwise the key has no deadline, or is listed no later than its new one already.
+        # Otherwise the key has no deadline, or is listed in its new deadline's slot already.
 
     def renew_until(self, path: Sequence[str], key: str, deadline: float) -> None:
         """Give an entry that has a deadline the new `deadline`, even if it has passed; not journaled.
@@ -182,8 +178,12 @@ class NamespacedStorage:
             node.entries[key] = stored
         if renew_for is not None and deadline != NEVER:
             renewed = now + renew_for
+            moved = slot_of(renewed) != slot_of(deadline)
+            if moved and (self._max_memory or self.quotas):  # a listing in another slot: room first
+                listed = slot_of(renewed) in node.slots
+                self._reserve(path, key, LISTING_BYTES + (0 if listed else SLOT_OVERHEAD))
             node.entries[key] = pack(value, renewed)
-            if slot_of(renewed) < slot_of(deadline):
+            if moved:
                 self._schedule(node, key, renewed)
             if self.journal is not None:
                 self.journal.renew(path, key, renewed)
@@ -268,8 +268,7 @@ class NamespacedStorage:
         deadline = deadline_of(stored)
         if deadline == NEVER:
             return node, None
-        if slot_of(deadline) > slot:  # pushed out by a renewal or an overwrite: list it in its slot
-            self._wheel.schedule(node, key, deadline)
+        if slot_of(deadline) != slot:  # its deadline changed since: it is listed in that one's slot
             return node, None
         return node, key
 
@@ -329,12 +328,14 @@ class NamespacedStorage:
             return SubtreeStats(0, 0, 0, 0)
         return SubtreeStats(node.subtree_keys, node.subtree_bytes, node.subtree_expiring, len(node.children))
 
-    def quota_at(self, path: Sequence[str]) -> tuple[int, int] | None:
-        """(quota, bytes used) of the innermost namespace at or above `path` that has a quota; None: none."""
+    def quota_at(self, path: Sequence[str]) -> tuple[tuple[str, ...], int, int] | None:
+        """(namespace, quota, bytes used) of the innermost namespace at or above `path` that has a
+        quota; None: none."""
         for depth in range(len(path), -1, -1):
-            quota = self.quotas.get(tuple(path[:depth]))
+            namespace = tuple(path[:depth])
+            quota = self.quotas.get(namespace)
             if quota is not None:
-                return quota, self.subtree(path[:depth]).bytes
+                return namespace, quota, self.subtree(namespace).bytes
         return None
 
     def count(self, path: Sequence[str] = ()) -> int:
@@ -373,12 +374,22 @@ class NamespacedStorage:
         old = None if node is None else node.entries.get(key)
         needed = text_bytes(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
         needed += self._tree.creation_size(path)
-        if deadline != NEVER:
+        old_deadline = NEVER if old is None else deadline_of(old)
+        if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) != slot_of(old_deadline)):
             listed = node is not None and slot_of(deadline) in node.slots
             needed += LISTING_BYTES + (0 if listed else SLOT_OVERHEAD)
         if old is not None:
             needed -= entry_size(key, old)
         return needed
+
+    def _reserve(self, path: Sequence[str], key: str, needed: int) -> None:
+        """Make sure `needed` more bytes for a write of `key` at `path` fit its namespaces' quotas and
+        max_memory (evicting by the policy), or raise QuotaExceeded or StoreFull: every path that
+        makes the store take more memory comes through here first."""
+        if self.quotas:
+            self._check_quotas(path, needed)
+        if self._max_memory:
+            self._make_room(path, key, needed)
 
     def _check_quotas(self, path: Sequence[str], needed: int) -> None:
         """Raise QuotaExceeded if `needed` more bytes at `path` would take a namespace with a quota,

@@ -5,11 +5,12 @@ per slot, the keys that may expire in it (`Node.slots`), and a min-heap holds
 `(slot, seq, node)` once per list, so that the reaper finds the due lists in
 order. A key costs one list item (8 bytes), not a heap item of its own.
 
-Invariant: every entry with a deadline is listed in a slot no later than its
-deadline's. Renewals and overwrites that push a deadline out list nothing
-new: when the old slot comes due, the reaper moves the key to its new slot.
-A shortened deadline lists the key again in the earlier slot. Deletes leave
-stale listings behind, skipped when their slot comes due; a node whose
+Invariant: every entry with a deadline is listed in its deadline's slot. A
+renewal or an overwrite that moves a deadline to another slot lists the key
+there, at once; the listing left in the old slot is stale, and so are those
+of deleted keys: skipped when their slot comes due. So listings are made only
+by writes, which make room for them first (NamespacedStorage._reserve); the
+reaper and a rebuild never add one. A node whose
 listings outnumber twice its expiring entries (plus a floor) has its slots
 rebuilt, which keeps them O(live entries) at O(1) amortized cost per listing.
 The heap's entries for lists that are gone (finished, rebuilt, or of a pruned
