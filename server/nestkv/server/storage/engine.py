@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 from nestkv.server.errors import QuotaExceeded, StoreFull
-from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD, ExpiryWheel, slot_of
+from nestkv.server.storage.expiry import ExpiryWheel, listing_cost, relists, slot_of
 from nestkv.server.storage.tree import (
     DEADLINE_BYTES,
     NamespaceTree,
@@ -147,7 +147,7 @@ class NamespacedStorage:
         node.expiring += expiring
         size = entry_size(key, stored) - (0 if old is None else entry_size(key, old))
         grow(node, size, old is None, expiring)
-        if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) != slot_of(old_deadline)):
+        if relists(old_deadline, deadline):
             self._schedule(node, key, deadline)
         # Otherwise the key has no deadline, or is listed in its new deadline's slot already.
 
@@ -178,10 +178,9 @@ class NamespacedStorage:
             node.entries[key] = stored
         if renew_for is not None and deadline != NEVER:
             renewed = now + renew_for
-            moved = slot_of(renewed) != slot_of(deadline)
+            moved = relists(deadline, renewed)
             if moved and (self._max_memory or self.quotas):  # a listing in another slot: room first
-                listed = slot_of(renewed) in node.slots
-                self._reserve(path, key, LISTING_BYTES + (0 if listed else SLOT_OVERHEAD))
+                self._reserve(path, key, listing_cost(node, deadline, renewed))
             node.entries[key] = pack(value, renewed)
             if moved:
                 self._schedule(node, key, renewed)
@@ -331,12 +330,7 @@ class NamespacedStorage:
     def quota_at(self, path: Sequence[str]) -> tuple[tuple[str, ...], int, int] | None:
         """(namespace, quota, bytes used) of the innermost namespace at or above `path` that has a
         quota; None: none."""
-        for depth in range(len(path), -1, -1):
-            namespace = tuple(path[:depth])
-            quota = self.quotas.get(namespace)
-            if quota is not None:
-                return namespace, quota, self.subtree(namespace).bytes
-        return None
+        return next(self._quotas_over(path), None)
 
     def count(self, path: Sequence[str] = ()) -> int:
         """Entries held at `path` and below, including expired ones not yet reaped; O(depth)."""
@@ -374,10 +368,7 @@ class NamespacedStorage:
         old = None if node is None else node.entries.get(key)
         needed = text_bytes(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
         needed += self._tree.creation_size(path)
-        old_deadline = NEVER if old is None else deadline_of(old)
-        if deadline != NEVER and (old_deadline == NEVER or slot_of(deadline) != slot_of(old_deadline)):
-            listed = node is not None and slot_of(deadline) in node.slots
-            needed += LISTING_BYTES + (0 if listed else SLOT_OVERHEAD)
+        needed += listing_cost(node, NEVER if old is None else deadline_of(old), deadline)
         if old is not None:
             needed -= entry_size(key, old)
         return needed
@@ -394,17 +385,23 @@ class NamespacedStorage:
     def _check_quotas(self, path: Sequence[str], needed: int) -> None:
         """Raise QuotaExceeded if `needed` more bytes at `path` would take a namespace with a quota,
         at `path` or above it, over that quota."""
-        for depth in range(len(path) + 1):
-            namespace = tuple(path[:depth])
-            quota = self.quotas.get(namespace)
-            if quota is None:
-                continue
-            used = self.subtree(namespace).bytes
-            if needed > 0 and used + needed > quota:
+        if needed <= 0:
+            return
+        for namespace, quota, used in self._quotas_over(path):
+            if used + needed > quota:
                 raise QuotaExceeded(
                     f"namespace {list(namespace)} holds {used} B and this write needs {needed} B more: "
                     f"over its quota of {quota} B (its token's max_bytes); delete keys in it to make room"
                 )
+
+    def _quotas_over(self, path: Sequence[str]) -> Iterator[tuple[tuple[str, ...], int, int]]:
+        """(namespace, quota, bytes used) of each namespace at or above `path` that has a quota,
+        the innermost first."""
+        for depth in range(len(path), -1, -1):
+            namespace = tuple(path[:depth])
+            quota = self.quotas.get(namespace)
+            if quota is not None:
+                yield namespace, quota, self.subtree(namespace).bytes
 
     def _make_room(self, path: Sequence[str], key: str, needed: int) -> None:
         """Evict by the policy until `needed` more bytes for a write of `key` at `path` fit, or raise

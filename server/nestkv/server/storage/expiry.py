@@ -47,6 +47,21 @@ def slot_of(deadline: float) -> int:
     return math.ceil(deadline * SLOTS_PER_SECOND)
 
 
+def relists(old_deadline: float, deadline: float) -> bool:
+    """Whether an entry whose deadline changes from `old_deadline` to `deadline` (inf: none) is
+    listed again: it has one now, in another slot than before (or had none)."""
+    return deadline != math.inf and (old_deadline == math.inf or slot_of(deadline) != slot_of(old_deadline))
+
+
+def listing_cost(node: Node | None, old_deadline: float, deadline: float) -> int:
+    """The bytes that listing an entry of `node` (None: not made yet) whose deadline changes from
+    `old_deadline` to `deadline` adds: its listing, and the slot's list if `node` has none yet."""
+    if not relists(old_deadline, deadline):
+        return 0
+    listed = node is not None and slot_of(deadline) in node.slots
+    return LISTING_BYTES + (0 if listed else SLOT_OVERHEAD)
+
+
 class ExpiryWheel:
     """The nodes' slot lists, earliest slot first."""
 
