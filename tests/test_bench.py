@@ -8,13 +8,18 @@ import sys
 from pathlib import Path
 
 
+def run_bench(module: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
 def test_bench_runs_and_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     args = ["--operations", "400", "--keys", "3000", "--namespace-keys", "500", "--gather-sizes", "300,900"]
     args += ["--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=300, check=False
-    )
+    done = run_bench("bench", args)
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     for store in ("LocalStore", "GrpcStore"):
@@ -40,13 +45,7 @@ def test_bench_runs_and_writes_every_row(tmp_path: Path) -> None:
 
 def test_snapshot_bench_runs_and_reports_every_figure() -> None:
     args = ["--keys", "20000", "--load-seconds", "1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.snapshot", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_bench("bench.snapshot", args)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert results["pause"]["keys"] == 20_000
@@ -60,13 +59,7 @@ def test_cluster_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
     args = ["--nodes", "1,2", "--tasks", "8", "--seconds", "0.5", "--rounds", "1", "--keys", "500"]
     args += ["--restart-keys", "1000", "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cluster", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_bench("bench.cluster", args)
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     rows = results["throughput"]
@@ -101,13 +94,7 @@ def test_cluster_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
 def test_fairness_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "fairness.json"
     args = ["--batches", "3", "--batch-size", "2000", "--baseline-seconds", "0.5", "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.fairness", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_bench("bench.fairness", args)
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     assert results["flood"] == {"batches": 3, "batch_size": 2000, "seconds": results["flood"]["seconds"]}

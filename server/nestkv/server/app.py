@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from nestkv.client.store import is_loopback_host
 from nestkv.server import VERSION
-from nestkv.server.cluster import DNS_LABEL, Cluster, ClusterConfigError, HandOff, Membership
+from nestkv.server.cluster import DNS_LABEL, DNS_NAME, Cluster, ClusterConfigError, HandOff, Membership
 from nestkv.server.cluster.peers import Peers
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
@@ -27,8 +26,6 @@ from nestkv.server.storage.persistence import Persistence, PersistenceError
 
 log = logging.getLogger("nestkv.server")
 
-# --cluster-name: lower-case DNS labels, dot-separated (what a certificate's DNS name holds).
-DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 _REAP_BATCH = 2_000  # steps between two yields to the event loop: well under a millisecond
 
 

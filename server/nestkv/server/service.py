@@ -227,7 +227,7 @@ class StoreServicer:
         batches = self._batches(requests, context)
         if self._cluster is None:
             async for request, grant in batches:
-                for start in range(0, max(len(request.operations), 1), SLICE_OPERATIONS):
+                for start in _slice_starts(request):
                     if start:
                         await asyncio.sleep(0)  # a slice done: let other callers run
                     try:
@@ -313,8 +313,7 @@ class StoreServicer:
             )
         responses: list[pb.PipelineResponse] = []
         pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]] = []
-        operations = len(request.operations)
-        for start in range(0, max(operations, 1), SLICE_OPERATIONS):
+        for start in _slice_starts(request):
             if start:
                 await _answered(pending)  # the other nodes answer a slice before the next is sent
                 pending = []
@@ -703,6 +702,11 @@ class StoreServicer:
             seconds = int(left)
             response.expires_in.seconds = seconds
             response.expires_in.nanos = int((left - seconds) * 1e9)
+
+
+def _slice_starts(request: pb.PipelineRequest) -> range:
+    """Where each slice of a batch starts (one slice for an empty batch, which is answered too)."""
+    return range(0, max(len(request.operations), 1), SLICE_OPERATIONS)
 
 
 async def _answered(pending: list[tuple[pb.OperationResult, Awaitable[pb.OperationResult | None]]]) -> None:

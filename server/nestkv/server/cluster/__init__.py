@@ -26,6 +26,7 @@ from nestkv.v1 import store_pb2 as pb
 
 __all__ = [
     "DNS_LABEL",
+    "DNS_NAME",
     "PEER_HEADER",
     "Cluster",
     "ClusterConfigError",
@@ -40,7 +41,10 @@ __all__ = [
 _CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
 # Under mutual TLS a member's id is the first label of the DNS name its certificate carries:
 # one label, or ids with dots would name another cluster's nodes (a.b of c.svc is a of b.c.svc).
-DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_LABEL = re.compile(_LABEL)
+DNS_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+"""--cluster-name: lower-case DNS labels, dot-separated (what a certificate's DNS name holds)."""
 
 
 class PeerGrant(Grant):
