@@ -1,7 +1,8 @@
-"""Build hooks: find nestkv's packages in its three folders, and generate the protobuf code.
+"""Build hooks: find nestkv's packages in its four folders, and generate the protobuf code.
 
-nestkv is one PEP 420 namespace package whose parts live in `protos/`, `server/` and `client/`.
-setuptools' own discovery (`[tool.setuptools.packages.find]` with three `where` folders) maps a
+nestkv is one PEP 420 namespace package whose parts live in `protos/` (the generated
+code), `wire/` (what client and server share), `server/` and `client/`.
+setuptools' own discovery (`[tool.setuptools.packages.find]` with several `where` folders) maps a
 namespace to one folder only, so the packages are found here, each with the folder it lives in.
 """
 
@@ -14,7 +15,7 @@ from setuptools import find_namespace_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
-FOLDERS = ("protos", "server", "client")
+FOLDERS = ("protos", "wire", "server", "client")
 
 
 def package_folders() -> dict[str, str]:

@@ -3,7 +3,7 @@
 Clusters: `plain` (three plaintext nodes with metrics, for the module's tests that neither stop a node
 nor change the members: each works in a namespace of its own), `secure` (three nodes under mutual TLS
 with an auth file, metrics and plaintext health ports), and clusters of a test's own where nodes are killed or
-the member file changes. The owner of every key is predicted with nestkv.client.placement, the same
+the member file changes. The owner of every key is predicted with nestkv.wire.placement, the same
 function the servers use, and checked against each node's own figures (Stats `nodes`).
 """
 
@@ -27,13 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from nestkv.client import GrpcStore, StoreError, StoreUnavailableError, channel_options
-from nestkv.client.placement import HASH_NAME, Placement, topology_version
 from nestkv.client.routing import Router
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
 from nestkv.server.storage.tree import namespace_size
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
+from nestkv.wire.placement import HASH_NAME, Placement, topology_version
 from tests.clusterproc import ClusterProcesses
 from tests.pki import CLUSTER_NAME, AuthFile, Issued, Pki
 from tests.polling import eventually
@@ -406,9 +406,12 @@ async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterP
     before = forwarded(plain)
     async with channel_to(plain.target("node-1")) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
-        # A one-operation call from a peer runs where it arrives.
-        await stub.Set(pb.SetRequest(path=path, key=unary_key, value=b"unary"), metadata=peer, timeout=10)
-        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 1, "node-2": 0}
+        # A one-operation call is a batch of one: from a peer, it is answered as in a stream.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Set(pb.SetRequest(path=path, key=unary_key, value=b"unary"), metadata=peer, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.ABORTED
+        assert "gives the key to node-2" in (refused.value.details() or "")
+        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 0, "node-2": 0}
         results = await pipeline_call(
             stub,
             [
@@ -423,7 +426,7 @@ async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterP
             assert result.error.code == grpc.StatusCode.ABORTED.value[0], results
             assert result.error.moved_to.id == "node-2", results
             assert result.error.moved_to.address == plain.target("node-2"), results
-        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 1, "node-2": 0}
+        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 0, "node-2": 0}
         # Sent again marked redirected (another node said node-1 owns it), it runs on node-1.
         results = await pipeline_call(
             stub,
@@ -435,7 +438,7 @@ async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterP
         )
         assert [result.WhichOneof("result") for result in results] == ["set", "get"], results
         assert results[1].get.value == b"stream"
-        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 2, "node-2": 0}
+        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 1, "node-2": 0}
         assert forwarded(plain) == before
         await stub.DeleteAll(pb.DeleteAllRequest(path=path), timeout=10)
         assert await node_keys(stub, path) == dict.fromkeys(MEMBERS, 0)

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from nestkv.client import GrpcStore, channel_options
-from nestkv.server.service import SLICE_OPERATIONS
+from nestkv.server.batches import SLICE_OPERATIONS
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.clusterproc import ClusterProcesses

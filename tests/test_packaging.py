@@ -15,7 +15,7 @@ import pytest
 from tests.serverproc import READY
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_FOLDERS = ("protos", "server", "client")
+PACKAGE_FOLDERS = ("protos", "wire", "server", "client")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ LEFT_OUT = {"protos/generate.py"}  # the build's code generator, run by setup.py
 
 
 def package_files(source: Path) -> set[str]:
-    """The files under protos/, server/ and client/ (generated ones included), as wheel paths."""
+    """The files under protos/, wire/, server/ and client/ (generated ones included), as wheel paths."""
     files = set()
     for folder in PACKAGE_FOLDERS:
         for path in (source / folder).rglob("*"):

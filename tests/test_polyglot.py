@@ -20,9 +20,9 @@ import grpc
 import pytest
 
 from nestkv.client import GrpcStore, channel_options
-from nestkv.client.placement import Placement
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
+from nestkv.wire.placement import Placement
 from tests.clusterproc import ClusterProcesses
 from tests.conftest import SecureServer
 from tests.pki import Pki

@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nestkv.client import GrpcStore, StoreUnavailableError, channel_options
-from nestkv.client.placement import Placement
+from nestkv.wire.placement import Placement
 from tests.clusterproc import ClusterProcesses
 from tests.polling import eventually
 

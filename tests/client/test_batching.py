@@ -14,9 +14,8 @@ import grpc
 import pytest
 
 from nestkv.client import GrpcStore, InvalidRequestError, StoreProtocolError, StoreTimeoutError
-from nestkv.server.limits import Limits
-from nestkv.server.service import StoreServicer
 from nestkv.server.storage import NamespacedStorage
+from tests.inprocess import local_servicer
 from tests.serverproc import ServerProcess
 
 
@@ -25,7 +24,7 @@ class RecordingServer:
 
     def __init__(self) -> None:
         self.storage = NamespacedStorage()
-        self.servicer = StoreServicer(self.storage, Limits())
+        self.servicer = local_servicer(self.storage)
         self.batches: list[int] = []
         self.answering = asyncio.Event()
         self.answering.set()
@@ -59,7 +58,7 @@ class RecordingServer:
                 await self.answering.wait()
                 if number in self.fail_batches:
                     await context.abort(grpc.StatusCode.INTERNAL, f"injected failure of batch {number}")
-                for response in self.servicer.run_batch(request):
+                for response in await self.servicer.run_batch(request):
                     if number in self.overanswer_batches:
                         response.results.add().CopyFrom(response.results[-1])
                     yield response

@@ -21,13 +21,12 @@ from nestkv.client import (
     StoreUnavailableError,
     channel_options,
 )
-from nestkv.client._batching import _MAX_ATTEMPTS as MAX_ATTEMPTS
-from nestkv.client._batching import Pipeline, backoff
-from nestkv.server.limits import Limits
-from nestkv.server.service import StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
+from nestkv.wire.pipeline import _MAX_ATTEMPTS as MAX_ATTEMPTS
+from nestkv.wire.pipeline import Pipeline, backoff
+from tests.inprocess import local_servicer
 from tests.pki import AuthFile
 from tests.serverproc import ServerProcess
 
@@ -144,7 +143,7 @@ class FlakyServer:
         self.code = code
         self.delay = delay
         self.attempts = 0
-        self.servicer = StoreServicer(NamespacedStorage(), Limits())
+        self.servicer = local_servicer(NamespacedStorage())
 
     async def _pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for request in requests:
@@ -152,7 +151,7 @@ class FlakyServer:
             await asyncio.sleep(self.delay)
             if self.attempts <= self.failures:
                 await context.abort(self.code, "injected failure")
-            for response in self.servicer.run_batch(request):
+            for response in await self.servicer.run_batch(request):
                 yield response
 
     async def start(self) -> tuple[Any, int]:

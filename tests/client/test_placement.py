@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from nestkv.client.placement import HASH_NAME, Placement, encode, h64, key_hash, mix, topology_version
+from nestkv.wire.placement import HASH_NAME, Placement, encode, h64, key_hash, mix, topology_version
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parents[1] / "placement_vectors.json").read_text(encoding="utf-8")

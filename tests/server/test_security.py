@@ -18,9 +18,9 @@ from nestkv.server.errors import InvalidArgument, PermissionDenied
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import Denials
 from nestkv.server.security import Grant, SecurityConfigError, digest, load_tokens, toml_entry
-from nestkv.server.service import StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
+from tests.inprocess import local_servicer
 from tests.serverproc import ServerProcess, server_command
 
 DIGEST = "ab" * 32
@@ -181,17 +181,17 @@ def test_an_operation_no_one_listed_as_a_read_is_refused_to_a_read_grant() -> No
         Grant("reader", (), False, Limits()).scope("compare_and_set", pb.SetRequest(key="k"))
 
 
-def test_a_full_store_tells_a_scoped_caller_nothing_of_the_memory_others_use() -> None:
+async def test_a_full_store_tells_a_scoped_caller_nothing_of_the_memory_others_use() -> None:
     storage = NamespacedStorage(max_memory=10_000)
-    servicer = StoreServicer(storage, Limits())
-    servicer.run_batch(
+    servicer = local_servicer(storage)
+    await servicer.run_batch(
         pb.PipelineRequest(operations=[pb.Operation(set=pb.SetRequest(key="other", value=b"x" * 6_000))])
     )
     write = pb.PipelineRequest(operations=[pb.Operation(set=pb.SetRequest(key="k", value=b"y" * 6_000))])
-    [unscoped] = servicer.run_batch(write)
+    [unscoped] = await servicer.run_batch(write)
     assert "used memory" in unscoped.results[0].error.message  # the operator's view: every figure
     write = pb.PipelineRequest(operations=[pb.Operation(set=pb.SetRequest(key="k", value=b"y" * 6_000))])
-    [scoped] = servicer.run_batch(write, Grant("tenant", ("tenant",), True, Limits()))
+    [scoped] = await servicer.run_batch(write, Grant("tenant", ("tenant",), True, Limits()))
     error = scoped.results[0].error
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert error.message == "the store is full: nothing may be evicted to make room for this write"

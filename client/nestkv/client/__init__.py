@@ -5,13 +5,18 @@
     >>> await sessions.set("id", b"data", expires_in=3600)
 
 When Litestar is installed, the stores here are registered as Litestar
-stores: `isinstance(store, litestar.stores.base.NamespacedStore)` holds.
+stores: `isinstance(store, litestar.stores.base.NamespacedStore)` holds
+(nestkv.client.base).
 """
 
 from __future__ import annotations
 
 from nestkv.client.base import NamespacedStore, StorageObject, Store
-from nestkv.client.errors import (
+from nestkv.client.local import LocalStore
+from nestkv.client.stats import NamespaceStats, NodeStats, Quota, ServerStats, Stats
+from nestkv.client.store import GrpcStore
+from nestkv.wire.channel import channel_options
+from nestkv.wire.errors import (
     AuthenticationError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -21,9 +26,6 @@ from nestkv.client.errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from nestkv.client.local import LocalStore
-from nestkv.client.stats import NamespaceStats, NodeStats, Quota, ServerStats, Stats
-from nestkv.client.store import GrpcStore, channel_options
 
 __all__ = [
     "AuthenticationError",
@@ -46,16 +48,3 @@ __all__ = [
     "StoreUnavailableError",
     "channel_options",
 ]
-
-
-def _register_with_litestar() -> None:
-    try:
-        from litestar.stores import base as litestar_base
-    except ImportError:  # Litestar is optional
-        return
-    # ABC.register takes abstract classes; mypy's type-abstract check is a false positive here.
-    litestar_base.Store.register(Store)  # type: ignore[type-abstract]
-    litestar_base.NamespacedStore.register(NamespacedStore)  # type: ignore[type-abstract]
-
-
-_register_with_litestar()

@@ -132,3 +132,17 @@ class StorageObject(msgspec.Struct):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(StorageObject)
+
+
+def _register_with_litestar() -> None:
+    """Register Store and NamespacedStore as Litestar's, when Litestar is installed."""
+    try:
+        from litestar.stores import base as litestar_base
+    except ImportError:  # Litestar is optional
+        return
+    # ABC.register takes abstract classes; mypy's type-abstract check is a false positive here.
+    litestar_base.Store.register(Store)  # type: ignore[type-abstract]
+    litestar_base.NamespacedStore.register(NamespacedStore)  # type: ignore[type-abstract]
+
+
+_register_with_litestar()

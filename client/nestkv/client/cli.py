@@ -28,9 +28,10 @@ from typing import NoReturn
 import grpc
 import msgspec
 
-from nestkv.client.errors import StoreError
 from nestkv.client.stats import Stats
-from nestkv.client.store import DEFAULT_MAX_VALUE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
+from nestkv.client.store import DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
+from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES
+from nestkv.wire.errors import StoreError
 
 MISSING = 1
 FAILED = 2

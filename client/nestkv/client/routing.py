@@ -6,7 +6,7 @@ to the seed, which forwards what it does not own: nothing waits for the
 topology, and nothing is ever sent to a node the topology does not name.
 Each batch carries the topology version it was routed by; a node that holds
 another version answers all the same and says so, and the router reads the
-topology again. The owner of a key is computed by nestkv.client.placement,
+topology again. The owner of a key is computed by nestkv.wire.placement,
 the same function the servers use.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import grpc
 
-from nestkv.client._batching import Pipeline
-from nestkv.client.placement import HASH_NAME, Placement
 from nestkv.v1 import store_pb2 as pb
+from nestkv.wire.pipeline import Pipeline
+from nestkv.wire.placement import HASH_NAME, Placement
 
 log = logging.getLogger("nestkv.client")
 
@@ -52,13 +52,15 @@ class Router:
     def __init__(
         self,
         seed_stub: Any,
-        seed: Pipeline,
-        make_pipeline: Callable[[str], tuple[Pipeline, Callable[[], Any]]],
+        open_seed: Callable[[Callable[[str], None]], Pipeline],
+        make_pipeline: Callable[
+            [str, Callable[[str], None], Callable[[], str]], tuple[Pipeline, Callable[[], Any]]
+        ],
         timeout: float | None,
     ) -> None:
-        """`make_pipeline(address)` opens a channel to a member: its Pipeline, and how to close it."""
+        """`open_seed(on_stale)` makes the seed's Pipeline; `make_pipeline(address, on_stale,
+        topology_version)` opens a channel to a member: its Pipeline, and how to close it."""
         self._seed_stub = seed_stub
-        self._seed = seed
         self._make_pipeline = make_pipeline
         self._timeout = timeout
         self._placement: Placement | None = None
@@ -69,7 +71,7 @@ class Router:
         self.version = ""
         self.members: dict[str, str] = {}
         self.pipelines: dict[str, tuple[Pipeline, Callable[[], Any]]] = {}
-        seed.on_stale = self.stale
+        self._seed = open_seed(self.stale)
 
     def pipeline_for(self, path: Sequence[str], key: str) -> Pipeline:
         """The pipeline of the node that owns `key` in `path` (the seed's while the owner is unknown)."""
@@ -128,15 +130,19 @@ class Router:
                 )
         for member, address in members.items():
             if member not in self.pipelines:
-                pipeline, close = self._make_pipeline(address)
-                pipeline.on_stale = self.stale
-                self.pipelines[member] = (pipeline, close)
-        for pipeline, _ in self.pipelines.values():
-            pipeline.topology_version = response.version
+                self.pipelines[member] = self._make_pipeline(address, self.stale, self._version)
         self.members = members
         self.version = response.version
         self._root = tuple(response.root)
         self._placement = Placement(members)
+
+    def _version(self) -> str:
+        """What every member's batches carry: the version of the topology they were routed by."""
+        return self.version
+
+    @property
+    def seed(self) -> Pipeline:
+        return self._seed
 
     async def close(self) -> None:
         """Stop reading the topology and close every member's pipeline and channel."""

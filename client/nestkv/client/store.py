@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
@@ -12,82 +11,22 @@ from typing import Any, Self
 import grpc
 
 from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
-from nestkv.client._batching import (
+from nestkv.client.base import NamespacedStore
+from nestkv.client.routing import Router
+from nestkv.client.stats import Stats, stats_from_response
+from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import store_pb2_grpc
+from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES, channel_options, is_loopback_host
+from nestkv.wire.errors import InvalidRequestError, StoreError, StoreUnavailableError, error_from_rpc
+from nestkv.wire.pipeline import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_BATCHES_IN_FLIGHT,
     MAX_BATCH_SIZE,
     Pipeline,
 )
-from nestkv.client.base import NamespacedStore
-from nestkv.client.errors import InvalidRequestError, StoreError, StoreUnavailableError, error_from_rpc
-from nestkv.client.routing import Router
-from nestkv.client.stats import Stats, stats_from_response
-from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0
-DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
-KEEPALIVE_TIME_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 5_000
-
-_SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
-
-# Every StoreService RPC is idempotent (Set writes the same value, Delete and
-# DeleteAll remove the same keys), so UNAVAILABLE, which gRPC raises when a
-# call could not be delivered, is retried with exponential backoff. This is
-# for callers of the one-operation RPCs; GrpcStore's Pipeline stream retries
-# on its own (nestkv.client._batching), so gRPC must not replay it as well.
-_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": _SERVICE.full_name, "method": method.name}
-                    for method in _SERVICE.methods
-                    if not method.client_streaming
-                ],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
-
-
-def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tuple[str, Any]]:
-    """Channel options for GrpcStore: message sizes that fit `max_value_bytes`.
-
-    They also carry a retry policy for the one-operation RPCs, for raw stubs
-    on the same channel (GrpcStore's Pipeline stream retries on its own). Pass them to
-    `grpc.aio.insecure_channel` / `secure_channel` when you build the channel yourself.
-    """
-    message_bytes = max_value_bytes + 1024 * 1024  # room for the key, path and framing
-    return [
-        ("grpc.max_send_message_length", message_bytes),
-        ("grpc.max_receive_message_length", message_bytes),
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", _SERVICE_CONFIG),
-        # A connection can go silent without closing (a stuck peer, a half-open TCP connection):
-        # only an unanswered ping finds out. A ping every 10 s, given 5 s to be answered, also
-        # while idle, lets gRPC drop a dead connection and open a new one within ~15 s.
-        # The server permits pings as often as once a second (nestkv.server.app).
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        # grpcio 1.85 waits for a ping's answer this long, whatever keepalive_timeout_ms says
-        # (default: 60 s; found by tests/client/test_silent_connection.py).
-        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        # A server (or cluster node) that was down is tried again within 2 s, not after gRPC's
-        # default backoff, which grows to 2 minutes: a restarted node is back for its keys at once.
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-    ]
 
 
 class _Connection:
@@ -164,9 +103,13 @@ class _Connection:
             if channel is None:
                 channel = self._channel(self._target)
             stub = store_pb2_grpc.StoreServiceStub(channel)
-            pipeline = Pipeline(stub.Pipeline, **self._pipeline_settings)
             if channel is not self._callers_channel:  # a channel of our own: route to the owners
-                router = Router(stub, pipeline, self._member_pipeline, self.timeout)
+                router = Router(
+                    stub, functools.partial(self._seed_pipeline, stub), self._member_pipeline, self.timeout
+                )
+                pipeline = router.seed
+            else:
+                pipeline = Pipeline(stub.Pipeline, **self._pipeline_settings)
             opened = self._by_loop[loop] = (channel, stub, pipeline, router)
         return opened
 
@@ -175,14 +118,24 @@ class _Connection:
             return grpc.aio.insecure_channel(target, options=self._options)
         return grpc.aio.secure_channel(target, self._credentials, options=self._options)
 
-    def _member_pipeline(self, address: str) -> tuple[Pipeline, Callable[[], Awaitable[None]]]:
+    def _seed_pipeline(self, stub: Any, on_stale: Callable[[str], None]) -> Pipeline:
+        return Pipeline(stub.Pipeline, on_stale=on_stale, **self._pipeline_settings)
+
+    def _member_pipeline(
+        self, address: str, on_stale: Callable[[str], None], topology_version: Callable[[], str]
+    ) -> tuple[Pipeline, Callable[[], Awaitable[None]]]:
         channel = self._channel(address)
         # One batch in flight per node: what is issued meanwhile goes in the next. Answers from
         # several nodes come at different times and wake callers in small groups; with more in
         # flight, batches shrank to ~5 operations over 3 nodes (bench/cluster.py), each costing
         # a message on both sides. A lone operation still goes at once.
         settings = {**self._pipeline_settings, "max_batches_in_flight": 1}
-        pipeline = Pipeline(store_pb2_grpc.StoreServiceStub(channel).Pipeline, **settings)
+        pipeline = Pipeline(
+            store_pb2_grpc.StoreServiceStub(channel).Pipeline,
+            topology_version=topology_version,
+            on_stale=on_stale,
+            **settings,
+        )
 
         async def close() -> None:
             await pipeline.close()
@@ -213,7 +166,7 @@ class GrpcStore(NamespacedStore):
 
     Operations travel on one Pipeline stream per channel and event loop:
     those that concurrent tasks issue in the same turn of the loop go in one
-    batch, with no added delay for a lone operation (see nestkv.client._batching).
+    batch, with no added delay for a lone operation (see nestkv.wire.pipeline).
     At most `max_batch_size` operations go in a batch and at most
     `max_batches_in_flight` batches await results; beyond that, callers wait.
     `get_many`, `set_many` and `delete_many` send many keys at once.
@@ -512,19 +465,6 @@ def _is_loopback(target: str) -> bool:
     """Whether a "host:port" target names this machine (127.0.0.0/8, [::1], localhost)."""
     host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]
     return is_loopback_host(host.removeprefix("[").removesuffix("]"))
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost).
-
-    The server's protected mode asks the same (nestkv.server.security): one answer for both.
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _batch_size(number: int) -> int:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import metadata
+from nestkv.server.version import VERSION
 
-try:
-    VERSION = metadata.version("nestkv")
-    """The version of the installed nestkv package."""
-except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-    VERSION = "0+unknown"
+__all__ = ["VERSION"]

@@ -13,16 +13,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nestkv.client.store import is_loopback_host
-from nestkv.server import VERSION
-from nestkv.server.cluster import DNS_LABEL, DNS_NAME, Cluster, ClusterConfigError, HandOff, Membership
-from nestkv.server.cluster.peers import Peers
+from nestkv.server.cluster import (
+    DNS_LABEL,
+    DNS_NAME,
+    Cluster,
+    ClusterConfigError,
+    ClusterRouter,
+    Membership,
+    Peers,
+)
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
+from nestkv.server.operations import Operations
+from nestkv.server.router import LocalRouter, Router
 from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, open_security
 from nestkv.server.service import SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence, PersistenceError
+from nestkv.server.version import VERSION
+from nestkv.wire.channel import is_loopback_host
 
 log = logging.getLogger("nestkv.server")
 
@@ -73,11 +82,13 @@ def build_server(
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
     )
+    operations = Operations(storage, config.limits, persistence.writable if persistence else None)
+    router: Router = ClusterRouter(cluster, operations, metrics) if cluster else LocalRouter()
     store_servicer = StoreServicer(
-        storage,
+        operations,
+        router,
         config.limits,
         commit=persistence.commit if persistence else None,
-        writable=persistence.writable if persistence else None,
         metrics=metrics,
         gate=gate,
         cluster=cluster,
@@ -110,7 +121,13 @@ def describe_security(tls: TlsFiles | None, gate: Gate) -> str:
     return "".join(f", {part}" for part in parts)
 
 
-def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Cluster | None:
+def open_cluster(
+    config: ServerConfig,
+    tls: TlsFiles | None,
+    gate: Gate,
+    storage: NamespacedStorage,
+    persistence: Persistence | None,
+) -> Cluster | None:
     """The cluster this node is one of (None without --cluster); exits if it cannot be one."""
     if not config.cluster:
         return None
@@ -149,8 +166,18 @@ def open_cluster(config: ServerConfig, tls: TlsFiles | None, gate: Gate) -> Clus
             "a node takes forwarded operations, already scoped to their caller's token, only from "
             "a member that proves who it is by its certificate"
         )
-    peers = Peers(membership.node_id, credentials, config.limits.max_value_bytes)
-    return Cluster(membership, peers, gate, peer_domain=config.cluster_name if tls is not None else None)
+    peers = Peers(
+        membership.node_id, credentials, config.limits.max_value_bytes, lambda: membership.current.version
+    )
+    return Cluster(
+        membership,
+        peers,
+        gate,
+        storage,
+        commit=persistence.commit if persistence else _nothing,
+        writable=persistence.writable if persistence else _nothing,
+        peer_domain=config.cluster_name if tls is not None else None,
+    )
 
 
 async def drain(cluster: Cluster, limit: float) -> None:
@@ -160,7 +187,7 @@ async def drain(cluster: Cluster, limit: float) -> None:
     """
     cluster.membership.reload()
     handoff = cluster.handoff
-    if cluster.node_id in cluster.topology.members or handoff is None:
+    if cluster.node_id in cluster.topology.members:
         return
     log.info("nestkv draining: handing off this node's keys (up to %.0fs)", limit)
     sent = handoff.sent
@@ -184,7 +211,7 @@ async def announce_ready(health_servicer: Any, cluster: Cluster | None) -> None:
     another member took its list. A node added to the list serves no clients before the
     existing nodes know of it, which would leave it and them each taking writes for the same
     keys; the first to know tells the others (nestkv.server.cluster.Cluster.heard_of)."""
-    if cluster is not None and cluster.handoff is not None and not cluster.handoff.known.is_set():
+    if cluster is not None and not cluster.handoff.known.is_set():
         log.info("StoreService not ready until another member takes this node's list")
         await cluster.handoff.known.wait()
         log.info("StoreService ready: a member took this node's list")
@@ -243,7 +270,7 @@ async def serve(config: ServerConfig) -> None:
     storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
     storage.quotas = gate.quotas
     persistence = open_persistence(config, storage)
-    cluster = open_cluster(config, tls, gate)
+    cluster = open_cluster(config, tls, gate, storage, persistence)
     metrics = OperationMetrics() if config.metrics_port is not None else None
     serving = build_server(config, storage, persistence, metrics, gate, cluster)
     server, health_servicer = serving.server, serving.health
@@ -281,13 +308,6 @@ async def serve(config: ServerConfig) -> None:
             where = config.address(config.metrics_port, config.metrics_host)
             raise SystemExit(f"nestkv: cannot serve metrics on {where}: {error}") from None
         scraped = f", metrics at http://{config.address(metrics_port, config.metrics_host)}/metrics"
-    if cluster is not None:  # before the first call: a peer's HandOff or a miss to ask needs it
-        cluster.handoff = HandOff(
-            cluster.membership,
-            storage,
-            persistence.commit if persistence else lambda: None,
-            cluster.peers.hand_off,
-        )
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -296,7 +316,7 @@ async def serve(config: ServerConfig) -> None:
         await health_server.start()
         scraped += f", health at {config.address(health_port)}"
     background = [ready, asyncio.create_task(reap_forever(storage, config.reap_interval))]
-    if cluster is not None and cluster.handoff is not None:
+    if cluster is not None:
         background.append(asyncio.create_task(cluster.membership.watch_forever()))
         background.append(asyncio.create_task(cluster.handoff.run_forever()))
     if persistence is not None:
@@ -347,3 +367,7 @@ async def serve(config: ServerConfig) -> None:
             log.error("final snapshot failed; the log still holds every write: %s", error)
         persistence.close()
     log.info("nestkv stopped")
+
+
+def _nothing() -> None:
+    pass

@@ -7,14 +7,21 @@
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
      ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
      ├── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
+     ├── KeyMoved            a peer forwarded a key this node's member list gives to another node
      └── NodeFault           another cluster node failed the operation, or could not be reached: its status
 
-The servicer maps each class to a gRPC status code through one table
-(`server.service.STATUS_OF`); a NodeFault carries the status another node (or
-the forwarding to it, `server.cluster.peers.failure_of`) gave.
+Faults are raised where they happen; `STATUS_OF` below is the one table
+turning them into status names (a NodeFault carries the status another node,
+or the forwarding to it, gave), and `put_error` the one place that writes one
+into an OperationError. Names and numbers: nestkv.wire.codes. Nothing here
+imports grpc: the storage raises these too.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from nestkv.wire.codes import number_of
 
 
 class StoreFault(Exception):
@@ -65,9 +72,49 @@ class PermissionDenied(StoreFault):
     """The caller's token does not allow this operation; nothing was changed."""
 
 
+class KeyMoved(StoreFault):
+    """A peer forwarded an operation on a key that this node's member list gives to `member`:
+    the peer sends it there (its list and ours disagree while a change spreads)."""
+
+    def __init__(self, member: str, address: str) -> None:
+        super().__init__(f"this node's member list gives the key to {member}")
+        self.member = member
+        self.address = address
+
+
 class NodeFault(StoreFault):
     """Another node of the cluster failed the operation forwarded to it; `code` is its status name."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+STATUS_OF: dict[type[StoreFault], str] = {
+    InvalidArgument: "INVALID_ARGUMENT",
+    StoreFull: "RESOURCE_EXHAUSTED",
+    QuotaExceeded: "RESOURCE_EXHAUSTED",
+    StoreUnavailable: "UNAVAILABLE",
+    Unauthenticated: "UNAUTHENTICATED",
+    PermissionDenied: "PERMISSION_DENIED",
+    KeyMoved: "ABORTED",
+    StoreFault: "UNKNOWN",
+}
+"""The status of each fault, by name (a NodeFault's is its `code`)."""
+
+
+def status_of(fault: StoreFault) -> str:
+    """The name of the status code that `fault` answers with."""
+    if isinstance(fault, NodeFault):
+        return fault.code
+    return next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
+
+
+def put_error(error: Any, fault: StoreFault, *, confined: bool) -> None:
+    """Write `fault` into an OperationError (`error`): its status, its message (`confined`: the one
+    for a caller confined to a namespace), and for a KeyMoved the node the key is on."""
+    error.code = number_of(status_of(fault))
+    error.message = fault.confined() if confined else str(fault)
+    if isinstance(fault, KeyMoved):
+        error.moved_to.id = fault.member
+        error.moved_to.address = fault.address

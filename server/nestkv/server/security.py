@@ -39,10 +39,10 @@ import grpc
 import msgspec
 import msgspec.toml
 
-from nestkv.client.store import is_loopback_host
 from nestkv.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import Denials
+from nestkv.wire.channel import is_loopback_host
 
 if TYPE_CHECKING:
     from nestkv.server.config import ServerConfig

@@ -48,13 +48,17 @@ class HandOff:
         self,
         membership: Membership,
         storage: NamespacedStorage,
-        commit: Callable[[], None],
         open_stream: Callable[[str], Any],
+        *,
+        commit: Callable[[], None],
+        writable: Callable[[], None],
     ) -> None:
-        """`open_stream(address)` opens a HandOff call to a member; `commit` makes writes durable."""
+        """`open_stream(address)` opens a HandOff call to a member; `commit` makes writes durable,
+        and `writable` raises StoreUnavailable when they cannot be (persistence)."""
         self._membership = membership
         self._storage = storage
         self._commit = commit
+        self._writable = writable
         self._open_stream = open_stream
         self._needed = asyncio.Event()
         self._needed.set()  # a pass at start: the data directory may hold keys others own now
@@ -200,7 +204,11 @@ class HandOff:
         return any(tuple(path[: len(prefix)]) == prefix for prefix in self._cleared)
 
     def take(self, sender: str, request: pb.HandOffRequest) -> tuple[int, int]:
-        """Store the entries of one HandOffRequest that are news here; (stored, skipped)."""
+        """Store the entries of one HandOffRequest that are news here, durably; (stored, skipped).
+
+        Raises StoreFault if they cannot be stored (the sender keeps them and tries again).
+        """
+        self._writable()
         storage = self._storage
         stored = skipped = 0
         handed = self._handed
@@ -230,6 +238,7 @@ class HandOff:
             current = self._membership.current
             if any(current.owner(entry.path, entry.key) != node_id for entry in request.entries):
                 self.write_elsewhere(request.topology_version)
+        self._commit()
         return stored, skipped
 
     # The sending side.

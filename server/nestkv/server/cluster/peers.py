@@ -1,6 +1,6 @@
 """Connections to the other members: one channel and one Pipeline stream per peer, for forwarding.
 
-Forwarded operations ride the client's own Pipeline (nestkv.client._batching):
+Forwarded operations ride the Pipeline stream driver GrpcStore uses too (nestkv.wire.pipeline):
 those forwarded in the same turn of the loop share a batch, batches keep their
 order per peer, a broken stream is opened again and its unanswered operations
 sent again. Every call carries `nestkv-peer: <this node's id>`; the receiving
@@ -16,11 +16,12 @@ from typing import Any
 
 import grpc
 
-from nestkv.client._batching import Pipeline
-from nestkv.client.errors import StoreError, StoreTimeoutError, error_from_rpc
-from nestkv.client.store import channel_options
+from nestkv.server.errors import NodeFault
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
+from nestkv.wire.channel import channel_options
+from nestkv.wire.errors import StoreError, StoreTimeoutError, error_from_rpc
+from nestkv.wire.pipeline import Pipeline
 
 PEER_HEADER = "nestkv-peer"
 """Metadata naming the node that sent a call: its operations were routed (and scoped) there."""
@@ -54,8 +55,12 @@ class Peers:
         node_id: str,
         credentials: grpc.ChannelCredentials | None,
         max_value_bytes: int,
+        topology_version: Callable[[], str],
         timeout: float = PEER_TIMEOUT,
     ) -> None:
+        """`topology_version()` is the version of this node's member list, sent with every batch
+        forwarded: the list its operations were placed by, for the receiver to compare."""
+        self._topology_version = topology_version
         self._metadata = ((PEER_HEADER, node_id),)
         self._node_id = node_id
         self._credentials = credentials
@@ -84,24 +89,22 @@ class Peers:
             pipelines = {}
             for mode in MODES:
                 metadata = (*self._metadata, (MODE_HEADER, mode)) if mode else self._metadata
-                pipeline = Pipeline(
-                    functools.partial(stub.Pipeline, metadata=metadata), timeout=self._timeout
+                pipelines[mode] = Pipeline(
+                    functools.partial(stub.Pipeline, metadata=metadata),
+                    timeout=self._timeout,
+                    topology_version=self._topology_version,
+                    raise_errors=False,  # a peer's error goes back to the caller as it came
                 )
-                pipeline.errors_raise = False  # a peer's error goes back to the caller as it came
-                pipelines[mode] = pipeline
             opened = self._open[address] = (channel, stub, pipelines)
         return opened
 
-    def forward(
-        self, address: str, operation: pb.Operation, mode: str = "", version: str = ""
-    ) -> asyncio.Future[Any]:
+    def forward(self, address: str, operation: pb.Operation, mode: str = "") -> asyncio.Future[Any]:
         """Send `operation` to the peer at `address`; the future of its OperationResult.
 
         An operation's error is its result (with `moved_to`, the caller redirects it); the future
         fails with a StoreError when the peer could not be reached or did not answer in time.
         """
         pipeline = self._connection(address)[2][mode]
-        pipeline.topology_version = version  # the list it was placed by, for the receiver to compare
         added, future = pipeline.add(operation.ByteSize(), pipeline.deadline())
         added.CopyFrom(operation)
         return future
@@ -138,18 +141,20 @@ class Peers:
             await channel.close()
 
 
-def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT) -> tuple[str, str]:
-    """(status name, message) of a forwarded operation whose peer stream failed, naming the node.
+def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT) -> NodeFault:
+    """The fault of a forwarded operation whose peer stream failed, naming the node.
 
     A node that did not answer in time is UNAVAILABLE, as one that could not be reached: the
     caller's key is on that node. (An operation's own error comes back as its result.)
     """
     if isinstance(error, StoreTimeoutError):
-        return "UNAVAILABLE", f"node {member} did not answer within {timeout} s"
+        return NodeFault("UNAVAILABLE", f"node {member} did not answer within {timeout} s")
     if isinstance(error, StoreError):
         if error.code in ("UNAVAILABLE", "CANCELLED"):
-            return "UNAVAILABLE", f"node {member} is unavailable: {error}"
+            return NodeFault("UNAVAILABLE", f"node {member} is unavailable: {error}")
         if error.code == "UNAUTHENTICATED":  # it has not read the member list naming this node yet
-            return "UNAVAILABLE", f"node {member} does not take this node as a member (yet): {error}"
-        return error.code, str(error).removeprefix(f"{error.code}: ")
-    return "INTERNAL", f"forwarding to node {member} failed: {error!r}"
+            return NodeFault(
+                "UNAVAILABLE", f"node {member} does not take this node as a member (yet): {error}"
+            )
+        return NodeFault(error.code, str(error).removeprefix(f"{error.code}: "))
+    return NodeFault("INTERNAL", f"forwarding to node {member} failed: {error!r}")

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nestkv.client.placement import Placement, topology_version
+from nestkv.wire.placement import Placement, topology_version
 
 log = logging.getLogger("nestkv.server")
 

@@ -42,7 +42,8 @@ from typing import Any
 
 import grpc
 
-from nestkv.client.errors import (
+from nestkv.v1 import store_pb2 as pb
+from nestkv.wire.errors import (
     StoreError,
     StoreProtocolError,
     StoreTimeoutError,
@@ -50,7 +51,6 @@ from nestkv.client.errors import (
     error_from_code,
     error_from_rpc,
 )
-from nestkv.v1 import store_pb2 as pb
 
 DEFAULT_MAX_BATCH_SIZE = 512
 MAX_BATCH_SIZE = 10_000
@@ -145,15 +145,15 @@ class Pipeline:
         "_max_batch_size",
         "_max_in_flight",
         "_next_id",
+        "_on_stale",
         "_open_stream",
+        "_raise_errors",
         "_sent",
         "_stalled",
         "_timeout",
+        "_topology_version",
         "_waiting",
         "_wakeup",
-        "errors_raise",
-        "on_stale",
-        "topology_version",
         "wakeups",
     )
 
@@ -165,8 +165,22 @@ class Pipeline:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        topology_version: Callable[[], str] | None = None,
+        on_stale: Callable[[str], None] | None = None,
+        raise_errors: bool = True,
     ) -> None:
+        """`open_stream()` opens a Pipeline call; `timeout` is each operation's, in seconds.
+
+        `topology_version()`, if given, is sent with every batch: the cluster topology its
+        operations were routed by; `on_stale(version)` is called with a node's version when it
+        answers that the batch's is stale. With `raise_errors` (the default) an operation's
+        error fails its future with a StoreError; without, the error is its result (a cluster
+        node forwarding, which passes a peer's error on as it came).
+        """
         self._open_stream = open_stream
+        self._topology_version = topology_version
+        self._on_stale = on_stale
+        self._raise_errors = raise_errors
         self._timeout = timeout
         self._max_batch_size = max_batch_size
         self._max_in_flight = max_batches_in_flight
@@ -188,13 +202,6 @@ class Pipeline:
         self._driver: asyncio.Task[None] | None = None
         self.wakeups = 0
         """Callers woken from waiting for room, in all: one per caller that waited."""
-        self.topology_version = ""
-        """Sent with every batch: the cluster topology its operations were routed by (routing)."""
-        self.on_stale: Callable[[str], None] | None = None
-        """Called with the node's version when it answers that `topology_version` is stale."""
-        self.errors_raise = True
-        """An operation's error fails its future with a StoreError; False: it is its result (a
-        cluster node forwarding, which passes a peer's error on as it came)."""
 
     def deadline(self) -> float | None:
         """The deadline (loop time) of an operation issued now; None without a timeout."""
@@ -220,7 +227,7 @@ class Pipeline:
             or (batch.payload + payload > self._max_batch_bytes and batch.futures)
         ):
             self._next_id += 1
-            batch = _Batch(self._next_id, self.topology_version)
+            batch = _Batch(self._next_id, self._topology_version() if self._topology_version else "")
             self._waiting.append(batch)
         future = self._loop.create_future()
         batch.futures.append(future)
@@ -424,8 +431,8 @@ class Pipeline:
                 return StoreProtocolError(disorder, "INTERNAL"), False
             self._last_answer = self._loop.time()
             self._failures = 0
-            if response.topology_version and self.on_stale is not None:
-                self.on_stale(response.topology_version)
+            if response.topology_version and self._on_stale is not None:
+                self._on_stale(response.topology_version)
             batch = self._sent[0]
             futures = batch.futures
             index = batch.answered
@@ -434,7 +441,7 @@ class Pipeline:
                 index += 1
                 if future.done():
                     continue
-                if self.errors_raise and result.WhichOneof("result") == "error":
+                if self._raise_errors and result.WhichOneof("result") == "error":
                     future.set_exception(error_from_code(result.error.code, result.error.message))
                 else:
                     future.set_result(result)

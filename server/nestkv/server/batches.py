@@ -1,0 +1,220 @@
+"""Running a batch: every call's operations, a Pipeline batch or a one-operation RPC (a batch of one).
+
+`BatchRunner.run` is the one path of an operation on a node: scoped by the
+caller's grant, placed by the router (here, or another node's answer to
+come), run on the storage (nestkv.server.operations), counted, committed.
+A fault becomes the operation's error result; only a failed commit fails
+the whole batch (the caller may send it again: every operation is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from nestkv.server.errors import InvalidArgument, StoreFault, put_error, status_of
+from nestkv.server.limits import MiB
+from nestkv.server.metrics import OperationMetrics
+from nestkv.server.operations import KINDS, Operations
+from nestkv.server.router import Answer, Route, Router
+from nestkv.server.security import Grant
+from nestkv.v1 import store_pb2 as pb
+from nestkv.wire.codes import name_of
+
+RESPONSE_CHUNK_BYTES = 1 * MiB
+"""Values a PipelineResponse carries before the rest of its batch goes in the next one."""
+
+# Operations run between two yields to the event loop: a large batch runs in slices, so that no
+# other caller waits behind it for more than one slice (a few milliseconds). In a cluster, a
+# slice's forwarded operations are answered before the next slice runs: what one batch has sent
+# to other nodes and not had answered is at most a slice.
+SLICE_OPERATIONS = 256
+
+_EMPTY = f"operation is empty; set one of {', '.join(KINDS)}"
+
+Pending = list[tuple[pb.OperationResult, Answer]]
+"""Results whose answer comes from elsewhere, with that answer."""
+
+
+class BatchRunner:
+    """Runs batches on one node: through its router, on its operations, counted and committed."""
+
+    def __init__(
+        self,
+        operations: Operations,
+        router: Router,
+        *,
+        commit: Callable[[], None] | None = None,
+        metrics: OperationMetrics | None = None,
+        chunk_bytes: int = RESPONSE_CHUNK_BYTES,
+    ) -> None:
+        """`commit` runs after each slice's writes, before the answer; `metrics`, if given, counts
+        every operation run here with its status and duration."""
+        self._operations = operations.by_kind
+        self._router = router
+        self._commit = commit or _nothing
+        self._metrics = metrics
+        self._chunk_bytes = chunk_bytes
+
+    async def run(
+        self, batch: pb.PipelineRequest, grant: Grant
+    ) -> AsyncIterator[Awaitable[list[pb.PipelineResponse]]]:
+        """Run `batch` as `grant` allows, a slice at a time: the responses of each slice, in order,
+        each to await (a slice's operations sent elsewhere are answered before the next slice
+        runs; the last slice's answers come when they come, while the caller reads on).
+
+        Run here, a slice's operations get one response unless the values read need more. A
+        failed commit raises its StoreFault (the slices before it were answered).
+        """
+        route = self._router.route(batch, grant)
+        starts = _slice_starts(batch)
+        last = starts[-1]
+        for start in starts:
+            pending: Pending = []
+            responses = self._run_slice(batch, grant, route, pending, start)
+            if not start:
+                route.finish(responses[0])
+            if start == last:
+                yield self._gather(batch.id, responses, pending) if pending else _done(responses)
+                return
+            if pending:
+                await _answered(pending)
+                responses = _rechunk(batch.id, responses, self._chunk_bytes)
+            yield _done(responses)
+            await asyncio.sleep(0)  # a slice done: let other callers run
+
+    async def _gather(
+        self, batch_id: int, responses: list[pb.PipelineResponse], pending: Pending
+    ) -> list[pb.PipelineResponse]:
+        await _answered(pending)
+        return _rechunk(batch_id, responses, self._chunk_bytes)
+
+    def _run_slice(
+        self, batch: pb.PipelineRequest, grant: Grant, route: Route, pending: Pending, start: int
+    ) -> list[pb.PipelineResponse]:
+        """Run the slice of `batch` that begins at `start`; one response unless the values read
+        need more. Answers to come from elsewhere go in `pending`."""
+        scope = grant.scope
+        # A peer passes the message to its caller, who may be confined to a namespace.
+        confined = bool(grant.root) or grant.forwarded
+        response = pb.PipelineResponse(id=batch.id)
+        responses = [response]
+        results = response.results
+        room = self._chunk_bytes
+        stop = start + SLICE_OPERATIONS
+        operations = self._operations
+        metrics = self._metrics
+        clock = time.perf_counter
+        started = clock() if metrics else 0.0
+        whole = start == 0 and stop >= len(batch.operations)
+        for operation in batch.operations if whole else batch.operations[start:stop]:
+            result = results.add()
+            kind = operation.WhichOneof("operation")
+            if kind is None:
+                put_error(result.error, InvalidArgument(_EMPTY), confined=False)
+                continue
+            out = getattr(result, kind)
+            out.SetInParent()
+            try:
+                request = getattr(operation, kind)
+                scope(kind, request)
+                answer = route.elsewhere(kind, request, operation)
+                if answer is not None:  # counted by the node that runs it
+                    pending.append((result, answer))
+                    if metrics:
+                        started = clock()
+                    continue
+                operations[kind](request, out)
+            except StoreFault as fault:
+                put_error(result.error, fault, confined=confined)
+                if metrics:
+                    now = clock()
+                    metrics.record(kind, status_of(fault), now - started)
+                    started = now
+                continue
+            if metrics:
+                # From the end of the operation before: its parsing and its result's building count too.
+                now = clock()
+                metrics.succeeded(kind, now - started)
+                started = now
+            if kind == "get":
+                room -= len(out.value)
+                if room < 0 and len(results) > 1:
+                    # Too much for one message: this result opens the next response.
+                    response = pb.PipelineResponse(id=batch.id)
+                    responses.append(response)
+                    result = response.results.add()
+                    result.CopyFrom(results[-1])
+                    del results[-1]
+                    results = response.results
+                    out = result.get
+                    room = self._chunk_bytes - len(out.value)
+            answer = route.after(kind, request, out, operation)  # once the result is where it stays
+            if answer is not None:
+                pending.append((result, answer))
+        try:
+            self._commit()
+        except StoreFault as fault:
+            if metrics:  # the call fails: every operation of the slice failed with it
+                _recount(metrics, batch.operations[start:stop], responses, status_of(fault))
+            raise
+        return responses
+
+
+def _slice_starts(batch: pb.PipelineRequest) -> range:
+    """Where each slice of a batch starts (one slice for an empty batch, which is answered too)."""
+    return range(0, max(len(batch.operations), 1), SLICE_OPERATIONS)
+
+
+async def _answered(pending: Pending) -> None:
+    """Wait for the answers from elsewhere and put each in its result (an error result stays)."""
+    answers = await asyncio.gather(*(answer for _, answer in pending))
+    for (result, _), answer in zip(pending, answers, strict=True):
+        if answer is not None and result.WhichOneof("result") != "error":
+            result.CopyFrom(answer)
+
+
+def _recount(
+    metrics: OperationMetrics,
+    operations: Sequence[pb.Operation],
+    responses: list[pb.PipelineResponse],
+    code: str,
+) -> None:
+    """Count every operation of a slice whose commit failed with `code` instead of its own status."""
+    results = [result for response in responses for result in response.results]
+    for operation, result in zip(operations, results, strict=True):
+        kind = operation.WhichOneof("operation")
+        if kind is not None:
+            error = result.WhichOneof("result") == "error"
+            metrics.recount(kind, name_of(result.error.code) if error else "OK", code)
+
+
+def _rechunk(
+    batch_id: int, responses: list[pb.PipelineResponse], chunk_bytes: int
+) -> list[pb.PipelineResponse]:
+    """`responses` cut again so that values of about `chunk_bytes` go in each (forwarded reads
+    arrive after the batch was first cut)."""
+    results = [result for response in responses for result in response.results]
+    if len(responses) == 1 and sum(len(result.get.value) for result in results) <= chunk_bytes:
+        return responses
+    cut = [pb.PipelineResponse(id=batch_id, topology_version=responses[0].topology_version)]
+    room = chunk_bytes
+    for result in results:
+        size = len(result.get.value)
+        if size > room and cut[-1].results:
+            cut.append(pb.PipelineResponse(id=batch_id))
+            room = chunk_bytes
+        room -= size
+        cut[-1].results.add().CopyFrom(result)
+    return cut
+
+
+def _done(responses: list[pb.PipelineResponse]) -> asyncio.Future[list[pb.PipelineResponse]]:
+    done: asyncio.Future[list[pb.PipelineResponse]] = asyncio.get_running_loop().create_future()
+    done.set_result(responses)
+    return done
+
+
+def _nothing() -> None:
+    pass

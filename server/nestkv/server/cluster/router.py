@@ -1,0 +1,282 @@
+"""A cluster node's router: each operation to the node that owns its key, and what a change of members needs.
+
+For a batch from a client, an operation on a key another member owns is
+forwarded there (a peer Pipeline stream, nestkv.server.cluster.peers), and a
+delete_all runs here and on every other member, unless the client sent it to
+each itself (it routed the batch by this node's list). For a batch a peer
+forwarded, everything runs here, except a key this node's list gives to yet
+another node: that answers KeyMoved, and the peer sends it on once.
+
+While hand-offs run (nestkv.server.cluster.handoff), writes and deletes are
+remembered so that no older copy undoes them, and a read that misses is asked
+of the key's previous owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from nestkv.server.cluster.admission import PeerGrant
+from nestkv.server.cluster.node import Cluster
+from nestkv.server.cluster.peers import failure_of
+from nestkv.server.errors import KeyMoved, NodeFault, StoreFault, put_error
+from nestkv.server.metrics import OperationMetrics
+from nestkv.server.operations import READS, Operations, found
+from nestkv.server.router import Answer, Route
+from nestkv.server.security import Grant
+from nestkv.v1 import store_pb2 as pb
+
+
+class ClusterRouter:
+    """Routes the batches of one cluster node (see the module's docstring)."""
+
+    forwards = True
+
+    def __init__(
+        self, cluster: Cluster, operations: Operations, metrics: OperationMetrics | None = None
+    ) -> None:
+        """`operations` runs a read again here (after a previous owner's miss); `metrics`, if given,
+        counts the operations forwarded to each node."""
+        self.cluster = cluster
+        self._operations = operations
+        self._metrics = metrics
+
+    def route(self, batch: pb.PipelineRequest, grant: Grant) -> Route:
+        if batch.topology_version:
+            self.cluster.heard_of(
+                batch.topology_version, grant.sender if isinstance(grant, PeerGrant) else ""
+            )
+        return _ClusterRoute(self, batch, grant)
+
+    def forward(self, member: str, operation: pb.Operation) -> Answer:
+        """Run `operation` on `member`, the owner of its key (counted as forwarded)."""
+        self._count(member)
+        return self._send(member, operation)
+
+    def fan_out(self, operation: pb.Operation) -> Answer:
+        """Run `operation` (a delete_all) on every other member: None if all did, else an error
+        result naming those that did not."""
+        cluster = self.cluster
+        members = {
+            member: address
+            for member, address in cluster.topology.members.items()
+            if member != cluster.node_id
+        }
+        for member in members:
+            self._count(member)
+        futures = {member: cluster.peers.forward(address, operation) for member, address in members.items()}
+        return _all_of(futures)
+
+    async def ask(self, member: str, operation: pb.Operation) -> pb.OperationResult | None:
+        """The answer of a key's previous owner to a read that missed here; None: the miss stands."""
+        handoff = self.cluster.handoff
+        assert handoff.previous is not None  # a previous owner is named only while there is a list before
+        result = await self._send(member, operation, handoff.previous.members[member], "asked")
+        if result.WhichOneof("result") == "error" and handoff.unanswered(member):
+            return None
+        if _missed(operation, result):
+            # It may have come here meanwhile: a hand-off stores a key here before the previous
+            # owner drops it, so a miss there that came after the drop finds it here now.
+            return self._operations.result_of(operation)
+        return result
+
+    def _count(self, member: str) -> None:
+        metrics = self._metrics
+        if metrics:
+            metrics.forwarded[member] = metrics.forwarded.get(member, 0) + 1
+
+    def _send(
+        self, member: str, operation: pb.Operation, address: str = "", mode: str = ""
+    ) -> Awaitable[pb.OperationResult]:
+        """Run `operation` on `member` (at `address`, default: its address in the current list); its
+        OperationResult, an error result if it failed. Sent on once if the member's list gives the
+        key to another node. `mode`: see PeerGrant."""
+        address = address or self.cluster.topology.members[member]
+        future = self.cluster.peers.forward(address, operation, mode)
+        return self._result_of(member, address, operation, future)
+
+    async def _result_of(
+        self, member: str, address: str, operation: pb.Operation, future: asyncio.Future[Any]
+    ) -> pb.OperationResult:
+        """The result of a forwarded operation, following a redirect once.
+
+        A node that redirects still holds the keys it has not handed off yet: a read that misses
+        where it was redirected to is asked of it once more.
+        """
+        peers = self.cluster.peers
+        try:
+            result: pb.OperationResult = await future
+            if _moved(result):
+                moved_from = address
+                member, address = result.error.moved_to.id, result.error.moved_to.address
+                result = await peers.forward(address, operation, "redirected")
+                if _moved(result):  # sent on once only: the lists are changing, try again
+                    disagree = f"the member lists of the nodes disagree: {result.error.message}"
+                    return _error_result(NodeFault("UNAVAILABLE", disagree))
+                if _missed(operation, result):
+                    member = f"{member}'s previous owner"
+                    result = await peers.forward(moved_from, operation, "asked")
+        except Exception as error:
+            return _error_result(failure_of(member, error))
+        return result
+
+    async def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
+        """Every other member's own figures for the scoped path added to this node's: each, and summed."""
+        cluster = self.cluster
+        own = pb.NodeStats(node_id=cluster.node_id, namespace=response.namespace, server=response.server)
+        if response.HasField("quota"):
+            own.quota.CopyFrom(response.quota)
+        others = [
+            (member, address)
+            for member, address in cluster.topology.members.items()
+            if member != cluster.node_id
+        ]
+        answers = await asyncio.gather(
+            *(cluster.peers.stats(address, request) for _, address in others), return_exceptions=True
+        )
+        missing = [
+            f"{member}: {answer}"
+            for (member, _), answer in zip(others, answers, strict=True)
+            if isinstance(answer, BaseException)
+        ]
+        if missing:
+            raise NodeFault(
+                "UNAVAILABLE",
+                f"stats did not reach {len(missing)} of {len(answers) + 1} nodes: " + "; ".join(missing),
+            )
+        response.nodes.append(own)
+        for (member, _), answer in sorted(zip(others, answers, strict=True), key=lambda pair: pair[0][0]):
+            assert isinstance(answer, pb.StatsResponse)
+            node = response.nodes.add(node_id=member, namespace=answer.namespace, server=answer.server)
+            if answer.HasField("quota"):
+                node.quota.CopyFrom(answer.quota)
+                if not response.HasField("quota"):
+                    response.quota.CopyFrom(answer.quota)
+                response.quota.used_bytes = max(response.quota.used_bytes, answer.quota.used_bytes)
+        total_namespace, total_server = response.namespace, response.server
+        for node in response.nodes[1:]:
+            for name in ("keys", "bytes", "expiring_keys"):
+                setattr(total_namespace, name, getattr(total_namespace, name) + getattr(node.namespace, name))
+            total_namespace.child_namespaces = max(
+                total_namespace.child_namespaces, node.namespace.child_namespaces
+            )
+            for name in ("keys", "memory_bytes", "max_memory_bytes", "evictions", "expired_keys"):
+                setattr(total_server, name, getattr(total_server, name) + getattr(node.server, name))
+
+    def describe(self, response: pb.TopologyResponse) -> None:
+        """The members, the version of their list, this node's id, and the version before."""
+        cluster = self.cluster
+        topology = cluster.topology
+        for member, address in topology.members.items():
+            response.members.add(id=member, address=address)
+        response.version = topology.version
+        response.node_id = cluster.node_id
+        previous = cluster.handoff.previous
+        if previous is not None:
+            response.previous_version = previous.version
+
+
+class _ClusterRoute:
+    """How one batch's operations run on a cluster node: decided once per batch (the clock and
+    the member list are read once), asked once per operation."""
+
+    __slots__ = ("_asks", "_during", "_fan_out", "_forward", "_grant", "_moving", "_router", "_version")
+
+    def __init__(self, router: ClusterRouter, batch: pb.PipelineRequest, grant: Grant) -> None:
+        cluster = router.cluster
+        self._router = router
+        self._grant = grant
+        self._version = batch.topology_version
+        self._forward = not grant.forwarded  # a caller's batch: keys go to their owners
+        # A batch the client routed by the current list: its delete_all is for this node only.
+        self._fan_out = self._forward and batch.topology_version != cluster.topology.version
+        # A peer's operations on keys our list gives to another node go back to it, to send there;
+        # even redirected ones, once this node is off its own list (it is handing everything off).
+        peer_mode = grant.mode if isinstance(grant, PeerGrant) else None
+        self._moving = peer_mode == "" or (peer_mode == "redirected" and cluster.removed)
+        # A peer's forwarded write may need passing on however quiet hand-offs are (write_elsewhere).
+        self._during = grant.forwarded or cluster.handoff.active
+        # Redirected (the sender asks next) or asked: a miss is answered from what is here.
+        self._asks = not peer_mode
+
+    def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
+        if kind == "delete_all":
+            return None  # here first; the other nodes after (see `after`)
+        if self._forward:
+            owner = self._router.cluster.owner(request.path, request.key)
+            return None if owner is None else self._router.forward(owner, operation)
+        if self._moving:
+            # Even back to the sender: its list gives the key to this node, ours to it, and a key
+            # handed off there is found only there.
+            cluster = self._router.cluster
+            owner = cluster.owner(request.path, request.key)
+            if owner is not None:
+                raise KeyMoved(owner, cluster.topology.members[owner])
+        return None
+
+    def after(self, kind: str, request: Any, response: Any, operation: pb.Operation) -> Answer | None:
+        if self._during:
+            handoff = self._router.cluster.handoff
+            if kind in READS:
+                if self._asks and not found(kind, response):
+                    member = handoff.previous_owner(request.path, request.key)
+                    if member is not None:
+                        return self._router.ask(member, operation)
+                return None
+            if kind == "delete":
+                handoff.deleted(request.path, request.key)
+            elif kind == "delete_all":
+                handoff.cleared(request.path)
+            else:
+                handoff.written(request.path, request.key)
+                if self._grant.forwarded and self._router.cluster.owner(request.path, request.key):
+                    handoff.write_elsewhere(self._version)  # a peer placed it by another member list
+        if kind == "delete_all" and self._fan_out:
+            return self._router.fan_out(operation)
+        return None
+
+    def finish(self, first: pb.PipelineResponse) -> None:
+        current = self._router.cluster.topology.version
+        if self._version not in ("", current):
+            first.topology_version = current  # the caller routes by an older list: it reads ours
+
+
+def _moved(result: pb.OperationResult) -> bool:
+    return result.WhichOneof("result") == "error" and result.error.HasField("moved_to")
+
+
+def _missed(operation: pb.Operation, result: pb.OperationResult) -> bool:
+    """Whether `result` is that of a read that found nothing."""
+    kind = operation.WhichOneof("operation")
+    if kind not in READS or result.WhichOneof("result") != kind:
+        return False
+    return not found(kind, getattr(result, kind))
+
+
+def _error_result(fault: StoreFault) -> pb.OperationResult:
+    result = pb.OperationResult()
+    put_error(result.error, fault, confined=False)
+    return result
+
+
+async def _all_of(futures: dict[str, asyncio.Future[Any]]) -> pb.OperationResult | None:
+    failed = []
+    for member, future in futures.items():
+        try:
+            result: pb.OperationResult = await future
+        except Exception as error:
+            failed.append(str(failure_of(member, error)))
+            continue
+        if result.WhichOneof("result") == "error":
+            failed.append(f"node {member}: {result.error.message}")
+    if not failed:
+        return None
+    return _error_result(
+        NodeFault(
+            "UNAVAILABLE",
+            f"delete_all did not reach {len(failed)} of {len(futures) + 1} nodes, whose keys remain: "
+            + "; ".join(failed),
+        )
+    )

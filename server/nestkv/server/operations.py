@@ -1,0 +1,144 @@
+"""The Store API's operations run on this node's storage: each request checked, then applied.
+
+Routing has decided, before anything here runs, that the key is this node's
+(nestkv.server.cluster.router); scoping has put the caller's root in the path
+(nestkv.server.security). What is left is the limits of each field, and the
+call into nestkv.server.storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+
+from nestkv.server.errors import InvalidArgument, StoreFault, put_error
+from nestkv.server.limits import Limits, check_span
+from nestkv.server.storage import NEVER, NamespacedStorage
+from nestkv.server.version import VERSION
+from nestkv.v1 import store_pb2 as pb
+
+Operation = Callable[[Any, Any], None]
+"""Runs one request, filling the response message it is given; raises StoreFault."""
+
+KINDS = tuple(field.name for field in pb.Operation.DESCRIPTOR.oneofs_by_name["operation"].fields)
+"""The operations a Pipeline batch may hold: the names of Operation's oneof."""
+
+READS = frozenset({"get", "exists", "expires_in"})
+
+
+def _span(duration: Duration, name: str) -> float:
+    """Seconds of a Duration given for expiry or renewal, checked to be valid and positive."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if not -999_999_999 <= nanos <= 999_999_999 or (seconds > 0 > nanos) or (seconds < 0 < nanos):
+        raise InvalidArgument(f"{name} is not a valid Duration (seconds={seconds}, nanos={nanos})")
+    return check_span(seconds + nanos / 1e9, name)
+
+
+def found(kind: str, response: Any) -> bool:
+    """Whether the response of a read found its key."""
+    return bool(response.exists) if kind == "exists" else bool(response.found)
+
+
+class Operations:
+    """The operations of one node's storage, by kind (`by_kind`), and its Stats."""
+
+    def __init__(
+        self, storage: NamespacedStorage, limits: Limits, writable: Callable[[], None] | None = None
+    ) -> None:
+        """`writable`, if given, runs before each write, raising StoreUnavailable when writes
+        cannot be kept (persistence)."""
+        self._storage = storage
+        self._limits = limits
+        self._writable = writable or _nothing
+        self._started = time.monotonic()
+        self.by_kind: dict[str, Operation] = {
+            "set": self.set,
+            "get": self.get,
+            "delete": self.delete,
+            "delete_all": self.delete_all,
+            "exists": self.exists,
+            "expires_in": self.expires_in,
+        }
+
+    def result_of(self, operation: pb.Operation) -> pb.OperationResult:
+        """The result of running `operation` here, now (a fault in it with a confined message)."""
+        result = pb.OperationResult()
+        kind = operation.WhichOneof("operation")
+        assert kind is not None
+        out = getattr(result, kind)
+        out.SetInParent()
+        try:
+            self.by_kind[kind](getattr(operation, kind), out)
+        except StoreFault as fault:
+            put_error(result.error, fault, confined=True)
+        return result
+
+    def set(self, request: pb.SetRequest, response: pb.SetResponse) -> None:
+        limits = self._limits
+        limits.check_key(request.key)
+        limits.check_value(request.value)
+        ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
+        self._writable()
+        self._storage.set(request.path, request.key, request.value, ttl)
+
+    def get(self, request: pb.GetRequest, response: pb.GetResponse) -> None:
+        self._limits.check_key(request.key)
+        renew_for = _span(request.renew_for, "renew_for") if request.HasField("renew_for") else None
+        if renew_for is not None:
+            self._writable()
+        value = self._storage.get(request.path, request.key, renew_for)
+        if value is not None:
+            response.found = True
+            response.value = value
+
+    def delete(self, request: pb.DeleteRequest, response: pb.DeleteResponse) -> None:
+        self._limits.check_key(request.key)
+        self._writable()
+        self._storage.delete(request.path, request.key)
+
+    def delete_all(self, request: pb.DeleteAllRequest, response: pb.DeleteAllResponse) -> None:
+        self._writable()
+        self._storage.delete_all(request.path)
+
+    def exists(self, request: pb.ExistsRequest, response: pb.ExistsResponse) -> None:
+        self._limits.check_key(request.key)
+        response.exists = self._storage.exists(request.path, request.key)
+
+    def expires_in(self, request: pb.ExpiresInRequest, response: pb.ExpiresInResponse) -> None:
+        self._limits.check_key(request.key)
+        left = self._storage.expires_in(request.path, request.key)
+        if left is None:
+            return
+        response.found = True
+        if left != NEVER:
+            seconds = int(left)
+            response.expires_in.seconds = seconds
+            response.expires_in.nanos = int((left - seconds) * 1e9)
+
+    def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
+        """This node's figures: of the subtree at the request's path, and of the whole server."""
+        storage = self._storage
+        subtree = storage.subtree(request.path)
+        namespace = response.namespace
+        namespace.keys, namespace.bytes = subtree.keys, subtree.bytes
+        namespace.expiring_keys, namespace.child_namespaces = subtree.expiring_keys, subtree.child_namespaces
+        server = response.server
+        server.keys, server.memory_bytes, server.max_memory_bytes = (
+            storage.keys,
+            storage.used_memory,
+            storage.max_memory,
+        )
+        server.evictions, server.expired_keys = storage.evictions, storage.expired
+        quota = storage.quota_at(request.path)
+        if quota is not None:
+            quota_path, response.quota.max_bytes, response.quota.used_bytes = quota
+            response.quota.path.extend(quota_path)
+        server.uptime.FromNanoseconds(int((time.monotonic() - self._started) * 1e9))
+        server.version = VERSION
+
+
+def _nothing() -> None:
+    pass

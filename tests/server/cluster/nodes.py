@@ -1,0 +1,185 @@
+"""An in-process cluster: real nodes (Cluster, ClusterRouter, BatchRunner, storage), fake connections.
+
+Each node is built as nestkv.server.app builds one; only `Peers` is replaced: a
+call to a member's address runs on that member's own BatchRunner, in the same
+event loop, under the PeerGrant its admission would give. A member in `down`
+answers nothing: its calls fail as a peer stream that cannot connect fails.
+Admission and the wire are tested on real processes (tests/server/cluster/test_cluster.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any
+
+from nestkv.server.batches import BatchRunner
+from nestkv.server.cluster import Cluster, ClusterRouter, Membership, PeerGrant, Peers, Topology
+from nestkv.server.limits import Limits
+from nestkv.server.metrics import OperationMetrics
+from nestkv.server.operations import Operations
+from nestkv.server.security import Gate
+from nestkv.server.storage import NamespacedStorage
+from nestkv.v1 import store_pb2 as pb
+from nestkv.wire.errors import StoreUnavailableError
+
+LIMITS = Limits()
+
+
+def address_of(member: str) -> str:
+    return f"{member}.test:50051"
+
+
+def spec(members: list[str]) -> str:
+    """A --cluster value naming `members`."""
+    return ",".join(f"{member}={address_of(member)}" for member in members)
+
+
+class InProcessCluster:
+    """Nodes by id, and which of them are down."""
+
+    def __init__(self, members: list[str]) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.down: set[str] = set()
+        for member in members:
+            self.nodes[member] = Node(member, spec(members), self)
+
+    def by_address(self, address: str) -> Node:
+        member = address.split(".")[0]
+        if member in self.down or member not in self.nodes:
+            raise StoreUnavailableError(f"UNAVAILABLE: failed to connect to {address}", "UNAVAILABLE")
+        return self.nodes[member]
+
+    def add(self, member: str) -> Node:
+        """A new member, started with the list that names it; the others still have theirs."""
+        members = [*self.nodes, member]
+        node = self.nodes[member] = Node(member, spec(members), self)
+        return node
+
+    def change(self, members: list[str], *, on: list[str] | None = None) -> None:
+        """Give the nodes `on` (default: all) the member list `members`."""
+        topology = Topology({member: address_of(member) for member in members})
+        for member in on or list(self.nodes):
+            self.nodes[member].membership.change(topology, "the test")
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            for task in node.tasks:
+                task.cancel()
+            await asyncio.gather(*node.tasks, return_exceptions=True)
+
+
+class FakePeers(Peers):
+    """A node's connections to the others, as calls into their runners."""
+
+    def __init__(self, node_id: str, cluster: InProcessCluster, version: Callable[[], str]) -> None:
+        super().__init__(node_id, None, LIMITS.max_value_bytes, version)
+        self._node_id = node_id
+        self._cluster = cluster
+        self._version = version
+
+    def forward(self, address: str, operation: pb.Operation, mode: str = "") -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self._forward(address, operation, mode))
+
+    async def _forward(self, address: str, operation: pb.Operation, mode: str) -> pb.OperationResult:
+        await asyncio.sleep(0)  # a call takes a turn of the loop at least
+        node = self._cluster.by_address(address)
+        batch = pb.PipelineRequest(operations=[operation], topology_version=self._version())
+        grant = PeerGrant(self._node_id, mode, LIMITS)
+        [result] = [
+            result
+            async for answer in node.runner.run(batch, grant)
+            for response in await answer
+            for result in response.results
+        ]
+        return result
+
+    async def stats(self, address: str, request: pb.StatsRequest) -> pb.StatsResponse:
+        response = pb.StatsResponse()
+        self._cluster.by_address(address).operations.stats(request, response)
+        return response
+
+    async def topology(self, address: str) -> pb.TopologyResponse:
+        response = pb.TopologyResponse()
+        self._cluster.by_address(address).router.describe(response)
+        return response
+
+    def hand_off(self, address: str) -> Callable[[Any], Awaitable[pb.HandOffResponse]]:
+        async def call(requests: AsyncIterable[pb.HandOffRequest]) -> pb.HandOffResponse:
+            node = self._cluster.by_address(address)
+            response = pb.HandOffResponse()
+            async for request in requests:
+                node.cluster.heard_of(request.topology_version, self._node_id)
+                stored, skipped = node.cluster.handoff.take(self._node_id, request)
+                response.stored += stored
+                response.skipped += skipped
+            response.passed_version = node.cluster.handoff.passed_version
+            return response
+
+        return call
+
+
+class Node:
+    """One member: its storage, cluster, router and runner, as the server wires them."""
+
+    def __init__(self, node_id: str, members: str, cluster: InProcessCluster) -> None:
+        self.storage = NamespacedStorage()
+        self.membership = Membership(node_id, members)
+        self.peers = FakePeers(node_id, cluster, lambda: self.membership.current.version)
+        gate = Gate("", LIMITS)
+        self.everything = gate.everything
+        self.cluster = Cluster(
+            self.membership,
+            self.peers,
+            gate,
+            self.storage,
+            commit=_nothing,
+            writable=_nothing,
+            peer_domain=None,
+        )
+        self.operations = Operations(self.storage, LIMITS)
+        self.metrics = OperationMetrics()
+        self.router = ClusterRouter(self.cluster, self.operations, self.metrics)
+        self.runner = BatchRunner(self.operations, self.router, metrics=self.metrics)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start_hand_offs(self) -> None:
+        """Run this node's hand-off passes in the background, as the server does."""
+        self.tasks.append(asyncio.get_running_loop().create_task(self.cluster.handoff.run_forever()))
+
+    async def call(self, *operations: pb.Operation, version: str = "") -> list[pb.OperationResult]:
+        """Run `operations` as a client's batch sent here (routed by the list of `version`)."""
+        batch = pb.PipelineRequest(id=1, operations=operations, topology_version=version)
+        return [
+            result
+            async for answer in self.runner.run(batch, self.everything)
+            for response in await answer
+            for result in response.results
+        ]
+
+    async def set(self, key: str, value: bytes, path: tuple[str, ...] = ("ns",)) -> pb.OperationResult:
+        [result] = await self.call(pb.Operation(set=pb.SetRequest(path=path, key=key, value=value)))
+        return result
+
+    async def get(self, key: str, path: tuple[str, ...] = ("ns",)) -> pb.OperationResult:
+        [result] = await self.call(pb.Operation(get=pb.GetRequest(path=path, key=key)))
+        return result
+
+    def holds(self, key: str, path: tuple[str, ...] = ("ns",)) -> bool:
+        return self.storage.exists(path, key)
+
+
+def keys_owned_by(owner: str, topology: Topology, count: int, path: tuple[str, ...] = ("ns",)) -> list[str]:
+    """`count` keys that `topology` gives to `owner`."""
+    keys = []
+    for number in range(100_000):
+        key = f"key-{number}"
+        if topology.owner(path, key) == owner:
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise AssertionError(f"fewer than {count} keys of {owner}")
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,85 @@
+"""How to talk to a node: the channel options both GrpcStore and the nodes use, and the loopback check."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from nestkv.v1 import store_pb2 as pb
+
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
+
+# Every StoreService RPC is idempotent (Set writes the same value, Delete and
+# DeleteAll remove the same keys), so UNAVAILABLE, which gRPC raises when a
+# call could not be delivered, is retried with exponential backoff. This is
+# for callers of the one-operation RPCs; GrpcStore's Pipeline stream retries
+# on its own (nestkv.wire.pipeline), so gRPC must not replay it as well.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": _SERVICE.full_name, "method": method.name}
+                    for method in _SERVICE.methods
+                    if not method.client_streaming
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel_options(max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> list[tuple[str, Any]]:
+    """Channel options for GrpcStore and for the nodes' channels to each other: message sizes that
+    fit `max_value_bytes`.
+
+    They also carry a retry policy for the one-operation RPCs, for raw stubs
+    on the same channel (GrpcStore's Pipeline stream retries on its own). Pass them to
+    `grpc.aio.insecure_channel` / `secure_channel` when you build the channel yourself.
+    """
+    message_bytes = max_value_bytes + 1024 * 1024  # room for the key, path and framing
+    return [
+        ("grpc.max_send_message_length", message_bytes),
+        ("grpc.max_receive_message_length", message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        # A connection can go silent without closing (a stuck peer, a half-open TCP connection):
+        # only an unanswered ping finds out. A ping every 10 s, given 5 s to be answered, also
+        # while idle, lets gRPC drop a dead connection and open a new one within ~15 s.
+        # The server permits pings as often as once a second (nestkv.server.app).
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # grpcio 1.85 waits for a ping's answer this long, whatever keepalive_timeout_ms says
+        # (default: 60 s; found by tests/client/test_silent_connection.py).
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A server (or cluster node) that was down is tried again within 2 s, not after gRPC's
+        # default backoff, which grows to 2 minutes: a restarted node is back for its keys at once.
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether only this machine can reach `host` (127.0.0.0/8, ::1, localhost).
+
+    The client and the server's protected mode (nestkv.server.security) ask the same: one answer.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
