@@ -74,7 +74,7 @@ test: lint typecheck installed  ## everything CI runs
 
 soak: gen  ## the model-based, fuzz, crash and resize tests at ten times CI's size, stopped after SOAK_SECONDS
 	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
-		tests/server/test_durability.py tests/server/test_memory.py tests/test_resize.py
+		tests/server/test_durability.py tests/server/test_memory.py tests/server/cluster/test_resize.py
 
 bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json); another tenant's wait behind a flood of batches (bench/fairness.json)
 	$(BIN)/pip install --quiet -e '.[test,bench]'

@@ -17,8 +17,8 @@ from nestkv.server.config import ServerConfig
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence
 from tests.polling import eventually
+from tests.server.storage.test_persistence import break_log, mend_log
 from tests.serverproc import ServerProcess, server_command
-from tests.storage.test_persistence import break_log, mend_log
 
 _SNAPSHOT_WRITTEN = re.compile(r"snapshot of \d+ entries written")
 

@@ -20,7 +20,7 @@ DEADLINE_BYTES = _DEADLINE.size
 NAMESPACE_OVERHEAD = 480
 """Bytes a namespace costs beyond its name: the node and its three dicts, the small tables its
 first child and first entry make them allocate, its slot in its parent's children and the name's
-object header. Calibrated with tracemalloc on CPython 3.11 (tests/storage/test_engine.py,
+object header. Calibrated with tracemalloc on CPython 3.11 (tests/server/storage/test_engine.py,
 `test_used_memory_follows_what_the_entries_really_allocate`), for the shapes a tenant could
 choose: one namespace per key, chains 32 deep, 256-byte names."""
 
