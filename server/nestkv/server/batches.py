@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
-from nestkv.server.errors import InvalidArgument, StoreFault, put_error, status_of
+from nestkv.server.errors import InvalidArgument, KeyMoved, StoreFault, put_error, status_of
 from nestkv.server.limits import MiB
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import KINDS, Operations
@@ -56,13 +57,15 @@ class BatchRunner:
         self._commit = commit or _nothing
         self._metrics = metrics
         self._chunk_bytes = chunk_bytes
+        self._abandoned: set[asyncio.Future[Any]] = set()  # answers of a slice whose commit failed
 
     async def run(
         self, batch: pb.PipelineRequest, grant: Grant
-    ) -> AsyncIterator[Awaitable[list[pb.PipelineResponse]]]:
+    ) -> AsyncIterator[asyncio.Future[list[pb.PipelineResponse]]]:
         """Run `batch` as `grant` allows, a slice at a time: the responses of each slice, in order,
         each to await (a slice's operations sent elsewhere are answered before the next slice
-        runs; the last slice's answers come when they come, while the caller reads on).
+        runs; the last slice's answers come when they come, while the caller reads on: that
+        one is not done yet when it is yielded).
 
         Run here, a slice's operations get one response unless the values read need more. A
         failed commit raises its StoreFault (the slices before it were answered).
@@ -76,13 +79,29 @@ class BatchRunner:
             if not start:
                 route.finish(responses[0])
             if start == last:
-                yield self._gather(batch.id, responses, pending) if pending else _done(responses)
+                yield (
+                    asyncio.ensure_future(self._gather(batch.id, responses, pending))
+                    if pending
+                    else _done(responses)
+                )
                 return
             if pending:
                 await _answered(pending)
                 responses = _rechunk(batch.id, responses, self._chunk_bytes)
             yield _done(responses)
             await asyncio.sleep(0)  # a slice done: let other callers run
+
+    async def run_all(
+        self, batch: pb.PipelineRequest, grant: Grant
+    ) -> tuple[list[pb.PipelineResponse], bool]:
+        """`run`, its answers awaited: every response of `batch`, and whether its last slice
+        waited for answers from other nodes."""
+        responses: list[pb.PipelineResponse] = []
+        elsewhere = False
+        async for answer in self.run(batch, grant):
+            elsewhere = not answer.done()
+            responses += await answer
+        return responses, elsewhere
 
     async def _gather(
         self, batch_id: int, responses: list[pb.PipelineResponse], pending: Pending
@@ -108,7 +127,8 @@ class BatchRunner:
         clock = time.perf_counter
         started = clock() if metrics else 0.0
         whole = start == 0 and stop >= len(batch.operations)
-        for operation in batch.operations if whole else batch.operations[start:stop]:
+        forwarded: list[int] = []  # where in the slice the operations sent elsewhere are
+        for position, operation in enumerate(batch.operations if whole else batch.operations[start:stop]):
             result = results.add()
             kind = operation.WhichOneof("operation")
             if kind is None:
@@ -121,6 +141,7 @@ class BatchRunner:
                 scope(kind, request)
                 answer = route.elsewhere(kind, request, operation)
                 if answer is not None:  # counted by the node that runs it
+                    forwarded.append(position)
                     pending.append((result, answer))
                     if metrics:
                         started = clock()
@@ -128,7 +149,7 @@ class BatchRunner:
                 operations[kind](request, out)
             except StoreFault as fault:
                 put_error(result.error, fault, confined=confined)
-                if metrics:
+                if metrics and not isinstance(fault, KeyMoved):  # a moved one runs elsewhere
                     now = clock()
                     metrics.record(kind, status_of(fault), now - started)
                     started = now
@@ -156,8 +177,12 @@ class BatchRunner:
         try:
             self._commit()
         except StoreFault as fault:
-            if metrics:  # the call fails: every operation of the slice failed with it
-                _recount(metrics, batch.operations[start:stop], responses, status_of(fault))
+            if metrics:  # the call fails: every operation of the slice run here failed with it
+                _recount(metrics, batch.operations[start:stop], responses, forwarded, status_of(fault))
+            for _, answer in pending:  # sent already: let the answers come, to nobody
+                left = asyncio.ensure_future(answer)
+                self._abandoned.add(left)
+                left.add_done_callback(self._abandoned.discard)
             raise
         return responses
 
@@ -179,13 +204,16 @@ def _recount(
     metrics: OperationMetrics,
     operations: Sequence[pb.Operation],
     responses: list[pb.PipelineResponse],
+    forwarded: list[int],
     code: str,
 ) -> None:
-    """Count every operation of a slice whose commit failed with `code` instead of its own status."""
+    """Count every operation of a slice whose commit failed with `code` instead of its own status
+    (not those sent elsewhere, which were not counted here)."""
     results = [result for response in responses for result in response.results]
-    for operation, result in zip(operations, results, strict=True):
+    elsewhere = set(forwarded)
+    for position, (operation, result) in enumerate(zip(operations, results, strict=True)):
         kind = operation.WhichOneof("operation")
-        if kind is not None:
+        if kind is not None and position not in elsewhere:
             error = result.WhichOneof("result") == "error"
             metrics.recount(kind, name_of(result.error.code) if error else "OK", code)
 

@@ -37,7 +37,7 @@ _STATS = "Stats"
 _TOPOLOGY = "Topology"
 _HAND_OFF = "HandOff"
 _PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry throttle: a negative value says "do not retry"
-_ANSWERS_AHEAD = 32  # batches of a stream read ahead while earlier ones await other nodes
+_ANSWERS_AHEAD = 32  # slices of a stream run ahead while earlier ones await other nodes
 _REFUSAL_QUIET_SECONDS = 0.05  # a refused stream ends once no message came for this long...
 _REFUSAL_DRAIN_SECONDS = 1.0  # ...or after this long at most
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
@@ -92,7 +92,7 @@ class StoreServicer:
         cluster: Cluster | None = None,
         chunk_bytes: int | None = None,
     ) -> None:
-        """`router` places each operation (nestkv.server.router); `commit` runs after each batch's
+        """`router` places each operation (nestkv.server.router); `commit` runs after each slice's
         writes, before the answer; `metrics`, if given, counts every operation with its status and
         duration, and every Pipeline batch's size; `gate`, if given, admits each call by its token
         and scopes its operations (default: open); `cluster`, if given, admits the calls of its
@@ -192,10 +192,10 @@ class StoreServicer:
                     yield response
         finally:
             reader.cancel()
-            while not answers.empty():  # batches read but not answered: the stream is over
+            while not answers.empty():  # slices run but not answered: the stream is over
                 left = answers.get_nowait()
-                if asyncio.iscoroutine(left):
-                    left.close()
+                if isinstance(left, asyncio.Future):
+                    left.cancel()
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
         """The batches of a stream with the grant each runs under, until the stream or the server ends."""
@@ -231,11 +231,7 @@ class StoreServicer:
         self, batch: pb.PipelineRequest, grant: Grant | None = None
     ) -> list[pb.PipelineResponse]:
         """The responses to `batch`, run as `grant` allows (default: anything)."""
-        return [
-            response
-            async for answer in self._runner.run(batch, grant or self._gate.everything)
-            for response in await answer
-        ]
+        return (await self._runner.run_all(batch, grant or self._gate.everything))[0]
 
     def _unary(self, kind: str) -> Callable[[Any, Any], Any]:
         """The one-operation RPC of `kind`: a batch of one, its result the answer or the status."""
@@ -257,14 +253,15 @@ class StoreServicer:
             batch = pb.PipelineRequest()
             getattr(batch.operations.add(), kind).CopyFrom(request)
             try:
-                [result] = (await self.run_batch(batch, grant))[0].results
+                responses, elsewhere = await self._runner.run_all(batch, grant)
             except StoreFault as fault:  # the commit failed (counted by the runner)
                 await context.abort(_status(fault), fault.confined() if root else str(fault))
+            [result] = responses[0].results
             if result.WhichOneof("result") != "error":
                 return getattr(result, kind)
-            name = name_of(result.error.code)
-            if name == "UNAVAILABLE" and self._router.forwards:
+            if elsewhere:
                 _no_retry(context)
+            name = name_of(result.error.code)
             await context.abort(grpc.StatusCode[name], result.error.message)
             raise AssertionError("aborted")  # abort raises; this line only tells type checkers so
 
@@ -300,20 +297,18 @@ class StoreServicer:
                 requests, context, Unauthenticated("HandOff is for the members of a cluster only")
             )
             raise AssertionError("refused")  # abort raises; this line only tells type checkers so
-        handoff = cluster.handoff
         sender = grant.sender  # the one the member check admitted
         response = pb.HandOffResponse()
         async for request in requests:
             if isinstance(request, _Malformed):
                 await context.abort(_status(InvalidArgument(request.reason)), request.reason)
-            cluster.heard_of(request.topology_version, sender)
             try:
-                stored, skipped = handoff.take(sender, request)
+                stored, skipped = cluster.take(sender, request)
             except StoreFault as fault:  # the sender keeps its keys and tries again
                 await context.abort(_status(fault), str(fault))
             response.stored += stored
             response.skipped += skipped
-        response.passed_version = handoff.passed_version
+        response.passed_version = cluster.handoff.passed_version
         return response
 
     async def topology(self, request: Any, context: Any) -> pb.TopologyResponse:

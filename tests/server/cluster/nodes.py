@@ -86,12 +86,8 @@ class FakePeers(Peers):
         node = self._cluster.by_address(address)
         batch = pb.PipelineRequest(operations=[operation], topology_version=self._version())
         grant = PeerGrant(self._node_id, mode, LIMITS)
-        [result] = [
-            result
-            async for answer in node.runner.run(batch, grant)
-            for response in await answer
-            for result in response.results
-        ]
+        responses, _ = await node.runner.run_all(batch, grant)
+        [result] = responses[0].results
         return result
 
     async def stats(self, address: str, request: pb.StatsRequest) -> pb.StatsResponse:
@@ -109,8 +105,7 @@ class FakePeers(Peers):
             node = self._cluster.by_address(address)
             response = pb.HandOffResponse()
             async for request in requests:
-                node.cluster.heard_of(request.topology_version, self._node_id)
-                stored, skipped = node.cluster.handoff.take(self._node_id, request)
+                stored, skipped = node.cluster.take(self._node_id, request)
                 response.stored += stored
                 response.skipped += skipped
             response.passed_version = node.cluster.handoff.passed_version
@@ -150,12 +145,8 @@ class Node:
     async def call(self, *operations: pb.Operation, version: str = "") -> list[pb.OperationResult]:
         """Run `operations` as a client's batch sent here (routed by the list of `version`)."""
         batch = pb.PipelineRequest(id=1, operations=operations, topology_version=version)
-        return [
-            result
-            async for answer in self.runner.run(batch, self.everything)
-            for response in await answer
-            for result in response.results
-        ]
+        responses, _ = await self.runner.run_all(batch, self.everything)
+        return [result for response in responses for result in response.results]
 
     async def set(self, key: str, value: bytes, path: tuple[str, ...] = ("ns",)) -> pb.OperationResult:
         [result] = await self.call(pb.Operation(set=pb.SetRequest(path=path, key=key, value=value)))

@@ -77,11 +77,8 @@ async def test_a_node_whose_list_gives_the_key_elsewhere_redirects_the_sender_on
     write = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"v"))
     # b answers a peer's operation on that key with where it is: ABORTED naming c, nothing stored.
     batch = pb.PipelineRequest(operations=[write])
-    [result] = [
-        r
-        async for answer in b.runner.run(batch, PeerGrant("a", "", LIMITS))
-        for r in (await answer)[0].results
-    ]
+    responses, _ = await b.runner.run_all(batch, PeerGrant("a", "", LIMITS))
+    [result] = responses[0].results
     assert result.error.code == grpc.StatusCode.ABORTED.value[0]
     assert (result.error.moved_to.id, result.error.moved_to.address) == ("c", address_of("c"))
     assert not b.holds(key)

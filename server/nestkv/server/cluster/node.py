@@ -19,6 +19,7 @@ from nestkv.server.cluster.peers import Peers
 from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.security import Gate
 from nestkv.server.storage import NamespacedStorage
+from nestkv.v1 import store_pb2 as pb
 
 
 class Cluster:
@@ -56,6 +57,18 @@ class Cluster:
     def removed(self) -> bool:
         """Whether this node is off its own member list (being removed: it hands everything off)."""
         return self.node_id not in self.membership.current.members
+
+    def others(self) -> dict[str, str]:
+        """The other members of the current list, and their addresses."""
+        return {
+            member: address for member, address in self.topology.members.items() if member != self.node_id
+        }
+
+    def take(self, sender: str, request: pb.HandOffRequest) -> tuple[int, int]:
+        """One message of a hand-off from `sender`: its keys stored here unless news to nobody;
+        (stored, skipped). Raises StoreFault if they cannot be stored."""
+        self.heard_of(request.topology_version, sender)
+        return self.handoff.take(sender, request)
 
     def owner(self, path: Sequence[str], key: str) -> str | None:
         """The member that owns the key, None if it is this node."""
