@@ -194,8 +194,8 @@ class StoreServicer:
             reader.cancel()
             while not answers.empty():  # slices run but not answered: the stream is over
                 left = answers.get_nowait()
-                if isinstance(left, asyncio.Future):
-                    left.cancel()
+                if asyncio.iscoroutine(left):
+                    left.close()
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
         """The batches of a stream with the grant each runs under, until the stream or the server ends."""
