@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nestkv.server.batches import RESPONSE_CHUNK_BYTES
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import Operations
@@ -18,7 +19,7 @@ def local_servicer(
     *,
     commit: Callable[[], None] | None = None,
     metrics: OperationMetrics | None = None,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int = RESPONSE_CHUNK_BYTES,
 ) -> StoreServicer:
     """The servicer of a single server over `storage` (no persistence, no tokens)."""
     limits = limits or Limits()

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from nestkv.server.batches import BatchRunner
+from nestkv.server.batches import RESPONSE_CHUNK_BYTES, BatchRunner
 from nestkv.server.cluster import Cluster, PeerGrant
 from nestkv.server.errors import InvalidArgument, NodeFault, StoreFault, Unauthenticated, status_of
 from nestkv.server.limits import Limits
@@ -90,7 +90,7 @@ class StoreServicer:
         metrics: OperationMetrics | None = None,
         gate: Gate | None = None,
         cluster: Cluster | None = None,
-        chunk_bytes: int | None = None,
+        chunk_bytes: int = RESPONSE_CHUNK_BYTES,
     ) -> None:
         """`router` places each operation (nestkv.server.router); `commit` runs after each slice's
         writes, before the answer; `metrics`, if given, counts every operation with its status and
@@ -103,11 +103,7 @@ class StoreServicer:
         self._operations = operations
         self._router = router
         self._runner = BatchRunner(
-            operations,
-            router,
-            commit=commit,
-            metrics=metrics,
-            **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}),
+            operations, router, commit=commit, metrics=metrics, chunk_bytes=chunk_bytes
         )
         self._metrics = metrics
         self._limits = limits
