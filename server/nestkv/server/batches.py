@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from nestkv.server.errors import InvalidArgument, KeyMoved, StoreFault, put_error, status_of
@@ -37,6 +37,15 @@ _EMPTY = f"operation is empty; set one of {', '.join(KINDS)}"
 Pending = list[tuple[pb.OperationResult, Answer]]
 """Results whose answer comes from elsewhere, with that answer."""
 
+SliceAnswer = list[pb.PipelineResponse] | Coroutine[Any, Any, list[pb.PipelineResponse]]
+"""The responses of a slice: a list when it was answered here, else a coroutine to await (it
+waits on other nodes; no task of its own: a loop turn less per batch)."""
+
+
+async def responses_of(answer: SliceAnswer) -> list[pb.PipelineResponse]:
+    """The responses of a slice's answer, once they are all in."""
+    return answer if isinstance(answer, list) else await answer
+
 
 class BatchRunner:
     """Runs batches on one node: through its router, on its operations, counted and committed."""
@@ -60,13 +69,11 @@ class BatchRunner:
         self._abandoned: set[asyncio.Future[Any]] = set()  # answers of a slice whose commit failed
 
     async def run(
-        self, batch: pb.PipelineRequest, grant: Grant
-    ) -> AsyncIterator[Awaitable[list[pb.PipelineResponse]]]:
-        """Run `batch` as `grant` allows, a slice at a time: the responses of each slice, in order,
-        each to await (a slice's operations sent elsewhere are answered before the next slice
-        runs; the last slice's answers come when they come, while the caller reads on). A slice
-        answered here is a done future; one that waits on other nodes is a coroutine, awaited
-        by whoever answers the caller (no task of its own: a loop turn less per batch).
+        self, batch: pb.PipelineRequest, grant: Grant, answer: Callable[[SliceAnswer], Awaitable[None]]
+    ) -> None:
+        """Run `batch` as `grant` allows, a slice at a time, and `answer` each slice's responses,
+        in order (a slice's operations sent elsewhere are answered before the next slice runs;
+        the last slice's answers come when they come, while the caller reads on).
 
         Run here, a slice's operations get one response unless the values read need more. A
         failed commit raises its StoreFault (the slices before it were answered).
@@ -80,12 +87,12 @@ class BatchRunner:
             if not start:
                 route.finish(responses[0])
             if start == last:
-                yield self._gather(batch.id, responses, pending) if pending else _done(responses)
+                await answer(self._gather(batch.id, responses, pending) if pending else responses)
                 return
             if pending:
                 await _answered(pending)
                 responses = _rechunk(batch.id, responses, self._chunk_bytes)
-            yield _done(responses)
+            await answer(responses)
             await asyncio.sleep(0)  # a slice done: let other callers run
 
     async def run_all(
@@ -93,12 +100,16 @@ class BatchRunner:
     ) -> tuple[list[pb.PipelineResponse], bool]:
         """`run`, its answers awaited: every response of `batch`, and whether its last slice
         waited for answers from other nodes."""
+        answers: list[SliceAnswer] = []
+
+        async def keep(answer: SliceAnswer) -> None:
+            answers.append(answer)
+
+        await self.run(batch, grant, keep)
         responses: list[pb.PipelineResponse] = []
-        elsewhere = False
-        async for answer in self.run(batch, grant):
-            elsewhere = not isinstance(answer, asyncio.Future)
-            responses += await answer
-        return responses, elsewhere
+        for answer in answers:
+            responses += await responses_of(answer)
+        return responses, not isinstance(answers[-1], list)
 
     async def _gather(
         self, batch_id: int, responses: list[pb.PipelineResponse], pending: Pending
@@ -233,12 +244,6 @@ def _rechunk(
         room -= size
         cut[-1].results.add().CopyFrom(result)
     return cut
-
-
-def _done(responses: list[pb.PipelineResponse]) -> asyncio.Future[list[pb.PipelineResponse]]:
-    done: asyncio.Future[list[pb.PipelineResponse]] = asyncio.get_running_loop().create_future()
-    done.set_result(responses)
-    return done
 
 
 def _nothing() -> None:

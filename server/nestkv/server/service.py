@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from nestkv.server.batches import RESPONSE_CHUNK_BYTES, BatchRunner
+from nestkv.server.batches import RESPONSE_CHUNK_BYTES, BatchRunner, SliceAnswer, responses_of
 from nestkv.server.cluster import Cluster, PeerGrant
 from nestkv.server.errors import InvalidArgument, NodeFault, StoreFault, Unauthenticated, status_of
 from nestkv.server.limits import Limits
@@ -157,45 +158,68 @@ class StoreServicer:
 
         The token is checked once, when the stream opens, and again after the auth file is
         reloaded (a revoked token's stream ends); each operation's access is checked on its own.
-        Batches whose operations went to other nodes are answered once those have; the stream
-        reads on meanwhile (an unreachable node must not hold up the keys of the others), and
-        answers in order.
+        While every slice is answered here, the stream reads, runs and answers in turn. Once one
+        waits on other nodes, a task reads on meanwhile (an unreachable node must not hold up
+        the keys of the others, nor a slow one every later batch), and answers go out in order.
         """
-        answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
-        metrics = self._metrics
+        batches = self._batches(requests, context)
+        ahead: deque[SliceAnswer] = deque()  # answered, in order, before anything read later
 
-        async def read() -> None:
-            try:
-                async for request, grant in self._batches(requests, context):
-                    if metrics:
-                        metrics.batch_sizes.observe(len(request.operations))
-                    async for answer in self._runner.run(request, grant):
-                        await answers.put(answer)
-                    await asyncio.sleep(0)  # other callers run between batches read back to back
-            except BaseException as error:
-                await answers.put(error)
-                return
-            await answers.put(None)
+        async def keep(answer: SliceAnswer) -> None:
+            ahead.append(answer)
 
-        reader = asyncio.create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
-                if isinstance(answer, StoreFault):  # the commit failed: the client may send the rest again
-                    await context.abort(_status(answer), str(answer))
-                if isinstance(answer, BaseException):
-                    raise answer
-                for response in await answer:
-                    yield response
+            try:
+                async for request, grant in batches:
+                    await self._runner.run(request, grant, keep)
+                    while ahead and isinstance(first := ahead[0], list):
+                        ahead.popleft()
+                        for response in first:
+                            yield response
+                    if ahead:
+                        break  # waits on another node: read on meanwhile
+                    await asyncio.sleep(0)  # other callers run between batches read back to back
+                else:
+                    return
+            except StoreFault as fault:  # the commit failed: the client may send the rest again
+                await context.abort(_status(fault), str(fault))
+            answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
+
+            async def read() -> None:
+                try:
+                    async for request, grant in batches:
+                        await self._runner.run(request, grant, answers.put)
+                        await asyncio.sleep(0)
+                except BaseException as error:
+                    await answers.put(error)
+                    return
+                await answers.put(None)
+
+            reader = asyncio.create_task(read())
+            try:
+                while ahead:
+                    for response in await responses_of(ahead.popleft()):
+                        yield response
+                while (answer := await answers.get()) is not None:
+                    if isinstance(answer, StoreFault):  # as above
+                        await context.abort(_status(answer), str(answer))
+                    if isinstance(answer, BaseException):
+                        raise answer
+                    for response in await responses_of(answer):
+                        yield response
+            finally:
+                reader.cancel()
+                while not answers.empty():
+                    ahead.append(answers.get_nowait())
         finally:
-            reader.cancel()
-            while not answers.empty():  # slices run but not answered: the stream is over
-                left = answers.get_nowait()
+            for left in ahead:  # slices run but not answered: the stream is over
                 if asyncio.iscoroutine(left):
                     left.close()
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
         """The batches of a stream with the grant each runs under, until the stream or the server ends."""
         stream = asyncio.current_task()
+        metrics = self._metrics
         gate = self._gate
         admitted = gate.version  # the tokens the stream's grant comes from
         grant = await _admit(self._admit, context, requests)
@@ -221,6 +245,8 @@ class StoreServicer:
             if admitted != gate.version and not grant.forwarded:  # tokens reloaded: still held?
                 admitted = gate.version
                 grant = await _admit(self._admit, context, batches)
+            if metrics:
+                metrics.batch_sizes.observe(len(request.operations))
             yield request, grant
 
     async def run_batch(

@@ -396,6 +396,39 @@ async def test_delete_all_empties_the_namespace_on_every_node_and_nothing_else(
         assert all(await asyncio.gather(*(in_namespace(store, p).exists(k) for p, k in entries[90:])))
 
 
+async def test_a_stream_runs_later_batches_while_an_earlier_one_waits_on_a_paused_node(
+    plain: ClusterProcesses,
+) -> None:
+    # A batch forwarded to a paused node waits for its answer (up to the 3 s peer timeout). The
+    # stream runs the batches behind it meanwhile, and answers them in order once it is answered.
+    path = ("ahead",)
+    [stalled_key] = keys_owned_by("node-2", path, 1)
+    [local_key] = keys_owned_by("node-0", path, 1)
+    paused = plain.nodes["node-2"].process
+    async with channel_to(plain.target("node-0")) as channel, channel_to(plain.target("node-0")) as other:
+        call = store_pb2_grpc.StoreServiceStub(channel).Pipeline(timeout=20)
+        reader = store_pb2_grpc.StoreServiceStub(other)
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            for number, key in ((1, stalled_key), (2, local_key)):
+                write = pb.Operation(set=pb.SetRequest(path=path, key=key, value=b"v"))
+                await call.write(pb.PipelineRequest(id=number, operations=[write]))
+            read = pb.GetRequest(path=path, key=local_key)
+            started = time.monotonic()
+            for _ in range(200):  # batch 2 ran before batch 1 can be answered (3 s)
+                if (await reader.Get(read, timeout=5)).found:
+                    break
+                await asyncio.sleep(0.01)
+            assert (await reader.Get(read, timeout=5)).found
+            assert time.monotonic() - started < 2.5
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        answered = [await call.read(), await call.read()]
+        assert [response.id for response in answered] == [1, 2]
+        assert answered[1].results[0].WhichOneof("result") == "set"
+        await call.done_writing()
+
+
 async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterProcesses) -> None:
     # node-0 sends node-1 keys that node-1's list gives to node-2 (lists differ for a moment while a
     # member change reaches every node). node-1 must not send them on: at most it tells the sender
