@@ -76,7 +76,7 @@ class BatchRunner:
         the last slice's answers come when they come, while the caller reads on).
 
         Run here, a slice's operations get one response unless the values read need more. A
-        failed commit raises its StoreFault (the slices before it were answered).
+        failed commit raises its StoreFault (the slices before it were handed to `answer`).
         """
         route = self._router.route(batch, grant)
         starts = _slice_starts(batch)
@@ -135,7 +135,7 @@ class BatchRunner:
         clock = time.perf_counter
         started = clock() if metrics else 0.0
         whole = start == 0 and stop >= len(batch.operations)
-        forwarded: list[int] = []  # where in the slice the operations sent elsewhere are
+        forwarded: list[int] = []  # where in the slice the operations that run elsewhere are
         for position, operation in enumerate(batch.operations if whole else batch.operations[start:stop]):
             result = results.add()
             kind = operation.WhichOneof("operation")
@@ -157,7 +157,9 @@ class BatchRunner:
                 operations[kind](request, out)
             except StoreFault as fault:
                 put_error(result.error, fault, confined=confined)
-                if metrics and not isinstance(fault, KeyMoved):  # a moved one runs elsewhere
+                if isinstance(fault, KeyMoved):  # it runs elsewhere, and is counted there
+                    forwarded.append(position)
+                elif metrics:
                     now = clock()
                     metrics.record(kind, status_of(fault), now - started)
                     started = now

@@ -182,6 +182,10 @@ class StoreServicer:
                 else:
                     return
             except StoreFault as fault:  # the commit failed: the client may send the rest again
+                while ahead and isinstance(first := ahead[0], list):  # the slices before it stand
+                    ahead.popleft()
+                    for response in first:
+                        yield response
                 await context.abort(_status(fault), str(fault))
             answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
 
