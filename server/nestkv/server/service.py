@@ -168,24 +168,28 @@ class StoreServicer:
         async def keep(answer: SliceAnswer) -> None:
             ahead.append(answer)
 
+        def answered_here() -> list[pb.PipelineResponse]:
+            """The responses of the slices at the head of `ahead` answered here, taken off it."""
+            responses = []
+            while ahead and isinstance(first := ahead[0], list):
+                ahead.popleft()
+                responses += first
+            return responses
+
         try:
             try:
                 async for request, grant in batches:
                     await self._runner.run(request, grant, keep)
-                    while ahead and isinstance(first := ahead[0], list):
-                        ahead.popleft()
-                        for response in first:
-                            yield response
+                    for response in answered_here():
+                        yield response
                     if ahead:
                         break  # waits on another node: read on meanwhile
                     await asyncio.sleep(0)  # other callers run between batches read back to back
                 else:
                     return
             except StoreFault as fault:  # the commit failed: the client may send the rest again
-                while ahead and isinstance(first := ahead[0], list):  # the slices before it stand
-                    ahead.popleft()
-                    for response in first:
-                        yield response
+                for response in answered_here():  # the slices before it stand
+                    yield response
                 await context.abort(_status(fault), str(fault))
             answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
 
