@@ -10,12 +10,12 @@ from nestkv.client import GrpcStore, InvalidRequestError, Stats
 from nestkv.server import VERSION
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
-from nestkv.server.storage.tree import DEADLINE_BYTES, namespace_size
+from nestkv.server.storage.tree import TRAILER_BYTES, namespace_size
 from tests.serverproc import ServerProcess
 
 
 def size(key: str, value: bytes) -> int:
-    return entry_size(key, value + bytes(DEADLINE_BYTES))
+    return entry_size(key, value + bytes(TRAILER_BYTES))
 
 
 async def test_stats_of_a_subtree_and_of_the_server() -> None:

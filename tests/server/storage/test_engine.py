@@ -15,7 +15,7 @@ from nestkv.server.errors import QuotaExceeded, StoreFull
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
-from nestkv.server.storage.tree import NAMESPACE_OVERHEAD, deadline_of, namespace_size
+from nestkv.server.storage.tree import NAMESPACE_OVERHEAD, TRAILER_BYTES, deadline_of, namespace_size
 
 
 class FakeClock:
@@ -278,7 +278,7 @@ def test_shortened_deadlines_keep_the_wheel_bounded(storage: NamespacedStorage, 
 def bounded(clock: FakeClock, policy: str, entries: int = 10, slots: int = 0) -> NamespacedStorage:
     """Storage with room for about `entries` entries of a 1-byte key and a 100-byte value in the
     root namespace, `slots` of whose deadlines fall in distinct slots of the expiry wheel."""
-    room = entries * entry_size("k", b"v" * 108) + slots * (SLOT_OVERHEAD + LISTING_BYTES)
+    room = entries * entry_size("k", b"v" * (100 + TRAILER_BYTES)) + slots * (SLOT_OVERHEAD + LISTING_BYTES)
     return NamespacedStorage(clock, max_memory=room, eviction_policy=policy)  # type: ignore[arg-type]
 
 
@@ -383,13 +383,15 @@ def test_delete_all_gives_its_bytes_back_at_once_and_no_write_frees_them(clock: 
         storage.set(("old", str(i % 7)), f"k{i}", b"v" * 100, ttl=100 if i % 2 else None)
     storage.set(("kept",), "k", b"v" * 100)
     storage.delete_all(("old",))
-    kept = entry_size("k", b"v" * 108) + namespace_size("kept")
+    kept = entry_size("k", b"v" * (100 + TRAILER_BYTES)) + namespace_size("kept")
     assert storage.used_memory == kept  # in O(depth): nothing freed yet
     for i in range(19_000):  # a full store's worth of writes, right after
         storage.set(("new",), f"k{i}", b"v" * 100)
     # The dropped entries were left to the reaper: freeing them is its work, not the writes'.
     assert storage.reap(limit=1_000_000) > 19_000
-    new = sum(entry_size(f"k{i}", b"v" * 108) for i in range(19_000)) + namespace_size("new")
+    new = sum(entry_size(f"k{i}", b"v" * (100 + TRAILER_BYTES)) for i in range(19_000)) + namespace_size(
+        "new"
+    )
     assert storage.used_memory == new + kept == accounted(storage)
 
 

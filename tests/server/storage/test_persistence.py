@@ -11,11 +11,22 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from nestkv.server.errors import StoreUnavailable
 from nestkv.server.storage import NEVER, NamespacedStorage
-from nestkv.server.storage.persistence import Persistence, PersistenceError
+from nestkv.server.storage.clock import HybridClock
+from nestkv.server.storage.persistence import (
+    Persistence,
+    PersistenceError,
+    SnapshotChunk,
+    SnapshotEnd,
+    SnapshotHeader,
+    frame,
+)
+from nestkv.server.storage.tombstones import Tombstones
+from nestkv.server.storage.tree import version_of
 from tests.polling import eventually
 
 
@@ -510,3 +521,135 @@ async def test_a_snapshot_cancelled_during_its_fsync_waits_for_it_before_closing
     assert not persistence.snapshot_temporary().exists()
     assert persistence.has_changes()
     persistence.close()
+
+
+# Versions and tombstones
+
+
+def versions_of(storage: NamespacedStorage) -> dict[tuple[tuple[str, ...], str], bytes]:
+    return {
+        (path, key): version_of(stored)
+        for path, node in storage.namespaces()
+        for key, stored in node.entries.items()
+    }
+
+
+def open_cluster_store(directory: Path, clocks: Clocks) -> tuple[NamespacedStorage, Persistence]:
+    """A cluster node's storage (it keeps tombstones), its version clock on the test's wall clock."""
+    storage = NamespacedStorage(
+        lambda: clocks.monotonic,
+        versions=HybridClock("a", lambda: clocks.wall),
+        tombstones=Tombstones(3600, 1000),
+    )
+    persistence = Persistence.open(directory, "always", lambda: clocks.monotonic, lambda: clocks.wall)
+    persistence.recover(storage)
+    return storage, persistence
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+async def test_versions_and_tombstones_survive_a_restart(tmp_path: Path, snapshot: bool) -> None:
+    clocks = Clocks()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    write_history(storage, persistence)
+    storage.delete(("a",), "never-held")
+    persistence.commit()
+    if snapshot:
+        await persistence.snapshot(storage)
+    versions, tombstones = versions_of(storage), storage.tombstones
+    assert tombstones is not None
+    buried, emptied = dict(tombstones.keys), dict(tombstones.subtrees)
+    assert ((("a",), "never-held")) in buried
+    assert ("c",) in emptied
+    persistence.close()
+    clocks.restart()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    try:
+        assert versions_of(storage) == versions
+        assert storage.tombstones is not None
+        assert dict(storage.tombstones.keys) == buried
+        assert dict(storage.tombstones.subtrees) == emptied
+    finally:
+        persistence.close()
+
+
+def test_the_clock_is_ahead_of_everything_stored_after_a_restart_with_the_wall_clock_set_back(
+    tmp_path: Path,
+) -> None:
+    clocks = Clocks()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    for number in range(100):
+        storage.set(("ns",), f"k{number}", b"v")
+    persistence.commit()
+    newest = max(versions_of(storage).values())
+    persistence.close()
+    clocks.restart()
+    clocks.wall -= 86_400  # the machine came back a day behind
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    try:
+        storage.set(("ns",), "after", b"v")
+        assert versions_of(storage)[("ns",), "after"] > newest
+    finally:
+        persistence.close()
+
+
+def test_the_clock_starts_above_its_persisted_bound_even_with_nothing_stored(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    storage.set(("ns",), "k", b"v")
+    persistence.commit()
+    newest = versions_of(storage)[("ns",), "k"]
+    storage.delete_all()  # nothing left to load a version from but the tombstone
+    persistence.close()
+    (tmp_path / "snapshot.msgpack").unlink(missing_ok=True)
+    for log_file in tmp_path.glob("log.*"):
+        log_file.unlink()
+    clocks.wall -= 3600
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    try:
+        storage.set(("ns",), "k", b"again")
+        assert versions_of(storage)[("ns",), "k"] > newest
+        assert persistence.stopped_at is not None
+        assert persistence.stopped_at >= clocks.wall
+    finally:
+        persistence.close()
+
+
+class OldSetRecord(msgspec.Struct, array_like=True, tag=0):
+    """A set record as written before versions existed."""
+
+    path: tuple[str, ...]
+    key: str
+    value: bytes
+    deadline: float | None
+
+
+class OldDeleteRecord(msgspec.Struct, array_like=True, tag=1):
+    path: tuple[str, ...]
+    key: str
+
+
+def test_a_data_directory_written_before_versions_loads_and_newer_changes_win_over_it(
+    tmp_path: Path,
+) -> None:
+    encode = msgspec.msgpack.encode
+    header = SnapshotHeader("nestkv-snapshot", 1, 0)
+    chunk = SnapshotChunk(("ns",), [("in-snapshot", b"old 1", None), ("overwritten", b"old 2", None)])
+    (tmp_path / "snapshot.msgpack").write_bytes(
+        frame(encode(header)) + frame(encode(chunk)) + frame(encode(SnapshotEnd(2)))
+    )
+    (tmp_path / "log.0.msgpack").write_bytes(
+        frame(encode(OldSetRecord(("ns",), "overwritten", b"old 3", None)))
+        + frame(encode(OldSetRecord(("ns",), "deleted", b"old 4", None)))
+        + frame(encode(OldDeleteRecord(("ns",), "deleted")))
+    )
+    clocks = Clocks()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    try:
+        assert contents(storage) == {(("ns",), "in-snapshot"): b"old 1", (("ns",), "overwritten"): b"old 3"}
+        versions = versions_of(storage)
+        assert max(versions.values()) < storage.versions.now()  # older than any change made now
+        newer = HybridClock("b", lambda: clocks.wall).now()
+        assert storage.merge(("ns",), "in-snapshot", newer, b"newer")
+        assert storage.get(("ns",), "in-snapshot") == b"newer"
+    finally:
+        persistence.close()

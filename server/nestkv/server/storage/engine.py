@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 from nestkv.server.errors import QuotaExceeded, StoreFull
+from nestkv.server.storage.clock import HybridClock
 from nestkv.server.storage.expiry import ExpiryWheel, listing_cost, relists, slot_of
+from nestkv.server.storage.tombstones import Tombstones
 from nestkv.server.storage.tree import (
-    DEADLINE_BYTES,
+    TRAILER_BYTES,
     NamespaceTree,
     Node,
     deadline_of,
@@ -20,6 +22,7 @@ from nestkv.server.storage.tree import (
     pack,
     text_bytes,
     value_of,
+    version_of,
 )
 
 Clock = Callable[[], float]
@@ -28,15 +31,16 @@ NEVER = math.inf
 
 
 class Journal(Protocol):
-    """Where the storage reports its mutations (persistence); deadlines are on the storage clock."""
+    """Where the storage reports its changes (persistence), each with its version; deadlines are
+    on the storage clock. Replayed in order through `merge`, they give the storage back."""
 
-    def set(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> None: ...
+    def set(self, path: Sequence[str], key: str, value: bytes, deadline: float, version: bytes) -> None: ...
 
-    def renew(self, path: Sequence[str], key: str, deadline: float) -> None: ...
+    def renew(self, path: Sequence[str], key: str, deadline: float, version: bytes) -> None: ...
 
-    def delete(self, path: Sequence[str], key: str) -> None: ...
+    def delete(self, path: Sequence[str], key: str, version: bytes) -> None: ...
 
-    def delete_all(self, path: Sequence[str]) -> None: ...
+    def delete_all(self, path: Sequence[str], version: bytes) -> None: ...
 
 
 EvictionPolicy = Literal["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"]
@@ -73,6 +77,12 @@ class NamespacedStorage:
     gone for every operation from its deadline on; `reap` reclaims expired
     entries that nobody reads, and frees namespaces dropped by `delete_all`.
     Not thread-safe: call it from one thread (the server's event loop).
+
+    Every change here is stamped with a version by `versions` (storage.clock);
+    a copy of a change made elsewhere comes in through `merge`, and is kept
+    only if it is newer than what is here. With `tombstones` (a cluster node,
+    where copies meet), deletes, expiries and `delete_all` are remembered for a
+    while, so that an older copy arriving later does not bring a key back.
     """
 
     __slots__ = (
@@ -88,6 +98,8 @@ class NamespacedStorage:
         "_wheel",
         "journal",
         "quotas",
+        "tombstones",
+        "versions",
     )
 
     def __init__(
@@ -96,7 +108,14 @@ class NamespacedStorage:
         *,
         max_memory: int = 0,
         eviction_policy: EvictionPolicy = "noeviction",
+        versions: HybridClock | None = None,
+        tombstones: Tombstones | None = None,
     ) -> None:
+        self.versions = versions or HybridClock()
+        """Stamps the version of each change made here."""
+        self.tombstones = tombstones
+        """What was deleted, while an older copy may still arrive; None: nothing is remembered
+        (a single server: no copies ever meet)."""
         self.journal: Journal | None = None
         """Told of every mutation once set (persistence attaches it after recovery)."""
         self.quotas: dict[tuple[str, ...], int] = {}
@@ -125,24 +144,29 @@ class NamespacedStorage:
         Namespaces dropped by `delete_all` stop counting at once, while `reap`
         frees them in the background, so no write pays for an earlier delete_all.
         """
-        return self._tree.root.subtree_bytes
+        tombstones = self.tombstones
+        return self._tree.root.subtree_bytes + (0 if tombstones is None else tombstones.bytes)
 
     def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> None:
         """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
         deadline = NEVER if ttl is None else self._clock() + ttl
         if self._max_memory or self.quotas:
             self._reserve(path, key, self._needed(path, key, len(value), deadline))
-        self.put(path, key, value, deadline)
+        version = self.versions.now()
+        self._put(path, key, value, deadline, version)
         if self.journal is not None:
-            self.journal.set(path, key, value, deadline)
+            self.journal.set(path, key, value, deadline, version)
 
-    def put(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> None:
-        """`set` with an absolute deadline on the storage clock (`NEVER`: none); not journaled."""
+    def _put(self, path: Sequence[str], key: str, value: bytes, deadline: float, version: bytes) -> None:
+        """Store an entry with an absolute deadline on the storage clock (`NEVER`: none); not journaled."""
+        tombstones = self.tombstones
+        if tombstones is not None and tombstones.keys:
+            tombstones.forget(path, key)
         node = self._tree.find_or_create(path)
         entries = node.entries
         old = entries.pop(key, None) if self._lru else entries.get(key)  # LRU: to the end of the order
         old_deadline = NEVER if old is None else deadline_of(old)
-        stored = entries[key] = pack(value, deadline)
+        stored = entries[key] = pack(value, version, deadline)
         expiring = (deadline != NEVER) - (old_deadline != NEVER)
         node.expiring += expiring
         size = entry_size(key, stored) - (0 if old is None else entry_size(key, old))
@@ -151,15 +175,77 @@ class NamespacedStorage:
             self._schedule(node, key, deadline)
         # Otherwise the key has no deadline, or is listed in its new deadline's slot already.
 
-    def renew_until(self, path: Sequence[str], key: str, deadline: float) -> None:
-        """Give an entry that has a deadline the new `deadline`, even if it has passed; not journaled.
+    def merge(
+        self,
+        path: Sequence[str],
+        key: str,
+        version: bytes,
+        value: bytes | None = None,
+        deadline: float = NEVER,
+        *,
+        make_room: bool = True,
+    ) -> bool:
+        """Take in a change made elsewhere (or earlier, from the log): `value` with `deadline` (on
+        the storage clock, even if passed), or a delete if `value` is None. Whether it changed
+        anything here.
 
-        For replaying a log, where the entry was live when it was renewed.
+        Last writer wins: a value is stored only if it is newer than the entry and every
+        tombstone over its key; a delete removes an entry as old as it or older (at equal
+        versions the delete wins) and leaves a tombstone. Commutative, associative and
+        idempotent, so copies that meet in any order, any number of times, end the same.
+        `make_room`: a value makes room for itself (max_memory, quotas) as a write does.
         """
+        self.versions.observe(version)
         node = self._tree.find(path)
         stored = None if node is None else node.entries.get(key)
-        if stored is not None and deadline_of(stored) != NEVER:
-            self.put(path, key, value_of(stored), deadline)
+        tombstones = self.tombstones
+        if value is None:
+            if tombstones is not None:
+                tombstones.bury(path, key, version)
+            if node is None or stored is None or version_of(stored) > version:
+                return False
+            self._remove(node, key)
+            if self.journal is not None:
+                self.journal.delete(path, key, version)
+            return True
+        if stored is not None and version_of(stored) >= version:
+            return False
+        if tombstones is not None:
+            buried = tombstones.over(path, key)
+            if buried is not None and buried >= version:
+                return False
+        if make_room and (self._max_memory or self.quotas):
+            self._reserve(path, key, self._needed(path, key, len(value), deadline))
+        self._put(path, key, value, deadline, version)
+        if self.journal is not None:
+            self.journal.set(path, key, value, deadline, version)
+        return True
+
+    def merge_subtree(self, path: Sequence[str], version: bytes) -> int:
+        """Take in a `delete_all` of the namespace at `path` made elsewhere (or earlier): every entry
+        below it as old as it or older goes, and it leaves a tombstone. How many went."""
+        self.versions.observe(version)
+        if self.tombstones is not None:
+            self.tombstones.bury_subtree(path, version)
+        removed = 0
+        for _, node in list(self._tree.walk(path)):
+            for key, stored in list(node.entries.items()):
+                if version_of(stored) <= version:
+                    self._discard(node, key)
+                    removed += 1
+            self._tree.prune(node)
+        if self.journal is not None:
+            self.journal.delete_all(path, version)
+        return removed
+
+    def renew_until(self, path: Sequence[str], key: str, deadline: float, version: bytes) -> None:
+        """Take in a renewal made earlier (from the log): an entry older than `version` that has a
+        deadline gets `deadline` (even if it has passed: it was live when renewed); not journaled."""
+        self.versions.observe(version)
+        node = self._tree.find(path)
+        stored = None if node is None else node.entries.get(key)
+        if stored is not None and deadline_of(stored) != NEVER and version_of(stored) < version:
+            self._put(path, key, value_of(stored), deadline, version)
 
     def get(self, path: Sequence[str], key: str, renew_for: float | None = None) -> bytes | None:
         """The value of `key`, or None. With `renew_for`, an entry with a deadline gets now + renew_for."""
@@ -181,31 +267,43 @@ class NamespacedStorage:
             moved = relists(deadline, renewed)
             if moved and (self._max_memory or self.quotas):  # a listing in another slot: room first
                 self._reserve(path, key, listing_cost(node, deadline, renewed))
-            node.entries[key] = pack(value, renewed)
+            version = self.versions.now()
+            node.entries[key] = pack(value, version, renewed)
             if moved:
                 self._schedule(node, key, renewed)
             if self.journal is not None:
-                self.journal.renew(path, key, renewed)
+                self.journal.renew(path, key, renewed, version)
         return value
 
     def delete(self, path: Sequence[str], key: str) -> None:
-        """Remove `key`; a missing key is a no-op."""
+        """Remove `key`; a missing key is a no-op, but for its tombstone (with `tombstones`)."""
         node = self._tree.find(path)
-        if node is not None and key in node.entries:
+        held = node is not None and key in node.entries
+        tombstones = self.tombstones
+        if not held and tombstones is None:
+            return
+        version = self.versions.now()
+        if node is not None and held:
             self._remove(node, key)
-            if self.journal is not None:
-                self.journal.delete(path, key)
+        if tombstones is not None:
+            tombstones.bury(path, key, version)
+        if self.journal is not None:
+            self.journal.delete(path, key, version)
 
     def delete_all(self, path: Sequence[str] = ()) -> None:
         """Remove every entry at `path` and below; O(depth), whatever the number of keys.
 
-        The subtree is detached at once; `reap` frees its memory in chunks.
+        The subtree is detached at once; `reap` frees its memory in chunks. Everything in it is
+        older than the change (the clock is ahead of every version stored here).
         """
+        version = self.versions.now()
         dropped = self._tree.drop(path)
         if dropped is not None:
             self._dropped.append(dropped)
+        if self.tombstones is not None:
+            self.tombstones.bury_subtree(path, version)
         if self.journal is not None:
-            self.journal.delete_all(path)
+            self.journal.delete_all(path, version)
 
     def exists(self, path: Sequence[str], key: str) -> bool:
         """Whether `key` holds an unexpired value."""
@@ -229,9 +327,11 @@ class NamespacedStorage:
     def reap(self, limit: int = 10_000) -> int:
         """Reclaim expired entries nobody reads and free dropped namespaces, doing at most `limit` steps.
 
-        A step looks at one listing of the expiry wheel or frees one entry.
-        Returns the steps taken: `limit` means more work may be waiting.
+        A step looks at one listing of the expiry wheel or frees one entry. Tombstones past their
+        age are collected too. Returns the steps taken: `limit` means more work may be waiting.
         """
+        if self.tombstones is not None:
+            self.tombstones.collect(self.versions.wall())
         steps = self._free_dropped(limit)
         now = self._clock()
         while steps < limit:
@@ -276,7 +376,9 @@ class NamespacedStorage:
         return ((path, node) for path, node in self._tree.walk() if node.entries)
 
     def entries(self, node: Node) -> list[tuple[str, bytes]]:
-        """The (key, stored form) pairs of a namespace from `namespaces()`, as they are now."""
+        """The (key, stored form) pairs of a namespace from `namespaces()`, as they are now.
+
+        tree.value_of, version_of and deadline_of read a stored form."""
         return list(node.entries.items())
 
     def time_left(self, stored: bytes) -> float | None:
@@ -293,8 +395,8 @@ class NamespacedStorage:
         if node is None or node.entries.get(key) is not stored:
             return False
         self._remove(node, key)
-        if self.journal is not None:
-            self.journal.delete(path, key)
+        if self.journal is not None:  # that change only: a replay keeps a later one
+            self.journal.delete(path, key, version_of(stored))
         return True
 
     @property
@@ -346,6 +448,8 @@ class NamespacedStorage:
             self._wheel.rebuild(node)
 
     def _expire(self, node: Node, key: str) -> None:
+        if self.tombstones is not None:  # an older copy, with a later deadline, must not come back
+            self.tombstones.bury(_path_of(node), key, version_of(node.entries[key]))
         self._remove(node, key)
         self._expired += 1
 
@@ -366,7 +470,7 @@ class NamespacedStorage:
         the expiry wheel (with the slot's list if the namespace has none yet)."""
         node = self._tree.find(path)
         old = None if node is None else node.entries.get(key)
-        needed = text_bytes(key) + value_bytes + DEADLINE_BYTES + ENTRY_OVERHEAD
+        needed = text_bytes(key) + value_bytes + TRAILER_BYTES + ENTRY_OVERHEAD
         needed += self._tree.creation_size(path)
         needed += listing_cost(node, NEVER if old is None else deadline_of(old), deadline)
         if old is not None:
@@ -409,6 +513,8 @@ class NamespacedStorage:
         if needed > self._max_memory:
             raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all", needed)
         while self.used_memory + needed > self._max_memory:
+            if self.tombstones is not None and self.tombstones.drop_oldest():
+                continue  # before any entry: losing a tombstone only matters if an old copy comes
             if self._policy == "noeviction" or not self._evict_one(path, key):
                 raise StoreFull(
                     f"used memory {self.used_memory} B + {needed} B for this write would exceed "
@@ -461,10 +567,11 @@ class NamespacedStorage:
                 self._wheel.schedule(writing, key, deadline_of(writing.entries[key]))
 
     def _evict(self, node: Node, key: str) -> None:
+        version = version_of(node.entries[key])
         self._remove(node, key)
         self._evictions += 1
         if self.journal is not None:  # or a restart would bring it back
-            self.journal.delete(_path_of(node), key)
+            self.journal.delete(_path_of(node), key, version)
 
     def _pick_namespace(self, volatile: bool) -> Node | None:
         """A namespace with entries (`volatile`: with deadlines), at random in proportion to their number.

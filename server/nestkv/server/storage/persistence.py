@@ -5,6 +5,8 @@ Files in the data directory:
     lock                  held (flock) by the one server using the directory
     snapshot.msgpack      the last complete snapshot; names the first log not in it
     log.<N>.msgpack       the append-only logs, replayed in order of N after the snapshot
+    clock                 a bound the version clock will not pass before writing a new one
+                          (8 bytes, big-endian; storage.clock), kept a few seconds ahead
 
 Both kinds of file are sequences of frames: a 4-byte length and a 4-byte CRC32
 of the payload, then the payload, a msgspec (msgpack) record. Deadlines are
@@ -24,9 +26,15 @@ chunk of entries at a time with requests served in between, fsyncs it and
 renames it into place, and deletes the logs it covers. The file is fuzzy:
 each chunk is as the store was when that chunk was written. Recovery
 replays the logs from the rotation on over it, which makes it exact,
-because every write since the rotation is in those logs and every record
-is idempotent (a set carries the value and the deadline, a renewal the new
-deadline, a delete or delete_all removes whatever is there).
+because every change since the rotation is in those logs, each with its
+version, and recovery takes every entry, tombstone and record in through
+NamespacedStorage.merge: a change older than what is loaded already is
+dropped, whatever order the two come in.
+
+Records and snapshots written before versions existed (snapshot format 1,
+records without a version) still load: each gets a version below every
+stamped one, increasing in the order they are read, so that they replay as
+they always did and any change made since wins over them.
 
 No fork: a forked child of a process that runs gRPC's threads can crash in
 gRPC's fork handlers, and a child that outlives its server holds its files.
@@ -52,8 +60,9 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from nestkv.server.errors import StoreUnavailable
+from nestkv.server.storage.clock import BOUND_AHEAD, LEGACY
 from nestkv.server.storage.engine import NEVER, Clock, NamespacedStorage
-from nestkv.server.storage.tree import deadline_of, value_of
+from nestkv.server.storage.tree import deadline_of, value_of, version_of
 
 log = logging.getLogger("nestkv.persistence")
 
@@ -61,8 +70,12 @@ FsyncPolicy = Literal["always", "everysec", "no"]
 _FRAME = struct.Struct("<II")
 _LOG_NAME = re.compile(r"^log\.(\d+)\.msgpack$")
 _SNAPSHOT = "snapshot.msgpack"
+_CLOCK = "clock"
 _SNAPSHOT_CHUNK = 2_000  # entries written between two turns of the event loop: ~1 ms of work
 _T = TypeVar("_T")
+
+
+# Each record ends with the version of its change; written before versions, it has none (LEGACY).
 
 
 class SetRecord(msgspec.Struct, array_like=True, tag=0, gc=False):
@@ -70,21 +83,25 @@ class SetRecord(msgspec.Struct, array_like=True, tag=0, gc=False):
     key: str
     value: bytes
     deadline: float | None  # wall clock; None: never expires
+    version: bytes = LEGACY
 
 
 class DeleteRecord(msgspec.Struct, array_like=True, tag=1, gc=False):
     path: tuple[str, ...]
     key: str
+    version: bytes = LEGACY
 
 
 class DeleteAllRecord(msgspec.Struct, array_like=True, tag=2, gc=False):
     path: tuple[str, ...]
+    version: bytes = LEGACY
 
 
 class RenewRecord(msgspec.Struct, array_like=True, tag=3, gc=False):
     path: tuple[str, ...]
     key: str
     deadline: float
+    version: bytes = LEGACY
 
 
 Record = SetRecord | DeleteRecord | DeleteAllRecord | RenewRecord
@@ -97,6 +114,8 @@ class SnapshotHeader(msgspec.Struct, array_like=True, tag=10):
 
 
 class SnapshotChunk(msgspec.Struct, array_like=True, tag=11, gc=False):
+    """Format 1: entries without versions."""
+
     path: tuple[str, ...]
     entries: list[tuple[str, bytes, float | None]]  # key, value, wall-clock deadline
 
@@ -105,7 +124,22 @@ class SnapshotEnd(msgspec.Struct, array_like=True, tag=12):
     entries: int
 
 
-SnapshotFrame = SnapshotHeader | SnapshotChunk | SnapshotEnd
+class VersionedChunk(msgspec.Struct, array_like=True, tag=13, gc=False):
+    """Format 2: entries of one namespace."""
+
+    path: tuple[str, ...]
+    entries: list[tuple[str, bytes, float | None, bytes]]  # key, value, wall-clock deadline, version
+
+
+class TombstoneChunk(msgspec.Struct, array_like=True, tag=14, gc=False):
+    """Format 2: tombstones, after every entry."""
+
+    keys: list[tuple[tuple[str, ...], str, bytes]]  # path, key, version
+    subtrees: list[tuple[tuple[str, ...], bytes]]  # path, version
+
+
+SnapshotFrame = SnapshotHeader | SnapshotChunk | SnapshotEnd | VersionedChunk | TombstoneChunk
+_FORMAT = 2
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_record = msgspec.msgpack.Decoder(Record).decode
@@ -163,6 +197,10 @@ class Persistence:
         self._fsyncing = asyncio.Lock()  # the everysec fsync against a snapshot closing the old log
         self._unsynced = False
         self._records_since_snapshot = 0
+        self._legacy = 0  # versions given so far to what was written before versions
+        self._clock_fd = -1
+        self.stopped_at: float | None = None
+        """Until when (wall clock, about) the last server on this directory ran; None: unknown."""
         self.last_snapshot: float | None = None
         """When (wall clock) the last complete snapshot was written; None: never."""
 
@@ -198,6 +236,9 @@ class Persistence:
                 log.error("closing the log with records that could not be written: %s", error)
             os.close(self._log_fd)
             self._log_fd = -1
+        if self._clock_fd >= 0:
+            os.close(self._clock_fd)
+            self._clock_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
@@ -212,6 +253,7 @@ class Persistence:
         A torn or corrupt tail of the last log (a crash mid-write) is cut off
         with a warning.
         """
+        self._open_clock(storage)
         first_log, loaded = self._load_snapshot(storage)
         logs = [number for number in self._log_numbers() if number >= first_log]
         replayed = 0
@@ -256,7 +298,8 @@ class Persistence:
             not frames
             or not isinstance(frames[0], SnapshotHeader)
             or not isinstance(frames[-1], SnapshotEnd)
-            or frames[-1].entries != sum(len(f.entries) for f in frames if isinstance(f, SnapshotChunk))
+            or frames[-1].entries
+            != sum(len(f.entries) for f in frames if isinstance(f, (SnapshotChunk, VersionedChunk)))
         ):
             problem = "incomplete: its header or end frame is missing or does not match"
         if problem is not None:
@@ -268,14 +311,25 @@ class Persistence:
         assert isinstance(header, SnapshotHeader)
         clock_minus_wall = -self._wall_minus_clock()
         loaded = 0
+        merge = storage.merge
         for chunk in frames[1:-1]:
-            assert isinstance(chunk, SnapshotChunk)
-            for key, value, deadline in chunk.entries:
-                # An entry whose deadline has passed is loaded all the same (invisible, and reaped
-                # soon): a renewal in the logs after the snapshot may still give it a later one.
-                at = NEVER if deadline is None else deadline + clock_minus_wall
-                storage.put(chunk.path, key, value, at)
-                loaded += 1
+            # An entry whose deadline has passed is loaded all the same (invisible, and reaped
+            # soon): a renewal in the logs after the snapshot may still give it a later one.
+            if isinstance(chunk, VersionedChunk):
+                for key, value, deadline, version in chunk.entries:
+                    at = NEVER if deadline is None else deadline + clock_minus_wall
+                    merge(chunk.path, key, version, value, at, make_room=False)
+                loaded += len(chunk.entries)
+            elif isinstance(chunk, SnapshotChunk):
+                for key, value, deadline in chunk.entries:
+                    at = NEVER if deadline is None else deadline + clock_minus_wall
+                    merge(chunk.path, key, self._legacy_version(), value, at, make_room=False)
+                loaded += len(chunk.entries)
+            elif isinstance(chunk, TombstoneChunk):
+                for namespace, key, version in chunk.keys:
+                    merge(namespace, key, version)
+                for namespace, version in chunk.subtrees:
+                    storage.merge_subtree(namespace, version)
         return header.first_log, loaded
 
     def _replay(self, storage: NamespacedStorage, number: int, *, last: bool) -> int:
@@ -307,22 +361,46 @@ class Persistence:
                 os.fsync(file.fileno())
         clock_minus_wall = -self._wall_minus_clock()
         for record in records:
+            if record.version == LEGACY:
+                record.version = self._legacy_version()
             apply(storage, record, clock_minus_wall)
         return len(records)
 
+    def _legacy_version(self) -> bytes:
+        """The version of the next record or entry read that was written before versions."""
+        self._legacy += 1
+        return self._legacy.to_bytes(16, "big")
+
+    # The version clock's bound
+
+    def _open_clock(self, storage: NamespacedStorage) -> None:
+        """Start the storage's clock above the bound persisted here, and persist it here from now on."""
+        self._clock_fd = os.open(self.directory / _CLOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        saved = os.pread(self._clock_fd, 8, 0)
+        if len(saved) == 8:
+            bound = int.from_bytes(saved, "big")
+            storage.versions.start_above(bound)
+            self.stopped_at = (bound - BOUND_AHEAD) / (1000 << 16)
+        storage.versions.persist_with(self._save_clock)
+
+    def _save_clock(self, bound: int) -> None:
+        os.pwrite(self._clock_fd, bound.to_bytes(8, "big"), 0)
+        if self.fsync_policy != "no":
+            os.fdatasync(self._clock_fd)  # 8 bytes in place: no metadata to flush but the size
+
     # Logging: the storage's Journal
 
-    def set(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> None:
-        self._record(SetRecord(tuple(path), key, value, self.wall_deadline(deadline)))
+    def set(self, path: Sequence[str], key: str, value: bytes, deadline: float, version: bytes) -> None:
+        self._record(SetRecord(tuple(path), key, value, self.wall_deadline(deadline), version))
 
-    def renew(self, path: Sequence[str], key: str, deadline: float) -> None:
-        self._record(RenewRecord(tuple(path), key, self._to_wall(deadline)))
+    def renew(self, path: Sequence[str], key: str, deadline: float, version: bytes) -> None:
+        self._record(RenewRecord(tuple(path), key, self._to_wall(deadline), version))
 
-    def delete(self, path: Sequence[str], key: str) -> None:
-        self._record(DeleteRecord(tuple(path), key))
+    def delete(self, path: Sequence[str], key: str, version: bytes) -> None:
+        self._record(DeleteRecord(tuple(path), key, version))
 
-    def delete_all(self, path: Sequence[str]) -> None:
-        self._record(DeleteAllRecord(tuple(path)))
+    def delete_all(self, path: Sequence[str], version: bytes) -> None:
+        self._record(DeleteAllRecord(tuple(path), version))
 
     def _record(self, record: Record) -> None:
         self._pending += frame(_encode(record))
@@ -470,7 +548,7 @@ class Persistence:
         written = 0
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(fd, frame(_encode(SnapshotHeader("nestkv-snapshot", 1, self._log_number))))
+            _write_all(fd, frame(_encode(SnapshotHeader("nestkv-snapshot", _FORMAT, self._log_number))))
             for path, node in namespaces:
                 entries = node.entries
                 keys = list(entries)  # the dict changes between chunks; its keys at this moment do not
@@ -485,10 +563,20 @@ class Persistence:
                         if stored is not None:  # else deleted since: the logs say so
                             deadline = deadline_of(stored)
                             wall = None if deadline == NEVER else deadline + wall_minus_clock
-                            rows.append((key, value_of(stored), wall))
-                    _write_all(fd, frame(_encode(SnapshotChunk(path, rows))))
+                            rows.append((key, value_of(stored), wall, version_of(stored)))
+                    _write_all(fd, frame(_encode(VersionedChunk(path, rows))))
                     written += len(rows)
                     await asyncio.sleep(0)  # serve the requests that came in meanwhile
+            tombstones = storage.tombstones
+            if tombstones is not None:
+                buried = [(path, key, version) for (path, key), version in tombstones.keys.items()]
+                subtrees = list(tombstones.subtrees.items())
+                for start in range(0, max(len(buried), 1), _SNAPSHOT_CHUNK):
+                    chunk = TombstoneChunk(
+                        buried[start : start + _SNAPSHOT_CHUNK], subtrees if not start else []
+                    )
+                    _write_all(fd, frame(_encode(chunk)))
+                    await asyncio.sleep(0)
             _write_all(fd, frame(_encode(SnapshotEnd(written))))
             await _in_thread(os.fsync, fd)
         except BaseException:
@@ -562,16 +650,16 @@ async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
 
 
 def apply(storage: NamespacedStorage, record: Record, clock_minus_wall: float) -> None:
-    """Apply one log record to `storage` (whose clock reads wall time + `clock_minus_wall`)."""
+    """Merge one log record into `storage` (whose clock reads wall time + `clock_minus_wall`)."""
     # A deadline that passed while the server was down is applied all the same:
     # the entry is expired (invisible, reaped soon) unless a later renewal in
     # the log moves its deadline, as it did when the server ran.
     if isinstance(record, SetRecord):
         deadline = NEVER if record.deadline is None else record.deadline + clock_minus_wall
-        storage.put(record.path, record.key, record.value, deadline)
+        storage.merge(record.path, record.key, record.version, record.value, deadline, make_room=False)
     elif isinstance(record, DeleteRecord):
-        storage.delete(record.path, record.key)
+        storage.merge(record.path, record.key, record.version)
     elif isinstance(record, DeleteAllRecord):
-        storage.delete_all(record.path)
+        storage.merge_subtree(record.path, record.version)
     else:
-        storage.renew_until(record.path, record.key, record.deadline + clock_minus_wall)
+        storage.renew_until(record.path, record.key, record.deadline + clock_minus_wall, record.version)

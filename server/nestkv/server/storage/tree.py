@@ -4,9 +4,10 @@ Namespaces are structural, so `("a", "b")` and `("a_b",)` are different nodes
 whatever characters the segments hold, and dropping a namespace subtree is a
 single dict removal, whatever the number of keys inside or elsewhere.
 
-An entry is one bytes object: the value followed by its deadline as an
-8-byte float (`inf`: never). One object per entry, instead of a value, a
-record and a float, is what keeps memory per key near Redis's.
+An entry is one bytes object: the value, then its version (16 bytes, see
+storage.clock), then its deadline as an 8-byte float (`inf`: never). One
+object per entry, instead of a value, a record and a float, is what keeps
+memory per key near Redis's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import struct
 from collections.abc import Iterator, Sequence
 
 _DEADLINE = struct.Struct("<d")
-DEADLINE_BYTES = _DEADLINE.size
+_TRAILER = struct.Struct("<16sd")
+TRAILER_BYTES = _TRAILER.size
+"""Bytes an entry holds beyond its value: its version and its deadline."""
+_pack_trailer = _TRAILER.pack
 
 NAMESPACE_OVERHEAD = 480
 """Bytes a namespace costs beyond its name: the node and its three dicts, the small tables its
@@ -39,17 +43,21 @@ def namespace_size(name: str) -> int:
     return NAMESPACE_OVERHEAD + text_bytes(name)
 
 
-def pack(value: bytes, deadline: float) -> bytes:
-    """The stored form of `value` with `deadline`."""
-    return value + _DEADLINE.pack(deadline)
+def pack(value: bytes, version: bytes, deadline: float) -> bytes:
+    """The stored form of `value` with `version` and `deadline`."""
+    return value + _pack_trailer(version, deadline)
 
 
 def deadline_of(stored: bytes) -> float:
-    return float(_DEADLINE.unpack_from(stored, len(stored) - DEADLINE_BYTES)[0])
+    return float(_DEADLINE.unpack_from(stored, len(stored) - 8)[0])
+
+
+def version_of(stored: bytes) -> bytes:
+    return stored[-TRAILER_BYTES:-8]
 
 
 def value_of(stored: bytes) -> bytes:
-    return stored[:-DEADLINE_BYTES]
+    return stored[:-TRAILER_BYTES]
 
 
 class Node:
