@@ -89,10 +89,24 @@ class Operations:
         renew_for = _span(request.renew_for, "renew_for") if request.HasField("renew_for") else None
         if renew_for is not None:
             self._writable()
+        if request.with_version:
+            self._get_with_version(request, response, renew_for)
+            return
         value = self._storage.get(request.path, request.key, renew_for)
         if value is not None:
             response.found = True
             response.value = value
+
+    def _get_with_version(
+        self, request: pb.GetRequest, response: pb.GetResponse, renew_for: float | None
+    ) -> None:
+        entry = self._storage.get_entry(request.path, request.key, renew_for)
+        if entry is None:
+            return
+        response.found = True
+        response.value, response.version, left = entry
+        if left != NEVER:
+            _put_span(response.expires_in, left)
 
     def delete(self, request: pb.DeleteRequest, response: pb.DeleteResponse) -> None:
         self._limits.check_key(request.key)
@@ -114,9 +128,7 @@ class Operations:
             return
         response.found = True
         if left != NEVER:
-            seconds = int(left)
-            response.expires_in.seconds = seconds
-            response.expires_in.nanos = int((left - seconds) * 1e9)
+            _put_span(response.expires_in, left)
 
     def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
         """This node's figures: of the subtree at the request's path, and of the whole server."""
@@ -138,6 +150,12 @@ class Operations:
             response.quota.path.extend(quota_path)
         server.uptime.FromNanoseconds(int((time.monotonic() - self._started) * 1e9))
         server.version = VERSION
+
+
+def _put_span(duration: Duration, seconds: float) -> None:
+    whole = int(seconds)
+    duration.seconds = whole
+    duration.nanos = int((seconds - whole) * 1e9)
 
 
 def _nothing() -> None:

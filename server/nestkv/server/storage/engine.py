@@ -275,6 +275,19 @@ class NamespacedStorage:
                 self.journal.renew(path, key, renewed, version)
         return value
 
+    def get_entry(
+        self, path: Sequence[str], key: str, renew_for: float | None = None
+    ) -> tuple[bytes, bytes, float] | None:
+        """`get`, with the entry's version and the seconds it has left (`NEVER`: no expiry)."""
+        if self.get(path, key, renew_for) is None:
+            return None
+        node = self._tree.find(path)
+        assert node is not None
+        stored = node.entries[key]
+        deadline = deadline_of(stored)
+        left = NEVER if deadline == NEVER else max(deadline - self._clock(), 0.001)  # it was live
+        return value_of(stored), version_of(stored), left
+
     def delete(self, path: Sequence[str], key: str) -> None:
         """Remove `key`; a missing key is a no-op, but for its tombstone (with `tombstones`)."""
         node = self._tree.find(path)
