@@ -10,7 +10,9 @@ Admission and the wire are tested on real processes (tests/server/cluster/test_c
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterable, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from nestkv.server.batches import BatchRunner
@@ -20,6 +22,9 @@ from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import Operations
 from nestkv.server.security import Gate
 from nestkv.server.storage import NamespacedStorage
+from nestkv.server.storage.clock import HybridClock
+from nestkv.server.storage.persistence import Persistence
+from nestkv.server.storage.tombstones import Tombstones
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.errors import StoreUnavailableError
 
@@ -35,10 +40,23 @@ def spec(members: list[str]) -> str:
     return ",".join(f"{member}={address_of(member)}" for member in members)
 
 
+class Wall:
+    """The nodes' wall clock: one millisecond passes at each reading, so that of two changes made
+    one after the other, on any nodes, the later has the later version (as with clocks in sync and
+    changes a millisecond apart or more: closer than their offset, the tie-break decides)."""
+
+    def __init__(self) -> None:
+        self._readings = itertools.count()
+
+    def __call__(self) -> float:
+        return 1_800_000_000.0 + next(self._readings) / 1000
+
+
 class InProcessCluster:
     """Nodes by id, and which of them are down."""
 
     def __init__(self, members: list[str]) -> None:
+        self.wall = Wall()
         self.nodes: dict[str, Node] = {}
         self.down: set[str] = set()
         for member in members:
@@ -50,10 +68,23 @@ class InProcessCluster:
             raise StoreUnavailableError(f"UNAVAILABLE: failed to connect to {address}", "UNAVAILABLE")
         return self.nodes[member]
 
-    def add(self, member: str) -> Node:
+    def add(self, member: str, data_dir: Path | None = None) -> Node:
         """A new member, started with the list that names it; the others still have theirs."""
-        members = [*self.nodes, member]
-        node = self.nodes[member] = Node(member, spec(members), self)
+        members = [*self.nodes, member] if member not in self.nodes else list(self.nodes)
+        node = self.nodes[member] = Node(member, spec(members), self, data_dir)
+        return node
+
+    async def stop(self, member: str) -> None:
+        """Stop a member: it answers nothing, and its data directory is closed."""
+        node = self.nodes[member]
+        self.down.add(member)
+        await node.close()
+
+    def restart(self, member: str, members: list[str]) -> Node:
+        """Start a stopped member again on its data directory, with the list `members`."""
+        old = self.nodes[member]
+        node = self.nodes[member] = Node(member, spec(members), self, old.data_dir)
+        self.down.discard(member)
         return node
 
     def change(self, members: list[str], *, on: list[str] | None = None) -> None:
@@ -64,9 +95,7 @@ class InProcessCluster:
 
     async def close(self) -> None:
         for node in self.nodes.values():
-            for task in node.tasks:
-                task.cancel()
-            await asyncio.gather(*node.tasks, return_exceptions=True)
+            await node.close()
 
 
 class FakePeers(Peers):
@@ -117,8 +146,18 @@ class FakePeers(Peers):
 class Node:
     """One member: its storage, cluster, router and runner, as the server wires them."""
 
-    def __init__(self, node_id: str, members: str, cluster: InProcessCluster) -> None:
-        self.storage = NamespacedStorage()
+    def __init__(
+        self, node_id: str, members: str, cluster: InProcessCluster, data_dir: Path | None = None
+    ) -> None:
+        self.storage = NamespacedStorage(
+            versions=HybridClock(node_id, cluster.wall), tombstones=Tombstones(3600, 100_000)
+        )
+        self.data_dir = data_dir
+        self.persistence = None
+        if data_dir is not None:
+            self.persistence = Persistence.open(data_dir, "always", wall=cluster.wall)
+            self.persistence.recover(self.storage)
+        commit = self.persistence.commit if self.persistence else _nothing
         self.membership = Membership(node_id, members)
         self.peers = FakePeers(node_id, cluster, lambda: self.membership.current.version)
         gate = Gate("", LIMITS)
@@ -128,15 +167,24 @@ class Node:
             self.peers,
             gate,
             self.storage,
-            commit=_nothing,
+            commit=commit,
             writable=_nothing,
             peer_domain=None,
         )
         self.operations = Operations(self.storage, LIMITS)
         self.metrics = OperationMetrics()
         self.router = ClusterRouter(self.cluster, self.operations, self.metrics)
-        self.runner = BatchRunner(self.operations, self.router, metrics=self.metrics)
+        self.runner = BatchRunner(self.operations, self.router, commit=commit, metrics=self.metrics)
         self.tasks: list[asyncio.Task[None]] = []
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        if self.persistence is not None:
+            self.persistence.close()
+            self.persistence = None
 
     def start_hand_offs(self) -> None:
         """Run this node's hand-off passes in the background, as the server does."""

@@ -30,7 +30,7 @@ from nestkv.client import GrpcStore, StoreError, StoreUnavailableError, channel_
 from nestkv.client.routing import Router
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
-from nestkv.server.storage.tree import namespace_size
+from nestkv.server.storage.tree import TRAILER_BYTES, namespace_size
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from nestkv.wire.placement import HASH_NAME, Placement, topology_version
@@ -352,7 +352,7 @@ async def test_stats_gives_each_node_its_own_figures_and_their_sums(plain: Clust
             mine = [
                 (where, n) for n, (where, key) in enumerate(entries) if PLACEMENT.owner(where, key) == member
             ]
-            entry = entry_size("key-000", b"x" * 58)  # the value and its 8-byte deadline
+            entry = entry_size("key-000", b"x" * (50 + TRAILER_BYTES))  # the value, its version and deadline
             namespaces = {where[-1] for where, _ in mine}
             listed = {where[-1] for where, n in mine if n % 2}
             counted = node.namespace.keys * entry + expiring[member] * LISTING_BYTES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,110 @@ async def test_a_subtree_emptied_at_the_new_owner_is_not_refilled_by_a_hand_off(
         node.start_hand_offs()
     await passed(*two.nodes.values())
     assert [c.holds(key) for key in keys] == [False, False, False]
+
+
+# Copies merge by version: what the README promises about resizing.
+
+
+async def joined_with_c_first(two: InProcessCluster) -> Node:
+    """c joins with the new list; a and b still have the old one (they read the change later)."""
+    c = two.add("c")
+    two.change(["a", "b", "c"], on=["c"])
+    return c
+
+
+async def everyone_read_the_change(cluster: InProcessCluster) -> None:
+    cluster.change(["a", "b", "c"], on=["a", "b"])
+    for node in cluster.nodes.values():
+        node.start_hand_offs()
+    await passed(*cluster.nodes.values())
+
+
+async def answers(cluster: InProcessCluster, key: str, path: tuple[str, ...] = PATH) -> set[bytes | None]:
+    """What each node answers a get of `key` with (None: not found)."""
+    found = set()
+    for node in cluster.nodes.values():
+        result = (await node.get(key, path)).get
+        found.add(result.value if result.found else None)
+    return found
+
+
+async def test_a_later_write_through_a_node_on_the_old_list_wins_on_every_node(two: InProcessCluster) -> None:
+    a = two.nodes["a"]
+    [key] = moving_keys(two, 1)
+    c = await joined_with_c_first(two)
+    await c.set(key, b"earlier, at the new owner")
+    await a.set(key, b"later, at the old owner")  # a's list still gives the key to a
+    assert a.holds(key)
+    await everyone_read_the_change(two)
+    assert await answers(two, key) == {b"later, at the old owner"}
+    assert [node.holds(key) for node in two.nodes.values()] == [False, False, True]
+
+
+async def test_a_later_delete_through_a_node_on_the_old_list_is_not_undone(two: InProcessCluster) -> None:
+    a = two.nodes["a"]
+    [key] = moving_keys(two, 1)
+    c = await joined_with_c_first(two)
+    await c.set(key, b"earlier, at the new owner")
+    [deleted] = await a.call(pb.Operation(delete=pb.DeleteRequest(path=PATH, key=key)))
+    assert deleted.WhichOneof("result") == "delete"
+    await everyone_read_the_change(two)
+    assert await answers(two, key) == {None}
+    assert not c.holds(key)
+
+
+async def test_a_delete_all_during_a_resize_is_not_undone(two: InProcessCluster) -> None:
+    a = two.nodes["a"]
+    earlier, later = moving_keys(two, 2)
+    c = await joined_with_c_first(two)
+    await c.set(earlier, b"before the delete_all")
+    # Through a, on the old list: it runs on a and b, not on c, which a does not know of yet.
+    [emptied] = await a.call(pb.Operation(delete_all=pb.DeleteAllRequest(path=PATH)))
+    assert emptied.WhichOneof("result") == "delete_all"
+    assert c.holds(earlier)
+    await a.set(later, b"after the delete_all")  # to a: its list gives the key to a
+    await everyone_read_the_change(two)
+    assert await answers(two, earlier) == {None}
+    assert await answers(two, later) == {b"after the delete_all"}
+
+
+async def test_a_node_restarted_on_an_old_data_directory_ends_with_the_newer_values(tmp_path: Path) -> None:
+    cluster = InProcessCluster([])
+    try:
+        for member in "abc":
+            cluster.add(member, tmp_path / member)
+        cluster.change(["a", "b", "c"])
+        a, c = cluster.nodes["a"], cluster.nodes["c"]
+        three = c.membership.current
+        keys = keys_owned_by("c", three, 20)
+        for key in keys:
+            await a.set(key, b"old")
+        assert all(c.holds(key) for key in keys)
+        await cluster.stop("c")
+        cluster.change(["a", "b"], on=["a", "b"])  # c is taken off the list while it is down
+        for key in keys:
+            await a.set(key, b"new")  # now owned by a or b
+        cluster.restart("c", ["a", "b", "c"])  # back on its old data directory, on the list again
+        assert cluster.nodes["c"].holds(keys[0])
+        await everyone_read_the_change(cluster)
+        for key in keys:
+            assert await answers(cluster, key) == {b"new"}, key
+    finally:
+        await cluster.close()
+
+
+async def test_a_key_deleted_at_the_new_owner_is_not_read_back_from_the_previous_one(
+    two: InProcessCluster,
+) -> None:
+    a = two.nodes["a"]
+    deleted, renewed = moving_keys(two, 2)
+    await a.set(deleted, b"older")
+    await a.set(renewed, b"older")
+    c = two.add("c")
+    two.change(["a", "b", "c"])  # no pass runs: the keys stay on a, and c asks a on a miss
+    await c.call(pb.Operation(delete=pb.DeleteRequest(path=PATH, key=deleted)))
+    assert not (await c.get(deleted)).get.found
+    assert a.holds(deleted)
+    # A miss asked of a is merged at c: c holds the copy from then on, with a's version.
+    assert (await c.get(renewed)).get.value == b"older"
+    assert c.holds(renewed)

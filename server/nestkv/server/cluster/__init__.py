@@ -15,7 +15,7 @@ from nestkv.server.cluster.handoff import HandOff
 from nestkv.server.cluster.node import Cluster
 from nestkv.server.cluster.peers import PEER_HEADER, Peers
 from nestkv.server.cluster.router import ClusterRouter
-from nestkv.server.cluster.topology import ClusterConfigError, Membership, Topology, parse_members
+from nestkv.server.cluster.topology import ClusterConfigError, Membership, Topology, own_id, parse_members
 
 __all__ = [
     "DNS_LABEL",
@@ -29,5 +29,6 @@ __all__ = [
     "PeerGrant",
     "Peers",
     "Topology",
+    "own_id",
     "parse_members",
 ]

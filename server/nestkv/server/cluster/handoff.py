@@ -7,11 +7,15 @@ the time it has left, to the key's owner on a HandOff stream, and drops
 each key once the owner has answered, unless it changed meanwhile. The last
 message to every other member, keys or not, says `done` for that version.
 
-The receiving side stores a handed-off key only if it does not hold the key
-already and has not deleted it since the change (a write to the new owner
-is newer than anything handed off). Until every member of the previous list
-has said `done` for the current version, a read that misses is asked of the
-key's previous owner, so a key is never unseen while it travels.
+A pass sends tombstones too: those of keys others own to their owner, and
+those of emptied namespaces to every member. The receiving side merges
+what arrives by version (NamespacedStorage.merge): a copy is stored only if
+it is newer than what the receiver holds and than every tombstone over it,
+so the last write wins, wherever it was made and whatever order the copies
+come in. Until every member of the previous list has said `done` for the
+current version, a read that misses is asked of the key's previous owner,
+whose copy is merged here the same way, so a key is never unseen while it
+travels.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import grpc
 
 from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.storage import NEVER, NamespacedStorage
-from nestkv.server.storage.tree import value_of
+from nestkv.server.storage.clock import LEGACY
+from nestkv.server.storage.tree import value_of, version_of
 from nestkv.v1 import store_pb2 as pb
 
 log = logging.getLogger("nestkv.server")
@@ -36,7 +41,6 @@ _CHUNK = 500  # entries per HandOffRequest
 _YIELD_EVERY = 2_000  # keys looked at between two yields to the event loop
 _RETRY = 1.0  # seconds before a member that could not be reached is tried again, doubling
 _MAX_RETRY = 30.0
-_QUIET = 60.0  # seconds after the last hand-off received that what it must not undo is remembered
 _SETTLE = 10.0  # seconds before keys a peer placed here by a list this node does not know go on
 _WINDOW = 600.0  # seconds after a change that misses may be asked of previous owners, at most
 
@@ -74,14 +78,6 @@ class HandOff:
         self.previous: Topology | None = Topology(others) if others else None
         self._done_from: dict[str, str] = {}
         self._given_up: set[str] = set()  # removed members that did not answer when asked
-        # What a hand-off must not undo, kept while one may still come (see `active`): keys
-        # written or deleted here and namespaces emptied here since the change, and keys held
-        # only because a hand-off brought them (a later hand-off of the same key, from a sender
-        # that got a newer write meanwhile, replaces them).
-        self._changed_here: set[tuple[tuple[str, ...], str]] = set()
-        self._cleared: set[tuple[str, ...]] = set()
-        self._handed: set[tuple[tuple[str, ...], str]] = set()
-        self._taken_until = 0.0  # monotonic time until which hand-offs are taken to be under way
         self._open_until = time.monotonic() + _WINDOW if self.previous is not None else 0.0
         self._later: asyncio.TimerHandle | None = None
         self.passed_version = ""
@@ -118,18 +114,6 @@ class HandOff:
         """
         return self._open and time.monotonic() < self._open_until
 
-    @property
-    def active(self) -> bool:
-        """Whether a hand-off may be under way here: the writes and deletes it must not undo are
-        remembered, and a miss may be asked of the previous owner (`open`)."""
-        if self.open or time.monotonic() < self._taken_until:
-            return True
-        if self._changed_here or self._cleared or self._handed:  # all handed off, and quiet: forget
-            self._changed_here.clear()
-            self._cleared.clear()
-            self._handed.clear()
-        return False
-
     def write_elsewhere(self, sender_version: str = "") -> None:
         """A key this node does not own was written here by a peer that placed it by another list.
 
@@ -164,7 +148,7 @@ class HandOff:
     def previous_owner(self, path: Sequence[str], key: str) -> str | None:
         """The member to ask about a key missing here while hand-offs run; None: the miss stands."""
         previous = self.previous
-        if previous is None or not self.open or self._gone_here(path, key):
+        if previous is None or not self.open:
             return None
         owner = previous.owner(path, key)
         return owner if owner in self._expecting() else None
@@ -181,53 +165,40 @@ class HandOff:
         self._reopen()
         return True
 
-    def written(self, path: Sequence[str], key: str) -> None:
-        """A key was written here (not by a hand-off) while hand-offs run: no hand-off replaces it,
-        and a miss on it (once it expires) is not asked of the previous owner."""
-        if self.active:
-            name = (tuple(path), key)
-            self._handed.discard(name)
-            self._changed_here.add(name)
-
-    def deleted(self, path: Sequence[str], key: str) -> None:
-        """A key was deleted here while hand-offs run: an older copy on its way must not bring it back."""
-        self.written(path, key)
-
-    def cleared(self, path: Sequence[str]) -> None:
-        """A namespace was emptied here while hand-offs run (delete_all)."""
-        if self.active:
-            self._cleared.add(tuple(path))
-
-    def _gone_here(self, path: Sequence[str], key: str) -> bool:
-        if (tuple(path), key) in self._changed_here:
-            return True
-        return any(tuple(path[: len(prefix)]) == prefix for prefix in self._cleared)
+    def merge_asked(self, path: Sequence[str], key: str, copy: pb.GetResponse) -> None:
+        """Merge here the copy a previous owner answered an ask with (a GetResponse with_version)."""
+        if copy.found:
+            deadline = NEVER
+            if copy.HasField("expires_in"):
+                deadline = self._storage.now() + copy.expires_in.ToNanoseconds() / 1e9
+            # Without making room: the copy is on its way here anyway (the hand-off makes room).
+            self._storage.merge(path, key, copy.version or LEGACY, copy.value, deadline, make_room=False)
 
     def take(self, sender: str, request: pb.HandOffRequest) -> tuple[int, int]:
-        """Store the entries of one HandOffRequest that are news here, durably; (stored, skipped).
+        """Merge the entries and tombstones of one HandOffRequest here, durably; (stored, skipped):
+        what was newer than anything here, and what was not.
 
         Raises StoreFault if they cannot be stored (the sender keeps them and tries again).
         """
         self._writable()
         storage = self._storage
         stored = skipped = 0
-        handed = self._handed
-        self._taken_until = time.monotonic() + _QUIET
+        for emptied in request.emptied:
+            storage.merge_subtree(emptied.path, emptied.version or LEGACY)
+        now = storage.now()
         for entry in request.entries:
-            path, key = entry.path, entry.key
-            name = (tuple(path), key)
-            if self._gone_here(path, key) or (name not in handed and storage.exists(path, key)):
-                skipped += 1
-                continue
-            handed.add(name)
-            ttl = None
-            if entry.HasField("expires_in"):
-                ttl = entry.expires_in.seconds + entry.expires_in.nanos / 1e9
-                if ttl <= 0:
-                    skipped += 1
-                    continue
-            storage.set(path, key, entry.value, ttl)
-            stored += 1
+            version = entry.version or LEGACY  # from a node older than versions: older than any
+            if entry.deleted:
+                changed = storage.merge(entry.path, entry.key, version)
+            else:
+                deadline = NEVER
+                if entry.HasField("expires_in"):
+                    deadline = now + entry.expires_in.ToNanoseconds() / 1e9
+                changed = deadline > now and storage.merge(
+                    entry.path, entry.key, version, entry.value, deadline
+                )
+            stored += changed
+            skipped += not changed
         if request.done:
             self._done_from[sender] = request.topology_version
             self._reopen()
@@ -297,10 +268,19 @@ class HandOff:
         moving = sum(len(entries) for entries in outgoing.values())
         if moving:
             log.info("handing off %d keys to %s", moving, ", ".join(m for m, e in outgoing.items() if e))
+        tombstones = storage.tombstones
+        buried: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {member: [] for member in outgoing}
+        emptied: list[tuple[tuple[str, ...], bytes]] = []
+        if tombstones is not None:  # a copy they cover may be on its owner, or come to it
+            for (path, key), version in list(tombstones.keys.items()):
+                owner = topology.owner(path, key)
+                if owner != node_id:
+                    buried[owner].append((path, key, version))
+            emptied = list(tombstones.subtrees.items())
         complete = True
         results = await asyncio.gather(
             *(
-                self._send(member, addresses[member], topology, entries)
+                self._send(member, addresses[member], topology, entries, buried[member], emptied)
                 for member, entries in outgoing.items()
             ),
             return_exceptions=True,
@@ -326,22 +306,37 @@ class HandOff:
         address: str,
         topology: Topology,
         entries: list[tuple[tuple[str, ...], str, bytes]],
+        buried: list[tuple[tuple[str, ...], str, bytes]],
+        emptied: list[tuple[tuple[str, ...], bytes]],
     ) -> pb.HandOffResponse:
+        """Send `entries` (stored forms), the tombstones `buried` and the `emptied` namespaces to
+        `member`, then `done`."""
         storage = self._storage
         version = topology.version
 
         async def requests() -> Any:
-            for start in range(0, len(entries), _CHUNK):
+            request = pb.HandOffRequest(topology_version=version)
+            for path, change in emptied:
+                request.emptied.add(path=path, version=change)
+            for start in range(0, len(buried), _CHUNK):
+                for path, key, change in buried[start : start + _CHUNK]:
+                    request.entries.add(path=path, key=key, version=change, deleted=True)
+                yield request
                 request = pb.HandOffRequest(topology_version=version)
+            for start in range(0, len(entries), _CHUNK):
                 for path, key, stored in entries[start : start + _CHUNK]:
                     left = storage.time_left(stored)
                     if left is None:
                         continue  # expired on the way
-                    entry = request.entries.add(path=path, key=key, value=value_of(stored))
+                    entry = request.entries.add(
+                        path=path, key=key, value=value_of(stored), version=version_of(stored)
+                    )
                     if left != NEVER:
                         entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
                 yield request
-            yield pb.HandOffRequest(topology_version=version, done=True)
+                request = pb.HandOffRequest(topology_version=version)
+            request.done = True
+            yield request
 
         call: Callable[..., Awaitable[pb.HandOffResponse]] = self._open_stream(address)
         try:

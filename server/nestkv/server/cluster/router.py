@@ -7,9 +7,9 @@ each itself (it routed the batch by this node's list). For a batch a peer
 forwarded, everything runs here, except a key this node's list gives to yet
 another node: that answers KeyMoved, and the peer sends it on once.
 
-While hand-offs run (nestkv.server.cluster.handoff), writes and deletes are
-remembered so that no older copy undoes them, and a read that misses is asked
-of the key's previous owner.
+While hand-offs run (nestkv.server.cluster.handoff), a read that misses is
+asked of the key's previous owner: its copy is merged here by version, and
+the read runs here again.
 """
 
 from __future__ import annotations
@@ -69,18 +69,21 @@ class ClusterRouter:
         futures = {member: cluster.peers.forward(address, operation) for member, address in members.items()}
         return _all_of(futures)
 
-    async def ask(self, member: str, operation: pb.Operation) -> pb.OperationResult | None:
-        """The answer of a key's previous owner to a read that missed here; None: the miss stands."""
+    async def ask(
+        self, member: str, path: Any, key: str, operation: pb.Operation
+    ) -> pb.OperationResult | None:
+        """A read that missed here, run again once the copy of the key's previous owner `member` is
+        merged here (by version: a delete here since stays a delete); None: the miss stands."""
         handoff = self.cluster.handoff
         assert handoff.previous is not None  # a previous owner is named only while there is a list before
-        result = await self._send(member, operation, handoff.previous.members[member], "asked")
-        if result.WhichOneof("result") == "error" and handoff.unanswered(member):
-            return None
-        if _missed(operation, result):
-            # It may have come here meanwhile: a hand-off stores a key here before the previous
-            # owner drops it, so a miss there that came after the drop finds it here now.
-            return self._operations.result_of(operation)
-        return result
+        fetch = pb.Operation(get=pb.GetRequest(path=path, key=key, with_version=True))
+        result = await self._send(member, fetch, handoff.previous.members[member], "asked")
+        if result.WhichOneof("result") == "error":
+            return None if handoff.unanswered(member) else result
+        handoff.merge_asked(path, key, result.get)
+        # A miss there may be news too: a hand-off stores a key here before the previous owner
+        # drops it, so a miss there that came after the drop finds it here now.
+        return self._operations.result_of(operation)
 
     def _count(self, member: str) -> None:
         metrics = self._metrics
@@ -182,7 +185,7 @@ class _ClusterRoute:
     """How one batch's operations run on a cluster node: decided once per batch (the clock and
     the member list are read once), asked once per operation."""
 
-    __slots__ = ("_asks", "_during", "_fan_out", "_forward", "_grant", "_moving", "_router", "_version")
+    __slots__ = ("_asks", "_fan_out", "_forward", "_grant", "_moving", "_router", "_version")
 
     def __init__(self, router: ClusterRouter, batch: pb.PipelineRequest, grant: Grant) -> None:
         cluster = router.cluster
@@ -196,8 +199,6 @@ class _ClusterRoute:
         # even redirected ones, once this node is off its own list (it is handing everything off).
         peer_mode = grant.mode if isinstance(grant, PeerGrant) else None
         self._moving = peer_mode == "" or (peer_mode == "redirected" and cluster.removed)
-        # A peer's forwarded write may need passing on however quiet hand-offs are (write_elsewhere).
-        self._during = grant.forwarded or cluster.handoff.active
         # Redirected (the sender asks next) or asked: a miss is answered from what is here.
         self._asks = not peer_mode
 
@@ -217,22 +218,19 @@ class _ClusterRoute:
         return None
 
     def after(self, kind: str, request: Any, response: Any, operation: pb.Operation) -> Answer | None:
-        if self._during:
-            handoff = self._router.cluster.handoff
-            if kind in READS:
-                if self._asks and not found(kind, response):
-                    member = handoff.previous_owner(request.path, request.key)
-                    if member is not None:
-                        return self._router.ask(member, operation)
-                return None
-            if kind == "delete":
-                handoff.deleted(request.path, request.key)
-            elif kind == "delete_all":
-                handoff.cleared(request.path)
-            else:
-                handoff.written(request.path, request.key)
-                if self._grant.forwarded and self._router.cluster.owner(request.path, request.key):
-                    handoff.write_elsewhere(self._version)  # a peer placed it by another member list
+        if kind in READS:
+            if self._asks and not found(kind, response):
+                member = self._router.cluster.handoff.previous_owner(request.path, request.key)
+                if member is not None:
+                    return self._router.ask(member, request.path, request.key, operation)
+            return None
+        if (
+            kind != "delete_all"
+            and self._grant.forwarded
+            and self._router.cluster.owner(request.path, request.key)
+        ):
+            # A peer placed it by another member list: it goes on to its owner.
+            self._router.cluster.handoff.write_elsewhere(self._version)
         if kind == "delete_all" and self._fan_out:
             return self._router.fan_out(operation)
         return None

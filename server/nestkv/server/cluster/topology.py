@@ -55,7 +55,7 @@ class Membership:
     """This node's id and the current topology; a `@FILE` source is re-read when it changes."""
 
     def __init__(self, node_id: str, spec: str) -> None:
-        self.node_id = node_id or socket.gethostname()
+        self.node_id = own_id(node_id)
         self._file = Path(spec[1:]) if spec.startswith("@") else None
         self._seen: tuple[int, int, int] | None = None
         self.listeners: list[Callable[[Topology, Topology], None]] = []
@@ -120,3 +120,8 @@ class Membership:
         while True:
             await asyncio.sleep(interval)
             self.reload()
+
+
+def own_id(node_id: str) -> str:
+    """This node's id: `node_id` (--node-id), or else the host name (a StatefulSet's pod name)."""
+    return node_id or socket.gethostname()
