@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from nestkv.server.app import build_server
 from nestkv.server.config import ServerConfig
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.persistence import Persistence
+from tests.clusterproc import free_ports
 from tests.polling import eventually
 from tests.server.storage.test_persistence import break_log, mend_log
 from tests.serverproc import ServerProcess, server_command
@@ -209,3 +211,42 @@ async def test_while_the_log_cannot_be_written_writes_fail_and_reads_work(tmp_pa
     finally:
         await serving.stop(1)
         persistence.close()
+
+
+def test_a_node_away_longer_than_the_tombstone_age_refuses_its_data_directory(tmp_path: Path) -> None:
+    """Other nodes may have forgotten deletes of its keys: it would bring them back."""
+    storage = NamespacedStorage()
+    persistence = Persistence.open(tmp_path, "always")
+    persistence.recover(storage)
+    storage.set(("ns",), "k", b"kept while the node was away")
+    persistence.commit()
+    persistence.close()
+    two_hours_ago = int((time.time() - 7200) * 1000) << 16
+    (tmp_path / "clock").write_bytes(two_hours_ago.to_bytes(8, "big"))
+    [port] = free_ports(1)
+    cluster = (
+        "--port",
+        str(port),
+        "--node-id",
+        "a",
+        "--cluster",
+        f"a=127.0.0.1:{port}",
+        "--data-dir",
+        str(tmp_path),
+    )
+    result = run_cli(*cluster, "--tombstone-age", "3600")
+    assert result.returncode == 1
+    assert re.search(
+        r"its server stopped 72\d\d s ago, longer than --tombstone-age \(3600 s\)", result.stderr
+    )
+    assert "Move the directory away to start empty" in result.stderr
+    # A single server keeps its data however long it was away (its copies never meet), and so
+    # does a node given a tombstone age longer than its absence.
+    for args in (("--data-dir", str(tmp_path)), (*cluster, "--tombstone-age", "9000")):
+        with ServerProcess(*args) as server:
+            assert asyncio.run(read_one(server.target)) == b"kept while the node was away"
+
+
+async def read_one(target: str) -> bytes | None:
+    async with GrpcStore.with_client(target) as store:
+        return await store.with_namespace("ns").get("k")

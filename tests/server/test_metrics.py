@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nestkv.client import GrpcStore, InvalidRequestError
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
+from tests.clusterproc import free_ports
 from tests.polling import eventually
 from tests.serverproc import ServerProcess
 
@@ -137,3 +138,25 @@ def test_json_logs_are_one_object_a_line_and_never_one_per_operation() -> None:
     assert lines[0]["message"].startswith("nestkv serving on 127.0.0.1:")
     assert lines[-1]["message"] == "nestkv stopped"
     assert len(lines) <= 4  # serving, stopping, stopped: nothing per operation
+
+
+async def test_a_cluster_node_reports_its_tombstones() -> None:
+    [port] = free_ports(1)
+    cluster = ("--port", str(port), "--node-id", "a", "--cluster", f"a=127.0.0.1:{port}")
+    with ServerProcess("--metrics-port", "0", *cluster, "--max-tombstones", "3") as server:
+        async with GrpcStore.with_client(server.target) as store:
+            for number in range(5):
+                await store.delete(f"gone{number}")
+        samples = scrape(server)
+    assert samples["nestkv_tombstones", ()] == 3
+    assert samples["nestkv_tombstones_dropped_early_total", ()] == 2
+    assert samples["nestkv_tombstone_bytes", ()] > 0
+    assert samples["nestkv_memory_bytes", ()] >= samples["nestkv_tombstone_bytes", ()]
+
+
+async def test_a_single_server_keeps_no_tombstones() -> None:
+    with ServerProcess("--metrics-port", "0") as server:
+        async with GrpcStore.with_client(server.target) as store:
+            await store.delete("gone")
+        samples = scrape(server)
+    assert ("nestkv_tombstones", ()) not in samples

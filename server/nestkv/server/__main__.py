@@ -50,6 +50,9 @@ _HELP = {
     "mutual TLS a peer's certificate must carry the DNS name NODE_ID.CLUSTER_NAME (required then)",
     "health_port": "also serve grpc.health.v1 alone, in plaintext, on this port: for Kubernetes' gRPC "
     "probes, which do not speak TLS (default: off)",
+    "tombstone_age": "in a cluster, seconds a delete is remembered so that an older copy does not bring "
+    "the key back; a data directory away longer is refused (default: %(default)s)",
+    "max_tombstones": "in a cluster, most deletes remembered; the oldest go first (default: %(default)s)",
     "drain_timeout": "on SIGTERM, seconds to hand this node's keys to the other members before exiting "
     "(default: %(default)s)",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from nestkv.server.cluster import (
     ClusterRouter,
     Membership,
     Peers,
+    own_id,
 )
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
@@ -29,7 +31,9 @@ from nestkv.server.router import LocalRouter, Router
 from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, open_security
 from nestkv.server.service import SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
+from nestkv.server.storage.clock import BOUND_AHEAD, HybridClock
 from nestkv.server.storage.persistence import Persistence, PersistenceError
+from nestkv.server.storage.tombstones import Tombstones
 from nestkv.server.version import VERSION
 from nestkv.wire.channel import is_loopback_host
 
@@ -248,8 +252,24 @@ async def reap_forever(storage: NamespacedStorage, interval: float) -> None:
             await asyncio.sleep(0)
 
 
+def open_storage(config: ServerConfig) -> NamespacedStorage:
+    """The node's storage: its versions stamped with its id, and, in a cluster, where copies meet,
+    its tombstones kept."""
+    tombstones = Tombstones(config.tombstone_age, config.max_tombstones) if config.cluster else None
+    return NamespacedStorage(
+        max_memory=config.max_memory,
+        eviction_policy=config.eviction_policy,
+        versions=HybridClock(own_id(config.node_id) if config.cluster else ""),
+        tombstones=tombstones,
+    )
+
+
 def open_persistence(config: ServerConfig, storage: NamespacedStorage) -> Persistence | None:
-    """Lock and recover the data directory into `storage`; None when the server keeps no data on disk."""
+    """Lock and recover the data directory into `storage`; None when the server keeps no data on disk.
+
+    In a cluster, a directory whose server stopped longer ago than --tombstone-age is refused:
+    the other nodes may have forgotten deletes of keys it holds, which it would bring back.
+    """
     if not config.data_dir:
         return None
     try:
@@ -257,7 +277,25 @@ def open_persistence(config: ServerConfig, storage: NamespacedStorage) -> Persis
         persistence.recover(storage)
     except PersistenceError as error:
         raise SystemExit(f"nestkv: {error}") from None
+    away = None if persistence.stopped_at is None else time.time() - persistence.stopped_at
+    if config.cluster and storage.keys and away is not None and away > config.tombstone_age:
+        persistence.close()
+        raise SystemExit(
+            f"nestkv: the data directory {config.data_dir} holds {storage.keys} keys, and its server "
+            f"stopped {away:.0f} s ago, longer than --tombstone-age ({config.tombstone_age:.0f} s): "
+            "the other nodes may have forgotten deletes of those keys, which this node would bring "
+            "back. Move the directory away to start empty (keys only it held are lost), or start "
+            f"with --tombstone-age above {away:.0f} to keep them, deletes or not"
+        )
     return persistence
+
+
+async def keep_clock_forever(clock: HybridClock) -> None:
+    """Persist the version clock's bound every few seconds, even with nothing written: after a
+    restart it tells until when this node ran (see open_persistence)."""
+    while True:
+        clock.keep_bound()
+        await asyncio.sleep(BOUND_AHEAD / (1000 << 16) / 2)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -267,7 +305,7 @@ async def serve(config: ServerConfig) -> None:
         tls, gate = open_security(config, denials)
     except SecurityConfigError as error:
         raise SystemExit(f"nestkv: {error}") from None
-    storage = NamespacedStorage(max_memory=config.max_memory, eviction_policy=config.eviction_policy)
+    storage = open_storage(config)
     storage.quotas = gate.quotas
     persistence = open_persistence(config, storage)
     cluster = open_cluster(config, tls, gate, storage, persistence)
@@ -323,6 +361,8 @@ async def serve(config: ServerConfig) -> None:
         background.append(
             asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))
         )
+        if cluster is not None:
+            background.append(asyncio.create_task(keep_clock_forever(storage.versions)))
         if persistence.fsync_policy == "everysec":
             background.append(asyncio.create_task(persistence.sync_forever()))
 

@@ -67,6 +67,13 @@ class ServerConfig(msgspec.Struct, frozen=True):
     health_port: Port | None = None
     """Also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes' gRPC probes,
     which do not speak TLS); None: off."""
+    tombstone_age: Seconds = 3600.0
+    """In a cluster, seconds a delete is remembered (a tombstone), so that an older copy of the key
+    arriving meanwhile does not bring it back; a node whose data directory was away longer refuses
+    to start with it."""
+    max_tombstones: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
+    """In a cluster, most tombstones kept: the oldest go first (and before any entry, under
+    max_memory)."""
     drain_timeout: Seconds = 60.0
     """On SIGTERM, seconds to hand this node's keys to the other members before it exits."""
     limits: Limits = Limits()

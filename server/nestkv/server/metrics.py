@@ -11,6 +11,9 @@ Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` counters.
     nestkv_keys, nestkv_memory_bytes,               gauges: the store (memory as --max-memory counts it)
       nestkv_max_memory_bytes
     nestkv_evictions_total, nestkv_expired_keys_total   counters
+    nestkv_tombstones, nestkv_tombstone_bytes,   in a cluster: gauge, gauge and counter: deletes
+      nestkv_tombstones_dropped_early_total      remembered, their memory, and those dropped
+                                                 before --tombstone-age (count or memory bound)
     nestkv_log_bytes, nestkv_last_snapshot_age_seconds  gauges, with --data-dir
     nestkv_auth_denials_total{token, reason}       counter: calls and operations refused, by token
                                                    name ("" if none) and reason (missing_token,
@@ -175,6 +178,19 @@ class StoreCollector:
         yield CounterMetricFamily(
             "nestkv_expired_keys", "Keys reclaimed after they expired.", storage.expired
         )
+        tombstones = storage.tombstones
+        if tombstones is not None:
+            yield GaugeMetricFamily(
+                "nestkv_tombstones", "Deletes remembered so that older copies do not return.", len(tombstones)
+            )
+            yield GaugeMetricFamily(
+                "nestkv_tombstone_bytes", "Bytes the tombstones take, within --max-memory.", tombstones.bytes
+            )
+            yield CounterMetricFamily(
+                "nestkv_tombstones_dropped_early",
+                "Tombstones dropped before --tombstone-age, over --max-tombstones or for memory.",
+                tombstones.dropped_early,
+            )
         if self._persistence is not None:
             yield GaugeMetricFamily(
                 "nestkv_log_bytes",

@@ -384,9 +384,17 @@ class Persistence:
         storage.versions.persist_with(self._save_clock)
 
     def _save_clock(self, bound: int) -> None:
-        os.pwrite(self._clock_fd, bound.to_bytes(8, "big"), 0)
-        if self.fsync_policy != "no":
-            os.fdatasync(self._clock_fd)  # 8 bytes in place: no metadata to flush but the size
+        try:
+            os.pwrite(self._clock_fd, bound.to_bytes(8, "big"), 0)
+            if self.fsync_policy != "no":
+                os.fdatasync(self._clock_fd)  # 8 bytes in place: no metadata to flush but the size
+        except OSError as error:  # the log's own failure refuses the writes; this one is only logged
+            log.error(
+                "cannot write the version clock's bound in %s: %s; after a restart with the wall "
+                "clock set back, new versions could be older than some written now",
+                self.directory,
+                error,
+            )
 
     # Logging: the storage's Journal
 
