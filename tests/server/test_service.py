@@ -221,3 +221,23 @@ async def test_malformed_bytes_on_the_pipeline_end_the_stream_only(stub: Any, ch
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed nestkv.v1.PipelineRequest" in caught.value.details()
     await assert_untouched_and_serving(stub)
+
+
+async def test_get_with_version_returns_the_version_and_the_time_left(stub: Any) -> None:
+    await stub.Set(pb.SetRequest(path=["ns"], key="versioned", value=b"v1", expires_in=Duration(seconds=100)))
+    plain = await stub.Get(pb.GetRequest(path=["ns"], key="versioned"))
+    assert (plain.version, plain.HasField("expires_in")) == (b"", False)  # only where asked
+    first = await stub.Get(pb.GetRequest(path=["ns"], key="versioned", with_version=True))
+    assert (first.found, first.value, len(first.version)) == (True, b"v1", 16)
+    assert 99 < first.expires_in.ToTimedelta().total_seconds() <= 100
+    renewed = await stub.Get(
+        pb.GetRequest(path=["ns"], key="versioned", with_version=True, renew_for=Duration(seconds=500))
+    )
+    assert renewed.version > first.version  # a renewal is a change
+    assert 499 < renewed.expires_in.ToTimedelta().total_seconds() <= 500
+    await stub.Set(pb.SetRequest(path=["ns"], key="forever", value=b"v"))
+    forever = await stub.Get(pb.GetRequest(path=["ns"], key="forever", with_version=True))
+    assert forever.version > renewed.version
+    assert not forever.HasField("expires_in")
+    missing = await stub.Get(pb.GetRequest(path=["ns"], key="missing", with_version=True))
+    assert (missing.found, missing.version) == (False, b"")
