@@ -539,7 +539,7 @@ def open_cluster_store(directory: Path, clocks: Clocks) -> tuple[NamespacedStora
     storage = NamespacedStorage(
         lambda: clocks.monotonic,
         versions=HybridClock("a", lambda: clocks.wall),
-        tombstones=Tombstones(3600, 1000),
+        tombstones=Tombstones(3600, 1000, lambda: clocks.wall),
     )
     persistence = Persistence.open(directory, "always", lambda: clocks.monotonic, lambda: clocks.wall)
     persistence.recover(storage)
@@ -651,5 +651,39 @@ def test_a_data_directory_written_before_versions_loads_and_newer_changes_win_ov
         newer = HybridClock("b", lambda: clocks.wall).now()
         assert storage.merge(("ns",), "in-snapshot", newer, b"newer")
         assert storage.get(("ns",), "in-snapshot") == b"newer"
+    finally:
+        persistence.close()
+
+
+def test_a_copy_handed_off_leaves_no_tombstone_after_a_restart(tmp_path: Path) -> None:
+    """Dropped because its owner has it now, not deleted: a tombstone would delete it there."""
+    clocks = Clocks()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    storage.set(("ns",), "moved", b"v")
+    [(path, node)] = list(storage.namespaces())
+    [(key, stored)] = storage.entries(node)
+    assert storage.delete_unchanged(path, key, stored)
+    persistence.commit()
+    persistence.close()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    try:
+        assert storage.tombstones is not None
+        assert len(storage.tombstones) == 0
+        assert storage.get(("ns",), "moved") is None
+    finally:
+        persistence.close()
+
+
+def test_a_delete_taken_in_for_a_key_not_held_is_remembered_across_a_restart(tmp_path: Path) -> None:
+    clocks = Clocks()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    deleted = HybridClock("b", lambda: clocks.wall).now()
+    assert not storage.merge(("ns",), "never-held", deleted)
+    persistence.commit()
+    persistence.close()
+    storage, persistence = open_cluster_store(tmp_path, clocks)
+    try:
+        assert storage.tombstones is not None
+        assert storage.tombstones.over(("ns",), "never-held") == deleted
     finally:
         persistence.close()

@@ -145,14 +145,19 @@ def test_a_subtree_tombstone_drops_older_copies_of_any_key_below_it() -> None:
     assert storage.get(("a", "b"), "newer") is None
 
 
-def test_an_expired_entry_leaves_a_tombstone_of_its_own_version() -> None:
+def test_an_expired_entry_leaves_a_tombstone_of_its_own_version_aged_from_the_expiry() -> None:
     now = [0.0]
-    storage = NamespacedStorage(lambda: now[0], tombstones=Tombstones(3600, 1000))
+    wall = Wall()
+    storage = NamespacedStorage(
+        lambda: now[0], versions=HybridClock("a", wall), tombstones=Tombstones(3600, 1000, wall)
+    )
     older = storage.versions.now()
     storage.set(("ns",), "k", b"short", ttl=1)
     version = stored_version(storage, ("ns",), "k")
     now[0] = 5
+    wall.seconds += 7200  # written two hours before it expired: its tombstone is young all the same
     assert storage.get(("ns",), "k") is None
+    storage.reap()
     assert storage.tombstones is not None
     assert storage.tombstones.over(("ns",), "k") == version
     assert not storage.merge(("ns",), "k", older, b"older, with a later deadline", NEVER)
@@ -170,7 +175,7 @@ def test_merging_a_subtree_delete_keeps_the_newer_entries_below_it() -> None:
 
 def test_tombstones_are_collected_by_age_and_count_and_counted_in_memory() -> None:
     wall = Wall()
-    tombstones = Tombstones(age=60, limit=3)
+    tombstones = Tombstones(age=60, limit=3, wall=wall)
     storage = NamespacedStorage(versions=HybridClock("a", wall), tombstones=tombstones)
     empty = storage.used_memory
     storage.delete(("ns",), "one")

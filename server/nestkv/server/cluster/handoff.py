@@ -166,7 +166,8 @@ class HandOff:
         return True
 
     def merge_asked(self, path: Sequence[str], key: str, copy: pb.GetResponse) -> None:
-        """Merge here the copy a previous owner answered an ask with (a GetResponse with_version)."""
+        """Merge here the copy a previous owner answered an ask with (a GetResponse with_version,
+        from a node that has versions)."""
         if copy.found:
             deadline = NEVER
             if copy.HasField("expires_in"):
@@ -184,19 +185,18 @@ class HandOff:
         storage = self._storage
         stored = skipped = 0
         for emptied in request.emptied:
-            storage.merge_subtree(emptied.path, emptied.version or LEGACY)
+            storage.merge_subtree(emptied.path, emptied.version)
+        for tombstone in request.tombstones:
+            changed = storage.merge(tombstone.path, tombstone.key, tombstone.version)
+            stored += changed
+            skipped += not changed
         now = storage.now()
         for entry in request.entries:
             version = entry.version or LEGACY  # from a node older than versions: older than any
-            if entry.deleted:
-                changed = storage.merge(entry.path, entry.key, version)
-            else:
-                deadline = NEVER
-                if entry.HasField("expires_in"):
-                    deadline = now + entry.expires_in.ToNanoseconds() / 1e9
-                changed = deadline > now and storage.merge(
-                    entry.path, entry.key, version, entry.value, deadline
-                )
+            deadline = NEVER
+            if entry.HasField("expires_in"):
+                deadline = now + entry.expires_in.ToNanoseconds() / 1e9
+            changed = deadline > now and storage.merge(entry.path, entry.key, version, entry.value, deadline)
             stored += changed
             skipped += not changed
         if request.done:
@@ -268,15 +268,14 @@ class HandOff:
         moving = sum(len(entries) for entries in outgoing.values())
         if moving:
             log.info("handing off %d keys to %s", moving, ", ".join(m for m, e in outgoing.items() if e))
-        tombstones = storage.tombstones
         buried: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {member: [] for member in outgoing}
         emptied: list[tuple[tuple[str, ...], bytes]] = []
-        if tombstones is not None:  # a copy they cover may be on its owner, or come to it
-            for (path, key), version in list(tombstones.keys.items()):
+        if storage.tombstones is not None:  # a copy they cover may be on its owner, or come to it
+            keys, emptied = storage.tombstones.versions()
+            for path, key, version in keys:
                 owner = topology.owner(path, key)
                 if owner != node_id:
                     buried[owner].append((path, key, version))
-            emptied = list(tombstones.subtrees.items())
         complete = True
         results = await asyncio.gather(
             *(
@@ -320,7 +319,7 @@ class HandOff:
                 request.emptied.add(path=path, version=change)
             for start in range(0, len(buried), _CHUNK):
                 for path, key, change in buried[start : start + _CHUNK]:
-                    request.entries.add(path=path, key=key, version=change, deleted=True)
+                    request.tombstones.add(path=path, key=key, version=change)
                 yield request
                 request = pb.HandOffRequest(topology_version=version)
             for start in range(0, len(entries), _CHUNK):

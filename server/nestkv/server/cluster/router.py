@@ -80,6 +80,9 @@ class ClusterRouter:
         result = await self._send(member, fetch, handoff.previous.members[member], "asked")
         if result.WhichOneof("result") == "error":
             return None if handoff.unanswered(member) else result
+        if result.get.found and not result.get.version:
+            # A node older than versions (a rolling upgrade): nothing to merge by; its answer stands.
+            return await self._send(member, operation, handoff.previous.members[member], "asked")
         handoff.merge_asked(path, key, result.get)
         # A miss there may be news too: a hand-off stores a key here before the previous owner
         # drops it, so a miss there that came after the drop finds it here now.

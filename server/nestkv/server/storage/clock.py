@@ -4,7 +4,7 @@ A version is 16 bytes, big-endian, so that comparing two as byte strings
 orders them:
 
     bytes 0-7    the clock: Unix milliseconds << 16 | a logical counter
-    bytes 8-15   the node that stamped it (the first 8 bytes of BLAKE2b of its id): the tie-break
+    bytes 8-15   the node that stamped it (BLAKE2b of its id, 8-byte digest): the tie-break
 
 The clock (CockroachDB's `util/hlc`, simplified) never goes behind the wall
 clock, nor behind any version stamped or received here: each stamp is the
@@ -19,6 +19,7 @@ few seconds ahead, so the file is written every few seconds at most).
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import time
 from collections.abc import Callable
@@ -27,8 +28,14 @@ VERSION_BYTES = 16
 LEGACY = bytes(VERSION_BYTES)
 """The version of data written before versions existed: older than any stamped change."""
 
+log = logging.getLogger("nestkv.server")
+
 _VERSION = struct.Struct(">QQ")
 _LOGICAL_BITS = 16
+MAX_AHEAD = 10_000 << _LOGICAL_BITS
+"""How far ahead of this node's wall clock a received version may be before it is reported:
+10 s. It is taken all the same (refusing it would stop hand-offs), so every later stamp here is
+ahead of the wall clock too, until the wall clock catches up."""
 BOUND_AHEAD = 10_000 << _LOGICAL_BITS
 """How far ahead of a stamp the persisted bound is raised: 10 s of clock."""
 
@@ -57,7 +64,7 @@ def describe(version: bytes) -> str:
 class HybridClock:
     """Stamps the versions of one node's changes (see the module's docstring)."""
 
-    __slots__ = ("_bound", "_last", "_node", "_persist", "_wall")
+    __slots__ = ("_bound", "_last", "_node", "_persist", "_tag", "_wall", "_warned")
 
     def __init__(
         self,
@@ -70,6 +77,8 @@ class HybridClock:
         durably records that no stamp will reach `bound` before the next call."""
         self._wall = wall
         self._node = node_tag(node_id)
+        self._tag = self._node.to_bytes(8, "big")
+        self._warned = 0.0
         self._last = 0
         self._persist = persist
         self._bound = 0 if persist is not None else 1 << 64
@@ -82,17 +91,21 @@ class HybridClock:
         self._last = stamp
         if stamp >= self._bound:
             self._raise_bound(stamp)
-        return _VERSION.pack(stamp, self._node)
+        return stamp.to_bytes(8, "big") + self._tag
 
     def observe(self, version: bytes) -> None:
         """A version stamped elsewhere (or loaded): stamps from now on are later than it."""
         stamp = clock_of(version)
         if stamp > self._last:
             self._last = stamp
-
-    def wall(self) -> float:
-        """The wall clock's reading, in Unix seconds."""
-        return self._wall()
+            wall = self._wall()
+            if stamp - (int(wall * 1000) << _LOGICAL_BITS) > MAX_AHEAD and wall - self._warned > 60:
+                self._warned = wall
+                log.warning(
+                    "took in a version %s, more than 10 s ahead of this node's clock: is a node's "
+                    "clock ahead? Changes made here are stamped after it until this clock catches up",
+                    describe(version),
+                )
 
     def start_above(self, bound: int) -> None:
         """Start above a bound persisted before a restart (see `persist`)."""

@@ -42,6 +42,9 @@ class Journal(Protocol):
 
     def delete_all(self, path: Sequence[str], version: bytes) -> None: ...
 
+    def drop(self, path: Sequence[str], key: str, version: bytes) -> None:
+        """The copy of `key` at `version` left this node (handed off, evicted): not a delete."""
+
 
 EvictionPolicy = Literal["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"]
 
@@ -200,14 +203,14 @@ class NamespacedStorage:
         stored = None if node is None else node.entries.get(key)
         tombstones = self.tombstones
         if value is None:
+            removed = node is not None and stored is not None and version_of(stored) <= version
+            if node is not None and removed:
+                self._remove(node, key)
             if tombstones is not None:
                 tombstones.bury(path, key, version)
-            if node is None or stored is None or version_of(stored) > version:
-                return False
-            self._remove(node, key)
-            if self.journal is not None:
-                self.journal.delete(path, key, version)
-            return True
+            if self.journal is not None and (removed or tombstones is not None):
+                self.journal.delete(path, key, version)  # a tombstone, even with nothing removed
+            return removed
         if stored is not None and version_of(stored) >= version:
             return False
         if tombstones is not None:
@@ -225,8 +228,12 @@ class NamespacedStorage:
         """Take in a `delete_all` of the namespace at `path` made elsewhere (or earlier): every entry
         below it as old as it or older goes, and it leaves a tombstone. How many went."""
         self.versions.observe(version)
-        if self.tombstones is not None:
-            self.tombstones.bury_subtree(path, version)
+        tombstones = self.tombstones
+        if tombstones is not None:
+            buried = tombstones.of_subtree(path)
+            if buried is not None and buried >= version:
+                return 0  # taken in already: nothing below it is as old (the clock ran past it)
+            tombstones.bury_subtree(path, version)
         removed = 0
         for _, node in list(self._tree.walk(path)):
             for key, stored in list(node.entries.items()):
@@ -237,6 +244,14 @@ class NamespacedStorage:
         if self.journal is not None:
             self.journal.delete_all(path, version)
         return removed
+
+    def discard(self, path: Sequence[str], key: str, version: bytes) -> None:
+        """Take in a copy that left earlier (from the log, see Journal.drop): the entry goes if it
+        is still that version; no tombstone, not journaled."""
+        node = self._tree.find(path)
+        stored = None if node is None else node.entries.get(key)
+        if node is not None and stored is not None and version_of(stored) == version:
+            self._remove(node, key)
 
     def renew_until(self, path: Sequence[str], key: str, deadline: float, version: bytes) -> None:
         """Take in a renewal made earlier (from the log): an entry older than `version` that has a
@@ -344,7 +359,7 @@ class NamespacedStorage:
         age are collected too. Returns the steps taken: `limit` means more work may be waiting.
         """
         if self.tombstones is not None:
-            self.tombstones.collect(self.versions.wall())
+            self.tombstones.collect()
         steps = self._free_dropped(limit)
         now = self._clock()
         while steps < limit:
@@ -408,8 +423,8 @@ class NamespacedStorage:
         if node is None or node.entries.get(key) is not stored:
             return False
         self._remove(node, key)
-        if self.journal is not None:  # that change only: a replay keeps a later one
-            self.journal.delete(path, key, version_of(stored))
+        if self.journal is not None:  # that copy only, and no tombstone: it lives on elsewhere
+            self.journal.drop(path, key, version_of(stored))
         return True
 
     @property
@@ -583,8 +598,8 @@ class NamespacedStorage:
         version = version_of(node.entries[key])
         self._remove(node, key)
         self._evictions += 1
-        if self.journal is not None:  # or a restart would bring it back
-            self.journal.delete(_path_of(node), key, version)
+        if self.journal is not None:  # or a restart would bring it back (as a drop: no tombstone)
+            self.journal.drop(_path_of(node), key, version)
 
     def _pick_namespace(self, volatile: bool) -> Node | None:
         """A namespace with entries (`volatile`: with deadlines), at random in proportion to their number.

@@ -104,7 +104,15 @@ class RenewRecord(msgspec.Struct, array_like=True, tag=3, gc=False):
     version: bytes = LEGACY
 
 
-Record = SetRecord | DeleteRecord | DeleteAllRecord | RenewRecord
+class DropRecord(msgspec.Struct, array_like=True, tag=4, gc=False):
+    """A copy left (handed off to its owner, or evicted): removed if still that version, no tombstone."""
+
+    path: tuple[str, ...]
+    key: str
+    version: bytes
+
+
+Record = SetRecord | DeleteRecord | DeleteAllRecord | RenewRecord | DropRecord
 
 
 class SnapshotHeader(msgspec.Struct, array_like=True, tag=10):
@@ -384,10 +392,13 @@ class Persistence:
         storage.versions.persist_with(self._save_clock)
 
     def _save_clock(self, bound: int) -> None:
+        """Write the clock's bound (once every few seconds at most), fsynced as the log is: at once
+        under `always`, by `sync_forever` under `everysec`."""
         try:
             os.pwrite(self._clock_fd, bound.to_bytes(8, "big"), 0)
-            if self.fsync_policy != "no":
+            if self.fsync_policy == "always":
                 os.fdatasync(self._clock_fd)  # 8 bytes in place: no metadata to flush but the size
+            self._unsynced = True
         except OSError as error:  # the log's own failure refuses the writes; this one is only logged
             log.error(
                 "cannot write the version clock's bound in %s: %s; after a restart with the wall "
@@ -409,6 +420,9 @@ class Persistence:
 
     def delete_all(self, path: Sequence[str], version: bytes) -> None:
         self._record(DeleteAllRecord(tuple(path), version))
+
+    def drop(self, path: Sequence[str], key: str, version: bytes) -> None:
+        self._record(DropRecord(tuple(path), key, version))
 
     def _record(self, record: Record) -> None:
         self._pending += frame(_encode(record))
@@ -480,6 +494,7 @@ class Persistence:
                 self._unsynced = False
                 async with self._fsyncing:  # a snapshot does not close this log under the fsync
                     try:
+                        await _in_thread(os.fdatasync, self._clock_fd)
                         await _in_thread(os.fsync, self._log_fd)
                     except OSError as error:
                         log.error("cannot fsync the log in %s: %s", self.directory, error)
@@ -575,10 +590,8 @@ class Persistence:
                     _write_all(fd, frame(_encode(VersionedChunk(path, rows))))
                     written += len(rows)
                     await asyncio.sleep(0)  # serve the requests that came in meanwhile
-            tombstones = storage.tombstones
-            if tombstones is not None:
-                buried = [(path, key, version) for (path, key), version in tombstones.keys.items()]
-                subtrees = list(tombstones.subtrees.items())
+            if storage.tombstones is not None:
+                buried, subtrees = storage.tombstones.versions()
                 for start in range(0, max(len(buried), 1), _SNAPSHOT_CHUNK):
                     chunk = TombstoneChunk(
                         buried[start : start + _SNAPSHOT_CHUNK], subtrees if not start else []
@@ -669,5 +682,7 @@ def apply(storage: NamespacedStorage, record: Record, clock_minus_wall: float) -
         storage.merge(record.path, record.key, record.version)
     elif isinstance(record, DeleteAllRecord):
         storage.merge_subtree(record.path, record.version)
+    elif isinstance(record, DropRecord):
+        storage.discard(record.path, record.key, record.version)
     else:
         storage.renew_until(record.path, record.key, record.deadline + clock_minus_wall, record.version)
