@@ -31,6 +31,7 @@ LEGACY = bytes(VERSION_BYTES)
 log = logging.getLogger("nestkv.server")
 
 _VERSION = struct.Struct(">QQ")
+_pack_version = struct.Struct(">Q8s").pack
 _LOGICAL_BITS = 16
 MAX_AHEAD = 10_000 << _LOGICAL_BITS
 """How far ahead of this node's wall clock a received version may be before it is reported:
@@ -85,13 +86,15 @@ class HybridClock:
 
     def now(self) -> bytes:
         """A new version: later than every version stamped or observed here."""
+        # On every write: kept to a few local operations.
         stamp = int(self._wall() * 1000) << _LOGICAL_BITS
-        if stamp <= self._last:
-            stamp = self._last + 1
+        last = self._last
+        if stamp <= last:
+            stamp = last + 1
         self._last = stamp
         if stamp >= self._bound:
             self._raise_bound(stamp)
-        return stamp.to_bytes(8, "big") + self._tag
+        return _pack_version(stamp, self._tag)
 
     def observe(self, version: bytes) -> None:
         """A version stamped elsewhere (or loaded): stamps from now on are later than it."""
