@@ -87,7 +87,15 @@ class BatchRunner:
             if not start:
                 route.finish(responses[0])
             if start == last:
-                await answer(self._gather(batch.id, responses, pending) if pending else responses)
+                if not pending:
+                    await answer(responses)
+                    return
+                waiting = self._gather(batch.id, responses, pending)
+                try:
+                    await answer(waiting)
+                except BaseException:  # cancelled before the caller took it: it comes to nobody
+                    self.abandon(waiting)
+                    raise
                 return
             if pending:
                 await _answered(pending)
@@ -190,11 +198,16 @@ class BatchRunner:
             if metrics:  # the call fails: every operation of the slice run here failed with it
                 _recount(metrics, batch.operations[start:stop], responses, forwarded, status_of(fault))
             for _, answer in pending:  # sent already: let the answers come, to nobody
-                left = asyncio.ensure_future(answer)
-                self._abandoned.add(left)
-                left.add_done_callback(self._abandoned.discard)
+                self.abandon(answer)
             raise
         return responses
+
+    def abandon(self, answer: Awaitable[Any]) -> None:
+        """Let an answer that nobody will read come all the same (the stream or the call is over):
+        what it waits on ends, and its failure is taken, not left to be logged as never retrieved."""
+        left = asyncio.ensure_future(answer)
+        self._abandoned.add(left)
+        left.add_done_callback(self._abandoned.discard)
 
 
 def _slice_starts(batch: pb.PipelineRequest) -> range:

@@ -222,7 +222,7 @@ class StoreServicer:
         finally:
             for left in ahead:  # slices run but not answered: the stream is over
                 if asyncio.iscoroutine(left):
-                    left.close()
+                    self._runner.abandon(left)
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
         """The batches of a stream with the grant each runs under, until the stream or the server ends."""

@@ -429,6 +429,37 @@ async def test_a_stream_runs_later_batches_while_an_earlier_one_waits_on_a_pause
         await call.done_writing()
 
 
+async def test_a_stream_closed_with_forwarded_operations_pending_leaves_no_noise_in_the_log(
+    plain: ClusterProcesses,
+) -> None:
+    # The client goes away while node-0 still waits on a paused node-2 for its batches' answers:
+    # they come (or time out) to nobody, and nothing is left unawaited or unretrieved.
+    path = ("gone",)
+    stalled = keys_owned_by("node-2", path, 40)
+    forwarding = plain.nodes["node-0"]
+    paused = plain.nodes["node-2"].process
+    seen = len(forwarding.log)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        async with channel_to(plain.target("node-0")) as channel:
+            call = store_pb2_grpc.StoreServiceStub(channel).Pipeline(timeout=20)
+            for number, key in enumerate(stalled):
+                write = pb.Operation(set=pb.SetRequest(path=path, key=key, value=b"v"))
+                await call.write(pb.PipelineRequest(id=number, operations=[write]))
+            await asyncio.sleep(0.5)
+            call.cancel()
+        await asyncio.sleep(4)  # past the 3 s peer timeout: the answers fail, to nobody
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    await asyncio.sleep(0.5)
+    noise = [
+        line
+        for line in forwarding.log[seen:]
+        if "never retrieved" in line or "never awaited" in line or "Traceback" in line
+    ]
+    assert noise == []
+
+
 async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterProcesses) -> None:
     # node-0 sends node-1 keys that node-1's list gives to node-2 (lists differ for a moment while a
     # member change reaches every node). node-1 must not send them on: at most it tells the sender
