@@ -31,7 +31,7 @@ from nestkv.server.router import LocalRouter, Router
 from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, open_security
 from nestkv.server.service import SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
-from nestkv.server.storage.clock import BOUND_AHEAD, HybridClock
+from nestkv.server.storage.clock import BOUND_AHEAD, HybridClock, seconds_of
 from nestkv.server.storage.persistence import Persistence, PersistenceError
 from nestkv.server.storage.tombstones import Tombstones
 from nestkv.server.version import VERSION
@@ -295,7 +295,7 @@ async def keep_clock_forever(clock: HybridClock) -> None:
     restart it tells until when this node ran (see open_persistence)."""
     while True:
         clock.keep_bound()
-        await asyncio.sleep(BOUND_AHEAD / (1000 << 16) / 2)
+        await asyncio.sleep(seconds_of(BOUND_AHEAD) / 2)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -70,7 +70,7 @@ class InProcessCluster:
 
     def add(self, member: str, data_dir: Path | None = None) -> Node:
         """A new member, started with the list that names it; the others still have theirs."""
-        members = [*self.nodes, member] if member not in self.nodes else list(self.nodes)
+        members = [*self.nodes, member]
         node = self.nodes[member] = Node(member, spec(members), self, data_dir)
         return node
 

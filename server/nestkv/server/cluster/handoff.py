@@ -169,9 +169,7 @@ class HandOff:
         """Merge here the copy a previous owner answered an ask with (a GetResponse with_version,
         from a node that has versions)."""
         if copy.found:
-            deadline = NEVER
-            if copy.HasField("expires_in"):
-                deadline = self._storage.now() + copy.expires_in.ToNanoseconds() / 1e9
+            deadline = _deadline(copy, self._storage.now())
             # Without making room: the copy is on its way here anyway (the hand-off makes room).
             self._storage.merge(path, key, copy.version or LEGACY, copy.value, deadline, make_room=False)
 
@@ -193,9 +191,7 @@ class HandOff:
         now = storage.now()
         for entry in request.entries:
             version = entry.version or LEGACY  # from a node older than versions: older than any
-            deadline = NEVER
-            if entry.HasField("expires_in"):
-                deadline = now + entry.expires_in.ToNanoseconds() / 1e9
+            deadline = _deadline(entry, now)
             changed = deadline > now and storage.merge(entry.path, entry.key, version, entry.value, deadline)
             stored += changed
             skipped += not changed
@@ -349,3 +345,8 @@ class HandOff:
             self._done_from[member] = response.passed_version
             self._reopen()
         return response
+
+
+def _deadline(copy: pb.HandOffEntry | pb.GetResponse, now: float) -> float:
+    """The deadline on this node's storage clock of a copy that says the time it has left."""
+    return now + copy.expires_in.ToNanoseconds() / 1e9 if copy.HasField("expires_in") else NEVER

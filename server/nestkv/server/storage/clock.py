@@ -51,6 +51,11 @@ def clock_of(version: bytes) -> int:
     return int.from_bytes(version[:8], "big")
 
 
+def seconds_of(stamp: int) -> float:
+    """The Unix time, in seconds, of a clock reading (the first half of a version, or a bound)."""
+    return (stamp >> _LOGICAL_BITS) / 1000
+
+
 def milliseconds_of(version: bytes) -> int:
     """The Unix milliseconds when a version was stamped (by the stamping node's clock)."""
     return clock_of(version) >> _LOGICAL_BITS

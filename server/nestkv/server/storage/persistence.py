@@ -60,7 +60,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from nestkv.server.errors import StoreUnavailable
-from nestkv.server.storage.clock import BOUND_AHEAD, LEGACY
+from nestkv.server.storage.clock import BOUND_AHEAD, LEGACY, seconds_of
 from nestkv.server.storage.engine import NEVER, Clock, NamespacedStorage
 from nestkv.server.storage.tree import deadline_of, value_of, version_of
 
@@ -388,7 +388,7 @@ class Persistence:
         if len(saved) == 8:
             bound = int.from_bytes(saved, "big")
             storage.versions.start_above(bound)
-            self.stopped_at = (bound - BOUND_AHEAD) / (1000 << 16)
+            self.stopped_at = seconds_of(bound - BOUND_AHEAD)
         storage.versions.persist_with(self._save_clock)
 
     def _save_clock(self, bound: int) -> None:
