@@ -36,15 +36,33 @@ def moving_keys(cluster: InProcessCluster, count: int) -> list[str]:
     return [key for key in keys_owned_by("c", after, count * 4) if before.owner(PATH, key) == "a"][:count]
 
 
+async def written_on_a_then_c_joins(
+    two: InProcessCluster, count: int, value: bytes = b"older"
+) -> tuple[list[str], Node]:
+    """`count` keys written on a with `value` that c owns once it joins; then c joins and every node
+    has the new list. No pass has run: the keys are still on a."""
+    keys = moving_keys(two, count)
+    for key in keys:
+        await two.nodes["a"].set(key, value)
+    c = two.add("c")
+    two.change(["a", "b", "c"])
+    return keys, c
+
+
+async def hand_off_everything(cluster: InProcessCluster) -> None:
+    """Every node runs its passes until each has handed off what it holds for others."""
+    for node in cluster.nodes.values():
+        node.start_hand_offs()
+    await passed(*cluster.nodes.values())
+
+
 async def test_keys_move_to_a_new_member_and_leave_their_old_owner(two: InProcessCluster) -> None:
-    a, b = two.nodes["a"], two.nodes["b"]
+    a = two.nodes["a"]
     for number in range(200):
         await a.set(f"k{number}", b"v%d" % number)
     c = two.add("c")
     two.change(["a", "b", "c"])
-    for node in (a, b, c):
-        node.start_hand_offs()
-    await passed(a, b, c)
+    await hand_off_everything(two)
     topology = c.membership.current
     for number in range(200):
         key = f"k{number}"
@@ -58,11 +76,7 @@ async def test_keys_move_to_a_new_member_and_leave_their_old_owner(two: InProces
 async def test_a_miss_at_the_new_owner_is_asked_of_the_previous_one_until_the_key_arrives(
     two: InProcessCluster,
 ) -> None:
-    a = two.nodes["a"]
-    [key] = moving_keys(two, 1)
-    await a.set(key, b"old owner's")
-    c = two.add("c")
-    two.change(["a", "b", "c"])
+    [key], c = await written_on_a_then_c_joins(two, 1, b"old owner's")
     assert not c.holds(key)  # no pass has run: the key is still on a
     assert (await c.get(key)).get.value == b"old owner's"
     exists = await c.call(pb.Operation(exists=pb.ExistsRequest(path=PATH, key=key)))
@@ -73,16 +87,10 @@ async def test_a_write_at_the_new_owner_is_not_undone_by_the_older_copy_handed_o
     two: InProcessCluster,
 ) -> None:
     a = two.nodes["a"]
-    written, deleted = moving_keys(two, 2)
-    await a.set(written, b"older")
-    await a.set(deleted, b"older")
-    c = two.add("c")
-    two.change(["a", "b", "c"])
+    (written, deleted), c = await written_on_a_then_c_joins(two, 2)
     await c.set(written, b"newer")
     await c.call(pb.Operation(delete=pb.DeleteRequest(path=PATH, key=deleted)))
-    for node in two.nodes.values():
-        node.start_hand_offs()
-    await passed(*two.nodes.values())
+    await hand_off_everything(two)
     assert (await c.get(written)).get.value == b"newer"
     assert not (await c.get(deleted)).get.found
     assert [a.holds(written), a.holds(deleted)] == [False, False]  # a dropped what it handed off
@@ -91,18 +99,11 @@ async def test_a_write_at_the_new_owner_is_not_undone_by_the_older_copy_handed_o
 async def test_a_subtree_emptied_at_the_new_owner_is_not_refilled_by_a_hand_off(
     two: InProcessCluster,
 ) -> None:
-    a = two.nodes["a"]
-    keys = moving_keys(two, 3)
-    for key in keys:
-        await a.set(key, b"older")
-    c = two.add("c")
-    two.change(["a", "b", "c"])
+    keys, c = await written_on_a_then_c_joins(two, 3)
     await c.call(
         pb.Operation(delete_all=pb.DeleteAllRequest(path=PATH)), version=c.membership.current.version
     )  # c's part of a client's delete_all
-    for node in two.nodes.values():
-        node.start_hand_offs()
-    await passed(*two.nodes.values())
+    await hand_off_everything(two)
     assert [c.holds(key) for key in keys] == [False, False, False]
 
 
@@ -118,9 +119,7 @@ async def joined_with_c_first(two: InProcessCluster) -> Node:
 
 async def everyone_read_the_change(cluster: InProcessCluster) -> None:
     cluster.change(["a", "b", "c"], on=["a", "b"])
-    for node in cluster.nodes.values():
-        node.start_hand_offs()
-    await passed(*cluster.nodes.values())
+    await hand_off_everything(cluster)
 
 
 async def answers(cluster: InProcessCluster, key: str, path: tuple[str, ...] = PATH) -> set[bytes | None]:
@@ -200,11 +199,7 @@ async def test_a_key_deleted_at_the_new_owner_is_not_read_back_from_the_previous
     two: InProcessCluster,
 ) -> None:
     a = two.nodes["a"]
-    deleted, renewed = moving_keys(two, 2)
-    await a.set(deleted, b"older")
-    await a.set(renewed, b"older")
-    c = two.add("c")
-    two.change(["a", "b", "c"])  # no pass runs: the keys stay on a, and c asks a on a miss
+    (deleted, renewed), c = await written_on_a_then_c_joins(two, 2)  # c asks a on a miss
     await c.call(pb.Operation(delete=pb.DeleteRequest(path=PATH, key=deleted)))
     assert not (await c.get(deleted)).get.found
     assert a.holds(deleted)

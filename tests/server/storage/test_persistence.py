@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -534,84 +535,77 @@ def versions_of(storage: NamespacedStorage) -> dict[tuple[tuple[str, ...], str],
     }
 
 
-def open_cluster_store(directory: Path, clocks: Clocks) -> tuple[NamespacedStorage, Persistence]:
-    """A cluster node's storage (it keeps tombstones), its version clock on the test's wall clock."""
+@contextlib.contextmanager
+def cluster_store(directory: Path, clocks: Clocks) -> Iterator[tuple[NamespacedStorage, Persistence]]:
+    """A cluster node's storage (it keeps tombstones) on `directory`, its version clock on the
+    test's wall clock; the directory is closed on the way out, as a server stopping closes it."""
     storage = NamespacedStorage(
         lambda: clocks.monotonic,
         versions=HybridClock("a", lambda: clocks.wall),
         tombstones=Tombstones(3600, 1000, lambda: clocks.wall),
     )
     persistence = Persistence.open(directory, "always", lambda: clocks.monotonic, lambda: clocks.wall)
-    persistence.recover(storage)
-    return storage, persistence
+    try:
+        persistence.recover(storage)
+        yield storage, persistence
+    finally:
+        persistence.close()
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
 async def test_versions_and_tombstones_survive_a_restart(tmp_path: Path, snapshot: bool) -> None:
     clocks = Clocks()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    write_history(storage, persistence)
-    storage.delete(("a",), "never-held")
-    persistence.commit()
-    if snapshot:
-        await persistence.snapshot(storage)
-    versions, tombstones = versions_of(storage), storage.tombstones
-    assert tombstones is not None
-    buried, emptied = dict(tombstones.keys), dict(tombstones.subtrees)
-    assert ((("a",), "never-held")) in buried
-    assert ("c",) in emptied
-    persistence.close()
+    with cluster_store(tmp_path, clocks) as (storage, persistence):
+        write_history(storage, persistence)
+        storage.delete(("a",), "never-held")
+        persistence.commit()
+        if snapshot:
+            await persistence.snapshot(storage)
+        versions, tombstones = versions_of(storage), storage.tombstones
+        assert tombstones is not None
+        buried, emptied = dict(tombstones.keys), dict(tombstones.subtrees)
+        assert ((("a",), "never-held")) in buried
+        assert ("c",) in emptied
     clocks.restart()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    try:
+    with cluster_store(tmp_path, clocks) as (storage, _):
         assert versions_of(storage) == versions
         assert storage.tombstones is not None
         assert dict(storage.tombstones.keys) == buried
         assert dict(storage.tombstones.subtrees) == emptied
-    finally:
-        persistence.close()
 
 
 def test_the_clock_is_ahead_of_everything_stored_after_a_restart_with_the_wall_clock_set_back(
     tmp_path: Path,
 ) -> None:
     clocks = Clocks()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    for number in range(100):
-        storage.set(("ns",), f"k{number}", b"v")
-    persistence.commit()
-    newest = max(versions_of(storage).values())
-    persistence.close()
+    with cluster_store(tmp_path, clocks) as (storage, persistence):
+        for number in range(100):
+            storage.set(("ns",), f"k{number}", b"v")
+        persistence.commit()
+        newest = max(versions_of(storage).values())
     clocks.restart()
     clocks.wall -= 86_400  # the machine came back a day behind
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    try:
+    with cluster_store(tmp_path, clocks) as (storage, _):
         storage.set(("ns",), "after", b"v")
         assert versions_of(storage)[("ns",), "after"] > newest
-    finally:
-        persistence.close()
 
 
 def test_the_clock_starts_above_its_persisted_bound_even_with_nothing_stored(tmp_path: Path) -> None:
     clocks = Clocks()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    storage.set(("ns",), "k", b"v")
-    persistence.commit()
-    newest = versions_of(storage)[("ns",), "k"]
-    storage.delete_all()  # nothing left to load a version from but the tombstone
-    persistence.close()
+    with cluster_store(tmp_path, clocks) as (storage, persistence):
+        storage.set(("ns",), "k", b"v")
+        persistence.commit()
+        newest = versions_of(storage)[("ns",), "k"]
+        storage.delete_all()  # nothing left to load a version from but the tombstone
     (tmp_path / "snapshot.msgpack").unlink(missing_ok=True)
     for log_file in tmp_path.glob("log.*"):
         log_file.unlink()
     clocks.wall -= 3600
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    try:
+    with cluster_store(tmp_path, clocks) as (storage, persistence):
         storage.set(("ns",), "k", b"again")
         assert versions_of(storage)[("ns",), "k"] > newest
         assert persistence.stopped_at is not None
         assert persistence.stopped_at >= clocks.wall
-    finally:
-        persistence.close()
 
 
 class OldSetRecord(msgspec.Struct, array_like=True, tag=0):
@@ -643,47 +637,36 @@ def test_a_data_directory_written_before_versions_loads_and_newer_changes_win_ov
         + frame(encode(OldDeleteRecord(("ns",), "deleted")))
     )
     clocks = Clocks()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    try:
+    with cluster_store(tmp_path, clocks) as (storage, _):
         assert contents(storage) == {(("ns",), "in-snapshot"): b"old 1", (("ns",), "overwritten"): b"old 3"}
         versions = versions_of(storage)
         assert max(versions.values()) < storage.versions.now()  # older than any change made now
         newer = HybridClock("b", lambda: clocks.wall).now()
         assert storage.merge(("ns",), "in-snapshot", newer, b"newer")
         assert storage.get(("ns",), "in-snapshot") == b"newer"
-    finally:
-        persistence.close()
 
 
 def test_a_copy_handed_off_leaves_no_tombstone_after_a_restart(tmp_path: Path) -> None:
     """Dropped because its owner has it now, not deleted: a tombstone would delete it there."""
     clocks = Clocks()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    storage.set(("ns",), "moved", b"v")
-    [(path, node)] = list(storage.namespaces())
-    [(key, stored)] = storage.entries(node)
-    assert storage.delete_unchanged(path, key, stored)
-    persistence.commit()
-    persistence.close()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    try:
+    with cluster_store(tmp_path, clocks) as (storage, persistence):
+        storage.set(("ns",), "moved", b"v")
+        [(path, node)] = list(storage.namespaces())
+        [(key, stored)] = storage.entries(node)
+        assert storage.delete_unchanged(path, key, stored)
+        persistence.commit()
+    with cluster_store(tmp_path, clocks) as (storage, _):
         assert storage.tombstones is not None
         assert len(storage.tombstones) == 0
         assert storage.get(("ns",), "moved") is None
-    finally:
-        persistence.close()
 
 
 def test_a_delete_taken_in_for_a_key_not_held_is_remembered_across_a_restart(tmp_path: Path) -> None:
     clocks = Clocks()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    deleted = HybridClock("b", lambda: clocks.wall).now()
-    assert not storage.merge(("ns",), "never-held", deleted)
-    persistence.commit()
-    persistence.close()
-    storage, persistence = open_cluster_store(tmp_path, clocks)
-    try:
+    with cluster_store(tmp_path, clocks) as (storage, persistence):
+        deleted = HybridClock("b", lambda: clocks.wall).now()
+        assert not storage.merge(("ns",), "never-held", deleted)
+        persistence.commit()
+    with cluster_store(tmp_path, clocks) as (storage, _):
         assert storage.tombstones is not None
         assert storage.tombstones.over(("ns",), "never-held") == deleted
-    finally:
-        persistence.close()
