@@ -91,3 +91,13 @@ def test_the_topology_version_is_a_digest_of_ids_and_addresses_in_any_order() ->
     assert topology_version(members) != topology_version({**members, "n1": "10.0.0.3:50051"})
     assert topology_version(members) != topology_version({"n0": "10.0.0.1:50051"})
     assert len(topology_version(members)) == 16
+
+
+def test_a_keys_ranking_starts_with_its_owner_and_removing_a_member_keeps_the_others_order() -> None:
+    five = Placement(["a", "b", "c", "d", "e"])
+    four = Placement(["a", "b", "c", "e"])
+    for path, key in KEYS[:2_000]:
+        ranked = five.ranked(path, key)
+        assert sorted(ranked) == ["a", "b", "c", "d", "e"]
+        assert ranked[0] == five.owner(path, key)
+        assert four.ranked(path, key) == [member for member in ranked if member != "d"]

@@ -53,6 +53,10 @@ _HELP = {
     "tombstone_age": "in a cluster, seconds a delete is remembered so that an older copy does not bring "
     "the key back; a data directory away longer is refused (default: %(default)s)",
     "max_tombstones": "in a cluster, most deletes remembered; the oldest go first (default: %(default)s)",
+    "replicas": "in a cluster, copies kept of every key (1-5): 2 or more fail over when a node is down "
+    "(default: %(default)s)",
+    "min_copies": "copies a write is stored on before it is answered, stand-ins included; 0: "
+    "min(--replicas, 2) (default: %(default)s)",
     "drain_timeout": "on SIGTERM, seconds to hand this node's keys to the other members before exiting "
     "(default: %(default)s)",
     "max_key_bytes": "largest key in bytes of UTF-8 (default: %(default)s)",

@@ -136,7 +136,7 @@ def open_cluster(
     if not config.cluster:
         return None
     try:
-        membership = Membership(config.node_id, config.cluster)
+        membership = Membership(config.node_id, config.cluster, config.replicas)
     except ClusterConfigError as error:
         raise SystemExit(f"nestkv: {error}") from None
     credentials = None
@@ -181,6 +181,7 @@ def open_cluster(
         commit=persistence.commit if persistence else _nothing,
         writable=persistence.writable if persistence else _nothing,
         peer_domain=config.cluster_name if tls is not None else None,
+        min_copies=config.copies_needed,
     )
 
 
@@ -357,6 +358,9 @@ async def serve(config: ServerConfig) -> None:
     if cluster is not None:
         background.append(asyncio.create_task(cluster.membership.watch_forever()))
         background.append(asyncio.create_task(cluster.handoff.run_forever()))
+        if cluster.replication is not None:
+            background.append(asyncio.create_task(cluster.replication.liveness.ping_forever()))
+            background.append(asyncio.create_task(cluster.replication.catch_up_forever()))
     if persistence is not None:
         background.append(
             asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))

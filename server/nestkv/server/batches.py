@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-from nestkv.server.errors import InvalidArgument, KeyMoved, StoreFault, put_error, status_of
+from nestkv.server.errors import DeadlineExceeded, InvalidArgument, KeyMoved, StoreFault, put_error, status_of
 from nestkv.server.limits import MiB
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import KINDS, Operations
@@ -130,6 +130,8 @@ class BatchRunner:
     ) -> list[pb.PipelineResponse]:
         """Run the slice of `batch` that begins at `start`; one response unless the values read
         need more. Answers to come from elsewhere go in `pending`."""
+        if batch.deadline_unix_ms and time.time() * 1000 >= batch.deadline_unix_ms:
+            return self._too_late(batch, start)
         scope = grant.scope
         # A peer passes the message to its caller, who may be confined to a namespace.
         confined = bool(grant.root) or grant.forwarded
@@ -201,6 +203,21 @@ class BatchRunner:
                 self.abandon(answer)
             raise
         return responses
+
+    def _too_late(self, batch: pb.PipelineRequest, start: int) -> list[pb.PipelineResponse]:
+        """The responses of a slice whose caller's deadline passed before it ran: none of its
+        operations is applied (its caller was told, or will be, that they failed)."""
+        response = pb.PipelineResponse(id=batch.id)
+        operations = batch.operations[start : start + SLICE_OPERATIONS]
+        fault = DeadlineExceeded(
+            "the caller's deadline passed before this node ran the operation: not applied"
+        )
+        for operation in operations:
+            put_error(response.results.add().error, fault, confined=False)
+            kind = operation.WhichOneof("operation")
+            if self._metrics and kind is not None:
+                self._metrics.record(kind, status_of(fault), 0.0)
+        return [response]
 
     def abandon(self, answer: Awaitable[Any]) -> None:
         """Let an answer that nobody will read come all the same (the stream or the call is over):

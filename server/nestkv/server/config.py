@@ -74,10 +74,29 @@ class ServerConfig(msgspec.Struct, frozen=True):
     max_tombstones: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
     """In a cluster, most tombstones kept: the oldest go first (and before any entry, under
     max_memory)."""
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    """In a cluster, copies kept of every key, on as many members (fewer if there are fewer
+    members): 1 keeps each key on its owner only; 2 or more survive that many nodes minus one
+    down, and fail over within a second."""
+    min_copies: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
+    """Copies a write must be stored on before it is answered (stand-ins for copies that are
+    down count); 0: min(replicas, 2). Fewer live: the write fails, applied nowhere."""
     drain_timeout: Seconds = 60.0
     """On SIGTERM, seconds to hand this node's keys to the other members before it exits."""
     limits: Limits = Limits()
     """Request limits (each of its fields is a flag of its own)."""
+
+    def __post_init__(self) -> None:
+        if self.min_copies > self.replicas:
+            raise ValueError(
+                f"--min-copies {self.min_copies} is more than --replicas {self.replicas}: "
+                "a write cannot wait for more copies than a key has"
+            )
+
+    @property
+    def copies_needed(self) -> int:
+        """The copies a write waits for: --min-copies, or min(--replicas, 2)."""
+        return self.min_copies or min(self.replicas, 2)
 
     def address(self, port: int | None = None, host: str | None = None) -> str:
         """`host:port` (IPv6 hosts in brackets), with `port` and `host` in place of the configured ones."""

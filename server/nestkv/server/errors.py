@@ -5,6 +5,7 @@
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
      ├── QuotaExceeded       a write would take a namespace over its byte quota (a token's max_bytes)
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
+     ├── DeadlineExceeded    the caller's deadline passed before the operation ran: not applied
      ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
      ├── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
      ├── KeyMoved            a peer forwarded a key this node's member list gives to another node
@@ -64,6 +65,10 @@ class StoreUnavailable(StoreFault):
     """The server cannot take writes for now (its log cannot be written); reads still work."""
 
 
+class DeadlineExceeded(StoreFault):
+    """The caller's deadline passed before the operation ran: it was not applied."""
+
+
 class Unauthenticated(StoreFault):
     """The call carries no token, or one the auth file does not hold; nothing was read or changed."""
 
@@ -95,6 +100,7 @@ STATUS_OF: dict[type[StoreFault], str] = {
     StoreFull: "RESOURCE_EXHAUSTED",
     QuotaExceeded: "RESOURCE_EXHAUSTED",
     StoreUnavailable: "UNAVAILABLE",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
     Unauthenticated: "UNAUTHENTICATED",
     PermissionDenied: "PERMISSION_DENIED",
     KeyMoved: "ABORTED",

@@ -61,6 +61,7 @@ class Operations:
             "delete_all": self.delete_all,
             "exists": self.exists,
             "expires_in": self.expires_in,
+            "replica": self.replica,
         }
 
     def result_of(self, operation: pb.Operation) -> pb.OperationResult:
@@ -129,6 +130,17 @@ class Operations:
         response.found = True
         if left != NEVER:
             _put_span(response.expires_in, left)
+
+    def replica(self, request: pb.ReplicaRequest, response: pb.ReplicaResponse) -> None:
+        """Merge a copy of a key's latest change made on another node (a peer's only)."""
+        self._writable()
+        storage = self._storage
+        if request.deleted:
+            response.stored = storage.merge(request.path, request.key, request.version)
+            return
+        left = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
+        deadline = NEVER if left is None else storage.now() + left
+        response.stored = storage.merge(request.path, request.key, request.version, request.value, deadline)
 
     def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
         """This node's figures: of the subtree at the request's path, and of the whole server."""

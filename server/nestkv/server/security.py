@@ -104,6 +104,8 @@ class Grant:
         store, with the same max_depth below it as the whole store has for an unscoped caller.
         """
         self.limits.check_path(request.path)
+        if kind == "replica":  # a copy merged as given, version and all: for the members only
+            raise PermissionDenied("replica is for the members of a cluster only")
         if not self.writes and (kind not in READS or (kind == "get" and request.HasField("renew_for"))):
             if self.denials is not None:
                 self.denials.count(self.name, "read_only")

@@ -37,6 +37,8 @@ _PIPELINE = "Pipeline"
 _STATS = "Stats"
 _TOPOLOGY = "Topology"
 _HAND_OFF = "HandOff"
+_PING = "Ping"
+_CATCH_UP = "CatchUp"
 _PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry throttle: a negative value says "do not retry"
 _ANSWERS_AHEAD = 32  # slices of a stream run ahead while earlier ones await other nodes
 _REFUSAL_QUIET_SECONDS = 0.05  # a refused stream ends once no message came for this long...
@@ -124,6 +126,14 @@ class StoreServicer:
             elif method.name == _HAND_OFF:
                 handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                     self.hand_off, request_deserializer=parse, response_serializer=serialize
+                )
+            elif method.name == _CATCH_UP:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self.catch_up, request_deserializer=parse, response_serializer=serialize
+                )
+            elif method.name == _PING:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self.ping, request_deserializer=parse, response_serializer=serialize
                 )
             elif method.name == _TOPOLOGY:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -282,6 +292,9 @@ class StoreServicer:
                 await context.abort(_status(fault), fault.confined() if root else str(fault))
             batch = pb.PipelineRequest()
             getattr(batch.operations.add(), kind).CopyFrom(request)
+            left = context.time_remaining()
+            if left is not None:  # the call's own deadline travels with it (to other nodes too)
+                batch.deadline_unix_ms = int((time.time() + left) * 1000)
             try:
                 responses, elsewhere = await self._runner.run_all(batch, grant)
             except StoreFault as fault:  # the commit failed (counted by the runner)
@@ -340,6 +353,29 @@ class StoreServicer:
             response.skipped += skipped
         response.passed_version = cluster.handoff.passed_version
         return response
+
+    async def _peer(self, context: Any, what: str) -> tuple[Cluster, str]:
+        """This node's cluster and the member that made the call; anyone else gets UNAUTHENTICATED."""
+        try:
+            grant = self._admit(context)
+            if not isinstance(grant, PeerGrant) or self._cluster is None:
+                raise Unauthenticated(f"{what} is for the members of a cluster only")
+        except Unauthenticated as fault:
+            await context.abort(_status(fault), str(fault))
+            raise AssertionError("refused") from None  # abort raises; this line tells type checkers so
+        return self._cluster, grant.sender
+
+    async def ping(self, request: Any, context: Any) -> pb.PingResponse:
+        """The Ping RPC: whether this node is current, and takes the calling member to be up."""
+        cluster, sender = await self._peer(context, "Ping")
+        return cluster.answer_ping(sender)
+
+    async def catch_up(self, request: Any, context: Any) -> AsyncIterator[pb.HandOffRequest]:
+        """The CatchUp RPC: what this node holds of the calling member's keys."""
+        cluster, sender = await self._peer(context, "CatchUp")
+        cluster.heard_of(request.topology_version, sender)
+        async for message in cluster.handoff.copies_for(sender):
+            yield message
 
     async def topology(self, request: Any, context: Any) -> pb.TopologyResponse:
         """The Topology RPC: the members, the version of their list, the hash, the caller's root."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,11 @@ class Wall:
 class InProcessCluster:
     """Nodes by id, and which of them are down."""
 
-    def __init__(self, members: list[str]) -> None:
+    def __init__(self, members: list[str], replicas: int = 1, min_copies: int = 0) -> None:
+        """`replicas` and `min_copies` (0: min(replicas, 2)) as the flags."""
         self.wall = Wall()
+        self.replicas = replicas
+        self.min_copies = min_copies or min(replicas, 2)
         self.nodes: dict[str, Node] = {}
         self.down: set[str] = set()
         for member in members:
@@ -89,7 +92,7 @@ class InProcessCluster:
 
     def change(self, members: list[str], *, on: list[str] | None = None) -> None:
         """Give the nodes `on` (default: all) the member list `members`."""
-        topology = Topology({member: address_of(member) for member in members})
+        topology = Topology({member: address_of(member) for member in members}, self.replicas)
         for member in on or list(self.nodes):
             self.nodes[member].membership.change(topology, "the test")
 
@@ -107,7 +110,9 @@ class FakePeers(Peers):
         self._cluster = cluster
         self._version = version
 
-    def forward(self, address: str, operation: pb.Operation, mode: str = "") -> asyncio.Future[Any]:
+    def forward(
+        self, address: str, operation: pb.Operation, mode: str = "", deadline: float = 0.0
+    ) -> asyncio.Future[Any]:
         return asyncio.ensure_future(self._forward(address, operation, mode))
 
     async def _forward(self, address: str, operation: pb.Operation, mode: str) -> pb.OperationResult:
@@ -123,6 +128,14 @@ class FakePeers(Peers):
         response = pb.StatsResponse()
         self._cluster.by_address(address).operations.stats(request, response)
         return response
+
+    async def ping(self, address: str, seconds: float) -> pb.PingResponse:
+        await asyncio.sleep(0)
+        return self._cluster.by_address(address).cluster.answer_ping(self._node_id)
+
+    async def catch_up(self, address: str, topology_version: str) -> AsyncIterator[pb.HandOffRequest]:
+        async for message in self._cluster.by_address(address).cluster.handoff.copies_for(self._node_id):
+            yield message
 
     async def topology(self, address: str) -> pb.TopologyResponse:
         response = pb.TopologyResponse()
@@ -158,7 +171,7 @@ class Node:
             self.persistence = Persistence.open(data_dir, "always", wall=cluster.wall)
             self.persistence.recover(self.storage)
         commit = self.persistence.commit if self.persistence else _nothing
-        self.membership = Membership(node_id, members)
+        self.membership = Membership(node_id, members, cluster.replicas)
         self.peers = FakePeers(node_id, cluster, lambda: self.membership.current.version)
         gate = Gate("", LIMITS)
         self.everything = gate.everything
@@ -170,6 +183,7 @@ class Node:
             commit=commit,
             writable=_nothing,
             peer_domain=None,
+            min_copies=cluster.min_copies,
         )
         self.operations = Operations(self.storage, LIMITS)
         self.metrics = OperationMetrics()
@@ -190,6 +204,33 @@ class Node:
         """Run this node's hand-off passes in the background, as the server does."""
         self.tasks.append(asyncio.get_running_loop().create_task(self.cluster.handoff.run_forever()))
 
+    def start_replication(self) -> None:
+        """Run this node's hand-offs, pings and catch-ups in the background, as the server does
+        with --replicas 2 or more."""
+        replication = self.cluster.replication
+        assert replication is not None
+        self.start_hand_offs()
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(replication.liveness.ping_forever()))
+        self.tasks.append(loop.create_task(replication.catch_up_forever()))
+
+    @property
+    def current(self) -> bool:
+        """Whether this node answers for its keys (with replicas)."""
+        replication = self.cluster.replication
+        assert replication is not None
+        return replication.liveness.current
+
+    def sees_up(self, member: str) -> bool:
+        replication = self.cluster.replication
+        assert replication is not None
+        return replication.liveness.up(member)
+
+    def sees_serving(self, member: str) -> bool:
+        replication = self.cluster.replication
+        assert replication is not None
+        return replication.liveness.serving(member)
+
     async def call(self, *operations: pb.Operation, version: str = "") -> list[pb.OperationResult]:
         """Run `operations` as a client's batch sent here (routed by the list of `version`)."""
         batch = pb.PipelineRequest(id=1, operations=operations, topology_version=version)
@@ -202,6 +243,10 @@ class Node:
 
     async def get(self, key: str, path: tuple[str, ...] = ("ns",)) -> pb.OperationResult:
         [result] = await self.call(pb.Operation(get=pb.GetRequest(path=path, key=key)))
+        return result
+
+    async def delete_result(self, key: str, path: tuple[str, ...] = ("ns",)) -> pb.OperationResult:
+        [result] = await self.call(pb.Operation(delete=pb.DeleteRequest(path=path, key=key)))
         return result
 
     def holds(self, key: str, path: tuple[str, ...] = ("ns",)) -> bool:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -406,6 +407,9 @@ class Pipeline:
             if batch is None:  # every caller timed out or was cancelled
                 continue
             batch.sent_at = self._loop.time()
+            if batch.deadlines:  # the server runs nothing after it (a paused node, woken up late)
+                left = min(batch.deadlines) - batch.sent_at
+                batch.message.deadline_unix_ms = int((time.time() + left) * 1000)
             self._sent.append(batch)
             try:
                 await call.write(batch.message)

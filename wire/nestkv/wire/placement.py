@@ -15,6 +15,8 @@ tests/placement_vectors.json), named `HASH_NAME`:
                               z =  z XOR z >> 31
     owner(path, key)    = the member with the highest score; between equal scores, the
                           smallest id (by its UTF-8 bytes)
+    copies(path, key, r) = the r members with the highest scores, in that order (the owner
+                          first), ties as for the owner
 
 Rendezvous (highest random weight) hashing: every member scores every key, so
 adding a member moves only the keys the new member wins (about 1/N of them),
@@ -90,6 +92,15 @@ class Placement:
             if z > best:
                 best, owner = z, member
         return owner
+
+    def ranked(self, path: Sequence[str], key: str) -> list[str]:
+        """Every member, by its score for `key` in `path`, highest first (the owner first): the
+        first R are the key's copies, the next ones its stand-ins."""
+        z0 = key_hash(path, key)
+        # Sorted by id first, and the sort is stable: of equal scores, the smaller id comes first.
+        scored = [(mix(z0 ^ node_hash), member) for node_hash, member in self._hashes]
+        scored.sort(key=lambda pair: pair[0], reverse=True)
+        return [member for _, member in scored]
 
 
 def topology_version(members: Mapping[str, str]) -> str:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -75,7 +75,7 @@ class HandOff:
             member: address for member, address in current.members.items() if member != membership.node_id
         }
         # At start, the list before is unknown: take it to be this one without this node (a node added).
-        self.previous: Topology | None = Topology(others) if others else None
+        self.previous: Topology | None = membership.topology(others) if others else None
         self._done_from: dict[str, str] = {}
         self._given_up: set[str] = set()  # removed members that did not answer when asked
         self._open_until = time.monotonic() + _WINDOW if self.previous is not None else 0.0
@@ -203,12 +203,36 @@ class HandOff:
         if stored:
             node_id = self._membership.node_id
             current = self._membership.current
-            if any(current.owner(entry.path, entry.key) != node_id for entry in request.entries):
+            if any(not current.holds(node_id, entry.path, entry.key) for entry in request.entries):
                 self.write_elsewhere(request.topology_version)
         self._commit()
         return stored, skipped
 
     # The sending side.
+
+    async def copies_for(self, member: str) -> AsyncIterator[pb.HandOffRequest]:
+        """Everything this node holds of the keys `member` keeps a copy of, tombstones and emptied
+        namespaces included (the answer to its CatchUp)."""
+        topology = self._membership.current
+        storage = self._storage
+        entries = []
+        looked = 0
+        for path, node in list(storage.namespaces()):
+            for key, stored in storage.entries(node):
+                looked += 1
+                if looked % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                if topology.holds(member, path, key):
+                    entries.append((path, key, stored))
+        buried: list[tuple[tuple[str, ...], str, bytes]] = []
+        emptied: list[tuple[tuple[str, ...], bytes]] = []
+        if storage.tombstones is not None:
+            keys, emptied = storage.tombstones.versions()
+            buried = [
+                (path, key, version) for path, key, version in keys if topology.holds(member, path, key)
+            ]
+        async for request in _messages(storage, topology.version, entries, buried, emptied, done=False):
+            yield request
 
     async def run_forever(self) -> None:
         """Run a pass whenever one is needed, until cancelled."""
@@ -236,7 +260,8 @@ class HandOff:
                 self._needed.set()
 
     async def _pass(self, topology: Topology) -> bool:
-        """Send every key this node holds but does not own to its owner; whether all were taken."""
+        """Send every key this node holds but keeps no copy of to its copies (its owner, with
+        --replicas 1); whether all were taken."""
         node_id = self._membership.node_id
         storage = self._storage
         outgoing: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {
@@ -250,7 +275,9 @@ class HandOff:
                 if member != node_id and member not in outgoing:
                     outgoing[member] = []
                     addresses[member] = address
+        previous = self.previous
         looked = 0
+        leaving: list[tuple[tuple[tuple[str, ...], str, bytes], list[str]]] = []  # with their copies
         for path, node in list(storage.namespaces()):
             for key, stored in storage.entries(node):
                 looked += 1
@@ -258,10 +285,19 @@ class HandOff:
                     await asyncio.sleep(0)
                     if topology is not self._membership.current:
                         return False  # the members changed again: start over with the new list
-                owner = topology.owner(path, key)
-                if owner != node_id:
-                    outgoing[owner].append((path, key, stored))
-        moving = sum(len(entries) for entries in outgoing.values())
+                copies = topology.copies(path, key)
+                held = (path, key, stored)
+                if node_id not in copies:
+                    for copy in copies:
+                        outgoing[copy].append(held)
+                    leaving.append((held, copies))
+                elif previous is not None and topology.replicas > 1:
+                    # A copy here, and new copies elsewhere: they get it from every copy that has it.
+                    before = previous.copies(path, key)
+                    for copy in copies:
+                        if copy != node_id and copy not in before:
+                            outgoing[copy].append(held)
+        moving = len(leaving)
         if moving:
             log.info("handing off %d keys to %s", moving, ", ".join(m for m, e in outgoing.items() if e))
         buried: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {member: [] for member in outgoing}
@@ -269,9 +305,10 @@ class HandOff:
         if storage.tombstones is not None:  # a copy they cover may be on its owner, or come to it
             keys, emptied = storage.tombstones.versions()
             for path, key, version in keys:
-                owner = topology.owner(path, key)
-                if owner != node_id:
-                    buried[owner].append((path, key, version))
+                copies = topology.copies(path, key)
+                if node_id not in copies:
+                    for copy in copies:
+                        buried[copy].append((path, key, version))
         complete = True
         results = await asyncio.gather(
             *(
@@ -280,17 +317,22 @@ class HandOff:
             ),
             return_exceptions=True,
         )
+        took = set()
         for member, result in zip(outgoing, results, strict=True):
             if isinstance(result, BaseException):
                 if member in topology.members:  # one only told of the list may be gone for good
                     complete = False
                     log.info("hand-off to %s did not go through yet, trying again: %s", member, result)
                 continue
-            dropped = sum(
-                storage.delete_unchanged(path, key, stored) for path, key, stored in outgoing[member]
-            )
-            self._commit()
-            self.sent += dropped
+            took.add(member)
+        # A key goes once every copy took it (with replicas, a copy down keeps it here till it is back).
+        dropped = sum(
+            storage.delete_unchanged(path, key, stored)
+            for (path, key, stored), copies in leaving
+            if took.issuperset(copies)
+        )
+        self._commit()
+        self.sent += dropped
         if moving and complete:
             log.info("hand-off of version %s done: %d keys moved", topology.version, moving)
         return complete
@@ -306,36 +348,10 @@ class HandOff:
     ) -> pb.HandOffResponse:
         """Send `entries` (stored forms), the tombstones `buried` and the `emptied` namespaces to
         `member`, then `done`."""
-        storage = self._storage
-        version = topology.version
-
-        async def requests() -> Any:
-            request = pb.HandOffRequest(topology_version=version)
-            for path, change in emptied:
-                request.emptied.add(path=path, version=change)
-            for start in range(0, len(buried), _CHUNK):
-                for path, key, change in buried[start : start + _CHUNK]:
-                    request.tombstones.add(path=path, key=key, version=change)
-                yield request
-                request = pb.HandOffRequest(topology_version=version)
-            for start in range(0, len(entries), _CHUNK):
-                for path, key, stored in entries[start : start + _CHUNK]:
-                    left = storage.time_left(stored)
-                    if left is None:
-                        continue  # expired on the way
-                    entry = request.entries.add(
-                        path=path, key=key, value=value_of(stored), version=version_of(stored)
-                    )
-                    if left != NEVER:
-                        entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
-                yield request
-                request = pb.HandOffRequest(topology_version=version)
-            request.done = True
-            yield request
-
+        requests = _messages(self._storage, topology.version, entries, buried, emptied, done=True)
         call: Callable[..., Awaitable[pb.HandOffResponse]] = self._open_stream(address)
         try:
-            response = await call(requests())
+            response = await call(requests)
         except grpc.aio.AioRpcError as error:
             raise ConnectionError(f"{member}: {error.code().name}: {error.details()}") from None
         if member in topology.members:
@@ -345,6 +361,41 @@ class HandOff:
             self._done_from[member] = response.passed_version
             self._reopen()
         return response
+
+
+async def _messages(
+    storage: NamespacedStorage,
+    version: str,
+    entries: list[tuple[tuple[str, ...], str, bytes]],
+    buried: list[tuple[tuple[str, ...], str, bytes]],
+    emptied: list[tuple[tuple[str, ...], bytes]],
+    *,
+    done: bool,
+) -> AsyncIterator[pb.HandOffRequest]:
+    """HandOffRequests carrying `entries` (stored forms), the tombstones `buried` and the `emptied`
+    namespaces, placed by the topology of `version`; the last one says `done` if asked to."""
+    request = pb.HandOffRequest(topology_version=version)
+    for path, change in emptied:
+        request.emptied.add(path=path, version=change)
+    for start in range(0, len(buried), _CHUNK):
+        for path, key, change in buried[start : start + _CHUNK]:
+            request.tombstones.add(path=path, key=key, version=change)
+        yield request
+        request = pb.HandOffRequest(topology_version=version)
+    for start in range(0, len(entries), _CHUNK):
+        for path, key, stored in entries[start : start + _CHUNK]:
+            left = storage.time_left(stored)
+            if left is None:
+                continue  # expired on the way
+            entry = request.entries.add(
+                path=path, key=key, value=value_of(stored), version=version_of(stored)
+            )
+            if left != NEVER:
+                entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
+        yield request
+        request = pb.HandOffRequest(topology_version=version)
+    request.done = done
+    yield request
 
 
 def _deadline(copy: pb.HandOffEntry | pb.GetResponse, now: float) -> float:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
 from nestkv.server.cluster.admission import PeerAdmission
 from nestkv.server.cluster.handoff import HandOff
+from nestkv.server.cluster.liveness import PING_TIMEOUT, Liveness
 from nestkv.server.cluster.peers import Peers
+from nestkv.server.cluster.replication import Replication
 from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.security import Gate
 from nestkv.server.storage import NamespacedStorage
@@ -35,15 +37,30 @@ class Cluster:
         commit: Callable[[], None],
         writable: Callable[[], None],
         peer_domain: str | None,
+        min_copies: int = 1,
     ) -> None:
-        """`commit` and `writable`: see HandOff; `peer_domain`: see PeerAdmission."""
+        """`commit` and `writable`: see HandOff; `peer_domain`: see PeerAdmission; `min_copies`:
+        copies a write waits for, with the membership's replicas over 1 (see Replication)."""
         self.membership = membership
         self.peers = peers
         self.handoff = HandOff(membership, storage, peers.hand_off, commit=commit, writable=writable)
         self.admission = PeerAdmission(membership, self.handoff, gate, peer_domain=peer_domain)
+        self.replication: Replication | None = None
+        if membership.replicas > 1:
+            liveness = Liveness(membership.node_id, lambda: self.topology.members, self._ping)
+            self.replication = Replication(self, storage, liveness, min_copies)
         self.admit = self.admission.admit
         self._heard_at = 0.0  # when the member file was last read for a caller with another version
         self._asking: asyncio.Task[None] | None = None  # a peer asked for its list
+
+    def _ping(self, member: str, address: str) -> Awaitable[pb.PingResponse]:
+        return self.peers.ping(address, PING_TIMEOUT)
+
+    def answer_ping(self, sender: str) -> pb.PingResponse:
+        """The answer to a ping from the member `sender`."""
+        if self.replication is None:  # nobody pings a node without replicas: it serves its keys
+            return pb.PingResponse(current=True, sees_you=True)
+        return self.replication.liveness.answer(sender)
 
     @property
     def node_id(self) -> str:
@@ -71,8 +88,11 @@ class Cluster:
         return self.handoff.take(sender, request)
 
     def owner(self, path: Sequence[str], key: str) -> str | None:
-        """The member that owns the key, None if it is this node."""
-        owner = self.topology.owner(path, key)
+        """The member that owns the key (its first copy), None if this node keeps a copy."""
+        topology = self.topology
+        if topology.replicas > 1 and topology.holds(self.node_id, path, key):
+            return None
+        owner = topology.owner(path, key)
         return None if owner == self.node_id else owner
 
     def heard_of(self, version: str, sender: str = "") -> None:
@@ -110,4 +130,4 @@ class Cluster:
             self._asking = None
         if response.previous_version and response.previous_version == self.membership.current.version:
             members = {member.id: member.address for member in response.members}
-            self.membership.change(Topology(members), f"node {sender}, one change ahead")
+            self.membership.change(self.membership.topology(members), f"node {sender}, one change ahead")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,13 +32,19 @@ MODE_HEADER = "nestkv-peer-mode"
 
 - `redirected`: another node said this one owns the keys (ABORTED with moved_to): run them here;
 - `asked`: the new owner of the keys asks this node, their previous owner, during a hand-off:
-  answer from what this node holds, and nothing more.
+  answer from what this node holds, and nothing more;
+- `replica`: copies of changes made on the sending node, for this one to merge (--replicas 2 or
+  more), on a stream of their own with a shorter timeout: a copy that does not answer in time is
+  replaced by a stand-in.
 """
 
-MODES = ("", "redirected", "asked")
+MODES = ("", "redirected", "asked", "replica")
 
 PEER_TIMEOUT = 3.0
 """Seconds a forwarded operation may take: under GrpcStore's 5 s, so its caller hears why."""
+
+REPLICA_TIMEOUT = 1.0
+"""Seconds a copy may take to store a replica before a stand-in is sent it instead."""
 
 HAND_OFF_TIMEOUT = 600.0
 """Seconds one hand-off stream may take: a node's worth of keys to one member."""
@@ -91,21 +98,27 @@ class Peers:
                 metadata = (*self._metadata, (MODE_HEADER, mode)) if mode else self._metadata
                 pipelines[mode] = Pipeline(
                     functools.partial(stub.Pipeline, metadata=metadata),
-                    timeout=self._timeout,
+                    timeout=min(self._timeout, REPLICA_TIMEOUT) if mode == "replica" else self._timeout,
                     topology_version=self._topology_version,
                     raise_errors=False,  # a peer's error goes back to the caller as it came
                 )
             opened = self._open[address] = (channel, stub, pipelines)
         return opened
 
-    def forward(self, address: str, operation: pb.Operation, mode: str = "") -> asyncio.Future[Any]:
+    def forward(
+        self, address: str, operation: pb.Operation, mode: str = "", deadline: float = 0.0
+    ) -> asyncio.Future[Any]:
         """Send `operation` to the peer at `address`; the future of its OperationResult.
 
         An operation's error is its result (with `moved_to`, the caller redirects it); the future
-        fails with a StoreError when the peer could not be reached or did not answer in time.
+        fails with a StoreError when the peer could not be reached or did not answer in time: the
+        peer timeout, or its caller's `deadline` (Unix seconds; 0: none) if that comes first.
         """
         pipeline = self._connection(address)[2][mode]
-        added, future = pipeline.add(operation.ByteSize(), pipeline.deadline())
+        at = pipeline.deadline()
+        if deadline and at is not None:
+            at = min(at, at - self._timeout + deadline - time.time())
+        added, future = pipeline.add(operation.ByteSize(), at)
         added.CopyFrom(operation)
         return future
 
@@ -119,6 +132,20 @@ class Peers:
         except grpc.aio.AioRpcError as error:
             raise PeerUnavailable(f"{address}: {error_from_rpc(error)}") from None
         return response
+
+    async def ping(self, address: str, seconds: float) -> pb.PingResponse:
+        """The peer's answer to a ping (see nestkv.server.cluster.liveness)."""
+        stub = self._connection(address)[1]
+        response: pb.PingResponse = await stub.Ping(
+            pb.PingRequest(), metadata=self._metadata, timeout=seconds
+        )
+        return response
+
+    def catch_up(self, address: str, topology_version: str) -> Any:
+        """The peer's CatchUp stream: what it holds of this node's keys."""
+        stub = self._connection(address)[1]
+        request = pb.CatchUpRequest(topology_version=topology_version)
+        return stub.CatchUp(request, metadata=self._metadata, timeout=HAND_OFF_TIMEOUT)
 
     async def topology(self, address: str) -> pb.TopologyResponse:
         """The peer's member list, and the one it had before."""

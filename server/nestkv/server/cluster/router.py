@@ -21,6 +21,7 @@ from typing import Any
 from nestkv.server.cluster.admission import PeerGrant
 from nestkv.server.cluster.node import Cluster
 from nestkv.server.cluster.peers import failure_of
+from nestkv.server.cluster.replication import NOT_APPLIED, Replication
 from nestkv.server.errors import KeyMoved, NodeFault, StoreFault, put_error
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import READS, Operations, found
@@ -50,10 +51,11 @@ class ClusterRouter:
             )
         return _ClusterRoute(self, batch, grant)
 
-    def forward(self, member: str, operation: pb.Operation) -> Answer:
-        """Run `operation` on `member`, the owner of its key (counted as forwarded)."""
+    def forward(self, member: str, operation: pb.Operation, deadline: float = 0.0) -> Answer:
+        """Run `operation` on `member`, the owner of its key or its serving copy (counted as
+        forwarded), by the caller's `deadline` (Unix seconds; 0: none)."""
         self._count(member)
-        return self._send(member, operation)
+        return self._send(member, operation, deadline=deadline)
 
     def fan_out(self, operation: pb.Operation) -> Answer:
         """Run `operation` (a delete_all) on every other member: None if all did, else an error
@@ -94,17 +96,22 @@ class ClusterRouter:
             metrics.forwarded[member] = metrics.forwarded.get(member, 0) + 1
 
     def _send(
-        self, member: str, operation: pb.Operation, address: str = "", mode: str = ""
+        self, member: str, operation: pb.Operation, address: str = "", mode: str = "", deadline: float = 0.0
     ) -> Awaitable[pb.OperationResult]:
         """Run `operation` on `member` (at `address`, default: its address in the current list); its
         OperationResult, an error result if it failed. Sent on once if the member's list gives the
-        key to another node. `mode`: see PeerGrant."""
+        key to another node. `mode`: see PeerGrant; `deadline`: see `forward`."""
         address = address or self.cluster.topology.members[member]
-        future = self.cluster.peers.forward(address, operation, mode)
-        return self._result_of(member, address, operation, future)
+        future = self.cluster.peers.forward(address, operation, mode, deadline)
+        return self._result_of(member, address, operation, future, deadline)
 
     async def _result_of(
-        self, member: str, address: str, operation: pb.Operation, future: asyncio.Future[Any]
+        self,
+        member: str,
+        address: str,
+        operation: pb.Operation,
+        future: asyncio.Future[Any],
+        deadline: float = 0.0,
     ) -> pb.OperationResult:
         """The result of a forwarded operation, following a redirect once.
 
@@ -117,13 +124,13 @@ class ClusterRouter:
             if _moved(result):
                 moved_from = address
                 member, address = result.error.moved_to.id, result.error.moved_to.address
-                result = await peers.forward(address, operation, "redirected")
+                result = await peers.forward(address, operation, "redirected", deadline)
                 if _moved(result):  # sent on once only: the lists are changing, try again
                     disagree = f"the member lists of the nodes disagree: {result.error.message}"
                     return _error_result(NodeFault("UNAVAILABLE", disagree))
                 if _missed(operation, result):
                     member = f"{member}'s previous owner"
-                    result = await peers.forward(moved_from, operation, "asked")
+                    result = await peers.forward(moved_from, operation, "asked", deadline)
         except Exception as error:
             return _error_result(failure_of(member, error))
         return result
@@ -179,6 +186,7 @@ class ClusterRouter:
             response.members.add(id=member, address=address)
         response.version = topology.version
         response.node_id = cluster.node_id
+        response.replicas = topology.replicas
         previous = cluster.handoff.previous
         if previous is not None:
             response.previous_version = previous.version
@@ -188,7 +196,17 @@ class _ClusterRoute:
     """How one batch's operations run on a cluster node: decided once per batch (the clock and
     the member list are read once), asked once per operation."""
 
-    __slots__ = ("_asks", "_fan_out", "_forward", "_grant", "_moving", "_router", "_version")
+    __slots__ = (
+        "_asks",
+        "_deadline",
+        "_fan_out",
+        "_forward",
+        "_grant",
+        "_moving",
+        "_replicas",
+        "_router",
+        "_version",
+    )
 
     def __init__(self, router: ClusterRouter, batch: pb.PipelineRequest, grant: Grant) -> None:
         cluster = router.cluster
@@ -204,10 +222,14 @@ class _ClusterRoute:
         self._moving = peer_mode == "" or (peer_mode == "redirected" and cluster.removed)
         # Redirected (the sender asks next) or asked: a miss is answered from what is here.
         self._asks = not peer_mode
+        self._deadline = batch.deadline_unix_ms / 1000
+        self._replicas = cluster.replication  # None: one copy of each key, on its owner
 
     def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
-        if kind == "delete_all":
-            return None  # here first; the other nodes after (see `after`)
+        if kind == "delete_all" or kind == "replica":
+            return None  # here first; the other nodes after (see `after`); a replica: here only
+        if self._replicas is not None:
+            return self._placed(self._replicas, kind, request, operation)
         if self._forward:
             owner = self._router.cluster.owner(request.path, request.key)
             return None if owner is None else self._router.forward(owner, operation)
@@ -220,8 +242,36 @@ class _ClusterRoute:
                 raise KeyMoved(owner, cluster.topology.members[owner])
         return None
 
+    def _placed(
+        self, replication: Replication, kind: str, request: Any, operation: pb.Operation
+    ) -> Answer | None:
+        """`elsewhere` with replicas: the first serving copy runs it (see Replication)."""
+        router = self._router
+        cluster = router.cluster
+        path, key = request.path, request.key
+        if self._forward:  # a caller's: to the copy that serves the key
+            member = replication.serving_copy(path, key)
+            if member != cluster.node_id:
+                return router.forward(member, operation, self._deadline)
+        elif not cluster.topology.holds(cluster.node_id, path, key):
+            if self._moving:  # placed by another list: the sender sends it on
+                owner = cluster.topology.owner(path, key)
+                raise KeyMoved(owner, cluster.topology.members[owner])
+        elif not replication.liveness.current and self._asks:
+            raise NodeFault(
+                "UNAVAILABLE", f"node {cluster.node_id} is catching up after it was away: {NOT_APPLIED}"
+            )
+        if _writes(kind, request):
+            replication.check_writable(path, key)
+        return None
+
     def after(self, kind: str, request: Any, response: Any, operation: pb.Operation) -> Answer | None:
+        replicas = self._replicas
         if kind in READS:
+            if replicas is not None:
+                if kind == "get" and response.found and request.HasField("renew_for"):
+                    return replicas.replicate(request.path, request.key, self._deadline)
+                return None
             if self._asks and not found(kind, response):
                 member = self._router.cluster.handoff.previous_owner(request.path, request.key)
                 if member is not None:
@@ -232,16 +282,24 @@ class _ClusterRoute:
             and self._grant.forwarded
             and self._router.cluster.owner(request.path, request.key)
         ):
-            # A peer placed it by another member list: it goes on to its owner.
+            # A peer placed it by another member list (or this node stands in for a copy that is
+            # down): it goes on to its owner (or its copies).
             self._router.cluster.handoff.write_elsewhere(self._version)
-        if kind == "delete_all" and self._fan_out:
-            return self._router.fan_out(operation)
+        if kind == "delete_all":
+            return self._router.fan_out(operation) if self._fan_out else None
+        if replicas is not None and kind != "replica":
+            return replicas.replicate(request.path, request.key, self._deadline)
         return None
 
     def finish(self, first: pb.PipelineResponse) -> None:
         current = self._router.cluster.topology.version
         if self._version not in ("", current):
             first.topology_version = current  # the caller routes by an older list: it reads ours
+
+
+def _writes(kind: str, request: Any) -> bool:
+    """Whether an operation of `kind` (not delete_all) changes its key: a set, a delete, a renewal."""
+    return kind not in READS or (kind == "get" and request.HasField("renew_for"))
 
 
 def _moved(result: pb.OperationResult) -> bool:

@@ -38,24 +38,44 @@ def parse_members(text: str, where: str) -> dict[str, str]:
 
 
 class Topology:
-    """One member list: its version and the owner of every key under it."""
+    """One member list: its version, and the copies (the owner first) of every key under it."""
 
-    __slots__ = ("members", "placement", "version")
+    __slots__ = ("members", "placement", "replicas", "version")
 
-    def __init__(self, members: dict[str, str]) -> None:
+    def __init__(self, members: dict[str, str], replicas: int = 1) -> None:
+        """`replicas`: copies kept of each key (--replicas), at most one per member."""
         self.members = dict(sorted(members.items(), key=lambda item: item[0].encode()))
         self.placement = Placement(self.members)
         self.version = topology_version(self.members)
+        self.replicas = min(replicas, len(self.members))
 
     def owner(self, path: Sequence[str], key: str) -> str:
         return self.placement.owner(path, key)
+
+    def copies(self, path: Sequence[str], key: str) -> list[str]:
+        """The members that keep a copy of the key, the owner first."""
+        if self.replicas == 1:
+            return [self.placement.owner(path, key)]
+        return self.placement.ranked(path, key)[: self.replicas]
+
+    def ranked(self, path: Sequence[str], key: str) -> list[str]:
+        """Every member in the key's placement order: its copies, then who stands in for them."""
+        return self.placement.ranked(path, key)
+
+    def holds(self, member: str, path: Sequence[str], key: str) -> bool:
+        """Whether `member` keeps a copy of the key."""
+        if self.replicas == 1:
+            return self.placement.owner(path, key) == member
+        return member in self.copies(path, key)
 
 
 class Membership:
     """This node's id and the current topology; a `@FILE` source is re-read when it changes."""
 
-    def __init__(self, node_id: str, spec: str) -> None:
+    def __init__(self, node_id: str, spec: str, replicas: int = 1) -> None:
+        """`replicas`: copies kept of each key (--replicas)."""
         self.node_id = own_id(node_id)
+        self.replicas = replicas
         self._file = Path(spec[1:]) if spec.startswith("@") else None
         self._seen: tuple[int, int, int] | None = None
         self.listeners: list[Callable[[Topology, Topology], None]] = []
@@ -65,7 +85,11 @@ class Membership:
                 f"this node's id {self.node_id!r} (--node-id) is not among the members of --cluster "
                 f"({', '.join(members)}): every node gets the same list, itself included"
             )
-        self.current = Topology(members)
+        self.current = Topology(members, replicas)
+
+    def topology(self, members: dict[str, str]) -> Topology:
+        """The topology of the member list `members`, with this cluster's replicas."""
+        return Topology(members, self.replicas)
 
     def _read(self) -> dict[str, str]:
         assert self._file is not None
@@ -96,7 +120,7 @@ class Membership:
         except ClusterConfigError as error:
             log.error("kept the previous members: %s", error)
             return False
-        return self.change(Topology(members), f"@{self._file}")
+        return self.change(self.topology(members), f"@{self._file}")
 
     def change(self, topology: Topology, source: str) -> bool:
         """Make `topology` the current one (read from `source`); whether it differs."""

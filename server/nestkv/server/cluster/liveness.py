@@ -1,0 +1,189 @@
+"""Liveness: which members are up, and whether this node may answer for its keys (its lease).
+
+With --replicas 2 or more, every node pings every other member every
+INTERVAL seconds. A member is *up* while it answered a ping sent in the last
+DOWN_AFTER seconds (or this node told it, in the last LEASE seconds, that it
+sees it: it may still hold a lease from this node). A node is *in touch*
+while, counting itself, a majority of the members answered one of its pings
+sent in the last LEASE seconds with "I see you": its lease. It is *current*
+while in touch and caught up: every gap in its lease (a restart, a pause, a
+cut) means copies may have been written around it, so it takes in what the
+others hold of its keys (CatchUp) before it answers for them again.
+
+Why the figures hold together: a member stops seeing this node DOWN_AFTER
+seconds after its last answered ping, and stops renewing its lease then;
+the lease ends LEASE seconds after the ping that renewed it was *sent*. So a
+node cut off stops answering for its keys within LEASE (0.5 s) of the cut,
+and the others write around it (to a stand-in) only once they take it to be
+down (0.7 s), after its lease has lapsed. A paused node's lease has lapsed
+when it wakes up: pings answered after the pause were sent after it too.
+Nothing here elects anything: each node decides for itself from what it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nestkv.v1 import store_pb2 as pb
+
+log = logging.getLogger("nestkv.server")
+
+INTERVAL = 0.1
+"""Seconds between two pings of a member."""
+PING_TIMEOUT = 0.3
+"""Seconds a ping may take before it counts as unanswered."""
+LEASE = 0.5
+"""Seconds this node answers for its keys after the last ping (by its send time) that a majority
+answered with "I see you"."""
+DOWN_AFTER = 0.7
+"""Seconds without an answered ping before a member is taken to be down: longer than LEASE, so
+that its lease has lapsed before anyone writes around it."""
+
+Ping = Callable[[str, str], Awaitable[pb.PingResponse]]
+"""Ping the member (id, address): its answer, or an exception if none came in time."""
+
+
+class Liveness:
+    """What this node knows of the members' liveness, and its own lease (see the module)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        members: Callable[[], dict[str, str]],
+        ping: Ping,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`members()` is the current member list (ids to addresses, this node included)."""
+        self.node_id = node_id
+        self._members = members
+        self._ping = ping
+        self._clock = clock
+        self._heard: dict[str, float] = {}  # send time of the last ping the member answered
+        self._granted: dict[str, float] = {}  # ... that it answered with sees_you
+        self._told: dict[str, float] = {}  # when this node last told the member it sees it
+        self._current_of: dict[str, bool] = {}  # the member's own word, from its last answer
+        self._lease_end = 0.0
+        self.caught_up = False
+        """This node took in what the others hold of its keys since its lease last lapsed."""
+        self.lapses = 0
+        """Times this node's lease lapsed (a catch-up that saw one during it starts over)."""
+        self.changed = asyncio.Event()
+        """Set when a member comes up or goes down, or this node's lease lapses."""
+        self._up: set[str] = set()
+
+    # This node.
+
+    def in_touch(self) -> bool:
+        """Whether this node's lease holds: a majority of the members see it."""
+        if len(self._members()) <= 1:
+            return True
+        if self._clock() < self._lease_end:
+            return True
+        self._lapsed()
+        return False
+
+    @property
+    def current(self) -> bool:
+        """Whether this node answers for its keys: in touch, and caught up since it last was not."""
+        return self.in_touch() and self.caught_up
+
+    def _lapsed(self) -> None:
+        if self.caught_up or self._lease_end:
+            log.warning("lease lapsed: this node stops answering for its keys until it has caught up")
+            self.lapses += 1
+            self.changed.set()
+        self.caught_up = False
+        self._lease_end = 0.0
+
+    def _renew(self) -> None:
+        members = self._members()
+        needed = len(members) // 2  # others that must see this node: with it, a majority
+        granted = sorted(
+            (self._granted.get(member, 0.0) for member in members if member != self.node_id), reverse=True
+        )
+        if not needed or len(granted) < needed:
+            return
+        now = self._clock()
+        if self._lease_end and now >= self._lease_end:
+            self._lapsed()  # it lapsed before this renewal came: a gap all the same
+        end = granted[needed - 1] + LEASE
+        if end > now:
+            self._lease_end = max(self._lease_end, end)
+
+    # The other members.
+
+    def up(self, member: str) -> bool:
+        """Whether `member` is up (this node always is)."""
+        if member == self.node_id:
+            return True
+        now = self._clock()
+        return now - self._heard.get(member, -DOWN_AFTER) < DOWN_AFTER or (
+            now - self._told.get(member, -LEASE) < LEASE
+        )
+
+    def serving(self, member: str) -> bool:
+        """Whether `member` is up and answers for its keys (current)."""
+        if member == self.node_id:
+            return self.current
+        return self.up(member) and self._current_of.get(member, False)
+
+    def answer(self, sender: str) -> pb.PingResponse:
+        """The answer to a ping from `sender`."""
+        now = self._clock()
+        sees = now - self._heard.get(sender, -DOWN_AFTER) < DOWN_AFTER
+        if sees:
+            self._told[sender] = now
+        return pb.PingResponse(current=self.current, sees_you=sees)
+
+    async def ping_forever(self) -> None:
+        """Ping every other member every INTERVAL seconds, until cancelled."""
+        pinging: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for member, address in self._members().items():
+                    if member != self.node_id and (member not in pinging or pinging[member].done()):
+                        pinging[member] = asyncio.create_task(self._ping_once(member, address))
+                self._notice()
+                await asyncio.sleep(INTERVAL)
+        finally:
+            for task in pinging.values():
+                task.cancel()
+            await asyncio.gather(*pinging.values(), return_exceptions=True)
+
+    async def _ping_once(self, member: str, address: str) -> None:
+        sent = self._clock()
+        try:
+            answer = await asyncio.wait_for(self._ping(member, address), PING_TIMEOUT)
+        except Exception:  # unanswered: the member goes down once DOWN_AFTER passes
+            return
+        self._heard[member] = max(self._heard.get(member, 0.0), sent)
+        self._current_of[member] = answer.current
+        if answer.sees_you:
+            self._granted[member] = max(self._granted.get(member, 0.0), sent)
+            self._renew()
+        self._notice()
+
+    def _notice(self) -> None:
+        """Set `changed` if a member came up or went down, or this node's lease lapsed."""
+        self.in_touch()
+        up = {member for member in self._members() if self.up(member)}
+        if up != self._up:
+            came, went = up - self._up, self._up - up
+            if went:
+                log.warning("taken to be down: %s", ", ".join(sorted(went)))
+            if came and self._up:
+                log.info("up again: %s", ", ".join(sorted(came)))
+            self._up = up
+            self.changed.set()
+
+
+async def wait_changed(liveness: Liveness, seconds: float) -> None:
+    """Wait until `liveness` changes, or `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(liveness.changed.wait(), seconds)
+    liveness.changed.clear()

@@ -1,0 +1,229 @@
+"""Replicas (--replicas 2 or more): where a key's operations run, how its writes reach its copies,
+and how a node that was away catches up.
+
+A key's copies are the first R members of its placement order; when a copy
+is down (nestkv.server.cluster.liveness), the next member in that order
+stands in for it. An operation runs on the first copy that is *serving*: up
+and current. A write runs there, then goes as a `replica` (the key's new
+state and version, merged by version on arrival) to the other copies that
+are up, and to stand-ins for those that are not; it is answered once
+--min-copies hold it. A copy that does not store it within REPLICA_TIMEOUT
+is replaced by the next stand-in.
+
+If fewer members than --min-copies are up before a write runs, it fails and
+is applied nowhere ("not applied"). Once it ran here, a failure to reach
+enough copies leaves it here (it reaches the others when they are back):
+its outcome is unknown to the caller, and the error says so.
+
+A node whose lease lapsed (restarted, paused, cut off) answers for nothing
+until it has caught up: it asks every member that is up for what it holds
+of its keys (the CatchUp RPC), merges it, and is current again. A stand-in
+hands what it held for a copy back by the hand-off pass, which runs
+whenever a member comes back up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from nestkv.server.cluster.liveness import INTERVAL, Liveness, wait_changed
+from nestkv.server.cluster.peers import failure_of
+from nestkv.server.errors import NodeFault, put_error
+from nestkv.server.storage import NEVER, NamespacedStorage
+from nestkv.v1 import store_pb2 as pb
+
+log = logging.getLogger("nestkv.server")
+
+NOT_APPLIED = "not applied"
+"""Said by an UNAVAILABLE that left the write applied nowhere: the caller may send it again."""
+
+
+class Replication:
+    """One node's side of replicas: placement by liveness, replicas sent, catching up."""
+
+    def __init__(self, cluster: Any, storage: NamespacedStorage, liveness: Liveness, min_copies: int) -> None:
+        """`cluster`: the node's Cluster (its members, peers and hand-off)."""
+        self._cluster = cluster
+        self._storage = storage
+        self.liveness = liveness
+        self.min_copies = min_copies
+        self.failures = 0
+        """Replicas not stored by a copy or stand-in (it did not answer, or failed)."""
+        self._left: set[asyncio.Future[Any]] = set()
+
+    # Where an operation runs.
+
+    def serving_copy(self, path: Sequence[str], key: str) -> str:
+        """The copy of the key that answers for it now: the first one up and current. Raises
+        NodeFault (UNAVAILABLE) if none is."""
+        cluster = self._cluster
+        copies = cluster.topology.copies(path, key)
+        serving = self.liveness.serving
+        for copy in copies:
+            if serving(copy):
+                return str(copy)
+        raise NodeFault(
+            "UNAVAILABLE",
+            f"no copy of the key is up and current ({self._describe(copies)}): {NOT_APPLIED}",
+        )
+
+    def check_writable(self, path: Sequence[str], key: str) -> None:
+        """Raise NodeFault (UNAVAILABLE, not applied) if fewer members than --min-copies are up
+        to store a write of the key (its copies, then stand-ins)."""
+        topology = self._cluster.topology
+        up = self.liveness.up
+        ranked = topology.ranked(path, key)
+        if sum(1 for member in ranked if up(member)) >= min(self.min_copies, len(ranked)):
+            return
+        down = [member for member in ranked if not up(member)]
+        raise NodeFault(
+            "UNAVAILABLE",
+            f"a write needs {self.min_copies} copies and only {len(ranked) - len(down)} of the "
+            f"{len(ranked)} nodes are up (down: {', '.join(down)}): {NOT_APPLIED}",
+        )
+
+    def _describe(self, copies: list[str]) -> str:
+        liveness = self.liveness
+        return ", ".join(f"{copy} {'not current' if liveness.up(copy) else 'down'}" for copy in copies)
+
+    # Replicas sent.
+
+    async def replicate(self, path: Sequence[str], key: str, deadline: float) -> pb.OperationResult | None:
+        """Send the key's state here (just written) to its other copies, or stand-ins for those
+        down or too slow, until --min-copies hold it; None then, else an error result (the write
+        stays here: its outcome is unknown). `deadline`: the caller's (Unix seconds; 0: none)."""
+        operation = self._replica_of(path, key)
+        if operation is None:
+            return None
+        cluster = self._cluster
+        node_id = cluster.node_id
+        topology = cluster.topology
+        members = topology.members
+        up = self.liveness.up
+        needed = min(self.min_copies, len(members)) - 1
+        candidates = [member for member in topology.ranked(path, key) if member != node_id]
+        wanted = topology.replicas - 1  # the other copies, or stand-ins for them
+        sending: dict[asyncio.Future[Any], str] = {}
+        failed: list[str] = []
+        for member in candidates:
+            if len(sending) == wanted:
+                break
+            if up(member):
+                sending[cluster.peers.forward(members[member], operation, "replica", deadline)] = member
+        stored = 0
+        pending = set(sending)
+        while pending and stored < needed:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                member = sending[future]
+                problem = _problem(member, future)
+                if problem is None:
+                    stored += 1
+                    continue
+                self.failures += 1
+                failed.append(problem)
+                for standby in candidates:  # the next one not asked yet stands in
+                    if standby not in sending.values() and up(standby):
+                        again = cluster.peers.forward(members[standby], operation, "replica", deadline)
+                        sending[again] = standby
+                        pending.add(again)
+                        break
+        for future in pending:  # enough copies have it: the others' answers come to nobody
+            self._left.add(future)
+            future.add_done_callback(self._settle)
+        if stored >= needed:
+            return None
+        result = pb.OperationResult()
+        reached = ", ".join(sorted({*(m for f, m in sending.items() if f.done() and _ok(f)), node_id}))
+        fault = NodeFault(
+            "UNAVAILABLE",
+            f"the write is stored on {stored + 1} of the {needed + 1} copies it needs ({reached}); "
+            f"{'; '.join(failed) or 'too few nodes are up'}: its outcome is unknown (it stays where "
+            "it is stored, and reaches the other copies when they are back)",
+        )
+        put_error(result.error, fault, confined=False)
+        return result
+
+    def _settle(self, future: asyncio.Future[Any]) -> None:
+        self._left.discard(future)
+        if _problem("", future) is not None:
+            self.failures += 1
+
+    def _replica_of(self, path: Sequence[str], key: str) -> pb.Operation | None:
+        """A replica operation carrying the key's state here: its value or its tombstone."""
+        storage = self._storage
+        entry = storage.get_entry(path, key)
+        if entry is not None:
+            value, version, left = entry
+            replica = pb.ReplicaRequest(path=path, key=key, value=value, version=version)
+            if left != NEVER:
+                replica.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
+            return pb.Operation(replica=replica)
+        tombstones = storage.tombstones
+        buried = None if tombstones is None else tombstones.over(path, key)
+        if buried is None:
+            return None
+        return pb.Operation(replica=pb.ReplicaRequest(path=path, key=key, version=buried, deleted=True))
+
+    # Catching up.
+
+    async def catch_up_forever(self) -> None:
+        """Catch up whenever this node's lease lapsed and holds again; hand back what this node
+        stood in for whenever a member comes up. Until cancelled."""
+        liveness = self.liveness
+        cluster = self._cluster
+        up: set[str] = set()
+        while True:
+            now_up = {member for member in cluster.topology.members if liveness.up(member)}
+            if now_up - up:
+                cluster.handoff.again()  # keys held for a member that is back go to it
+            up = now_up
+            if not liveness.caught_up and liveness.in_touch():
+                lapses = liveness.lapses
+                if await self._catch_up() and lapses == liveness.lapses and liveness.in_touch():
+                    liveness.caught_up = True
+                    log.info("caught up: this node answers for its keys again")
+                    continue
+            await wait_changed(liveness, INTERVAL)
+
+    async def _catch_up(self) -> bool:
+        """Merge what every member that is up holds of this node's keys; whether all answered."""
+        cluster = self._cluster
+        others = {member: address for member, address in cluster.others().items() if self.liveness.up(member)}
+        results = await asyncio.gather(
+            *(self._catch_up_from(member, address) for member, address in others.items()),
+            return_exceptions=True,
+        )
+        missing = [
+            f"{member}: {result}"
+            for member, result in zip(others, results, strict=True)
+            if isinstance(result, BaseException)
+        ]
+        if missing:
+            log.info("catching up did not reach every node yet: %s", "; ".join(missing))
+        return not missing
+
+    async def _catch_up_from(self, member: str, address: str) -> None:
+        cluster = self._cluster
+        async for message in cluster.peers.catch_up(address, cluster.topology.version):
+            cluster.take(member, message)
+
+
+def _ok(future: asyncio.Future[Any]) -> bool:
+    return _problem("", future) is None
+
+
+def _problem(member: str, future: asyncio.Future[Any]) -> str | None:
+    """Why a replica sent to `member` was not stored; None: it was."""
+    if future.cancelled():
+        return f"node {member}: cancelled"
+    error = future.exception()
+    if error is not None:
+        return str(failure_of(member, error))
+    result: pb.OperationResult = future.result()
+    if result.WhichOneof("result") == "error":
+        return f"node {member}: {result.error.message}"
+    return None

@@ -1,0 +1,136 @@
+"""Replicas in process (--replicas 2), against fake peers (tests/server/cluster/nodes.py): a write
+reaches two copies before it is answered, a copy down is stood in for and caught up when back.
+
+The nodes ping each other for real (every 0.1 s), so each test waits on what it needs to see."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from nestkv.v1 import store_pb2 as pb
+from nestkv.wire.codes import name_of
+from tests.server.cluster.nodes import InProcessCluster
+
+PATH = ("ns",)
+
+
+@pytest.fixture
+async def three() -> AsyncIterator[InProcessCluster]:
+    cluster = InProcessCluster(["a", "b", "c"], replicas=2)
+    for node in cluster.nodes.values():
+        node.start_replication()
+    await until(lambda: all(node.sees_serving(other) for node in cluster.nodes.values() for other in "abc"))
+    yield cluster
+    await cluster.close()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 (what it waits on sets no event)
+            await asyncio.sleep(0.02)
+
+
+def key_with_copies(cluster: InProcessCluster, first: str, second: str, copies: int = 2) -> str:
+    """A key whose copies are `first`, then `second` (then the rest)."""
+    topology = cluster.nodes[first].membership.current
+    for number in range(10_000):
+        key = f"key-{number}"
+        if topology.copies(PATH, key)[:2] == [first, second]:
+            return key
+    raise AssertionError("no such key")
+
+
+def error_of(result: pb.OperationResult) -> tuple[str, str]:
+    assert result.WhichOneof("result") == "error", result
+    return name_of(result.error.code), result.error.message
+
+
+async def test_a_write_is_on_both_copies_when_it_is_answered(three: InProcessCluster) -> None:
+    key = key_with_copies(three, "a", "b")
+    result = await three.nodes["c"].set(key, b"v1")  # c keeps no copy: it forwards to a
+    assert result.WhichOneof("result") == "set"
+    assert [three.nodes[member].holds(key) for member in "abc"] == [True, True, False]
+    assert (await three.nodes["c"].delete_result(key)).WhichOneof("result") == "delete"
+    assert [three.nodes[member].holds(key) for member in "abc"] == [False, False, False]
+
+
+async def test_the_keys_of_a_node_down_are_read_and_written_on_their_other_copy(
+    three: InProcessCluster,
+) -> None:
+    key = key_with_copies(three, "a", "b")
+    await three.nodes["c"].set(key, b"before")
+    await three.stop("a")
+    c = three.nodes["c"]
+    await until(lambda: not c.sees_up("a"))
+    await until(lambda: not three.nodes["b"].sees_up("a"))
+    assert (await c.get(key)).get.value == b"before"  # from b, the first copy serving
+    assert (await c.set(key, b"while a is down")).WhichOneof("result") == "set"
+    # b holds it, and c stands in for a.
+    assert three.nodes["b"].storage.get(PATH, key) == b"while a is down"
+    assert c.storage.get(PATH, key) == b"while a is down"
+
+
+async def test_a_copy_back_catches_up_before_it_answers_and_the_stand_in_hands_back(
+    three: InProcessCluster,
+) -> None:
+    key = key_with_copies(three, "a", "b")
+    await three.stop("a")
+    b, c = three.nodes["b"], three.nodes["c"]
+    await until(lambda: not c.sees_up("a"))
+    await until(lambda: not b.sees_up("a"))
+    await c.set(key, b"written while a was down")
+    assert c.holds(key)  # as a's stand-in
+    a = three.restart("a", ["a", "b", "c"])  # its memory is gone: a restart without a data directory
+    assert not a.current
+    a.start_replication()
+    await until(lambda: a.current)
+    assert a.storage.get(PATH, key) == b"written while a was down"
+    assert (await a.get(key)).get.value == b"written while a was down"
+    await until(lambda: not c.holds(key))  # handed back: c keeps no copy of it
+
+
+async def test_a_write_with_fewer_nodes_up_than_it_needs_fails_and_is_applied_nowhere() -> None:
+    cluster = InProcessCluster(["a", "b", "c"], replicas=3, min_copies=3)
+    try:
+        for node in cluster.nodes.values():
+            node.start_replication()
+        a, b = cluster.nodes["a"], cluster.nodes["b"]
+        await until(lambda: a.sees_serving("b") and b.sees_serving("a") and a.current)
+        await cluster.stop("c")
+        await until(lambda: not a.sees_up("c"))
+        key = key_with_copies(cluster, "a", "b", copies=3)
+        code, message = error_of(await b.set(key, b"nowhere"))
+        assert (code, message) == (
+            "UNAVAILABLE",
+            "a write needs 3 copies and only 2 of the 3 nodes are up (down: c): not applied",
+        )
+        assert [a.holds(key), b.holds(key)] == [False, False]
+    finally:
+        await cluster.close()
+
+
+async def test_a_node_out_of_touch_with_the_others_answers_for_nothing(three: InProcessCluster) -> None:
+    key = key_with_copies(three, "a", "b")
+    await three.nodes["a"].set(key, b"v")
+    await three.stop("b")
+    await three.stop("c")
+    a = three.nodes["a"]
+    await until(lambda: not a.current)  # alone: its lease lapsed (it cannot know it is current)
+    code, message = error_of(await a.get(key))
+    assert code == "UNAVAILABLE"
+    await until(lambda: not a.sees_up("b"))
+    assert error_of(await a.get(key)) == (
+        "UNAVAILABLE",
+        "no copy of the key is up and current (a not current, b down): not applied",
+    )
+
+
+async def test_a_caller_cannot_send_a_replica(three: InProcessCluster) -> None:
+    key = key_with_copies(three, "a", "b")
+    replica = pb.ReplicaRequest(path=PATH, key=key, value=b"forged", version=b"\xff" * 16)
+    [result] = await three.nodes["a"].call(pb.Operation(replica=replica))
+    assert error_of(result) == ("PERMISSION_DENIED", "replica is for the members of a cluster only")
+    assert not three.nodes["a"].holds(key)
