@@ -33,9 +33,11 @@ class ServerProcess:
     such as from the container image), and `args` are not used.
     """
 
-    def __init__(self, *args: str, command: Sequence[str] = ()) -> None:
+    def __init__(self, *args: str, command: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        """`env`: variables set for the server besides this process's own."""
         self.args: Sequence[str] = args
         self.command: Sequence[str] = command
+        self.env = env or {}
         self.port = 0
         self.log: list[str] = []
         self._process: subprocess.Popen[str] | None = None
@@ -57,7 +59,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         ready = threading.Event()
 

@@ -28,6 +28,7 @@ from nestkv.wire.placement import HASH_NAME, Placement
 log = logging.getLogger("nestkv.client")
 
 _RETRY_AFTER = 1.0  # seconds before a failed Topology read is tried again
+_AVOID_FOR = 1.0  # seconds a node whose stream broke gets nothing another copy can take
 _SETTLED = float("inf")
 
 
@@ -40,6 +41,7 @@ class Router:
         "_make_pipeline",
         "_placement",
         "_reading",
+        "_replicas",
         "_root",
         "_seed",
         "_seed_stub",
@@ -65,6 +67,7 @@ class Router:
         self._timeout = timeout
         self._placement: Placement | None = None
         self._root: tuple[str, ...] = ()
+        self._replicas = 1
         self._reading: asyncio.Task[None] | None = None
         self._last_try = -_RETRY_AFTER
         self._closing: list[asyncio.Task[None]] = []
@@ -74,14 +77,24 @@ class Router:
         self._seed = open_seed(self.stale)
 
     def pipeline_for(self, path: Sequence[str], key: str) -> Pipeline:
-        """The pipeline of the node that owns `key` in `path` (the seed's while the owner is unknown)."""
+        """The pipeline of the node that owns `key` in `path` (the seed's while the owner is unknown);
+        with replicas, of its first copy that can be reached."""
         placement = self._placement
         if placement is None:
             if self._last_try != _SETTLED:  # a single server answered: nothing to read
                 self._read_soon()
             return self._seed
-        owner = placement.owner((*self._root, *path) if self._root else path, key)
-        return self.pipelines[owner][0]
+        full = (*self._root, *path) if self._root else path
+        if self._replicas == 1:
+            return self.pipelines[placement.owner(full, key)][0]
+        # The first copy whose stream has not broken lately: any node sends an operation on to the
+        # copy that serves it, so one that can be reached beats the owner that cannot.
+        copies = placement.ranked(full, key)[: self._replicas]
+        for member in copies:
+            pipeline = self.pipelines[member][0]
+            if not pipeline.broke_lately(_AVOID_FOR):
+                return pipeline
+        return self.pipelines[copies[0]][0]
 
     def every_node(self) -> dict[str, Pipeline] | None:
         """Every member's pipeline, for an operation each must run (delete_all); None: not known."""
@@ -134,6 +147,7 @@ class Router:
         self.members = members
         self.version = response.version
         self._root = tuple(response.root)
+        self._replicas = max(response.replicas, 1)
         self._placement = Placement(members)
 
     def _version(self) -> str:

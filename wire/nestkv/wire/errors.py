@@ -16,6 +16,14 @@ No raw grpc exception escapes the client. Re-exported by nestkv.client.errors an
      │                              `read` token (PERMISSION_DENIED); nothing was changed
      └── StoreProtocolError         any other status: a server or protocol fault
 
+What a failure means for a write: `StoreError.applied` is False when the
+write is certain not to have been applied anywhere (the server refused it,
+the client never reached a server, or a cluster said "not applied"): it may
+be sent again as it is. None: it may have been applied or not (the
+connection broke after it was sent, the deadline passed while it ran, or a
+cluster stored it on fewer copies than it needed): read before you rely on
+either, or send it again (every operation is idempotent: last writer wins).
+
 Arguments the client can check itself (negative durations, empty namespaces,
 wrong types) raise ValueError or TypeError before any I/O. Cancelling the
 calling task raises asyncio.CancelledError, as usual.
@@ -29,11 +37,31 @@ from nestkv.wire.codes import name_of
 
 
 class StoreError(Exception):
-    """A store operation failed; `code` is the gRPC status name (e.g. "UNAVAILABLE")."""
+    """A store operation failed; `code` is the gRPC status name (e.g. "UNAVAILABLE"), `applied`
+    False when it certainly changed nothing, None when that is unknown (see the module)."""
 
     def __init__(self, message: str, code: str = "UNKNOWN") -> None:
         super().__init__(message)
         self.code = code
+        self.applied = _applied(code, message)
+
+
+_NOTHING_CHANGED = frozenset(
+    {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED"}
+)
+# What says a call never reached a server (gRPC's own words), or a server that it ran nowhere.
+_NEVER_RAN = ("not applied", "failed to connect to all addresses", "no room to send")
+
+
+def _applied(code: str, message: str) -> bool | None:
+    """False if an operation that failed so certainly changed nothing; None if it may have."""
+    if code in _NOTHING_CHANGED:
+        return False
+    if "outcome is unknown" in message:
+        return None
+    if any(words in message for words in _NEVER_RAN):
+        return False
+    return None
 
 
 class InvalidRequestError(StoreError, ValueError):

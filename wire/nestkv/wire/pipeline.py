@@ -95,6 +95,9 @@ class _Batch:
 
     def fail(self, error: BaseException) -> None:
         self.stop_timer()
+        if self.sent_at and isinstance(error, StoreError) and error.applied is False:
+            # The last attempt never reached a server, but an earlier one was written to a stream.
+            error = type(error)(f"{error}; an earlier attempt was sent: its outcome is unknown", error.code)
         for future in self.futures:
             if not future.done():
                 future.set_exception(error)
@@ -127,6 +130,7 @@ class _Batch:
                 if self.deadlines:
                     again.deadlines.append(self.deadlines[index])
         again.payload = self.payload
+        again.sent_at = self.sent_at
         return again
 
 
@@ -138,6 +142,7 @@ class Pipeline:
         "_admission_deadlines",
         "_admission_timer",
         "_admitted",
+        "_broken_at",
         "_driver",
         "_failures",
         "_last_answer",
@@ -200,6 +205,7 @@ class Pipeline:
         self._admitted = 0  # callers woken for room that have not added their operation yet
         self._next_id = 0
         self._failures = 0  # streams in a row that broke before answering anything
+        self._broken_at = 0.0  # loop time a stream last broke, until one answers again
         self._driver: asyncio.Task[None] | None = None
         self.wakeups = 0
         """Callers woken from waiting for room, in all: one per caller that waited."""
@@ -241,6 +247,11 @@ class Pipeline:
         if self._driver is None:
             self._driver = self._loop.create_task(self._drive())
         return batch.message.operations.add(), future
+
+    def broke_lately(self, seconds: float) -> bool:
+        """Whether a stream broke in the last `seconds` and none has answered since (a router
+        sends elsewhere meanwhile, where it can)."""
+        return bool(self._broken_at) and self._loop.time() - self._broken_at < seconds
 
     def has_room(self) -> bool:
         """Whether an operation may be added now, ahead of nobody: no caller in line, batches few."""
@@ -359,6 +370,7 @@ class Pipeline:
                     self._fail_sent(error)
                     continue
                 self._failures += 1
+                self._broken_at = self._loop.time()
                 if self._failures >= _MAX_ATTEMPTS:
                     self._fail_all(error)
                     continue
@@ -435,6 +447,7 @@ class Pipeline:
                 return StoreProtocolError(disorder, "INTERNAL"), False
             self._last_answer = self._loop.time()
             self._failures = 0
+            self._broken_at = 0.0
             if response.topology_version and self._on_stale is not None:
                 self._on_stale(response.topology_version)
             batch = self._sent[0]

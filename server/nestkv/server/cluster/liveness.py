@@ -70,6 +70,8 @@ class Liveness:
         self._lease_end = 0.0
         self.caught_up = False
         """This node took in what the others hold of its keys since its lease last lapsed."""
+        self._away_since = clock()  # when it started, or its lease last lapsed
+        self._back_since = clock()  # when its lease last began
         self.lapses = 0
         """Times this node's lease lapsed (a catch-up that saw one during it starts over)."""
         self.changed = asyncio.Event()
@@ -94,9 +96,12 @@ class Liveness:
 
     def _lapsed(self) -> None:
         if self.caught_up or self._lease_end:
-            log.warning("lease lapsed: this node stops answering for its keys until it has caught up")
+            log.warning(
+                "lease lapsed, or a member took this node to be down: it answers for no key until caught up"
+            )
             self.lapses += 1
             self.changed.set()
+            self._away_since = self._clock()
         self.caught_up = False
         self._lease_end = 0.0
 
@@ -113,7 +118,26 @@ class Liveness:
             self._lapsed()  # it lapsed before this renewal came: a gap all the same
         end = granted[needed - 1] + LEASE
         if end > now:
+            if not self._lease_end:
+                self._back_since = now
             self._lease_end = max(self._lease_end, end)
+
+    def knows_who_is_up(self) -> bool:
+        """Whether a member this node takes to be down is one: every member answered since this
+        node started or its lease lapsed, or its lease has held DOWN_AFTER since (its pings went
+        out all that time: a member that did not answer is down, not unheard yet)."""
+        if self._lease_end and self._clock() - self._back_since >= DOWN_AFTER:
+            return True
+        since = self._away_since
+        return all(
+            self._heard.get(member, 0.0) >= since for member in self._members() if member != self.node_id
+        )
+
+    def sees_me_again(self, member: str) -> bool:
+        """Whether `member` answered that it sees this node, to a ping sent since this node started
+        or its lease lapsed: from then on it sends this node every change to its keys, so what it
+        holds now is all this node must take in from it."""
+        return self._granted.get(member, 0.0) >= self._away_since
 
     # The other members.
 
@@ -166,6 +190,10 @@ class Liveness:
         if answer.sees_you:
             self._granted[member] = max(self._granted.get(member, 0.0), sent)
             self._renew()
+        elif self.caught_up:
+            # It is up and takes this node to be down: it may have written around it (to a
+            # stand-in), so this node is not current, whatever the others say, until caught up.
+            self._lapsed()
         self._notice()
 
     def _notice(self) -> None:

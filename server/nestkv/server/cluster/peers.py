@@ -117,7 +117,7 @@ class Peers:
         pipeline = self._connection(address)[2][mode]
         at = pipeline.deadline()
         if deadline and at is not None:
-            at = min(at, at - self._timeout + deadline - time.time())
+            at = min(at, asyncio.get_running_loop().time() + deadline - time.time())
         added, future = pipeline.add(operation.ByteSize(), at)
         added.CopyFrom(operation)
         return future

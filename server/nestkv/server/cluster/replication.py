@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nestkv.server.cluster.liveness import INTERVAL, Liveness, wait_changed
-from nestkv.server.cluster.peers import failure_of
+from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
@@ -181,7 +181,9 @@ class Replication:
             if now_up - up:
                 cluster.handoff.again()  # keys held for a member that is back go to it
             up = now_up
-            if not liveness.caught_up and liveness.in_touch():
+            # Catching up takes what every member up holds: only once a member not heard from is
+            # known to be down (else a copy of a key, not heard from yet, would be passed over).
+            if not liveness.caught_up and liveness.in_touch() and liveness.knows_who_is_up():
                 lapses = liveness.lapses
                 if await self._catch_up() and lapses == liveness.lapses and liveness.in_touch():
                     liveness.caught_up = True
@@ -192,7 +194,12 @@ class Replication:
     async def _catch_up(self) -> bool:
         """Merge what every member that is up holds of this node's keys; whether all answered."""
         cluster = self._cluster
-        others = {member: address for member, address in cluster.others().items() if self.liveness.up(member)}
+        liveness = self.liveness
+        others = {member: address for member, address in cluster.others().items() if liveness.up(member)}
+        if not all(liveness.sees_me_again(member) for member in others):
+            # A change made before a member saw this node again went to a stand-in: it is in what
+            # that member holds only once it sees this node (later changes come here too).
+            return False
         results = await asyncio.gather(
             *(self._catch_up_from(member, address) for member, address in others.items()),
             return_exceptions=True,
@@ -222,7 +229,7 @@ def _problem(member: str, future: asyncio.Future[Any]) -> str | None:
         return f"node {member}: cancelled"
     error = future.exception()
     if error is not None:
-        return str(failure_of(member, error))
+        return str(failure_of(member, error, REPLICA_TIMEOUT))
     result: pb.OperationResult = future.result()
     if result.WhichOneof("result") == "error":
         return f"node {member}: {result.error.message}"
