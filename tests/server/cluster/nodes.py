@@ -17,6 +17,7 @@ from typing import Any
 
 from nestkv.server.batches import BatchRunner
 from nestkv.server.cluster import Cluster, ClusterRouter, Membership, PeerGrant, Peers, Topology
+from nestkv.server.cluster.peers import PEER_TIMEOUT, REPLICA_TIMEOUT
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import Operations
@@ -26,7 +27,7 @@ from nestkv.server.storage.clock import HybridClock
 from nestkv.server.storage.persistence import Persistence
 from nestkv.server.storage.tombstones import Tombstones
 from nestkv.v1 import store_pb2 as pb
-from nestkv.wire.errors import StoreUnavailableError
+from nestkv.wire.errors import StoreTimeoutError, StoreUnavailableError
 
 LIMITS = Limits()
 
@@ -62,6 +63,8 @@ class InProcessCluster:
         self.min_copies = min_copies or min(replicas, 2)
         self.nodes: dict[str, Node] = {}
         self.down: set[str] = set()
+        self.delays: dict[str, float] = {}
+        """Seconds a call to a member takes to reach it (default 0: a turn of the loop)."""
         for member in members:
             self.nodes[member] = Node(member, spec(members), self)
 
@@ -116,7 +119,15 @@ class FakePeers(Peers):
         return asyncio.ensure_future(self._forward(address, operation, mode))
 
     async def _forward(self, address: str, operation: pb.Operation, mode: str) -> pb.OperationResult:
-        await asyncio.sleep(0)  # a call takes a turn of the loop at least
+        timeout = REPLICA_TIMEOUT if mode == "replica" else PEER_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._run(address, operation, mode)
+        except TimeoutError:
+            raise StoreTimeoutError("DEADLINE_EXCEEDED: no answer", "DEADLINE_EXCEEDED") from None
+
+    async def _run(self, address: str, operation: pb.Operation, mode: str) -> pb.OperationResult:
+        await asyncio.sleep(self._cluster.delays.get(address.split(".")[0], 0))  # a turn of the loop at least
         node = self._cluster.by_address(address)
         batch = pb.PipelineRequest(operations=[operation], topology_version=self._version())
         grant = PeerGrant(self._node_id, mode, LIMITS)

@@ -57,6 +57,25 @@ async def test_a_write_is_on_both_copies_when_it_is_answered(three: InProcessClu
     assert [three.nodes[member].holds(key) for member in "abc"] == [False, False, False]
 
 
+async def test_a_write_waits_for_its_second_copy_however_slow(three: InProcessCluster) -> None:
+    key = key_with_copies(three, "a", "b")
+    three.delays["b"] = 0.3
+    result = await three.nodes["a"].set(key, b"v1")
+    assert result.WhichOneof("result") == "set"
+    assert three.nodes["b"].storage.get(PATH, key) == b"v1"
+
+
+async def test_a_copy_that_does_not_store_a_replica_in_time_is_replaced_by_a_stand_in(
+    three: InProcessCluster,
+) -> None:
+    key = key_with_copies(three, "a", "b")
+    three.delays["b"] = 60  # paused: nothing it is sent arrives
+    result = await three.nodes["a"].set(key, b"v1")
+    assert result.WhichOneof("result") == "set"
+    assert three.nodes["c"].storage.get(PATH, key) == b"v1"  # the stand-in for b
+    assert not three.nodes["b"].holds(key)
+
+
 async def test_the_keys_of_a_node_down_are_read_and_written_on_their_other_copy(
     three: InProcessCluster,
 ) -> None:
