@@ -35,6 +35,7 @@ import grpc
 from nestkv.client import GrpcStore, StoreError, channel_options
 from nestkv.wire.placement import Placement
 from tests.clusterproc import free_ports
+from tests.polling import eventually
 from tests.serverproc import ServerProcess
 
 PATH = ("faults",)
@@ -134,7 +135,9 @@ class FaultCluster:
     """`size` nodes with --replicas `replicas`, each behind a TcpProxy, calling out through a
     ConnectProxy; the member list names the proxies."""
 
-    def __init__(self, directory: Path, size: int, *args: str) -> None:
+    def __init__(self, directory: Path, size: int, *args: str, proxied: bool = True) -> None:
+        """`proxied`: behind proxies (to cut nodes off); without, clients and peers call the nodes
+        themselves, and the test process's CPU goes to the clients alone."""
         self.directory = directory
         self.members = [f"node-{n}" for n in range(size)]
         ports = free_ports(3 * size)
@@ -144,6 +147,9 @@ class FaultCluster:
         self.inbound = {m: TcpProxy(self.public[m], self.private[m]) for m in self.members}
         self.outbound = {m: ConnectProxy(outgoing[m]) for m in self.members}
         self.args = args
+        self.proxied = proxied
+        if not proxied:
+            self.public = self.private
         self.nodes: dict[str, ServerProcess] = {}
         self.members_file = directory / "members"
         self.members_file.write_text("".join(f"{m}=127.0.0.1:{self.public[m]}\n" for m in self.members))
@@ -160,16 +166,24 @@ class FaultCluster:
             "--cluster", f"@{self.members_file}", "--data-dir", str(data_dir), *self.args,
         ]  # fmt: skip
         env = {"grpc_proxy": f"http://127.0.0.1:{self.outbound[member].port}", "no_grpc_proxy": ""}
-        return ServerProcess(*args, env=env)
+        return ServerProcess(*args, env=env if self.proxied else {})
 
     async def start(self) -> None:
-        for proxy in (*self.inbound.values(), *self.outbound.values()):
+        for proxy in (*self.inbound.values(), *self.outbound.values()) if self.proxied else ():
             await proxy.start()
         for member in self.members:
             await self.start_node(member)
+        for member in self.members:
+            await self.caught_up(member)
+        await asyncio.sleep(0.5)  # each has seen the others current (a few pings)
 
     async def start_node(self, member: str) -> None:
         self.nodes[member] = await asyncio.to_thread(self._process(member).start)
+
+    async def caught_up(self, member: str, within: float = 30.0) -> None:
+        """Wait until `member` (started again) answers for its keys."""
+        log = self.nodes[member].log
+        await eventually(lambda: any("caught up" in line for line in log), within)
 
     def signal(self, member: str, signum: int) -> None:
         os.kill(self.nodes[member].process.pid, signum)
@@ -194,7 +208,7 @@ class FaultCluster:
             with contextlib.suppress(ProcessLookupError):
                 self.signal(member, signal.SIGCONT)
             await asyncio.to_thread(process.stop)
-        for proxy in (*self.inbound.values(), *self.outbound.values()):
+        for proxy in (*self.inbound.values(), *self.outbound.values()) if self.proxied else ():
             await proxy.close()
 
 

@@ -56,3 +56,45 @@ async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(t
     assert report.lost == []
     assert report.stale == []
     assert report.failed_seen == []
+
+
+async def test_a_rolling_restart_of_every_node_under_traffic_fails_almost_no_operation(
+    tmp_path: Path,
+) -> None:
+    """The goal is none; a handful time out (of some 60,000) while a node stops: see the README."""
+    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no", proxied=False)
+    await cluster.start()
+    history = History()
+    stop = asyncio.Event()
+    try:
+        async with contextlib.AsyncExitStack() as stores:
+            clients = [
+                ("", await stores.enter_async_context(routed(cluster.target(member), TIMEOUT)))
+                for member in cluster.members
+            ]
+            keys = [f"key-{number}" for number in range(KEYS)]
+            tasks = [
+                asyncio.create_task(writer(clients[n % 3], keys[n::WRITERS], f"w{n}", history, stop))
+                for n in range(WRITERS)
+            ]
+            tasks += [
+                asyncio.create_task(reader(clients[n % 3], keys, history, stop)) for n in range(READERS)
+            ]
+            await asyncio.sleep(2)
+            for member in cluster.members:  # as a StatefulSet rolls: one after the other, each back first
+                await cluster.terminate(member)
+                await cluster.start_node(member)
+                await cluster.caught_up(member)
+            await asyncio.sleep(1)
+            stop.set()
+            await asyncio.gather(*tasks)
+        final = await final_values(cluster, keys)
+    finally:
+        await cluster.close()
+    report = check(history, final, cluster.placement)
+    failed = [op.error for op in history.ops if not op.ok]
+    print(report.summary(), f"\n{len(history.ops)} operations, {len(failed)} failed", *failed[:5], sep="\n")
+    assert report.writes_acknowledged > 1_000
+    assert len(failed) <= len(history.ops) / 1_000
+    assert report.lost == []
+    assert report.stale == []

@@ -96,6 +96,15 @@ class Router:
                 return pipeline
         return self.pipelines[copies[0]][0]
 
+    def _elsewhere(self, operation: pb.Operation) -> Pipeline | None:
+        """Where an operation held by a member's broken stream goes instead: its key's next copy
+        (None: nowhere, with one copy of each key, or for a delete_all, which every node runs)."""
+        kind = operation.WhichOneof("operation")
+        if self._replicas == 1 or kind is None or kind == "delete_all" or self._placement is None:
+            return None
+        request = getattr(operation, kind)
+        return self.pipeline_for(request.path, request.key)
+
     def every_node(self) -> dict[str, Pipeline] | None:
         """Every member's pipeline, for an operation each must run (delete_all); None: not known."""
         if self._placement is None:
@@ -144,6 +153,7 @@ class Router:
         for member, address in members.items():
             if member not in self.pipelines:
                 self.pipelines[member] = self._make_pipeline(address, self.stale, self._version)
+                self.pipelines[member][0].reroute = self._elsewhere
         self.members = members
         self.version = response.version
         self._root = tuple(response.root)

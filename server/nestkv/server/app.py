@@ -388,6 +388,8 @@ async def serve(config: ServerConfig) -> None:
 
     await stop.wait()
     if cluster is not None:
+        if cluster.replication is not None:
+            await cluster.replication.step_down(serving.store.end_callers_streams)
         await drain(cluster, config.drain_timeout)
     log.info("nestkv stopping: finishing in-flight calls (grace %.1fs)", config.shutdown_grace)
     # A periodic snapshot under way is cut short first: the one taken after the last call replaces it.

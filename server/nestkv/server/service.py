@@ -111,7 +111,9 @@ class StoreServicer:
         self._metrics = metrics
         self._limits = limits
         self._stopping = False
+        self._ending_callers = False  # stop_streams for the streams of callers only (not peers')
         self._reading: set[asyncio.Task[Any] | None] = set()  # Pipeline streams awaiting a batch
+        self._callers_reading: set[asyncio.Task[Any] | None] = set()  # those of callers
 
     def add_to_server(self, server: Any) -> None:
         """Register every RPC of the service on a grpc.aio server."""
@@ -159,7 +161,18 @@ class StoreServicer:
         stream end unanswered and may send it again elsewhere.
         """
         self._stopping = True
-        for stream in list(self._reading):
+        self._end(self._reading)
+        self._end(self._callers_reading)
+
+    def end_callers_streams(self) -> None:
+        """End every caller's Pipeline stream as `stop_streams` does, and each a caller opens from
+        now on, once it is read: callers go to other nodes (a cluster node with replicas stepping
+        down before it stops). The streams of peers go on."""
+        self._ending_callers = True
+        self._end(self._callers_reading)
+
+    def _end(self, streams: set[asyncio.Task[Any] | None]) -> None:
+        for stream in list(streams):
             if stream is not None:
                 stream.cancel()
 
@@ -242,18 +255,19 @@ class StoreServicer:
         admitted = gate.version  # the tokens the stream's grant comes from
         grant = await _admit(self._admit, context, requests)
         batches = aiter(requests)
-        while not self._stopping:
-            self._reading.add(stream)
+        reading = self._reading if grant.forwarded else self._callers_reading
+        while not (self._stopping or (self._ending_callers and not grant.forwarded)):
+            reading.add(stream)
             try:
                 request = await anext(batches)
             except StopAsyncIteration:
                 return
             except asyncio.CancelledError:
-                if self._stopping:  # cancelled by stop_streams while waiting: end cleanly
-                    return
+                if self._stopping or (self._ending_callers and not grant.forwarded):
+                    return  # cancelled by stop_streams (or end_callers_streams) while waiting: end cleanly
                 raise
             finally:
-                self._reading.discard(stream)
+                reading.discard(stream)
             try:
                 if isinstance(request, _Malformed):
                     raise InvalidArgument(request.reason)

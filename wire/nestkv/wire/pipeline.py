@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,6 +67,23 @@ _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # What grpc.aio reports when a write fails inside gRPC core, as when the
 # server ends the stream while a batch is being written: nothing was delivered.
 _FAILED_IN_CORE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+def _follow(caller: asyncio.Future[Any], sent: bool, result: asyncio.Future[Any]) -> None:
+    """Give `caller` the outcome of `result`, its operation sent again elsewhere (`sent`: it was
+    sent before: a failure that says it was not applied there leaves its outcome unknown)."""
+    if caller.done():
+        return
+    if result.cancelled():
+        caller.cancel()
+        return
+    error = result.exception()
+    if error is None:
+        caller.set_result(result.result())
+        return
+    if sent and isinstance(error, StoreError) and error.applied is False:
+        error = type(error)(f"{error}; an earlier attempt was sent: its outcome is unknown", error.code)
+    caller.set_exception(error)
 
 
 def backoff(attempt: int) -> float:
@@ -160,6 +178,7 @@ class Pipeline:
         "_topology_version",
         "_waiting",
         "_wakeup",
+        "reroute",
         "wakeups",
     )
 
@@ -209,6 +228,9 @@ class Pipeline:
         self._driver: asyncio.Task[None] | None = None
         self.wakeups = 0
         """Callers woken from waiting for room, in all: one per caller that waited."""
+        self.reroute: Callable[[pb.Operation], Pipeline | None] | None = None
+        """Given, the pipeline that takes an operation this one's broken stream holds (another
+        copy of its key), None: it stays here (see `_hand_over`)."""
 
     def deadline(self) -> float | None:
         """The deadline (loop time) of an operation issued now; None without a timeout."""
@@ -371,10 +393,12 @@ class Pipeline:
                     continue
                 self._failures += 1
                 self._broken_at = self._loop.time()
+                self._resend_unanswered()
+                if self.reroute is not None:
+                    self._hand_over(self.reroute)
                 if self._failures >= _MAX_ATTEMPTS:
                     self._fail_all(error)
                     continue
-                self._resend_unanswered()
                 await asyncio.sleep(backoff(self._failures))
         except Exception as error:  # a bug or a malformed answer: never strand the operations held
             self._fail_all(
@@ -483,6 +507,37 @@ class Pipeline:
             if again.deadlines:
                 self._arm(again, min(again.deadlines))
         return again
+
+    def _hand_over(self, reroute: Callable[[pb.Operation], Pipeline | None]) -> None:
+        """Move the operations waiting here that `reroute` gives another pipeline to it; their
+        callers' futures follow the new ones. (Sent here before, their outcome there is unknown
+        if they fail: they may have been applied here.)"""
+        kept: deque[_Batch] = deque()
+        for batch in self._waiting:
+            stays = _Batch(batch.message.id, batch.message.topology_version)
+            stays.sent_at = batch.sent_at
+            for index, future in enumerate(batch.futures):
+                if future.done():
+                    continue
+                operation = batch.message.operations[index]
+                deadline = batch.deadlines[index] if batch.deadlines else None
+                other = reroute(operation)
+                if other is None or other is self:
+                    stays.message.operations.append(operation)
+                    stays.futures.append(future)
+                    if deadline is not None:
+                        stays.deadlines.append(deadline)
+                    continue
+                added, result = other.add(operation.ByteSize(), deadline)
+                added.CopyFrom(operation)
+                result.add_done_callback(functools.partial(_follow, future, bool(batch.sent_at)))
+            batch.stop_timer()
+            if stays.futures:
+                stays.payload = batch.payload
+                if stays.deadlines:
+                    self._arm(stays, min(stays.deadlines))
+                kept.append(stays)
+        self._waiting = kept
 
     def _resend_unanswered(self) -> None:
         while self._sent:

@@ -67,11 +67,14 @@ class Liveness:
         self._granted: dict[str, float] = {}  # ... that it answered with sees_you
         self._told: dict[str, float] = {}  # when this node last told the member it sees it
         self._current_of: dict[str, bool] = {}  # the member's own word, from its last answer
+        self._left: dict[str, float] = {}  # members stopping, since (the send time of the ping)
         self._lease_end = 0.0
         self.caught_up = False
         """This node took in what the others hold of its keys since its lease last lapsed."""
         self._away_since = clock()  # when it started, or its lease last lapsed
         self._back_since = clock()  # when its lease last began
+        self.leaving = False
+        """Set when this node stops: the others send its keys' operations elsewhere already."""
         self.lapses = 0
         """Times this node's lease lapsed (a catch-up that saw one during it starts over)."""
         self.changed = asyncio.Event()
@@ -91,8 +94,9 @@ class Liveness:
 
     @property
     def current(self) -> bool:
-        """Whether this node answers for its keys: in touch, and caught up since it last was not."""
-        return self.in_touch() and self.caught_up
+        """Whether this node answers for its keys: in touch, caught up since it last was not, and
+        not leaving (stopping)."""
+        return self.in_touch() and self.caught_up and not self.leaving
 
     def _lapsed(self) -> None:
         if self.caught_up or self._lease_end:
@@ -142,18 +146,23 @@ class Liveness:
     # The other members.
 
     def up(self, member: str) -> bool:
-        """Whether `member` is up (this node always is)."""
+        """Whether `member` is up (this node always is); one that said it is stopping is not."""
         if member == self.node_id:
             return True
+        if member in self._left:
+            return False
         now = self._clock()
         return now - self._heard.get(member, -DOWN_AFTER) < DOWN_AFTER or (
             now - self._told.get(member, -LEASE) < LEASE
         )
 
     def serving(self, member: str) -> bool:
-        """Whether `member` is up and answers for its keys (current)."""
+        """Whether `member` is up and answers for its keys (current), as far as this node knows:
+        one it has not heard from since it started or its lease lapsed may be (it asks it)."""
         if member == self.node_id:
             return self.current
+        if self._heard.get(member, 0.0) < self._away_since and not self.knows_who_is_up():
+            return True
         return self.up(member) and self._current_of.get(member, False)
 
     def answer(self, sender: str) -> pb.PingResponse:
@@ -162,7 +171,7 @@ class Liveness:
         sees = now - self._heard.get(sender, -DOWN_AFTER) < DOWN_AFTER
         if sees:
             self._told[sender] = now
-        return pb.PingResponse(current=self.current, sees_you=sees)
+        return pb.PingResponse(current=self.current, sees_you=sees, leaving=self.leaving)
 
     async def ping_forever(self) -> None:
         """Ping every other member every INTERVAL seconds, until cancelled."""
@@ -187,12 +196,17 @@ class Liveness:
             return
         self._heard[member] = max(self._heard.get(member, 0.0), sent)
         self._current_of[member] = answer.current
+        if answer.leaving:
+            self._left[member] = sent
+        else:
+            self._left.pop(member, None)
         if answer.sees_you:
             self._granted[member] = max(self._granted.get(member, 0.0), sent)
             self._renew()
-        elif self.caught_up:
-            # It is up and takes this node to be down: it may have written around it (to a
-            # stand-in), so this node is not current, whatever the others say, until caught up.
+        elif self.caught_up and answer.current:
+            # It answers for keys, and takes this node to be down: it may have written around it
+            # (to a stand-in), so this node is not current, whatever the others say, until caught
+            # up. (One not current, just started say, writes nothing.)
             self._lapsed()
         self._notice()
 

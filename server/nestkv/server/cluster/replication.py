@@ -25,17 +25,24 @@ whenever a member comes back up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from nestkv.server.cluster.liveness import INTERVAL, Liveness, wait_changed
+from nestkv.server.cluster.liveness import INTERVAL, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
 log = logging.getLogger("nestkv.server")
+
+LEAVE_NOTICE = 3 * INTERVAL + PING_TIMEOUT
+"""Seconds a node stopping says it is not current before it stops: every member pings it meanwhile."""
+
+STEP_DOWN_WAIT = 10.0
+"""Seconds a node stopping waits for the other members up to be current before it steps down."""
 
 NOT_APPLIED = "not applied"
 """Said by an UNAVAILABLE that left the write applied nowhere: the caller may send it again."""
@@ -167,6 +174,23 @@ class Replication:
         if buried is None:
             return None
         return pb.Operation(replica=pb.ReplicaRequest(path=path, key=key, version=buried, deleted=True))
+
+    async def step_down(self, end_callers_streams: Callable[[], None]) -> None:
+        """Before this node stops: it says it is not current, ends its callers' streams (they
+        send to other copies), and waits for the others to have heard it, so that operations on
+        its keys go to their other copies meanwhile."""
+        liveness = self.liveness
+        others = self._cluster.others()
+        # Not while another member catches up (a rolling restart, the node before): its keys'
+        # only serving copy may be this one. A member down is waited for no longer than that.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STEP_DOWN_WAIT):
+                while not all(liveness.serving(member) or not liveness.up(member) for member in others):
+                    await wait_changed(liveness, INTERVAL)
+        liveness.leaving = True
+        end_callers_streams()
+        log.info("stepping down: the other copies answer for this node's keys from now on")
+        await asyncio.sleep(LEAVE_NOTICE)
 
     # Catching up.
 
