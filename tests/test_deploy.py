@@ -171,6 +171,7 @@ def test_the_container_args_parse_into_the_intended_config() -> None:
     assert config.auth_file == "/etc/nestkv/auth/tokens.toml"
     assert (config.drain_timeout, config.shutdown_grace) == (60, 10)
     assert config.log_format == "json"
+    assert (config.replicas, config.copies_needed) == (2, 2)
 
 
 def test_each_pod_takes_its_own_name_as_node_id() -> None:
@@ -283,6 +284,12 @@ def test_the_disruption_budget_covers_the_statefulsets_pods_one_at_a_time() -> N
     budget = resource("PodDisruptionBudget", "nestkv")
     assert budget["spec"]["selector"] == statefulset()["spec"]["selector"]
     assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_every_key_keeps_a_copy_up_through_the_disruptions_the_budget_allows() -> None:
+    config = node_config(0)
+    budget = resource("PodDisruptionBudget", "nestkv")
+    assert budget["spec"]["maxUnavailable"] < config.replicas <= statefulset()["spec"]["replicas"]
 
 
 def test_the_image_runs_the_servers_console_script() -> None:

@@ -1,0 +1,212 @@
+"""`python -m bench.replicas` (`make bench`): what --replicas 2 costs against 1, and how fast it fails over.
+
+Two clusters of 3 in-memory nodes (plaintext, 127.0.0.1), one with
+`--replicas 1` and one with `--replicas 2`, run side by side and measured in
+interleaved rounds, so that a slow spell of the machine hits both alike:
+
+* ops/s of `--tasks` tasks (80% get / 20% set, 100-byte values, random keys
+  of a preloaded key space) through one routing `GrpcStore`, the best round;
+* write latency p50 (a `set`'s time as its caller sees it), over all rounds;
+* server CPU per write: utime + stime of every node (from /proc) per
+  operation, over all rounds, for a write-only run of the same tasks (the goal:
+  R=2 at most 2.2x R=1);
+* failover: with the R=2 cluster under reads of one node's keys, the time from
+  kill -9 of that node to the first successful read of its keys, and to the
+  point from which every read succeeds (best and worst of `--kills`).
+
+Every figure is also given as a ratio against R=1 of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.__main__ import TTL, VALUE, commit, machine
+from bench.cluster import cpu_seconds
+from nestkv.client import GrpcStore, StoreError
+from nestkv.wire.placement import Placement
+from tests.clusterproc import ClusterProcesses
+
+NAMESPACE = "bench"
+GET_FRACTION = 0.8
+Row = dict[str, Any]
+
+
+async def workload(
+    store: GrpcStore, tasks: int, seconds: float, keys: int, get_fraction: float
+) -> tuple[int, list[float]]:
+    """Operations done in `seconds` by `tasks` tasks, and each write's latency."""
+    deadline = time.monotonic() + seconds
+    latencies: list[float] = []
+
+    async def worker(rng: random.Random) -> int:
+        done = 0
+        while time.monotonic() < deadline:
+            key = f"key{rng.randrange(keys)}"
+            if rng.random() < get_fraction:
+                await store.get(key)
+            else:
+                started = time.perf_counter()
+                await store.set(key, VALUE, expires_in=TTL)
+                latencies.append(time.perf_counter() - started)
+            done += 1
+        return done
+
+    counts = await asyncio.gather(*(worker(random.Random(n)) for n in range(tasks)))
+    return sum(counts), latencies
+
+
+async def measure(cluster: ClusterProcesses, args: argparse.Namespace, get_fraction: float) -> Row:
+    async with GrpcStore.with_client(cluster.target()) as root:
+        store = root.with_namespace(NAMESPACE)
+        await workload(store, args.tasks, 0.5, args.keys, get_fraction)  # warm: topology, channels
+        pids = [node.process.pid for node in cluster.nodes.values()]
+        cpu = sum(cpu_seconds(pid) for pid in pids)
+        started = time.monotonic()
+        operations, latencies = await workload(store, args.tasks, args.seconds, args.keys, get_fraction)
+        elapsed = time.monotonic() - started
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu
+    return {"operations": operations, "ops_per_s": operations / elapsed, "cpu_s": cpu, "latencies": latencies}
+
+
+async def failover(cluster: ClusterProcesses, victim: str) -> tuple[float, float]:
+    """Seconds from kill -9 of `victim` to the first successful read of its keys, and to the last
+    failed one (from then on every read succeeds), under 16 readers of its keys."""
+    placement = Placement(list(cluster.ports))
+    keys = [key for key in (f"key{n}" for n in range(2_000)) if placement.owner((NAMESPACE,), key) == victim]
+    async with GrpcStore.with_client(
+        cluster.target("node-0" if victim != "node-0" else "node-1"), timeout=2
+    ) as root:
+        store = root.with_namespace(NAMESPACE)
+        await store.set_many(dict.fromkeys(keys, VALUE))
+        first_success = 0.0
+        last_failure = 0.0
+        killed = asyncio.Event()
+        stop = asyncio.Event()
+        killed_at = 0.0
+
+        async def reader(rng: random.Random) -> None:
+            nonlocal first_success, last_failure
+            while not stop.is_set():
+                began = time.monotonic()
+                try:
+                    await store.get(rng.choice(keys))
+                except StoreError:
+                    last_failure = max(last_failure, time.monotonic())
+                    continue
+                if killed.is_set() and began >= killed_at and not first_success:
+                    first_success = time.monotonic()
+
+        readers = [asyncio.create_task(reader(random.Random(n))) for n in range(16)]
+        await asyncio.sleep(1)
+        killed_at = time.monotonic()
+        cluster.nodes[victim].process.send_signal(signal.SIGKILL)
+        killed.set()
+        await asyncio.sleep(4)
+        stop.set()
+        await asyncio.gather(*readers)
+    await asyncio.to_thread(cluster.nodes[victim].process.wait)
+    return first_success - killed_at, max(last_failure - killed_at, 0.0)
+
+
+async def run(args: argparse.Namespace) -> Row:
+    began = time.perf_counter()
+    rows: dict[int, dict[str, list[Any]]] = {1: {}, 2: {}}
+    with tempfile.TemporaryDirectory() as directory:
+        clusters = {}
+        for replicas in rows:
+            place = Path(directory) / f"r{replicas}"
+            place.mkdir()
+            clusters[replicas] = ClusterProcesses(place, 3, "--replicas", str(replicas), data=False).start()
+        try:
+            for number in range(args.rounds):
+                for replicas, cluster in clusters.items():
+                    print(f"  round {number + 1}: R={replicas} ...", flush=True)
+                    mixed = await measure(cluster, args, GET_FRACTION)
+                    writes = await measure(cluster, args, 0.0)
+                    row = rows[replicas]
+                    row.setdefault("ops_per_s", []).append(mixed["ops_per_s"])
+                    row.setdefault("latencies", []).extend(mixed["latencies"])
+                    row.setdefault("write_cpu", []).append(writes["cpu_s"] / writes["operations"])
+            kills = []
+            for number in range(args.kills):
+                victim = f"node-{number % 3}"
+                print(f"  kill -9 {victim} (R=2) ...", flush=True)
+                kills.append(await failover(clusters[2], victim))
+                clusters[2].nodes[victim] = clusters[2].node(victim).start()
+                await asyncio.sleep(3)  # caught up
+        finally:
+            for cluster in clusters.values():
+                cluster.stop()
+    summary = {
+        replicas: {
+            "ops_per_s": max(row["ops_per_s"]),
+            "write_p50_ms": statistics.median(row["latencies"]) * 1000,
+            "server_cpu_per_write_us": statistics.median(row["write_cpu"]) * 1e6,
+        }
+        for replicas, row in rows.items()
+    }
+    ratios = {name: summary[2][name] / summary[1][name] for name in summary[1]}
+    return {
+        "machine": machine(),
+        "commit": commit(),
+        "settings": {"tasks": args.tasks, "seconds": args.seconds, "keys": args.keys, "rounds": args.rounds},
+        "replicas_1": summary[1],
+        "replicas_2": summary[2],
+        "ratio_2_to_1": ratios,
+        "failover_first_success_s": [first for first, _ in kills],
+        "failover_all_succeed_s": [last for _, last in kills],
+        "wall_s": time.perf_counter() - began,
+    }
+
+
+def report(results: Row) -> str:
+    one, two, ratio = results["replicas_1"], results["replicas_2"], results["ratio_2_to_1"]
+    lines = [
+        f"3 nodes, {results['settings']['tasks']} tasks  R=1                 R=2                 R=2 / R=1",
+        f"ops/s (80% get)        {one['ops_per_s']:>10,.0f}          {two['ops_per_s']:>10,.0f}"
+        f"          {ratio['ops_per_s']:.2f}x",
+        f"write p50              {one['write_p50_ms']:>10.2f} ms       {two['write_p50_ms']:>10.2f} ms"
+        f"       {ratio['write_p50_ms']:.2f}x",
+        f"server CPU per write   {one['server_cpu_per_write_us']:>10.0f} us       "
+        f"{two['server_cpu_per_write_us']:>10.0f} us       {ratio['server_cpu_per_write_us']:.2f}x",
+    ]
+    first, every = results["failover_first_success_s"], results["failover_all_succeed_s"]
+    if first:
+        lines.append(
+            f"kill -9 to the first successful read of its keys (R=2): {min(first):.2f}-{max(first):.2f} s; "
+            f"to every read succeeding: {min(every):.2f}-{max(every):.2f} s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=64, help="concurrent tasks of the client")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--keys", type=int, default=10_000, help="key space of the workload")
+    parser.add_argument("--kills", type=int, default=3, help="nodes killed one after another (R=2)")
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args))
+    print()
+    print(report(results))
+    print(f"\nwall time {results['wall_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
