@@ -85,8 +85,9 @@ class Router:
                 self._read_soon()
             return self._seed
         full = (*self._root, *path) if self._root else path
-        if self._replicas == 1:
-            return self.pipelines[placement.owner(full, key)][0]
+        pipeline = self.pipelines[placement.owner(full, key)][0]
+        if self._replicas == 1 or not pipeline.broke_lately(_AVOID_FOR):
+            return pipeline
         # The first copy whose stream has not broken lately: any node sends an operation on to the
         # copy that serves it, so one that can be reached beats the owner that cannot.
         copies = placement.ranked(full, key)[: self._replicas]

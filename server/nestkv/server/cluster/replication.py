@@ -28,13 +28,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nestkv.server.cluster.liveness import INTERVAL, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
+
+if TYPE_CHECKING:
+    from nestkv.server.cluster.node import Cluster
 
 log = logging.getLogger("nestkv.server")
 
@@ -51,7 +54,9 @@ NOT_APPLIED = "not applied"
 class Replication:
     """One node's side of replicas: placement by liveness, replicas sent, catching up."""
 
-    def __init__(self, cluster: Any, storage: NamespacedStorage, liveness: Liveness, min_copies: int) -> None:
+    def __init__(
+        self, cluster: Cluster, storage: NamespacedStorage, liveness: Liveness, min_copies: int
+    ) -> None:
         """`cluster`: the node's Cluster (its members, peers and hand-off)."""
         self._cluster = cluster
         self._storage = storage
@@ -66,9 +71,12 @@ class Replication:
     def serving_copy(self, path: Sequence[str], key: str) -> str:
         """The copy of the key that answers for it now: the first one up and current. Raises
         NodeFault (UNAVAILABLE) if none is."""
-        cluster = self._cluster
-        copies = cluster.topology.copies(path, key)
+        topology = self._cluster.topology
         serving = self.liveness.serving
+        owner = topology.owner(path, key)
+        if serving(owner):  # the common case: no ranking of every member
+            return owner
+        copies = topology.copies(path, key)
         for copy in copies:
             if serving(copy):
                 return str(copy)
@@ -82,6 +90,9 @@ class Replication:
         to store a write of the key (its copies, then stand-ins)."""
         topology = self._cluster.topology
         up = self.liveness.up
+        members = topology.members
+        if len(members) - sum(1 for member in members if not up(member)) >= self.min_copies:
+            return  # the common case: no ranking of every member
         ranked = topology.ranked(path, key)
         if sum(1 for member in ranked if up(member)) >= min(self.min_copies, len(ranked)):
             return
@@ -120,6 +131,14 @@ class Replication:
                 break
             if up(member):
                 sending[cluster.peers.forward(members[member], operation, "replica", deadline)] = member
+        if len(sending) == needed:
+            # The common case: every copy asked must store it. Await each in turn (no asyncio.wait);
+            # any that did not goes through the loop below, which sends a stand-in.
+            for future in list(sending):
+                with contextlib.suppress(Exception):
+                    await future
+            if all(_problem("", future) is None for future in sending):
+                return None
         stored = 0
         pending = set(sending)
         while pending and stored < needed:
