@@ -72,11 +72,12 @@ installed: wheel  ## the suite against the wheel, installed into a fresh virtual
 
 test: lint typecheck installed  ## everything CI runs
 
-soak: gen  ## the model-based, fuzz, crash and resize tests at ten times CI's size, stopped after SOAK_SECONDS
+soak: gen  ## the model-based, fuzz, crash, resize and fault-injection tests at ten times CI's size, stopped after SOAK_SECONDS
 	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
-		tests/server/test_durability.py tests/server/test_memory.py tests/server/cluster/test_resize.py
+		tests/server/test_durability.py tests/server/test_memory.py tests/server/cluster/test_resize.py \
+		tests/test_faults.py
 
-bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json); another tenant's wait behind a flood of batches (bench/fairness.json)
+bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json); --replicas 2 against 1, and failover (bench/replicas.json); another tenant's wait behind a flood of batches (bench/fairness.json)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
@@ -85,6 +86,7 @@ bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throug
 	$(BIN)/python -m bench.snapshot > bench/snapshot.json
 	cat bench/snapshot.json
 	$(BIN)/python -m bench.cluster --json bench/cluster.json
+	$(BIN)/python -m bench.replicas --json bench/replicas.json
 	$(BIN)/python -m bench.fairness --json bench/fairness.json
 
 clean:

@@ -103,3 +103,23 @@ def test_fairness_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         assert results[key]["worst_ms"] >= results[key]["p99_ms"] >= results[key]["median_ms"] > 0
     assert results["worst_ratio"] > 0
     assert "| during the flood |" in done.stdout
+
+
+def test_replicas_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "replicas.json"
+    args = ["--tasks", "8", "--seconds", "0.5", "--rounds", "1", "--keys", "500", "--kills", "1"]
+    done = run_bench("bench.replicas", [*args, "--json", str(out)])
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for replicas in ("replicas_1", "replicas_2"):
+        figures = results[replicas]
+        assert figures["ops_per_s"] > 0
+        assert figures["write_p50_ms"] > 0
+        assert figures["server_cpu_per_write_us"] > 0
+    assert set(results["ratio_2_to_1"]) == {"ops_per_s", "write_p50_ms", "server_cpu_per_write_us"}
+    # Behaviour, not timing: the killed node's keys are read again after the kill.
+    [first] = results["failover_first_success_s"]
+    [every] = results["failover_all_succeed_s"]
+    assert first > 0
+    assert every >= 0
+    assert "kill -9 to the first successful read" in done.stdout
