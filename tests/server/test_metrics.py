@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nestkv.client import GrpcStore, InvalidRequestError
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
-from tests.clusterproc import free_ports
+from tests.clusterproc import ClusterProcesses, free_ports
 from tests.polling import eventually
 from tests.serverproc import ServerProcess
 
@@ -160,3 +160,30 @@ async def test_a_single_server_keeps_no_tombstones() -> None:
             await store.delete("gone")
         samples = scrape(server)
     assert ("nestkv_tombstones", ()) not in samples
+
+
+async def test_a_node_with_replicas_reports_its_keys_by_role_and_its_replication_failures(
+    tmp_path: Path,
+) -> None:
+    with ClusterProcesses(tmp_path, 2, "--replicas", "2", "--metrics-port", "0") as cluster:
+        await eventually(
+            lambda: all(any("caught up" in line for line in node.log) for node in cluster.nodes.values())
+        )
+        async with GrpcStore.with_client(cluster.target("node-0"), timeout=5) as store:
+            await store.set_many({f"k{number}": b"v" for number in range(100)})
+        cluster.nodes["node-1"].stop()
+        cluster.nodes["node-1"] = cluster.node("node-1").start()  # counts its keys as it starts
+        node = cluster.nodes["node-1"]
+        await eventually(lambda: scrape(node).get(("nestkv_keys_by_role", (("role", "replica"),)), 0) > 0)
+        samples = scrape(node)
+        async with GrpcStore.with_client(cluster.target("node-1"), timeout=5) as store:
+            stats = await store.stats()
+    first, replica, others = (
+        samples["nestkv_keys_by_role", (("role", role),)]
+        for role in ("first_copy", "replica", "held_for_others")
+    )
+    # Two nodes, two copies: node-1 holds every key, as the first copy of about half.
+    assert (first + replica, others) == (100, 0)
+    assert 20 < first < 80
+    assert samples["nestkv_replication_failures_total", ()] == 0
+    assert stats.server.keys_first_copy + stats.server.keys_replica >= 100

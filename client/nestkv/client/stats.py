@@ -38,6 +38,14 @@ class ServerStats(msgspec.Struct, frozen=True, gc=False):
     """Seconds since the server started."""
     version: str
     """The server's nestkv version."""
+    keys_first_copy: int = 0
+    """With replicas (else 0), as last counted: keys held as their first copy,"""
+    keys_replica: int = 0
+    """as another copy,"""
+    keys_held_for_others: int = 0
+    """and as neither: for a copy that is down (a stand-in), or on their way to their copies."""
+    replication_failures: int = 0
+    """Replicas sent that a copy or stand-in did not store, since the server started."""
 
 
 class Quota(msgspec.Struct, frozen=True, gc=False):
@@ -118,4 +126,8 @@ def _server(server: Any) -> ServerStats:
         expired_keys=server.expired_keys,
         uptime_seconds=server.uptime.ToNanoseconds() / 1e9,
         version=server.version,
+        keys_first_copy=server.keys_first_copy,
+        keys_replica=server.keys_replica,
+        keys_held_for_others=server.keys_held_for_others,
+        replication_failures=server.replication_failures,
     )

@@ -341,7 +341,13 @@ async def serve(config: ServerConfig) -> None:
             metrics_server, metrics_port = serve_metrics(
                 config.metrics_host,
                 config.metrics_port,
-                StoreCollector(metrics, storage, persistence, denials),
+                StoreCollector(
+                    metrics,
+                    storage,
+                    persistence,
+                    denials,
+                    cluster.replication if cluster is not None else None,
+                ),
             )
         except OSError as error:
             where = config.address(config.metrics_port, config.metrics_host)
@@ -361,6 +367,7 @@ async def serve(config: ServerConfig) -> None:
         if cluster.replication is not None:
             background.append(asyncio.create_task(cluster.replication.liveness.ping_forever()))
             background.append(asyncio.create_task(cluster.replication.catch_up_forever()))
+            background.append(asyncio.create_task(cluster.replication.count_roles_forever()))
     if persistence is not None:
         background.append(
             asyncio.create_task(persistence.snapshot_forever(storage, config.snapshot_interval))

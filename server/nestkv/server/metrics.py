@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nestkv.server.cluster.replication import Replication
     from nestkv.server.storage import NamespacedStorage
     from nestkv.server.storage.persistence import Persistence
 
@@ -115,8 +116,10 @@ class StoreCollector:
         storage: NamespacedStorage,
         persistence: Persistence | None,
         denials: Denials | None = None,
+        replication: Replication | None = None,
     ) -> None:
         self._operations = operations
+        self._replication = replication
         self._storage = storage
         self._persistence = persistence
         self._denials = denials
@@ -190,6 +193,21 @@ class StoreCollector:
                 "nestkv_tombstones_dropped_early",
                 "Tombstones dropped before --tombstone-age, over --max-tombstones or for memory.",
                 tombstones.dropped_early,
+            )
+        replication = self._replication
+        if replication is not None:
+            roles = GaugeMetricFamily(
+                "nestkv_keys_by_role",
+                "Keys held as their first copy, another copy, or neither (held for others), as last counted.",
+                labels=["role"],
+            )
+            for role, count in replication.roles.items():
+                roles.add_metric([role], count)
+            yield roles
+            yield CounterMetricFamily(
+                "nestkv_replication_failures",
+                "Replicas sent that a copy or stand-in did not store (no answer in time, or a failure).",
+                replication.failures,
             )
         if self._persistence is not None:
             yield GaugeMetricFamily(

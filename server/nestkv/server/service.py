@@ -335,6 +335,8 @@ class StoreServicer:
                 raise InvalidArgument(request.reason)
             grant.scope("stats", request)
             self._operations.stats(request, response)
+            if self._cluster is not None:
+                self._cluster.roles(response.server)
             if not grant.forwarded:
                 await self._router.stats(request, response)
         except StoreFault as fault:
@@ -432,6 +434,8 @@ def _confine_stats(response: pb.StatsResponse, root: tuple[str, ...]) -> None:
     for server in (response.server, *(node.server for node in response.nodes)):
         server.keys = server.memory_bytes = server.max_memory_bytes = 0
         server.evictions = server.expired_keys = 0
+        server.keys_first_copy = server.keys_replica = server.keys_held_for_others = 0
+        server.replication_failures = 0
     figures: list[pb.StatsResponse | pb.NodeStats] = [response, *response.nodes]
     for stats in figures:
         if not stats.HasField("quota"):

@@ -90,6 +90,14 @@ async def test_the_keys_of_a_node_down_are_read_and_written_on_their_other_copy(
     # b holds it, and c stands in for a.
     assert three.nodes["b"].storage.get(PATH, key) == b"while a is down"
     assert c.storage.get(PATH, key) == b"while a is down"
+    roles = {}
+    for member in "bc":
+        replication = three.nodes[member].cluster.replication
+        assert replication is not None
+        await replication.count_roles()
+        roles[member] = replication.roles
+    assert roles["b"] == {"first_copy": 0, "replica": 1, "held_for_others": 0}
+    assert roles["c"] == {"first_copy": 0, "replica": 0, "held_for_others": 1}
 
 
 async def test_a_copy_back_catches_up_before_it_answers_and_the_stand_in_hands_back(

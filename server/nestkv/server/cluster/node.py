@@ -56,6 +56,16 @@ class Cluster:
     def _ping(self, member: str, address: str) -> Awaitable[pb.PingResponse]:
         return self.peers.ping(address, PING_TIMEOUT)
 
+    def roles(self, server: pb.ServerStats) -> None:
+        """Put this node's keys by role, and its replication failures, in its Stats figures."""
+        replication = self.replication
+        if replication is None:
+            return
+        server.keys_first_copy = replication.roles["first_copy"]
+        server.keys_replica = replication.roles["replica"]
+        server.keys_held_for_others = replication.roles["held_for_others"]
+        server.replication_failures = replication.failures
+
     def answer_ping(self, sender: str) -> pb.PingResponse:
         """The answer to a ping from the member `sender`."""
         if self.replication is None:  # nobody pings a node without replicas: it serves its keys

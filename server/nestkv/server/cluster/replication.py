@@ -44,6 +44,14 @@ log = logging.getLogger("nestkv.server")
 LEAVE_NOTICE = 3 * INTERVAL + PING_TIMEOUT
 """Seconds a node stopping says it is not current before it stops: every member pings it meanwhile."""
 
+ROLES = ("first_copy", "replica", "held_for_others")
+"""What a key held here is to this node: its first copy, another copy, or neither (a stand-in's, or
+one on its way to its copies)."""
+
+CENSUS_INTERVAL = 60.0
+"""Seconds between two counts of the keys by role (a walk of every key: a few seconds of CPU for
+a million keys, so not more often)."""
+
 STEP_DOWN_WAIT = 10.0
 """Seconds a node stopping waits for the other members up to be current before it steps down."""
 
@@ -64,6 +72,8 @@ class Replication:
         self.min_copies = min_copies
         self.failures = 0
         """Replicas not stored by a copy or stand-in (it did not answer, or failed)."""
+        self.roles = dict.fromkeys(ROLES, 0)
+        """Keys held by this node, by role, as last counted (`count_roles_forever`)."""
         self._left: set[asyncio.Future[Any]] = set()
 
     # Where an operation runs.
@@ -210,6 +220,30 @@ class Replication:
         end_callers_streams()
         log.info("stepping down: the other copies answer for this node's keys from now on")
         await asyncio.sleep(LEAVE_NOTICE)
+
+    # Counting.
+
+    async def count_roles_forever(self, interval: float = CENSUS_INTERVAL) -> None:
+        """Count the keys held here by role every `interval` seconds (at once first), until cancelled."""
+        while True:
+            await self.count_roles()
+            await asyncio.sleep(interval)
+
+    async def count_roles(self) -> None:
+        cluster = self._cluster
+        node_id = cluster.node_id
+        topology = cluster.topology
+        counts = dict.fromkeys(ROLES, 0)
+        looked = 0
+        for path, node in list(self._storage.namespaces()):
+            for key, _ in self._storage.entries(node):
+                looked += 1
+                if looked % 2_000 == 0:
+                    await asyncio.sleep(0)
+                copies = topology.copies(path, key)
+                role = "first_copy" if copies[0] == node_id else "replica" if node_id in copies else ""
+                counts[role or "held_for_others"] += 1
+        self.roles = counts
 
     # Catching up.
 

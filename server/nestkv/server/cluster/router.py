@@ -175,7 +175,7 @@ class ClusterRouter:
             total_namespace.child_namespaces = max(
                 total_namespace.child_namespaces, node.namespace.child_namespaces
             )
-            for name in ("keys", "memory_bytes", "max_memory_bytes", "evictions", "expired_keys"):
+            for name in _SUMMED:
                 setattr(total_server, name, getattr(total_server, name) + getattr(node.server, name))
 
     def describe(self, response: pb.TopologyResponse) -> None:
@@ -295,6 +295,20 @@ class _ClusterRoute:
         current = self._router.cluster.topology.version
         if self._version not in ("", current):
             first.topology_version = current  # the caller routes by an older list: it reads ours
+
+
+_SUMMED = (
+    "keys",
+    "memory_bytes",
+    "max_memory_bytes",
+    "evictions",
+    "expired_keys",
+    "keys_first_copy",
+    "keys_replica",
+    "keys_held_for_others",
+    "replication_failures",
+)
+"""The ServerStats figures a cluster's Stats sums over the nodes."""
 
 
 def _writes(kind: str, request: Any) -> bool:
