@@ -187,6 +187,7 @@ class StoreServicer:
         """
         batches = self._batches(requests, context)
         ahead: deque[SliceAnswer] = deque()  # answered, in order, before anything read later
+        any_order = False  # the caller matches answers by id (PipelineRequest.any_order)
 
         async def keep(answer: SliceAnswer) -> None:
             ahead.append(answer)
@@ -199,9 +200,11 @@ class StoreServicer:
                 responses += first
             return responses
 
+        waiting: set[asyncio.Task[list[pb.PipelineResponse]]] = set()  # answers to come, any order
         try:
             try:
                 async for request, grant in batches:
+                    any_order = request.any_order
                     await self._runner.run(request, grant, keep)
                     for response in answered_here():
                         yield response
@@ -228,23 +231,37 @@ class StoreServicer:
 
             reader = asyncio.create_task(read())
             try:
-                while ahead:
-                    for response in await responses_of(ahead.popleft()):
-                        yield response
-                while (answer := await answers.get()) is not None:
-                    if isinstance(answer, StoreFault):  # as above
-                        await context.abort(_status(answer), str(answer))
-                    if isinstance(answer, BaseException):
-                        raise answer
-                    for response in await responses_of(answer):
-                        yield response
+                if not any_order:
+                    while ahead:
+                        for response in await responses_of(ahead.popleft()):
+                            yield response
+                    while (answer := await answers.get()) is not None:
+                        if isinstance(answer, StoreFault):  # as above
+                            await context.abort(_status(answer), str(answer))
+                        if isinstance(answer, BaseException):
+                            raise answer
+                        for response in await responses_of(answer):
+                            yield response
+                else:
+                    # Each answer as soon as it is in: one waiting on a node that does not answer
+                    # holds back no other (a batch's slices stay in order: only its last waits).
+                    for answer in ahead:
+                        if isinstance(answer, list):
+                            for response in answer:
+                                yield response
+                        else:
+                            waiting.add(asyncio.ensure_future(answer))
+                    ahead.clear()
+                    async for responses in _as_answered(answers, waiting, context):
+                        for response in responses:
+                            yield response
             finally:
                 reader.cancel()
                 while not answers.empty():
                     ahead.append(answers.get_nowait())
         finally:
-            for left in ahead:  # slices run but not answered: the stream is over
-                if asyncio.iscoroutine(left):
+            for left in (*ahead, *waiting):  # slices run but not answered: the stream is over
+                if asyncio.iscoroutine(left) or isinstance(left, asyncio.Task):
                     self._runner.abandon(left)
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
@@ -402,6 +419,41 @@ class StoreServicer:
         response = pb.TopologyResponse(hash=HASH_NAME, root=grant.root)
         self._router.describe(response)
         return response
+
+
+async def _as_answered(
+    answers: asyncio.Queue[Any],
+    waiting: set[asyncio.Task[list[pb.PipelineResponse]]],
+    context: Any,
+) -> AsyncIterator[list[pb.PipelineResponse]]:
+    """The responses of every slice the stream's reader puts in `answers` (and of those `waiting`),
+    each as soon as it is in, until the reader puts None and every one is out."""
+    getter: asyncio.Future[Any] | None = asyncio.ensure_future(answers.get())
+    try:
+        while getter is not None or waiting:
+            done, _ = await asyncio.wait(
+                {*waiting, *([getter] if getter else [])}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is getter:
+                    continue
+                waiting.discard(task)
+                yield task.result()
+            if getter is None or getter not in done:
+                continue
+            answer = getter.result()
+            getter = None if answer is None else asyncio.ensure_future(answers.get())
+            if isinstance(answer, StoreFault):
+                await context.abort(_status(answer), str(answer))
+            if isinstance(answer, BaseException):
+                raise answer
+            if isinstance(answer, list):
+                yield answer
+            elif answer is not None:
+                waiting.add(asyncio.ensure_future(answer))
+    finally:
+        if getter is not None:
+            getter.cancel()
 
 
 async def _refuse_stream(requests: AsyncIterator[Any], context: Any, fault: StoreFault) -> None:

@@ -429,6 +429,57 @@ async def test_a_stream_runs_later_batches_while_an_earlier_one_waits_on_a_pause
         await call.done_writing()
 
 
+async def test_a_stream_whose_caller_takes_any_order_answers_later_batches_before_one_waiting(
+    plain: ClusterProcesses,
+) -> None:
+    # With any_order, batch 2 (here) is answered while batch 1 still waits on a paused node: a
+    # pinned client's operations on healthy nodes' keys do not wait behind it (head of line).
+    path = ("any-order",)
+    [stalled_key] = keys_owned_by("node-2", path, 1)
+    [local_key] = keys_owned_by("node-0", path, 1)
+    paused = plain.nodes["node-2"].process
+    async with channel_to(plain.target("node-0")) as channel:
+        call = store_pb2_grpc.StoreServiceStub(channel).Pipeline(timeout=20)
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            for number, key in ((1, stalled_key), (2, local_key)):
+                write = pb.Operation(set=pb.SetRequest(path=path, key=key, value=b"v"))
+                await call.write(pb.PipelineRequest(id=number, operations=[write], any_order=True))
+            started = time.monotonic()
+            first = await call.read()
+            waited = time.monotonic() - started
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        second = await call.read()
+        assert [first.id, second.id] == [2, 1]
+        assert first.results[0].WhichOneof("result") == "set"
+        assert waited < 2.5  # not after batch 1's answer (up to the 3 s peer timeout)
+        await call.done_writing()
+
+
+async def test_a_pinned_client_s_operations_on_healthy_keys_do_not_wait_behind_a_paused_node(
+    plain: ClusterProcesses,
+) -> None:
+    path = ("pinned-ahead",)
+    [stalled_key] = keys_owned_by("node-2", path, 1)
+    [local_key] = keys_owned_by("node-0", path, 1)
+    paused = plain.nodes["node-2"].process
+    async with channel_to(plain.target("node-0")) as channel:
+        store = GrpcStore(channel, timeout=10).with_namespace(*path)
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            stalled = asyncio.create_task(store.set(stalled_key, b"v"))
+            await asyncio.sleep(0.1)  # its batch went first
+            started = time.monotonic()
+            await store.set(local_key, b"v")
+            waited = time.monotonic() - started
+            assert not stalled.done()
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        await stalled
+    assert waited < 1.5  # not behind the stalled one (3 s peer timeout)
+
+
 async def test_a_stream_closed_with_forwarded_operations_pending_leaves_no_noise_in_the_log(
     plain: ClusterProcesses,
 ) -> None:

@@ -97,7 +97,8 @@ class _Batch:
     __slots__ = ("answered", "deadlines", "futures", "message", "payload", "sent_at", "timer", "timer_at")
 
     def __init__(self, batch_id: int, topology_version: str = "") -> None:
-        self.message = pb.PipelineRequest(id=batch_id, topology_version=topology_version)
+        # Answers are matched by id: one waiting on a slow node holds back no other batch.
+        self.message = pb.PipelineRequest(id=batch_id, topology_version=topology_version, any_order=True)
         self.futures: list[asyncio.Future[Any]] = []
         self.deadlines: list[float] = []  # loop time; empty when operations have no deadline
         self.payload = 0
@@ -466,15 +467,15 @@ class Pipeline:
                 return error_from_rpc(error), retry
             if response is grpc.aio.EOF:
                 return StoreUnavailableError("UNAVAILABLE: the server ended the stream"), True
-            if not self._sent or response.id != self._sent[0].message.id:
-                disorder = f"INTERNAL: the server answered batch {response.id} out of order"
-                return StoreProtocolError(disorder, "INTERNAL"), False
+            batch = next((sent for sent in self._sent if sent.message.id == response.id), None)
+            if batch is None:
+                unknown = f"INTERNAL: the server answered batch {response.id}, which is not awaiting answers"
+                return StoreProtocolError(unknown, "INTERNAL"), False
             self._last_answer = self._loop.time()
             self._failures = 0
             self._broken_at = 0.0
             if response.topology_version and self._on_stale is not None:
                 self._on_stale(response.topology_version)
-            batch = self._sent[0]
             futures = batch.futures
             index = batch.answered
             for result in response.results:
@@ -488,7 +489,7 @@ class Pipeline:
                     future.set_result(result)
             batch.answered = index
             if index >= len(futures):
-                self._sent.popleft()
+                self._sent.remove(batch)
                 batch.stop_timer()
                 self._wakeup.set()
 
