@@ -159,3 +159,39 @@ async def test_a_caller_cannot_send_a_replica(three: InProcessCluster) -> None:
     [result] = await three.nodes["a"].call(pb.Operation(replica=replica))
     assert error_of(result) == ("PERMISSION_DENIED", "replica is for the members of a cluster only")
     assert not three.nodes["a"].holds(key)
+
+
+async def test_adding_a_member_moves_copies_so_each_key_ends_on_exactly_its_copies(
+    three: InProcessCluster,
+) -> None:
+    keys = [f"key-{number}" for number in range(200)]
+    for key in keys:
+        assert (await three.nodes["a"].set(key, key.encode())).WhichOneof("result") == "set"
+    d = three.add("d")
+    d.start_replication()
+    three.change(["a", "b", "c", "d"])
+    topology = d.membership.current
+
+    def placed() -> bool:
+        return all(
+            {member for member, node in three.nodes.items() if node.holds(key)}
+            == set(topology.copies(PATH, key))
+            for key in keys
+        )
+
+    await until(placed, seconds=15)
+    for key in keys:
+        for member in topology.copies(PATH, key):
+            assert three.nodes[member].storage.get(PATH, key) == key.encode()
+
+
+async def test_removing_a_member_that_is_down_leaves_every_key_on_its_new_copies(
+    three: InProcessCluster,
+) -> None:
+    keys = [f"key-{number}" for number in range(200)]
+    for key in keys:
+        assert (await three.nodes["a"].set(key, key.encode())).WhichOneof("result") == "set"
+    await three.stop("c")  # gone for good: its copies come from the other copy of each key
+    three.change(["a", "b"], on=["a", "b"])
+    a, b = three.nodes["a"], three.nodes["b"]
+    await until(lambda: all(a.holds(key) and b.holds(key) for key in keys), seconds=15)
