@@ -58,10 +58,7 @@ async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(t
     assert report.failed_seen == []
 
 
-async def test_a_rolling_restart_of_every_node_under_traffic_fails_almost_no_operation(
-    tmp_path: Path,
-) -> None:
-    """The goal is none; a handful time out (of some 60,000) while a node stops: see the README."""
+async def test_a_rolling_restart_of_every_node_under_traffic_fails_no_operation(tmp_path: Path) -> None:
     cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no", proxied=False)
     await cluster.start()
     history = History()
@@ -95,6 +92,6 @@ async def test_a_rolling_restart_of_every_node_under_traffic_fails_almost_no_ope
     failed = [op.error for op in history.ops if not op.ok]
     print(report.summary(), f"\n{len(history.ops)} operations, {len(failed)} failed", *failed[:5], sep="\n")
     assert report.writes_acknowledged > 1_000
-    assert len(failed) <= len(history.ops) / 1_000
+    assert failed == []
     assert report.lost == []
     assert report.stale == []
