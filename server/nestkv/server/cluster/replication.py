@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from nestkv.server.cluster.liveness import INTERVAL, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
+from nestkv.server.router import Answer
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 
@@ -119,36 +121,62 @@ class Replication:
 
     # Replicas sent.
 
-    async def replicate(self, path: Sequence[str], key: str, deadline: float) -> pb.OperationResult | None:
+    def replicate(self, path: Sequence[str], key: str, deadline: float) -> Answer | None:
         """Send the key's state here (just written) to its other copies, or stand-ins for those
-        down or too slow, until --min-copies hold it; None then, else an error result (the write
-        stays here: its outcome is unknown). `deadline`: the caller's (Unix seconds; 0: none)."""
+        down or too slow, until --min-copies hold it. The answer: None once they do, else an
+        error result (the write stays here: its outcome is unknown); no answer (None) if there is
+        nothing to send. `deadline`: the caller's (Unix seconds; 0: none)."""
         operation = self._replica_of(path, key)
         if operation is None:
             return None
         cluster = self._cluster
-        node_id = cluster.node_id
         topology = cluster.topology
         members = topology.members
         up = self.liveness.up
         needed = min(self.min_copies, len(members)) - 1
-        candidates = [member for member in topology.ranked(path, key) if member != node_id]
+        candidates = [member for member in topology.ranked(path, key) if member != cluster.node_id]
         wanted = topology.replicas - 1  # the other copies, or stand-ins for them
         sending: dict[asyncio.Future[Any], str] = {}
-        failed: list[str] = []
         for member in candidates:
             if len(sending) == wanted:
                 break
             if up(member):
                 sending[cluster.peers.forward(members[member], operation, "replica", deadline)] = member
-        if len(sending) == needed:
-            # The common case: every copy asked must store it. Await each in turn (no asyncio.wait);
-            # any that did not goes through the loop below, which sends a stand-in.
-            for future in list(sending):
-                with contextlib.suppress(Exception):
-                    await future
-            if all(_problem("", future) is None for future in sending):
-                return None
+        if len(sending) == needed == 1:
+            # The common case (two copies): one answer to wait for. A future, not a coroutine: a
+            # batch's answers are gathered, and gathering coroutines makes a task of each write.
+            [(future, member)] = sending.items()
+            answer: asyncio.Future[pb.OperationResult | None] = asyncio.get_running_loop().create_future()
+
+            def stored(future: asyncio.Future[Any]) -> None:
+                if _problem(member, future) is None:
+                    if not answer.done():
+                        answer.set_result(None)
+                    return
+                slowly = asyncio.ensure_future(
+                    self._replicate(operation, candidates, sending, needed, deadline)
+                )
+                slowly.add_done_callback(functools.partial(_pass_on, answer))
+
+            future.add_done_callback(stored)
+            return answer
+        return self._replicate(operation, candidates, sending, needed, deadline)
+
+    async def _replicate(
+        self,
+        operation: pb.Operation,
+        candidates: list[str],
+        sending: dict[asyncio.Future[Any], str],
+        needed: int,
+        deadline: float,
+    ) -> pb.OperationResult | None:
+        """`replicate`'s waiting: for `needed` of the replicas `sending` to be stored, a stand-in
+        sent for each that is not (from `candidates`, in order)."""
+        cluster = self._cluster
+        node_id = cluster.node_id
+        members = cluster.topology.members
+        up = self.liveness.up
+        failed: list[str] = []
         stored = 0
         pending = set(sending)
         while pending and stored < needed:
@@ -294,6 +322,18 @@ class Replication:
         cluster = self._cluster
         async for message in cluster.peers.catch_up(address, cluster.topology.version):
             cluster.take(member, message)
+
+
+def _pass_on(answer: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Give `answer` the outcome of `done`."""
+    if answer.done():
+        return
+    if done.cancelled():
+        answer.cancel()
+    elif (error := done.exception()) is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(done.result())
 
 
 def _ok(future: asyncio.Future[Any]) -> bool:
