@@ -154,12 +154,13 @@ class Router:
         for member, address in members.items():
             if member not in self.pipelines:
                 self.pipelines[member] = self._make_pipeline(address, self.stale, self._version)
-                self.pipelines[member][0].reroute = self._elsewhere
         self.members = members
         self.version = response.version
         self._root = tuple(response.root)
         self._replicas = max(response.replicas, 1)
         self._placement = Placement(members)
+        for pipeline, _ in self.pipelines.values():  # one copy of each key: nowhere else to go
+            pipeline.reroute = self._elsewhere if self._replicas > 1 else None
 
     def _version(self) -> str:
         """What every member's batches carry: the version of the topology they were routed by."""

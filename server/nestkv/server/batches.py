@@ -130,7 +130,7 @@ class BatchRunner:
     ) -> list[pb.PipelineResponse]:
         """Run the slice of `batch` that begins at `start`; one response unless the values read
         need more. Answers to come from elsewhere go in `pending`."""
-        if batch.deadline_unix_ms and time.time() * 1000 >= batch.deadline_unix_ms:
+        if batch.deadline_unix_ms and self._router.deadlines and time.time() * 1000 >= batch.deadline_unix_ms:
             return self._too_late(batch, start)
         scope = grant.scope
         # A peer passes the message to its caller, who may be confined to a namespace.

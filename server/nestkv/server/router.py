@@ -42,6 +42,11 @@ class Router(Protocol):
     forwards: bool
     """Whether operations may run on other nodes: an UNAVAILABLE may name another node then."""
 
+    deadlines: bool
+    """Whether a batch past its caller's deadline is refused (with replicas, where a node that
+    wakes up late could overwrite a later write made around it); without replicas a late
+    operation still runs in its turn."""
+
     def route(self, batch: pb.PipelineRequest, grant: Grant) -> Route:
         """The Route of `batch`, run as `grant` allows."""
 
@@ -75,6 +80,7 @@ class LocalRouter:
 
     __slots__ = ()
     forwards = False
+    deadlines = False
 
     def route(self, batch: pb.PipelineRequest, grant: Grant) -> Route:
         return _HERE

@@ -428,9 +428,12 @@ async def _as_answered(
 ) -> AsyncIterator[list[pb.PipelineResponse]]:
     """The responses of every slice the stream's reader puts in `answers` (and of those `waiting`),
     each as soon as it is in, until the reader puts None and every one is out."""
-    getter: asyncio.Future[Any] | None = asyncio.ensure_future(answers.get())
+    getter: asyncio.Future[Any] | None = None
+    reading = True  # the reader has not put None yet
     try:
-        while getter is not None or waiting:
+        while reading or waiting:
+            if reading and getter is None and len(waiting) < _ANSWERS_AHEAD:
+                getter = asyncio.ensure_future(answers.get())  # no more waiting than read ahead
             done, _ = await asyncio.wait(
                 {*waiting, *([getter] if getter else [])}, return_when=asyncio.FIRST_COMPLETED
             )
@@ -442,7 +445,8 @@ async def _as_answered(
             if getter is None or getter not in done:
                 continue
             answer = getter.result()
-            getter = None if answer is None else asyncio.ensure_future(answers.get())
+            getter = None
+            reading = answer is not None
             if isinstance(answer, StoreFault):
                 await context.abort(_status(answer), str(answer))
             if isinstance(answer, BaseException):
@@ -452,7 +456,11 @@ async def _as_answered(
             elif answer is not None:
                 waiting.add(asyncio.ensure_future(answer))
     finally:
-        if getter is not None:
+        if getter is not None and getter.done() and not getter.cancelled():
+            left = getter.result()  # taken off the queue, never answered: abandoned with the rest
+            if asyncio.iscoroutine(left):
+                waiting.add(asyncio.ensure_future(left))
+        elif getter is not None:
             getter.cancel()
 
 

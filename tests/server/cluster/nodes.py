@@ -242,9 +242,13 @@ class Node:
         assert replication is not None
         return replication.liveness.serving(member)
 
-    async def call(self, *operations: pb.Operation, version: str = "") -> list[pb.OperationResult]:
+    async def call(
+        self, *operations: pb.Operation, version: str = "", deadline_unix_ms: int = 0
+    ) -> list[pb.OperationResult]:
         """Run `operations` as a client's batch sent here (routed by the list of `version`)."""
-        batch = pb.PipelineRequest(id=1, operations=operations, topology_version=version)
+        batch = pb.PipelineRequest(
+            id=1, operations=operations, topology_version=version, deadline_unix_ms=deadline_unix_ms
+        )
         responses, _ = await self.runner.run_all(batch, self.everything)
         return [result for response in responses for result in response.results]
 

@@ -6,6 +6,7 @@ The nodes ping each other for real (every 0.1 s), so each test waits on what it 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -195,3 +196,26 @@ async def test_removing_a_member_that_is_down_leaves_every_key_on_its_new_copies
     three.change(["a", "b"], on=["a", "b"])
     a, b = three.nodes["a"], three.nodes["b"]
     await until(lambda: all(a.holds(key) and b.holds(key) for key in keys), seconds=15)
+
+
+async def test_a_batch_past_its_caller_s_deadline_is_applied_nowhere(three: InProcessCluster) -> None:
+    # A node woken from a pause must not apply what its caller was told had timed out.
+    key = key_with_copies(three, "a", "b")
+    passed = int((time.time() - 1) * 1000)
+    write = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"late"))
+    [result] = await three.nodes["a"].call(write, deadline_unix_ms=passed)
+    assert error_of(result) == (
+        "DEADLINE_EXCEEDED",
+        "the caller's deadline passed before this node ran the operation: not applied",
+    )
+    assert [three.nodes[member].holds(key) for member in "abc"] == [False, False, False]
+
+
+async def test_without_replicas_a_late_batch_still_runs_in_its_turn() -> None:
+    cluster = InProcessCluster(["a", "b"])
+    try:
+        write = pb.Operation(set=pb.SetRequest(path=PATH, key="k", value=b"v"))
+        [result] = await cluster.nodes["a"].call(write, deadline_unix_ms=int((time.time() - 1) * 1000))
+        assert result.WhichOneof("result") == "set"
+    finally:
+        await cluster.close()

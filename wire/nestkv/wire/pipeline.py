@@ -69,6 +69,22 @@ _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _FAILED_IN_CORE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
+def _unknown_if_sent_before(error: pb.OperationError) -> None:
+    """An error saying its operation was not applied, to a batch sent before on another stream:
+    that earlier attempt may have been applied."""
+    if "not applied" in error.message or "failed to connect" in error.message:
+        error.message += f"; {EARLIER_ATTEMPT}"
+
+
+EARLIER_ATTEMPT = "an earlier attempt was sent: its outcome is unknown"
+
+
+def _cancel_if_cancelled(moved: asyncio.Future[Any], caller: asyncio.Future[Any]) -> None:
+    """A caller that stopped waiting: its operation, moved to another pipeline, is not sent."""
+    if caller.cancelled():
+        moved.cancel()
+
+
 def _follow(caller: asyncio.Future[Any], sent: bool, result: asyncio.Future[Any]) -> None:
     """Give `caller` the outcome of `result`, its operation sent again elsewhere (`sent`: it was
     sent before: a failure that says it was not applied there leaves its outcome unknown)."""
@@ -82,7 +98,7 @@ def _follow(caller: asyncio.Future[Any], sent: bool, result: asyncio.Future[Any]
         caller.set_result(result.result())
         return
     if sent and isinstance(error, StoreError) and error.applied is False:
-        error = type(error)(f"{error}; an earlier attempt was sent: its outcome is unknown", error.code)
+        error = type(error)(f"{error}; {EARLIER_ATTEMPT}", error.code)
     caller.set_exception(error)
 
 
@@ -94,7 +110,17 @@ def backoff(attempt: int) -> float:
 class _Batch:
     """Operations sent in one PipelineRequest, with their callers' futures and deadlines, in order."""
 
-    __slots__ = ("answered", "deadlines", "futures", "message", "payload", "sent_at", "timer", "timer_at")
+    __slots__ = (
+        "answered",
+        "attempts",
+        "deadlines",
+        "futures",
+        "message",
+        "payload",
+        "sent_at",
+        "timer",
+        "timer_at",
+    )
 
     def __init__(self, batch_id: int, topology_version: str = "") -> None:
         # Answers are matched by id: one waiting on a slow node holds back no other batch.
@@ -106,6 +132,7 @@ class _Batch:
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.sent_at = 0.0  # loop time it was last written to a stream
+        self.attempts = 0  # times it was written to a stream
 
     def stop_timer(self) -> None:
         if self.timer is not None:
@@ -116,7 +143,7 @@ class _Batch:
         self.stop_timer()
         if self.sent_at and isinstance(error, StoreError) and error.applied is False:
             # The last attempt never reached a server, but an earlier one was written to a stream.
-            error = type(error)(f"{error}; an earlier attempt was sent: its outcome is unknown", error.code)
+            error = type(error)(f"{error}; {EARLIER_ATTEMPT}", error.code)
         for future in self.futures:
             if not future.done():
                 future.set_exception(error)
@@ -150,6 +177,7 @@ class _Batch:
                     again.deadlines.append(self.deadlines[index])
         again.payload = self.payload
         again.sent_at = self.sent_at
+        again.attempts = self.attempts
         return again
 
 
@@ -444,8 +472,10 @@ class Pipeline:
             if batch is None:  # every caller timed out or was cancelled
                 continue
             batch.sent_at = self._loop.time()
+            batch.attempts += 1
             if batch.deadlines:  # the server runs nothing after it (a paused node, woken up late)
-                left = min(batch.deadlines) - batch.sent_at
+                # The latest of its operations': one caller's early deadline fails no other's.
+                left = max(batch.deadlines) - batch.sent_at
                 batch.message.deadline_unix_ms = int((time.time() + left) * 1000)
             self._sent.append(batch)
             try:
@@ -483,6 +513,8 @@ class Pipeline:
                 index += 1
                 if future.done():
                     continue
+                if batch.attempts > 1 and result.WhichOneof("result") == "error":
+                    _unknown_if_sent_before(result.error)
                 if self._raise_errors and result.WhichOneof("result") == "error":
                     future.set_exception(error_from_code(result.error.code, result.error.message))
                 else:
@@ -517,6 +549,7 @@ class Pipeline:
         for batch in self._waiting:
             stays = _Batch(batch.message.id, batch.message.topology_version)
             stays.sent_at = batch.sent_at
+            stays.attempts = batch.attempts
             for index, future in enumerate(batch.futures):
                 if future.done():
                     continue
@@ -526,15 +559,16 @@ class Pipeline:
                 if other is None or other is self:
                     stays.message.operations.append(operation)
                     stays.futures.append(future)
+                    stays.payload += operation.ByteSize()
                     if deadline is not None:
                         stays.deadlines.append(deadline)
                     continue
                 added, result = other.add(operation.ByteSize(), deadline)
                 added.CopyFrom(operation)
                 result.add_done_callback(functools.partial(_follow, future, bool(batch.sent_at)))
+                future.add_done_callback(functools.partial(_cancel_if_cancelled, result))
             batch.stop_timer()
             if stays.futures:
-                stays.payload = batch.payload
                 if stays.deadlines:
                     self._arm(stays, min(stays.deadlines))
                 kept.append(stays)

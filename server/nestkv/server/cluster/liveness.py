@@ -67,7 +67,8 @@ class Liveness:
         self._granted: dict[str, float] = {}  # ... that it answered with sees_you
         self._told: dict[str, float] = {}  # when this node last told the member it sees it
         self._current_of: dict[str, bool] = {}  # the member's own word, from its last answer
-        self._left: dict[str, float] = {}  # members stopping, since (the send time of the ping)
+        self._left: set[str] = set()  # members that said they are stopping
+        self._around: dict[str, float] = {}  # when a change was last written around the member
         self._lease_end = 0.0
         self.caught_up = False
         """This node took in what the others hold of its keys since its lease last lapsed."""
@@ -165,10 +166,17 @@ class Liveness:
             return True
         return self.up(member) and self._current_of.get(member, False)
 
+    def wrote_around(self, member: str) -> None:
+        """A change `member` keeps a copy of went to a stand-in instead (it did not store it in
+        time): it is told it is not seen for a while, so that it catches up before it answers
+        for its keys again."""
+        self._around[member] = self._clock()
+
     def answer(self, sender: str) -> pb.PingResponse:
         """The answer to a ping from `sender`."""
         now = self._clock()
         sees = now - self._heard.get(sender, -DOWN_AFTER) < DOWN_AFTER
+        sees = sees and now - self._around.get(sender, -DOWN_AFTER) >= DOWN_AFTER
         if sees:
             self._told[sender] = now
         return pb.PingResponse(current=self.current, sees_you=sees, leaving=self.leaving)
@@ -197,13 +205,13 @@ class Liveness:
         self._heard[member] = max(self._heard.get(member, 0.0), sent)
         self._current_of[member] = answer.current
         if answer.leaving:
-            self._left[member] = sent
+            self._left.add(member)
         else:
-            self._left.pop(member, None)
+            self._left.discard(member)
         if answer.sees_you:
             self._granted[member] = max(self._granted.get(member, 0.0), sent)
             self._renew()
-        elif self.caught_up and answer.current:
+        elif answer.current:
             # It answers for keys, and takes this node to be down: it may have written around it
             # (to a stand-in), so this node is not current, whatever the others say, until caught
             # up. (One not current, just started say, writes nothing.)

@@ -121,11 +121,12 @@ class Replication:
 
     # Replicas sent.
 
-    def replicate(self, path: Sequence[str], key: str, deadline: float) -> Answer | None:
+    def replicate(self, path: Sequence[str], key: str) -> Answer | None:
         """Send the key's state here (just written) to its other copies, or stand-ins for those
         down or too slow, until --min-copies hold it. The answer: None once they do, else an
         error result (the write stays here: its outcome is unknown); no answer (None) if there is
-        nothing to send. `deadline`: the caller's (Unix seconds; 0: none)."""
+        nothing to send. A replica carries no deadline: merged by version, a late one does no harm,
+        and one refused for lateness would leave its copy behind."""
         operation = self._replica_of(path, key)
         if operation is None:
             return None
@@ -141,7 +142,7 @@ class Replication:
             if len(sending) == wanted:
                 break
             if up(member):
-                sending[cluster.peers.forward(members[member], operation, "replica", deadline)] = member
+                sending[cluster.peers.forward(members[member], operation, "replica")] = member
         if len(sending) == needed == 1:
             # The common case (two copies): one answer to wait for. A future, not a coroutine: a
             # batch's answers are gathered, and gathering coroutines makes a task of each write.
@@ -153,14 +154,12 @@ class Replication:
                     if not answer.done():
                         answer.set_result(None)
                     return
-                slowly = asyncio.ensure_future(
-                    self._replicate(operation, candidates, sending, needed, deadline)
-                )
+                slowly = asyncio.ensure_future(self._replicate(operation, candidates, sending, needed))
                 slowly.add_done_callback(functools.partial(_pass_on, answer))
 
             future.add_done_callback(stored)
             return answer
-        return self._replicate(operation, candidates, sending, needed, deadline)
+        return self._replicate(operation, candidates, sending, needed)
 
     async def _replicate(
         self,
@@ -168,7 +167,6 @@ class Replication:
         candidates: list[str],
         sending: dict[asyncio.Future[Any], str],
         needed: int,
-        deadline: float,
     ) -> pb.OperationResult | None:
         """`replicate`'s waiting: for `needed` of the replicas `sending` to be stored, a stand-in
         sent for each that is not (from `candidates`, in order)."""
@@ -189,9 +187,10 @@ class Replication:
                     continue
                 self.failures += 1
                 failed.append(problem)
+                self.liveness.wrote_around(member)
                 for standby in candidates:  # the next one not asked yet stands in
                     if standby not in sending.values() and up(standby):
-                        again = cluster.peers.forward(members[standby], operation, "replica", deadline)
+                        again = cluster.peers.forward(members[standby], operation, "replica")
                         sending[again] = standby
                         pending.add(again)
                         break

@@ -41,6 +41,7 @@ class ClusterRouter:
         """`operations` runs a read again here (after a previous owner's miss); `metrics`, if given,
         counts the operations forwarded to each node."""
         self.cluster = cluster
+        self.deadlines = cluster.replication is not None
         self._operations = operations
         self._metrics = metrics
 
@@ -270,7 +271,7 @@ class _ClusterRoute:
         if kind in READS:
             if replicas is not None:
                 if kind == "get" and response.found and request.HasField("renew_for"):
-                    return replicas.replicate(request.path, request.key, self._deadline)
+                    return replicas.replicate(request.path, request.key)
                 return None
             if self._asks and not found(kind, response):
                 member = self._router.cluster.handoff.previous_owner(request.path, request.key)
@@ -288,7 +289,7 @@ class _ClusterRoute:
         if kind == "delete_all":
             return self._router.fan_out(operation) if self._fan_out else None
         if replicas is not None and kind != "replica":
-            return replicas.replicate(request.path, request.key, self._deadline)
+            return replicas.replicate(request.path, request.key)
         return None
 
     def finish(self, first: pb.PipelineResponse) -> None:
