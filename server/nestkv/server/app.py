@@ -24,6 +24,7 @@ from nestkv.server.cluster import (
     Peers,
     own_id,
 )
+from nestkv.server.cluster.liveness import INTERVAL, wait_changed
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
 from nestkv.server.operations import Operations
@@ -216,14 +217,32 @@ async def drain(cluster: Cluster, limit: float) -> None:
 
 async def announce_ready(health_servicer: Any, cluster: Cluster | None) -> None:
     """StoreService SERVING (readiness): at once for a single server; for a cluster node, once
-    another member took its list. A node added to the list serves no clients before the
+    another member took its list, and with replicas while it is current (caught up, not
+    stepping down). A node added to the list serves no clients before the
     existing nodes know of it, which would leave it and them each taking writes for the same
     keys; the first to know tells the others (nestkv.server.cluster.Cluster.heard_of)."""
     if cluster is not None and not cluster.handoff.known.is_set():
         log.info("StoreService not ready until another member takes this node's list")
         await cluster.handoff.known.wait()
         log.info("StoreService ready: a member took this node's list")
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    replication = cluster.replication if cluster is not None else None
+    if replication is None:
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        return
+    # With replicas, ready while current: a node catching up (or stepping down) answers for none
+    # of its keys, and its callers are better sent to another node meanwhile.
+    liveness = replication.liveness
+    ready = None
+    while True:
+        if liveness.current != ready:
+            ready = liveness.current
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await health_servicer.set(SERVICE_NAME, status)
+        await wait_changed(liveness, INTERVAL)
 
 
 def describe_cluster(cluster: Cluster | None) -> str:
