@@ -234,6 +234,7 @@ class Op:
 class History:
     ops: list[Op] = field(default_factory=list)
     faults: list[tuple[str, str, float, float]] = field(default_factory=list)  # kind, node, start, end
+    final: dict[str, str | None] = field(default_factory=dict)  # each key's value once it is over
 
 
 async def _run(store: GrpcStore, op: Op) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tests.faults import FaultCluster, History, check, final_values, nemesis, pinned, reader, routed, writer
@@ -22,35 +23,51 @@ READERS = 8
 TIMEOUT = 2.0  # the clients' deadline, as in the issue's run
 
 
-async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(tmp_path: Path) -> None:
-    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
+async def run_under_traffic(
+    cluster: FaultCluster, clients: list[tuple[str, bool]], faults: Callable[[History], Awaitable[None]]
+) -> History:
+    """Start `cluster`, run the writers and readers through `clients` ((node, pinned) each: pinned
+    to the node, or routing from it) while `faults(history)` runs, then read every key's final
+    value into `history`, and stop the cluster."""
     await cluster.start()
     history = History()
     stop = asyncio.Event()
+    keys = [f"key-{number}" for number in range(KEYS)]
     try:
         async with contextlib.AsyncExitStack() as stores:
-            clients = []
-            for number in range(4):  # two routing by the topology, two pinned to a node each
-                member = cluster.members[number % 3]
-                make = routed if number % 2 == 0 else pinned
+            opened = []
+            for member, is_pinned in clients:
+                make = pinned if is_pinned else routed
                 store = await stores.enter_async_context(make(cluster.target(member), TIMEOUT))
-                clients.append(("" if make is routed else member, store))
-            keys = [f"key-{number}" for number in range(KEYS)]
+                opened.append((member if is_pinned else "", store))
+            count = len(opened)
             tasks = [
-                asyncio.create_task(writer(clients[n % 4], keys[n::WRITERS], f"w{n}", history, stop))
+                asyncio.create_task(writer(opened[n % count], keys[n::WRITERS], f"w{n}", history, stop))
                 for n in range(WRITERS)
             ]
             tasks += [
-                asyncio.create_task(reader(clients[n % 4], keys, history, stop)) for n in range(READERS)
+                asyncio.create_task(reader(opened[n % count], keys, history, stop)) for n in range(READERS)
             ]
             await asyncio.sleep(2)  # the clients find the topology, the writers get going
-            await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
+            await faults(history)
             stop.set()
             await asyncio.gather(*tasks)
-        final = await final_values(cluster, keys)
+        history.final = await final_values(cluster, keys)
     finally:
         await cluster.close()
-    report = check(history, final, cluster.placement)
+    return history
+
+
+async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(tmp_path: Path) -> None:
+    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
+    # Two clients routing by the topology, two pinned to a node each.
+    clients = [(cluster.members[number % 3], number % 2 == 1) for number in range(4)]
+
+    async def faults(history: History) -> None:
+        await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
+
+    history = await run_under_traffic(cluster, clients, faults)
+    report = check(history, history.final, cluster.placement)
     print(report.summary())
     assert report.writes_acknowledged > 1_000
     assert report.lost == []
@@ -60,35 +77,16 @@ async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(t
 
 async def test_a_rolling_restart_of_every_node_under_traffic_fails_no_operation(tmp_path: Path) -> None:
     cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no", proxied=False)
-    await cluster.start()
-    history = History()
-    stop = asyncio.Event()
-    try:
-        async with contextlib.AsyncExitStack() as stores:
-            clients = [
-                ("", await stores.enter_async_context(routed(cluster.target(member), TIMEOUT)))
-                for member in cluster.members
-            ]
-            keys = [f"key-{number}" for number in range(KEYS)]
-            tasks = [
-                asyncio.create_task(writer(clients[n % 3], keys[n::WRITERS], f"w{n}", history, stop))
-                for n in range(WRITERS)
-            ]
-            tasks += [
-                asyncio.create_task(reader(clients[n % 3], keys, history, stop)) for n in range(READERS)
-            ]
-            await asyncio.sleep(2)
-            for member in cluster.members:  # as a StatefulSet rolls: one after the other, each back first
-                await cluster.terminate(member)
-                await cluster.start_node(member)
-                await cluster.caught_up(member)
-            await asyncio.sleep(1)
-            stop.set()
-            await asyncio.gather(*tasks)
-        final = await final_values(cluster, keys)
-    finally:
-        await cluster.close()
-    report = check(history, final, cluster.placement)
+
+    async def roll(history: History) -> None:
+        for member in cluster.members:  # as a StatefulSet rolls: one after the other, each back first
+            await cluster.terminate(member)
+            await cluster.start_node(member)
+            await cluster.caught_up(member)
+        await asyncio.sleep(1)
+
+    history = await run_under_traffic(cluster, [(member, False) for member in cluster.members], roll)
+    report = check(history, history.final, cluster.placement)
     failed = [op.error for op in history.ops if not op.ok]
     print(report.summary(), f"\n{len(history.ops)} operations, {len(failed)} failed", *failed[:5], sep="\n")
     assert report.writes_acknowledged > 1_000
