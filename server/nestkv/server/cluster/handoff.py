@@ -255,8 +255,9 @@ class HandOff:
                 # A member down for long: a pass looks at every key, so try again less and less
                 # often; a change of the members (or keys to pass on) cuts the wait short.
                 failures += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._needed.wait(), min(_RETRY * 2 ** (failures - 1), _MAX_RETRY))
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see liveness.wait_changed
+                    async with asyncio.timeout(min(_RETRY * 2 ** (failures - 1), _MAX_RETRY)):
+                        await self._needed.wait()
                 self._needed.set()
 
     async def _pass(self, topology: Topology) -> bool:

@@ -199,7 +199,8 @@ class Liveness:
     async def _ping_once(self, member: str, address: str) -> None:
         sent = self._clock()
         try:
-            answer = await asyncio.wait_for(self._ping(member, address), PING_TIMEOUT)
+            async with asyncio.timeout(PING_TIMEOUT):
+                answer = await self._ping(member, address)
         except Exception:  # unanswered: the member goes down once DOWN_AFTER passes
             return
         self._heard[member] = max(self._heard.get(member, 0.0), sent)
@@ -234,6 +235,9 @@ class Liveness:
 
 async def wait_changed(liveness: Liveness, seconds: float) -> None:
     """Wait until `liveness` changes, or `seconds`."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+    # comes as the event is set, and a task looping on it then never ends (a node's close hung).
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(liveness.changed.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await liveness.changed.wait()
     liveness.changed.clear()
