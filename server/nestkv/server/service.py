@@ -33,12 +33,12 @@ from nestkv.wire.placement import HASH_NAME
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 SERVICE_NAME: str = _SERVICE.full_name
-_PIPELINE = "Pipeline"
-_STATS = "Stats"
-_TOPOLOGY = "Topology"
-_HAND_OFF = "HandOff"
-_PING = "Ping"
-_CATCH_UP = "CatchUp"
+_HANDLER_OF = {  # (client streaming, server streaming) -> the grpc handler of such an RPC
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 _PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry throttle: a negative value says "do not retry"
 _ANSWERS_AHEAD = 32  # slices of a stream run ahead while earlier ones await other nodes
 _REFUSAL_QUIET_SECONDS = 0.05  # a refused stream ends once no message came for this long...
@@ -117,40 +117,24 @@ class StoreServicer:
 
     def add_to_server(self, server: Any) -> None:
         """Register every RPC of the service on a grpc.aio server."""
+        # Every RPC but these is one operation: a batch of one.
+        served = {
+            "Pipeline": self.pipeline,
+            "HandOff": self.hand_off,
+            "CatchUp": self.catch_up,
+            "Ping": self.ping,
+            "Topology": self.topology,
+            "Stats": self.stats,
+        }
         handlers = {}
         for method in _SERVICE.methods:
-            parse = _parser(getattr(pb, method.input_type.name))
-            serialize = getattr(pb, method.output_type.name).SerializeToString
-            if method.name == _PIPELINE:
-                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                    self.pipeline, request_deserializer=parse, response_serializer=serialize
-                )
-            elif method.name == _HAND_OFF:
-                handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                    self.hand_off, request_deserializer=parse, response_serializer=serialize
-                )
-            elif method.name == _CATCH_UP:
-                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                    self.catch_up, request_deserializer=parse, response_serializer=serialize
-                )
-            elif method.name == _PING:
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self.ping, request_deserializer=parse, response_serializer=serialize
-                )
-            elif method.name == _TOPOLOGY:
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self.topology, request_deserializer=parse, response_serializer=serialize
-                )
-            elif method.name == _STATS:
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self.stats, request_deserializer=parse, response_serializer=serialize
-                )
-            else:
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self._unary(_KIND_OF_REQUEST[method.input_type.full_name]),
-                    request_deserializer=parse,
-                    response_serializer=serialize,
-                )
+            behaviour = served.get(method.name) or self._unary(_KIND_OF_REQUEST[method.input_type.full_name])
+            handler = _HANDLER_OF[method.client_streaming, method.server_streaming]
+            handlers[method.name] = handler(
+                behaviour,
+                request_deserializer=_parser(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
