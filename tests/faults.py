@@ -35,7 +35,6 @@ import grpc
 from nestkv.client import GrpcStore, StoreError, channel_options
 from nestkv.wire.placement import Placement
 from tests.clusterproc import free_ports
-from tests.polling import eventually
 from tests.serverproc import ServerProcess
 
 PATH = ("faults",)
@@ -180,10 +179,9 @@ class FaultCluster:
     async def start_node(self, member: str) -> None:
         self.nodes[member] = await asyncio.to_thread(self._process(member).start)
 
-    async def caught_up(self, member: str, within: float = 30.0) -> None:
-        """Wait until `member` (started again) answers for its keys."""
-        log = self.nodes[member].log
-        await eventually(lambda: any("caught up" in line for line in log), within)
+    async def caught_up(self, member: str) -> None:
+        """Wait until `member` (started again) answers for its keys: its readiness says SERVING."""
+        await self.nodes[member].ready()
 
     def signal(self, member: str, signum: int) -> None:
         os.kill(self.nodes[member].process.pid, signum)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -11,6 +12,11 @@ import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nestkv.server.service import SERVICE_NAME
 
 READY = re.compile(r"nestkv serving on (?P<host>[^\s\"]+):(?P<port>\d+)\b")
 
@@ -80,6 +86,16 @@ class ServerProcess:
             self.stop()
             raise RuntimeError("server did not start:\n" + "\n".join(self.log))
         return self
+
+    async def ready(self, within: float = 30.0) -> None:
+        """Wait until the server's readiness (grpc.health.v1, StoreService) says SERVING, as a
+        Kubernetes readiness probe does: with replicas, once the node is current (caught up)."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        async with grpc.aio.insecure_channel(self.target) as channel, asyncio.timeout(within):
+            async for answer in health_pb2_grpc.HealthStub(channel).Watch(request):
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        raise RuntimeError("the server ended its readiness watch before it said SERVING")
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `signum`, wait for the exit and return the exit code."""

@@ -166,9 +166,8 @@ async def test_a_node_with_replicas_reports_its_keys_by_role_and_its_replication
     tmp_path: Path,
 ) -> None:
     with ClusterProcesses(tmp_path, 2, "--replicas", "2", "--metrics-port", "0") as cluster:
-        await eventually(
-            lambda: all(any("caught up" in line for line in node.log) for node in cluster.nodes.values())
-        )
+        for node in cluster.nodes.values():
+            await node.ready()
         async with GrpcStore.with_client(cluster.target("node-0"), timeout=5) as store:
             await store.set_many({f"k{number}": b"v" for number in range(100)})
         cluster.nodes["node-1"].stop()
