@@ -13,7 +13,7 @@ import pytest
 
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import name_of
-from tests.server.cluster.nodes import InProcessCluster
+from tests.server.cluster.nodes import InProcessCluster, address_of
 
 PATH = ("ns",)
 
@@ -152,6 +152,17 @@ async def test_a_node_out_of_touch_with_the_others_answers_for_nothing(three: In
     code, message = error_of(await a.set(key, b"while alone"))
     assert (code, "failed to connect" in message or "not applied" in message) == ("UNAVAILABLE", True)
     assert a.storage.get(PATH, key) == b"v"
+
+
+async def test_an_operation_forwarded_to_a_copy_that_is_stopping_is_refused_not_applied(
+    three: InProcessCluster,
+) -> None:
+    key = key_with_copies(three, "a", "b")
+    three.nodes["a"].cluster.replication.liveness.leaving = True  # a steps down; c has not heard yet
+    operation = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"late"))
+    result = await three.nodes["c"].peers.forward(address_of("a"), operation)
+    assert error_of(result) == ("UNAVAILABLE", "node a is stopping: not applied")
+    assert not three.nodes["a"].holds(key)
 
 
 async def test_a_caller_cannot_send_a_replica(three: InProcessCluster) -> None:

@@ -101,9 +101,11 @@ class Liveness:
 
     def _lapsed(self) -> None:
         if self.caught_up or self._lease_end:
-            log.warning(
-                "lease lapsed, or a member took this node to be down: it answers for no key until caught up"
-            )
+            if self.caught_up:  # once per time away: while catching up, it lapses again at each ping
+                log.warning(
+                    "lease lapsed, or a member took this node to be down: "
+                    "it answers for no key until caught up"
+                )
             self.lapses += 1
             self.changed.set()
             self._away_since = self._clock()

@@ -259,9 +259,8 @@ class _ClusterRoute:
                 owner = cluster.topology.owner(path, key)
                 raise KeyMoved(owner, cluster.topology.members[owner])
         elif not replication.liveness.current and self._asks:
-            raise NodeFault(
-                "UNAVAILABLE", f"node {cluster.node_id} is catching up after it was away: {NOT_APPLIED}"
-            )
+            away = "is stopping" if replication.liveness.leaving else "is catching up after it was away"
+            raise NodeFault("UNAVAILABLE", f"node {cluster.node_id} {away}: {NOT_APPLIED}")
         if _writes(kind, request):
             replication.check_writable(path, key)
         return None
