@@ -158,7 +158,9 @@ async def test_an_operation_forwarded_to_a_copy_that_is_stopping_is_refused_not_
     three: InProcessCluster,
 ) -> None:
     key = key_with_copies(three, "a", "b")
-    three.nodes["a"].cluster.replication.liveness.leaving = True  # a steps down; c has not heard yet
+    replication = three.nodes["a"].cluster.replication
+    assert replication is not None
+    replication.liveness.leaving = True  # a steps down; c has not heard yet
     operation = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"late"))
     result = await three.nodes["c"].peers.forward(address_of("a"), operation)
     assert error_of(result) == ("UNAVAILABLE", "node a is stopping: not applied")
