@@ -123,6 +123,25 @@ async def pinned_cluster_store(cluster: ClusterProcesses) -> AsyncIterator[GrpcS
     await channel.close()
 
 
+@pytest.fixture(scope="session")
+def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcesses]:
+    """Three real nodes with --replicas 2."""
+    directory = tmp_path_factory.mktemp("replicated")
+    with ClusterProcesses(directory, 3, "--replicas", "2") as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def replicated_cluster_store(replicated_cluster: ClusterProcesses) -> AsyncIterator[GrpcStore]:
+    """The topology-aware client of a cluster with --replicas 2, once every node is current."""
+    for node in replicated_cluster.nodes.values():
+        await node.ready()
+    store = GrpcStore.with_client(replicated_cluster.target("node-0"))
+    async with store:
+        await store.delete_all()
+        yield store
+
+
 @pytest.fixture(
     params=["local_store", "grpc_store", "secure_grpc_store", "cluster_store", "pinned_cluster_store"]
 )

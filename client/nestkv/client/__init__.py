@@ -11,8 +11,9 @@ stores: `isinstance(store, litestar.stores.base.NamespacedStore)` holds
 
 from __future__ import annotations
 
-from nestkv.client.base import NamespacedStore, StorageObject, Store
+from nestkv.client.base import NamespacedStore, StorageObject, Store, Versioned
 from nestkv.client.local import LocalStore
+from nestkv.client.lock import Lock, LockError
 from nestkv.client.stats import NamespaceStats, NodeStats, Quota, ServerStats, Stats
 from nestkv.client.store import GrpcStore
 from nestkv.wire.channel import channel_options
@@ -20,6 +21,7 @@ from nestkv.wire.errors import (
     AuthenticationError,
     InvalidRequestError,
     PermissionDeniedError,
+    PreconditionFailedError,
     StoreError,
     StoreFullError,
     StoreProtocolError,
@@ -32,11 +34,14 @@ __all__ = [
     "GrpcStore",
     "InvalidRequestError",
     "LocalStore",
+    "Lock",
+    "LockError",
     "NamespaceStats",
     "NamespacedStore",
     "NodeStats",
     "Quota",
     "PermissionDeniedError",
+    "PreconditionFailedError",
     "ServerStats",
     "Stats",
     "StorageObject",
@@ -46,5 +51,6 @@ __all__ = [
     "StoreProtocolError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "Versioned",
     "channel_options",
 ]

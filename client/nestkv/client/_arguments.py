@@ -63,6 +63,32 @@ def check_key(key: str) -> str:
     return key
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+VERSION_BYTES = 16
+
+
+def check_amount(amount: int) -> int:
+    """An increment's amount: an int in the signed 64-bit range."""
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise TypeError(f"amount must be an int, not {type(amount).__name__}")
+    if not INT64_MIN <= amount <= INT64_MAX:
+        raise ValueError(
+            f"amount is {amount}; it must be within the signed 64-bit range [{INT64_MIN}, {INT64_MAX}]"
+        )
+    return amount
+
+
+def check_version(version: bytes) -> bytes:
+    """A version as a read returned it (Versioned.version): 16 bytes."""
+    if not isinstance(version, bytes):
+        raise TypeError(f"version must be bytes, not {type(version).__name__}")
+    if len(version) != VERSION_BYTES:
+        raise ValueError(
+            f"version is {len(version)} bytes; a version is {VERSION_BYTES}, as a read returns it"
+        )
+    return version
+
+
 def whole_seconds(left: float) -> int:
     """Seconds left, rounded to the nearest whole second as Redis's TTL rounds them."""
     return int(left + 0.5)

@@ -10,9 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, NamedTuple, Self
 
 import msgspec
+
+if TYPE_CHECKING:
+    from nestkv.client.lock import Lock
 
 
 class Store(ABC):
@@ -92,6 +95,68 @@ class NamespacedStore(Store):
 
         Raises ValueError if `namespace` is empty or over the segment size limit.
         """
+
+    # Atomic operations: each is checked and applied in one step where the key lives, so callers
+    # in any number of processes never race on a get-then-set. None of them is sent again by the
+    # client after its outcome became unknown (see nestkv.wire.errors: `StoreError.applied`).
+
+    @abstractmethod
+    async def increment(self, key: str, amount: int = 1, expires_in: int | timedelta | None = None) -> int:
+        """Add `amount` (a signed 64-bit int) to the integer stored under `key`, and return the sum.
+
+        The value is stored as ASCII decimal (`get` returns b"42", as after
+        Redis's INCR). A missing or expired key is created holding `amount`,
+        with `expires_in` as its expiry (a rate-limit window); an existing key
+        keeps its expiry, or its lack of one. A value that is not such an
+        integer, or a sum outside the signed 64-bit range, raises
+        PreconditionFailedError and leaves the value as it was.
+        """
+
+    @abstractmethod
+    async def set_if_absent(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        """Store `value` only if `key` holds no value (missing or expired), as SET NX.
+        Whether it was stored."""
+
+    @abstractmethod
+    async def set_if_present(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        """Store `value` only if `key` holds a value, as SET XX. Whether it was stored."""
+
+    @abstractmethod
+    async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
+        """`get`, with the value's version (see `compare_and_set`); None if the key is missing."""
+
+    @abstractmethod
+    async def compare_and_set(
+        self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        """Store `value` only if `key` still holds the value of `version` (as `get_with_version`
+        returned it): no write came in between. Whether it was stored (False: read and try again)."""
+
+    @abstractmethod
+    async def delete_if(
+        self, key: str, *, version: bytes | None = None, value: str | bytes | None = None
+    ) -> bool:
+        """Delete `key` only if its value has `version`, or equals `value` (give exactly one).
+        Whether it was deleted: a lock is released only while its holder still holds it."""
+
+    def lock(
+        self, name: str, expires_in: float = 10.0, blocking_timeout: float | None = None, sleep: float = 0.1
+    ) -> Lock:
+        """A lock named `name` in this store, as an async context manager (see nestkv.client.lock)."""
+        from nestkv.client.lock import Lock  # lock.py builds on this module
+
+        return Lock(self, name, expires_in=expires_in, blocking_timeout=blocking_timeout, sleep=sleep)
+
+
+class Versioned(NamedTuple):
+    """A value with its version: 16 bytes, compared as unsigned byte strings (the greater is newer)."""
+
+    value: bytes
+    version: bytes
 
 
 class StorageObject(msgspec.Struct):

@@ -11,10 +11,20 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Self
 
-from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
-from nestkv.client.base import NamespacedStore
+from nestkv.client._arguments import (
+    as_bytes,
+    check_amount,
+    check_key,
+    check_segment,
+    check_version,
+    span_seconds,
+    whole_seconds,
+)
+from nestkv.client.base import NamespacedStore, Versioned
+from nestkv.server.errors import FailedPrecondition
 from nestkv.server.limits import Limits
-from nestkv.server.storage import NEVER, Clock, NamespacedStorage
+from nestkv.server.storage import NEVER, Clock, Condition, NamespacedStorage
+from nestkv.wire.errors import PreconditionFailedError
 
 # Each write also reclaims up to this many expired entries, so memory is
 # reclaimed without a background task.
@@ -69,3 +79,62 @@ class LocalStore(NamespacedStore):
         if left is None:
             return None
         return -1 if left == NEVER else whole_seconds(left)
+
+    async def increment(self, key: str, amount: int = 1, expires_in: int | timedelta | None = None) -> int:
+        ttl = span_seconds(expires_in, "expires_in")
+        self._limits.check_key(check_key(key))
+        check_amount(amount)
+        try:
+            total, _, _ = self._storage.increment(self._path, key, amount, ttl)
+        except FailedPrecondition as fault:  # as GrpcStore raises it
+            raise PreconditionFailedError(f"FAILED_PRECONDITION: {fault}", "FAILED_PRECONDITION") from None
+        self._storage.reap(_REAP_PER_WRITE)
+        return total
+
+    async def set_if_absent(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        return self._set_if(key, value, expires_in, "absent")
+
+    async def set_if_present(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        return self._set_if(key, value, expires_in, "present")
+
+    async def compare_and_set(
+        self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        return self._set_if(key, value, expires_in, "version", check_version(version))
+
+    async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
+        renew = span_seconds(renew_for, "renew_for")
+        self._limits.check_key(check_key(key))
+        entry = self._storage.get_entry(self._path, key, renew)
+        return None if entry is None else Versioned(entry[0], entry[1])
+
+    async def delete_if(
+        self, key: str, *, version: bytes | None = None, value: str | bytes | None = None
+    ) -> bool:
+        self._limits.check_key(check_key(key))
+        if (version is None) == (value is None):
+            raise ValueError("delete_if takes exactly one of version and value")
+        if version is not None:
+            return self._storage.delete_if(self._path, key, version=check_version(version))
+        assert value is not None
+        return self._storage.delete_if(self._path, key, value=as_bytes(value))
+
+    def _set_if(
+        self,
+        key: str,
+        value: str | bytes,
+        expires_in: int | timedelta | None,
+        condition: Condition,
+        version: bytes = b"",
+    ) -> bool:
+        ttl = span_seconds(expires_in, "expires_in")
+        data = as_bytes(value)
+        self._limits.check_key(check_key(key))
+        self._limits.check_value(data)
+        stored = self._storage.set_if(self._path, key, data, ttl, condition, version)
+        self._storage.reap(_REAP_PER_WRITE)
+        return stored is not None

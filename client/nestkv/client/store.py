@@ -10,8 +10,16 @@ from typing import Any, Self
 
 import grpc
 
-from nestkv.client._arguments import as_bytes, check_key, check_segment, span_seconds, whole_seconds
-from nestkv.client.base import NamespacedStore
+from nestkv.client._arguments import (
+    as_bytes,
+    check_amount,
+    check_key,
+    check_segment,
+    check_version,
+    span_seconds,
+    whole_seconds,
+)
+from nestkv.client.base import NamespacedStore, Versioned
 from nestkv.client.routing import Router
 from nestkv.client.stats import Stats, stats_from_response
 from nestkv.v1 import store_pb2 as pb
@@ -331,6 +339,79 @@ class GrpcStore(NamespacedStore):
         if not response.HasField("expires_in"):
             return -1
         return whole_seconds(response.expires_in.seconds + response.expires_in.nanos / 1e9)
+
+    async def increment(self, key: str, amount: int = 1, expires_in: int | timedelta | None = None) -> int:
+        ttl = span_seconds(expires_in, "expires_in")
+        check_amount(amount)
+        operation, result = await self._add(len(check_key(key)) + 10, key)
+        request = _in_path(operation.increment, self._path)
+        request.key = key
+        request.amount = amount
+        if ttl is not None:
+            _put_span(request.expires_in, ttl)
+        return int((await result).increment.value)
+
+    async def set_if_absent(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        return await self._set_if(key, value, expires_in, pb.SET_CONDITION_IF_ABSENT)
+
+    async def set_if_present(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        return await self._set_if(key, value, expires_in, pb.SET_CONDITION_IF_PRESENT)
+
+    async def compare_and_set(
+        self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
+    ) -> bool:
+        return await self._set_if(key, value, expires_in, pb.SET_CONDITION_IF_VERSION, check_version(version))
+
+    async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
+        renew = span_seconds(renew_for, "renew_for")
+        operation, result = await self._add(len(check_key(key)), key)
+        request = _in_path(operation.get, self._path)
+        request.key = key
+        request.with_version = True
+        if renew is not None:
+            _put_span(request.renew_for, renew)
+        response = (await result).get
+        return Versioned(response.value, response.version) if response.found else None
+
+    async def delete_if(
+        self, key: str, *, version: bytes | None = None, value: str | bytes | None = None
+    ) -> bool:
+        check_key(key)
+        if (version is None) == (value is None):
+            raise ValueError("delete_if takes exactly one of version and value")
+        condition = check_version(version) if version is not None else self._value_bytes(value or b"")
+        operation, result = await self._add(len(key) + len(condition), key)
+        request = _in_path(operation.delete, self._path)
+        request.key = key
+        if version is not None:
+            request.if_version = condition
+        else:
+            request.if_value = condition
+        return bool((await result).delete.deleted)
+
+    async def _set_if(
+        self,
+        key: str,
+        value: str | bytes,
+        expires_in: int | timedelta | None,
+        condition: int,
+        version: bytes = b"",
+    ) -> bool:
+        data = self._value_bytes(value)
+        ttl = span_seconds(expires_in, "expires_in")
+        operation, result = await self._add(len(check_key(key)) + len(data) + len(version), key)
+        request = _in_path(operation.set, self._path)
+        request.key = key
+        request.value = data
+        request.condition = condition
+        request.if_version = version
+        if ttl is not None:
+            _put_span(request.expires_in, ttl)
+        return bool((await result).set.stored)
 
     async def stats(self) -> Stats:
         """Figures of this store's namespace with everything below it, and of the whole server.

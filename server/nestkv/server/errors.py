@@ -2,6 +2,7 @@
 
     StoreFault
      ├── InvalidArgument     a field is malformed or over a limit (also a ValueError)
+ ├── FailedPrecondition  the stored value does not allow the operation (an increment of a non-integer)
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
      ├── QuotaExceeded       a write would take a namespace over its byte quota (a token's max_bytes)
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
@@ -35,6 +36,11 @@ class StoreFault(Exception):
 
 class InvalidArgument(StoreFault, ValueError):
     """A request field is malformed or over a limit; nothing was changed."""
+
+
+class FailedPrecondition(StoreFault):
+    """The key's stored value does not allow the operation (an increment of a value that is not an
+    integer, or past the int64 range); nothing was changed."""
 
 
 class StoreFull(StoreFault):
@@ -97,6 +103,7 @@ class NodeFault(StoreFault):
 
 STATUS_OF: dict[type[StoreFault], str] = {
     InvalidArgument: "INVALID_ARGUMENT",
+    FailedPrecondition: "FAILED_PRECONDITION",
     StoreFull: "RESOURCE_EXHAUSTED",
     QuotaExceeded: "RESOURCE_EXHAUSTED",
     StoreUnavailable: "UNAVAILABLE",

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from nestkv.server.storage import NamespacedStorage
     from nestkv.server.storage.persistence import Persistence
 
-OPERATIONS = ("set", "get", "delete", "delete_all", "exists", "expires_in", "replica")
+OPERATIONS = ("set", "get", "delete", "delete_all", "exists", "expires_in", "increment", "replica")
 DURATION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 0.1, 1.0)
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0)
 

@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from nestkv.server.errors import InvalidArgument, StoreFault, put_error
 from nestkv.server.limits import Limits, check_span
-from nestkv.server.storage import NEVER, NamespacedStorage
+from nestkv.server.storage import NEVER, Condition, NamespacedStorage
 from nestkv.server.version import VERSION
 from nestkv.v1 import store_pb2 as pb
 
@@ -27,6 +27,21 @@ KINDS = tuple(field.name for field in pb.Operation.DESCRIPTOR.oneofs_by_name["op
 """The operations a Pipeline batch may hold: the names of Operation's oneof."""
 
 READS = frozenset({"get", "exists", "expires_in"})
+
+_CONDITION_OF: dict[int, Condition] = {
+    pb.SET_CONDITION_IF_ABSENT: "absent",
+    pb.SET_CONDITION_IF_PRESENT: "present",
+    pb.SET_CONDITION_IF_VERSION: "version",
+}
+_VERSION_BYTES = 16
+
+
+def changed(kind: str, request: Any, response: Any) -> bool:
+    """Whether a write changed its key (or may have, for its tombstone): not a set or delete whose
+    condition did not hold."""
+    if kind == "set":
+        return bool(response.stored)
+    return kind != "delete" or not request.HasField("condition") or bool(response.deleted)
 
 
 def _span(duration: Duration, name: str) -> float:
@@ -62,6 +77,7 @@ class Operations:
             "exists": self.exists,
             "expires_in": self.expires_in,
             "replica": self.replica,
+            "increment": self.increment,
         }
 
     def result_of(self, operation: pb.Operation) -> pb.OperationResult:
@@ -82,8 +98,24 @@ class Operations:
         limits.check_key(request.key)
         limits.check_value(request.value)
         ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
+        condition = request.condition
+        if condition not in _CONDITION_OF and condition != pb.SET_CONDITION_ALWAYS:
+            raise InvalidArgument(f"condition is {condition}, not a SetCondition this server knows")
+        if (condition == pb.SET_CONDITION_IF_VERSION) != bool(request.if_version):
+            raise InvalidArgument("if_version is given if and only if condition is SET_CONDITION_IF_VERSION")
+        if condition == pb.SET_CONDITION_IF_VERSION:
+            _check_version(request.if_version, "if_version")
         self._writable()
-        self._storage.set(request.path, request.key, request.value, ttl)
+        storage = self._storage
+        if condition:
+            version = storage.set_if(
+                request.path, request.key, request.value, ttl, _CONDITION_OF[condition], request.if_version
+            )
+        else:
+            version = storage.set(request.path, request.key, request.value, ttl)
+        if version is not None:
+            response.stored = True
+            response.version = version
 
     def get(self, request: pb.GetRequest, response: pb.GetResponse) -> None:
         self._limits.check_key(request.key)
@@ -111,8 +143,28 @@ class Operations:
 
     def delete(self, request: pb.DeleteRequest, response: pb.DeleteResponse) -> None:
         self._limits.check_key(request.key)
+        condition = request.WhichOneof("condition")
+        if condition == "if_version":
+            _check_version(request.if_version, "if_version")
         self._writable()
-        self._storage.delete(request.path, request.key)
+        storage = self._storage
+        if condition is None:
+            response.deleted = storage.delete(request.path, request.key)
+        elif condition == "if_version":
+            response.deleted = storage.delete_if(request.path, request.key, version=request.if_version)
+        else:
+            response.deleted = storage.delete_if(request.path, request.key, value=request.if_value)
+
+    def increment(self, request: pb.IncrementRequest, response: pb.IncrementResponse) -> None:
+        self._limits.check_key(request.key)
+        ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
+        self._writable()
+        storage = self._storage
+        response.value, response.version, deadline = storage.increment(
+            request.path, request.key, request.amount, ttl
+        )
+        if deadline != NEVER:
+            _put_span(response.expires_in, max(deadline - storage.now(), 0.001))
 
     def delete_all(self, request: pb.DeleteAllRequest, response: pb.DeleteAllResponse) -> None:
         self._writable()
@@ -162,6 +214,13 @@ class Operations:
             response.quota.path.extend(quota_path)
         server.uptime.FromNanoseconds(int((time.monotonic() - self._started) * 1e9))
         server.version = VERSION
+
+
+def _check_version(version: bytes, name: str) -> None:
+    if len(version) != _VERSION_BYTES:
+        raise InvalidArgument(
+            f"{name} is {len(version)} bytes; a version is {_VERSION_BYTES} (as GetResponse.version gives it)"
+        )
 
 
 def _put_span(duration: Duration, seconds: float) -> None:

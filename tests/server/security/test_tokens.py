@@ -603,12 +603,19 @@ async def test_grpc_store_with_a_read_token_raises_permission_denied_for_writes(
             store.delete_all(),
             store.with_namespace("x").delete_all(),
             store.get("k", renew_for=5000),
+            store.increment("counter"),
+            store.increment("k", 0),
+            store.set_if_absent("new", b"n"),
+            store.set_if_present("k", b"overwritten"),
+            store.delete_if("k", value=b"v"),
         ]
         for attempt in refused:
             with pytest.raises(PermissionDeniedError) as raised:
                 await attempt
             assert raised.value.code == "PERMISSION_DENIED"
         assert await store.get("k") == b"v"  # the stream outlives the refusals
+        assert await store.exists("counter") is False
+        assert await store.exists("new") is False
     await assert_holds(admin, {(("a",), "k"): b"v", (("a", "x"), "k"): b"x's"})
     await assert_not_renewed(admin, [("a",)])
 

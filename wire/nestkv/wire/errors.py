@@ -6,6 +6,9 @@ No raw grpc exception escapes the client. Re-exported by nestkv.client.errors an
      ├── InvalidRequestError        the server rejected the request (INVALID_ARGUMENT,
      │                              OUT_OF_RANGE), or the client a value over max_value_bytes
      │                              before sending it; also a ValueError. Nothing was changed.
+     ├── PreconditionFailedError    the stored value does not allow the operation: an increment
+     │                              of a value that is not an integer, or past the int64 range
+     │                              (FAILED_PRECONDITION); also a ValueError. Nothing was changed.
      ├── StoreUnavailableError      the server could not be reached, after retries (UNAVAILABLE),
      │                              or dropped the call while shutting down (CANCELLED)
      ├── StoreTimeoutError          the call's deadline passed (DEADLINE_EXCEEDED); also a TimeoutError
@@ -47,7 +50,14 @@ class StoreError(Exception):
 
 
 _NOTHING_CHANGED = frozenset(
-    {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED"}
+    {
+        "INVALID_ARGUMENT",
+        "OUT_OF_RANGE",
+        "FAILED_PRECONDITION",
+        "RESOURCE_EXHAUSTED",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+    }
 )
 # What says a call never reached a server (gRPC's own words), or a server that it ran nowhere.
 _NEVER_RAN = ("not applied", "failed to connect to all addresses", "no room to send")
@@ -66,6 +76,11 @@ def _applied(code: str, message: str) -> bool | None:
 
 class InvalidRequestError(StoreError, ValueError):
     """The server rejected the request as invalid (a field malformed or over a limit)."""
+
+
+class PreconditionFailedError(StoreError, ValueError):
+    """The key's stored value does not allow the operation: an increment of a value that is not an
+    integer in ASCII decimal, or one that would leave the signed 64-bit range."""
 
 
 class StoreUnavailableError(StoreError):
@@ -100,6 +115,7 @@ class StoreProtocolError(StoreError):
 _ERROR_OF: dict[str, type[StoreError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "OUT_OF_RANGE": InvalidRequestError,
+    "FAILED_PRECONDITION": PreconditionFailedError,
     "UNAVAILABLE": StoreUnavailableError,
     "CANCELLED": StoreUnavailableError,
     "DEADLINE_EXCEEDED": StoreTimeoutError,

@@ -53,6 +53,7 @@ from nestkv.wire.errors import (
     error_from_code,
     error_from_rpc,
 )
+from nestkv.wire.operations import idempotent
 
 DEFAULT_MAX_BATCH_SIZE = 512
 MAX_BATCH_SIZE = 10_000
@@ -77,6 +78,7 @@ def _unknown_if_sent_before(error: pb.OperationError) -> None:
 
 
 EARLIER_ATTEMPT = "an earlier attempt was sent: its outcome is unknown"
+NOT_SENT_AGAIN = "the stream broke after this operation was sent, and it is not sent again (not idempotent)"
 
 
 def _cancel_if_cancelled(moved: asyncio.Future[Any], caller: asyncio.Future[Any]) -> None:
@@ -159,6 +161,16 @@ class _Batch:
             elif earliest is None or deadline < earliest:
                 earliest = deadline
         return earliest
+
+    def fail_not_idempotent(self, error: StoreError) -> None:
+        """Fail the operations that must not run twice (nestkv.wire.operations.idempotent): this
+        batch was sent, and the stream broke before their answers came (`error`): their outcome
+        is unknown."""
+        for index, future in enumerate(self.futures):
+            if not future.done() and not idempotent(self.message.operations[index]):
+                future.set_exception(
+                    type(error)(f"{error}; {NOT_SENT_AGAIN}: its outcome is unknown", error.code)
+                )
 
     def settled(self) -> bool:
         return all(future.done() for future in self.futures)
@@ -422,7 +434,7 @@ class Pipeline:
                     continue
                 self._failures += 1
                 self._broken_at = self._loop.time()
-                self._resend_unanswered()
+                self._resend_unanswered(error)
                 if self.reroute is not None:
                     self._hand_over(self.reroute)
                 if self._failures >= _MAX_ATTEMPTS:
@@ -574,9 +586,11 @@ class Pipeline:
                 kept.append(stays)
         self._waiting = kept
 
-    def _resend_unanswered(self) -> None:
+    def _resend_unanswered(self, error: StoreError) -> None:
         while self._sent:
-            again = self._without_settled(self._sent.pop())
+            batch = self._sent.pop()
+            batch.fail_not_idempotent(error)
+            again = self._without_settled(batch)
             if again is not None:
                 self._waiting.appendleft(again)
 

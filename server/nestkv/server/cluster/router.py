@@ -24,7 +24,7 @@ from nestkv.server.cluster.peers import failure_of
 from nestkv.server.cluster.replication import NOT_APPLIED, Replication
 from nestkv.server.errors import KeyMoved, NodeFault, StoreFault, put_error
 from nestkv.server.metrics import OperationMetrics
-from nestkv.server.operations import READS, Operations, found
+from nestkv.server.operations import READS, Operations, changed, found
 from nestkv.server.router import Answer, Route
 from nestkv.server.security import Grant
 from nestkv.v1 import store_pb2 as pb
@@ -287,7 +287,7 @@ class _ClusterRoute:
             self._router.cluster.handoff.write_elsewhere(self._version)
         if kind == "delete_all":
             return self._router.fan_out(operation) if self._fan_out else None
-        if replicas is not None and kind != "replica":
+        if replicas is not None and kind != "replica" and changed(kind, request, response):
             return replicas.replicate(request.path, request.key)
         return None
 

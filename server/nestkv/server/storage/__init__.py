@@ -5,6 +5,6 @@ Nothing here knows about gRPC; the servicer validates requests and calls in.
 
 from __future__ import annotations
 
-from nestkv.server.storage.engine import NEVER, Clock, NamespacedStorage
+from nestkv.server.storage.engine import INT64_MAX, INT64_MIN, NEVER, Clock, Condition, NamespacedStorage
 
-__all__ = ["NEVER", "Clock", "NamespacedStorage"]
+__all__ = ["INT64_MAX", "INT64_MIN", "NEVER", "Clock", "Condition", "NamespacedStorage"]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, Protocol
 
-from nestkv.server.errors import QuotaExceeded, StoreFull
+from nestkv.server.errors import FailedPrecondition, QuotaExceeded, StoreFull
 from nestkv.server.storage.clock import HybridClock
 from nestkv.server.storage.expiry import ExpiryWheel, listing_cost, relists, slot_of
 from nestkv.server.storage.tombstones import Tombstones
@@ -44,6 +44,24 @@ class Journal(Protocol):
 
     def drop(self, path: Sequence[str], key: str, version: bytes) -> None:
         """The copy of `key` at `version` left this node (handed off, evicted): not a delete."""
+
+
+Condition = Literal["absent", "present", "version"]
+"""When `set_if` stores: the key holds no live value, holds one, or holds one of a given version."""
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_MAX_INTEGER_BYTES = 20  # "-9223372036854775808"
+
+
+def _integer(value: bytes) -> int:
+    """The integer a counter's value holds as ASCII decimal ("-?[0-9]+"); FailedPrecondition if none."""
+    digits = value[1:] if value[:1] == b"-" else value
+    if not (0 < len(value) <= _MAX_INTEGER_BYTES and digits.isdigit() and digits.isascii()):
+        raise FailedPrecondition(
+            "increment of a value that is not an integer: it must be ASCII decimal (-?[0-9]+, "
+            f"at most {_MAX_INTEGER_BYTES} characters), as increment stores it"
+        )
+    return int(value)
 
 
 EvictionPolicy = Literal["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"]
@@ -150,15 +168,85 @@ class NamespacedStorage:
         tombstones = self.tombstones
         return self._tree.root.subtree_bytes + (0 if tombstones is None else tombstones.bytes)
 
-    def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> None:
-        """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never expires."""
-        deadline = NEVER if ttl is None else self._clock() + ttl
+    def set(self, path: Sequence[str], key: str, value: bytes, ttl: float | None = None) -> bytes:
+        """Store `value` under `key`, replacing any previous value and expiry; `ttl` None: never
+        expires. The new value's version."""
+        return self._write(path, key, value, NEVER if ttl is None else self._clock() + ttl)
+
+    def set_if(
+        self,
+        path: Sequence[str],
+        key: str,
+        value: bytes,
+        ttl: float | None,
+        condition: Condition,
+        version: bytes = b"",
+    ) -> bytes | None:
+        """`set`, only if the key holds no live value ("absent"), holds one ("present"), or holds
+        one of `version` ("version"): checked and stored in one step. The new version, or None
+        if the condition does not hold (nothing changed)."""
+        stored = self._live(path, key)
+        if condition == "absent":
+            holds = stored is None
+        elif condition == "present":
+            holds = stored is not None
+        else:
+            holds = stored is not None and version_of(stored) == version
+        return self.set(path, key, value, ttl) if holds else None
+
+    def increment(
+        self, path: Sequence[str], key: str, amount: int, ttl: float | None = None
+    ) -> tuple[int, bytes, float]:
+        """Add `amount` to the integer stored under `key` as ASCII decimal, in one step; a key with
+        no live value is created holding `amount`, expiring after `ttl` (None: never); an existing
+        one keeps its deadline. The new value, its version and its deadline (`NEVER`: none).
+        Raises FailedPrecondition, changing nothing, if the value is not such an integer or the
+        result leaves the signed 64-bit range."""
+        stored = self._live(path, key)
+        if stored is None:
+            total, deadline = amount, NEVER if ttl is None else self._clock() + ttl
+        else:
+            total, deadline = _integer(value_of(stored)) + amount, deadline_of(stored)
+        if not INT64_MIN <= total <= INT64_MAX:
+            raise FailedPrecondition(
+                f"increment would take the value to {total}, outside the signed 64-bit range "
+                f"[{INT64_MIN}, {INT64_MAX}]"
+            )
+        return total, self._write(path, key, b"%d" % total, deadline), deadline
+
+    def delete_if(
+        self, path: Sequence[str], key: str, *, version: bytes | None = None, value: bytes | None = None
+    ) -> bool:
+        """`delete`, only if the key holds a live value of `version`, or equal to `value` (one of
+        the two is given): checked and removed in one step. Whether it was removed."""
+        stored = self._live(path, key)
+        if stored is None:
+            return False
+        matches = version_of(stored) == version if version is not None else value_of(stored) == value
+        return matches and self.delete(path, key)
+
+    def _write(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> bytes:
+        """Store an entry with an absolute `deadline` as a write of this node: room made, stamped
+        with a new version (returned), journaled."""
         if self._max_memory or self.quotas:
             self._reserve(path, key, self._needed(path, key, len(value), deadline))
         version = self.versions.now()
         self._put(path, key, value, deadline, version)
         if self.journal is not None:
             self.journal.set(path, key, value, deadline, version)
+        return version
+
+    def _live(self, path: Sequence[str], key: str) -> bytes | None:
+        """The stored entry of `key` if it holds a live value (one past its deadline is expired
+        now), else None."""
+        node = self._tree.find(path)
+        stored = None if node is None else node.entries.get(key)
+        if node is None or stored is None:
+            return None
+        if deadline_of(stored) <= self._clock():
+            self._expire(node, key)
+            return None
+        return stored
 
     def _put(self, path: Sequence[str], key: str, value: bytes, deadline: float, version: bytes) -> None:
         """Store an entry with an absolute deadline on the storage clock (`NEVER`: none); not journaled."""
@@ -303,13 +391,16 @@ class NamespacedStorage:
         left = NEVER if deadline == NEVER else max(deadline - self._clock(), 0.001)  # it was live
         return value_of(stored), version_of(stored), left
 
-    def delete(self, path: Sequence[str], key: str) -> None:
-        """Remove `key`; a missing key is a no-op, but for its tombstone (with `tombstones`)."""
+    def delete(self, path: Sequence[str], key: str) -> bool:
+        """Remove `key`; a missing key is a no-op, but for its tombstone (with `tombstones`).
+        Whether it held a live value."""
         node = self._tree.find(path)
-        held = node is not None and key in node.entries
+        stored = None if node is None else node.entries.get(key)
+        held = stored is not None
+        live = stored is not None and deadline_of(stored) > self._clock()
         tombstones = self.tombstones
         if not held and tombstones is None:
-            return
+            return False
         version = self.versions.now()
         if node is not None and held:
             self._remove(node, key)
@@ -317,6 +408,7 @@ class NamespacedStorage:
             tombstones.bury(path, key, version)
         if self.journal is not None:
             self.journal.delete(path, key, version)
+        return live
 
     def delete_all(self, path: Sequence[str] = ()) -> None:
         """Remove every entry at `path` and below; O(depth), whatever the number of keys.
