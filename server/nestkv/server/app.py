@@ -91,12 +91,13 @@ def build_server(
         ]
     )
     operations = Operations(storage, config.limits, persistence.writable if persistence else None)
-    router: Router = ClusterRouter(cluster, operations, metrics) if cluster else LocalRouter()
+    commit = persistence.commit if persistence else None
+    router: Router = ClusterRouter(cluster, operations, metrics, commit) if cluster else LocalRouter()
     store_servicer = StoreServicer(
         operations,
         router,
         config.limits,
-        commit=persistence.commit if persistence else None,
+        commit=commit,
         metrics=metrics,
         gate=gate,
         cluster=cluster,

@@ -194,6 +194,10 @@ class Operations:
         deadline = NEVER if left is None else storage.now() + left
         response.stored = storage.merge(request.path, request.key, request.version, request.value, deadline)
 
+    def holds(self, path: Any, key: str) -> bool:
+        """Whether the storage holds a live value of the key."""
+        return self._storage.exists(path, key)
+
     def stats(self, request: pb.StatsRequest, response: pb.StatsResponse) -> None:
         """This node's figures: of the subtree at the request's path, and of the whole server."""
         storage = self._storage

@@ -83,6 +83,27 @@ async def test_a_miss_at_the_new_owner_is_asked_of_the_previous_one_until_the_ke
     assert exists[0].exists.exists
 
 
+async def test_an_increment_or_condition_at_the_new_owner_starts_from_the_previous_owners_copy(
+    two: InProcessCluster,
+) -> None:
+    (counter, taken), c = await written_on_a_then_c_joins(two, 2, b"41")
+    missing = "never-written"
+    increment = pb.Operation(increment=pb.IncrementRequest(path=PATH, key=counter, amount=1))
+    [counted] = await c.call(increment)
+    assert counted.increment.value == 42  # not 1: a still held the counter
+    if_absent = pb.SetCondition.SET_CONDITION_IF_ABSENT
+    [refused] = await c.call(
+        pb.Operation(set=pb.SetRequest(path=PATH, key=taken, value=b"mine", condition=if_absent))
+    )
+    assert refused.set.stored is False  # a still held the key: it is not absent
+    [stored] = await c.call(
+        pb.Operation(set=pb.SetRequest(path=PATH, key=missing, value=b"mine", condition=if_absent))
+    )
+    assert stored.set.stored is True
+    await hand_off_everything(two)  # the older copies that arrive now change nothing
+    assert [(await c.get(key)).get.value for key in (counter, taken, missing)] == [b"42", b"41", b"mine"]
+
+
 async def test_a_write_at_the_new_owner_is_not_undone_by_the_older_copy_handed_off(
     two: InProcessCluster,
 ) -> None:

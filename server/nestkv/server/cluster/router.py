@@ -15,7 +15,7 @@ the read runs here again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nestkv.server.cluster.admission import PeerGrant
@@ -28,6 +28,7 @@ from nestkv.server.operations import READS, Operations, changed, found
 from nestkv.server.router import Answer, Route
 from nestkv.server.security import Grant
 from nestkv.v1 import store_pb2 as pb
+from nestkv.wire.operations import conditional
 
 
 class ClusterRouter:
@@ -36,14 +37,20 @@ class ClusterRouter:
     forwards = True
 
     def __init__(
-        self, cluster: Cluster, operations: Operations, metrics: OperationMetrics | None = None
+        self,
+        cluster: Cluster,
+        operations: Operations,
+        metrics: OperationMetrics | None = None,
+        commit: Callable[[], None] | None = None,
     ) -> None:
-        """`operations` runs a read again here (after a previous owner's miss); `metrics`, if given,
-        counts the operations forwarded to each node."""
+        """`operations` runs a read again here (after a previous owner's miss), and an operation
+        on the key's state once the previous owner's copy is in; `metrics`, if given, counts the
+        operations forwarded to each node; `commit` makes a write run so durable (persistence)."""
         self.cluster = cluster
         self.deadlines = cluster.replication is not None
         self._operations = operations
         self._metrics = metrics
+        self._commit = commit
 
     def route(self, batch: pb.PipelineRequest, grant: Grant) -> Route:
         if batch.topology_version:
@@ -90,6 +97,34 @@ class ClusterRouter:
         # A miss there may be news too: a hand-off stores a key here before the previous owner
         # drops it, so a miss there that came after the drop finds it here now.
         return self._operations.result_of(operation)
+
+    async def ask_first(
+        self, member: str, path: Any, key: str, operation: pb.Operation
+    ) -> pb.OperationResult:
+        """Run `operation`, one that acts on the key's state (an increment, a conditional write),
+        here once the copy of the key's previous owner `member` is merged here: while hand-offs
+        run, that copy may be the only one. If `member` does not answer, it is not run."""
+        handoff = self.cluster.handoff
+        assert handoff.previous is not None  # a previous owner is named only while there is a list before
+        fetch = pb.Operation(get=pb.GetRequest(path=path, key=key, with_version=True))
+        result = await self._send(member, fetch, handoff.previous.members[member], "asked")
+        if result.WhichOneof("result") == "error":
+            if not handoff.unanswered(member):
+                unanswered = f"the key's previous owner {member} did not answer: {NOT_APPLIED}"
+                return _error_result(NodeFault("UNAVAILABLE", unanswered))
+        else:
+            handoff.merge_asked(path, key, result.get)
+        result = self._operations.result_of(operation)
+        if self._commit is not None and result.WhichOneof("result") != "error":
+            try:
+                self._commit()
+            except StoreFault as fault:
+                return _error_result(fault)
+        return result
+
+    def holds(self, path: Any, key: str) -> bool:
+        """Whether this node holds a live value of the key."""
+        return self._operations.holds(path, key)
 
     def _count(self, member: str) -> None:
         metrics = self._metrics
@@ -233,15 +268,27 @@ class _ClusterRoute:
             return self._placed(self._replicas, kind, request, operation)
         if self._forward:
             owner = self._router.cluster.owner(request.path, request.key)
-            return None if owner is None else self._router.forward(owner, operation)
-        if self._moving:
+            if owner is not None:
+                return self._router.forward(owner, operation)
+        elif self._moving:
             # Even back to the sender: its list gives the key to this node, ours to it, and a key
             # handed off there is found only there.
             cluster = self._router.cluster
             owner = cluster.owner(request.path, request.key)
             if owner is not None:
                 raise KeyMoved(owner, cluster.topology.members[owner])
-        return None
+        return self._previous_first(kind, request, operation)
+
+    def _previous_first(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
+        """For an operation on the key's state (nestkv.wire.operations.conditional), on a key
+        missing here while hand-offs run: its previous owner's copy is taken in first."""
+        if not self._asks or not conditional(kind, request):
+            return None
+        router = self._router
+        member = router.cluster.handoff.previous_owner(request.path, request.key)
+        if member is None or router.holds(request.path, request.key):
+            return None
+        return router.ask_first(member, request.path, request.key, operation)
 
     def _placed(
         self, replication: Replication, kind: str, request: Any, operation: pb.Operation
