@@ -21,9 +21,8 @@ from nestkv.client._arguments import (
     whole_seconds,
 )
 from nestkv.client.base import NamespacedStore, Versioned
-from nestkv.server.errors import FailedPrecondition
 from nestkv.server.limits import Limits
-from nestkv.server.storage import NEVER, Clock, Condition, NamespacedStorage
+from nestkv.server.storage import NEVER, Clock, Condition, FailedPrecondition, NamespacedStorage
 from nestkv.wire.errors import PreconditionFailedError
 
 # Each write also reclaims up to this many expired entries, so memory is
