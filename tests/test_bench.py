@@ -123,3 +123,29 @@ def test_replicas_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert first > 0
     assert every >= 0
     assert "kill -9 to the first successful read" in done.stdout
+
+
+def test_atomic_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "atomic.json"
+    args = ["--tasks", "8", "--seconds", "0.3", "--rounds", "1", "--keys", "50", "--json", str(out)]
+    done = run_bench("bench.atomic", args)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["settings"] == {"tasks": 8, "seconds": 0.3, "rounds": 1, "keys": 50}
+    stores = ["nestkv"] + (["redis"] if "redis" in results else [])
+    for store in stores:
+        figures = results[store]
+        assert figures["ops_per_s"] > 0
+        assert figures["p99_us"] >= figures["p50_us"] > 0
+        assert figures["server_cpu_us_per_op"] > 0
+        assert figures["client_cpu_us_per_op"] > 0
+        assert len(figures["ops_per_s_rounds"]) == 1
+        # Behaviour, not timing: every increment made is in the counters, once.
+        assert figures["counts_exact"] is True
+        assert figures["counters_sum"] == figures["increments_made"] >= figures["operations"] > 0
+    assert ("redis" in results) != ("redis_skipped" in results)
+    if "redis" in results:
+        assert results["ratio_nestkv_to_redis"]["ops_per_s"] > 0
+        assert results["goal_met"] == (results["ratio_nestkv_to_redis"]["ops_per_s"] >= 3)
+        assert "| Redis INCR (redis.asyncio, pool) |" in done.stdout
+    assert "| nestkv GrpcStore.increment |" in done.stdout

@@ -33,9 +33,14 @@ PROTOS = Path(__file__).parent.parent / "protos"
 VECTORS = Path(__file__).parent / "placement_vectors.json"
 SPREAD_KEYS = [f"spread-{n}" for n in range(16)]
 """The keys client.js writes besides from-node (and reads back), each with the value "KEY from node"."""
+COUNTERS = ["counter-from-node", "big-from-node"]
+"""The keys client.js creates with the Increment RPC: +5 twice (in a 60 s window), and +2**53 + 1."""
+BIG = 2**53 + 1
+"""What client.js adds to big-from-node, as a decimal string: more than a JS Number holds exactly."""
 CALL_FAILED = 2
 """client.js's exit code when an RPC fails with a gRPC status (it prints {"error": ...})."""
 UNAUTHENTICATED = 16
+FAILED_PRECONDITION = 9
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +115,26 @@ async def check_round_trip(result: subprocess.CompletedProcess[str], store: Grpc
     for key in SPREAD_KEYS:
         assert await store.get(key) == f"{key} from node".encode()
         assert await store.expires_in(key) == -1  # no expiry
+    await check_increments(seen, store)
+
+
+async def check_increments(seen: dict[str, Any], store: GrpcStore) -> None:
+    """Node's Increment calls counted (int64 as decimal strings, exact past 2**53), and the one on
+    Python's text failed with FAILED_PRECONDITION and left it as it was."""
+    first, second = seen["counted"]
+    assert (first["value"], second["value"]) == ("5", "10")
+    assert first["version_bytes"] == second["version_bytes"] == 16
+    assert 58 <= second["expires_in_seconds"] <= 60  # the first increment's window, kept
+    assert await store.get("counter-from-node") == b"10"
+    left = await store.expires_in("counter-from-node")
+    assert left is not None
+    assert 50 <= left <= 60
+    assert seen["big"] == {"value": str(BIG), "expires_in": None}  # no window asked: none
+    assert await store.get("big-from-node") == str(BIG).encode()
+    assert await store.increment("big-from-node", -BIG) == 0
+    assert seen["not_integer"]["code"] == FAILED_PRECONDITION
+    assert "not an integer" in seen["not_integer"]["details"]
+    assert await store.get("from-python") == "hello from python ✓".encode()
 
 
 async def test_node_reads_what_python_wrote_and_python_reads_what_node_wrote(
@@ -156,7 +181,7 @@ async def test_node_through_one_node_of_a_cluster_reaches_each_keys_owner(
             await mine.delete_all()
     assert sorted(members) == sorted(cluster.ports)
     placement = Placement(members)
-    node_keys = ["from-node", *SPREAD_KEYS]
+    node_keys = ["from-node", *SPREAD_KEYS, *COUNTERS]
     # Node's keys belong to several nodes (node-1 forwarded those it does not own) ...
     assert len({placement.owner(path, key) for key in node_keys}) > 1
     # ... and each node holds exactly the keys it owns, Node's and Python's.

@@ -1,9 +1,10 @@
 // A nestkv client in Node.js that knows nothing but protos/nestkv/v1/store.proto.
 // Usage: node client.js HOST:PORT PROTO_DIR [SEGMENT...]
 // Reads what the Python side wrote under the namespace SEGMENT... (default: poly glot),
-// writes a key for it to read and SPREAD_KEYS more (spread-0 ...), reads those back, prints one
-// JSON line. Given one node of a cluster it needs nothing more: the node forwards each operation
-// to its key's owner, so the spread keys land on several nodes.
+// writes a key for it to read and SPREAD_KEYS more (spread-0 ...), reads those back, adds to two
+// counters with the Increment RPC (and tries to add to the text Python wrote), prints one JSON
+// line. Given one node of a cluster it needs nothing more: the node forwards each operation to
+// its key's owner, so the spread keys land on several nodes.
 //
 // Environment:
 //   NESTKV_CA_FILE  PEM file of the CA to trust: connect over TLS (otherwise plaintext)
@@ -39,16 +40,21 @@ function channelCredentials() {
   return grpc.credentials.combineChannelCredentials(tls, bearer);
 }
 
+// int64 fields (Increment's amount and value, Duration.seconds) come back as decimal strings:
+// a JS Number holds integers exactly only up to 2**53. A request may give them as a number or
+// as a decimal string (exact at any size).
 const definition = protoLoader.loadSync("nestkv/v1/store.proto", {
   includeDirs: [protoDir],
   keepCase: true,
-  longs: Number,
+  longs: String,
   defaults: true,
 });
 const { StoreService } = grpc.loadPackageDefinition(definition).nestkv.v1;
 const client = new StoreService(target, channelCredentials());
 
 const SPREAD_KEYS = 16;
+// Past 2**53 (9007199254740992): a JS Number cannot hold it, a decimal string can.
+const BIG_AMOUNT = "9007199254740993";
 
 class CallError extends Error {
   constructor(method, error) {
@@ -92,6 +98,28 @@ async function main() {
   } catch (error) {
     invalid = { code: error.code, details: error.details };
   }
+  // A counter made by the first increment, with a 60 s window the second one keeps.
+  const counted = [];
+  for (let i = 0; i < 2; i++) {
+    const response = await call("Increment", {
+      path,
+      key: "counter-from-node",
+      amount: 5,
+      expires_in: { seconds: 60, nanos: 0 },
+    });
+    counted.push({
+      value: response.value,
+      version_bytes: Buffer.from(response.version).length,
+      expires_in_seconds: response.expires_in ? Number(response.expires_in.seconds) : null,
+    });
+  }
+  const big = await call("Increment", { path, key: "big-from-node", amount: BIG_AMOUNT });
+  let notInteger = null;
+  try {
+    await call("Increment", { path, key: "from-python", amount: 1 });
+  } catch (error) {
+    notInteger = { code: error.code, details: error.details };
+  }
   console.log(
     JSON.stringify({
       found: read.found,
@@ -101,6 +129,9 @@ async function main() {
       spread,
       other_namespace_found: missing.found,
       invalid,
+      counted,
+      big: { value: big.value, expires_in: big.expires_in },
+      not_integer: notInteger,
     }),
   );
 }
