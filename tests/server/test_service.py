@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -241,3 +242,28 @@ async def test_get_with_version_returns_the_version_and_the_time_left(stub: Any)
     assert not forever.HasField("expires_in")
     missing = await stub.Get(pb.GetRequest(path=["ns"], key="missing", with_version=True))
     assert (missing.found, missing.version) == (False, b"")
+
+
+async def test_a_failed_increment_tells_the_client_not_to_retry_and_its_channel_would_not(stub: Any) -> None:
+    await stub.Set(pb.SetRequest(key="text", value=b"abc"))
+    call = stub.Increment(pb.IncrementRequest(key="text", amount=1))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("grpc-retry-pushback-ms", "-1") in tuple(await call.trailing_metadata())
+    # The channel's own retry policy (channel_options) leaves Increment out: sent again, it counts twice.
+    config = json.loads(dict(channel_options())["grpc.service_config"])
+    retried = {name["method"] for entry in config["methodConfig"] for name in entry["name"]}
+    assert "Set" in retried
+    assert "Increment" not in retried
+
+
+async def test_increment_over_the_unary_rpc_counts_and_keeps_the_first_expiry(stub: Any) -> None:
+    first = await stub.Increment(pb.IncrementRequest(key="n", amount=5, expires_in=Duration(seconds=60)))
+    second = await stub.Increment(pb.IncrementRequest(key="n", amount=-2, expires_in=Duration(seconds=5)))
+    assert (first.value, second.value) == (5, 3)
+    assert len(second.version) == 16
+    assert second.version > first.version
+    assert 55 <= second.expires_in.seconds <= 60
+    got = await stub.Get(pb.GetRequest(key="n"))
+    assert got.value == b"3"

@@ -91,13 +91,12 @@ def build_server(
         ]
     )
     operations = Operations(storage, config.limits, persistence.writable if persistence else None)
-    commit = persistence.commit if persistence else None
-    router: Router = ClusterRouter(cluster, operations, metrics, commit) if cluster else LocalRouter()
+    router: Router = ClusterRouter(cluster, operations, metrics) if cluster else LocalRouter()
     store_servicer = StoreServicer(
         operations,
         router,
         config.limits,
-        commit=commit,
+        commit=persistence.commit if persistence else None,
         metrics=metrics,
         gate=gate,
         cluster=cluster,

@@ -83,6 +83,9 @@ class BatchRunner:
         last = starts[-1]
         for start in starts:
             pending: Pending = []
+            ready = route.prepare(batch.operations[start : start + SLICE_OPERATIONS])
+            if ready is not None:  # copies to take in first (a resize): this stream waits for them
+                await ready
             responses = self._run_slice(batch, grant, route, pending, start)
             if not start:
                 route.finish(responses[0])

@@ -10,7 +10,7 @@ a cluster node routes by its member list (nestkv.server.cluster.router).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from nestkv.server.security import Grant
@@ -22,6 +22,9 @@ Answer = Awaitable[pb.OperationResult | None]
 
 class Route(Protocol):
     """How the operations of one batch run: decided once per batch, asked once per operation."""
+
+    def prepare(self, operations: Sequence[pb.Operation]) -> Awaitable[None] | None:
+        """What to wait for before a slice of these operations runs here (None: nothing)."""
 
     def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
         """The answer of the node that runs this operation instead of this one; None: it runs here.
@@ -61,6 +64,9 @@ class _Here:
     """Every operation of a batch runs here, and nothing else answers for it."""
 
     __slots__ = ()
+
+    def prepare(self, operations: Sequence[pb.Operation]) -> Awaitable[None] | None:
+        return None
 
     def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
         return None

@@ -29,6 +29,7 @@ from nestkv.server.router import Router
 from nestkv.server.security import Gate, Grant
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import name_of
+from nestkv.wire.operations import idempotent
 from nestkv.wire.placement import HASH_NAME
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
@@ -310,14 +311,18 @@ class StoreServicer:
             left = context.time_remaining()
             if left is not None:  # the call's own deadline travels with it (to other nodes too)
                 batch.deadline_unix_ms = int((time.time() + left) * 1000)
+            # An operation that must not run twice (it may have run here) is not to be retried.
+            once = not idempotent(batch.operations[0])
             try:
                 responses, elsewhere = await self._runner.run_all(batch, grant)
             except StoreFault as fault:  # the commit failed (counted by the runner)
+                if once:
+                    _no_retry(context)
                 await context.abort(_status(fault), fault.confined() if root else str(fault))
             [result] = responses[0].results
             if result.WhichOneof("result") != "error":
                 return getattr(result, kind)
-            if elsewhere:
+            if elsewhere or once:
                 _no_retry(context)
             name = name_of(result.error.code)
             await context.abort(grpc.StatusCode[name], result.error.message)

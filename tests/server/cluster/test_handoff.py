@@ -104,6 +104,32 @@ async def test_an_increment_or_condition_at_the_new_owner_starts_from_the_previo
     assert [(await c.get(key)).get.value for key in (counter, taken, missing)] == [b"42", b"41", b"mine"]
 
 
+async def test_a_batch_with_a_conditional_write_during_a_resize_runs_in_its_order(
+    two: InProcessCluster,
+) -> None:
+    [key], c = await written_on_a_then_c_joins(two, 1, b"held")
+    if_absent = pb.SetCondition.SET_CONDITION_IF_ABSENT
+    refused, overwritten, counted = await c.call(
+        pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"mine", condition=if_absent)),
+        pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"7")),
+        pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1)),
+    )
+    assert refused.set.stored is False  # run first, on a's copy, as the batch orders it
+    assert overwritten.set.stored is True
+    assert counted.increment.value == 8
+
+
+async def test_a_conditional_write_whose_previous_owner_does_not_answer_is_not_applied(
+    two: InProcessCluster,
+) -> None:
+    [key], c = await written_on_a_then_c_joins(two, 1, b"41")
+    await two.stop("a")  # still a member: its copy may be the only one
+    [result] = await c.call(pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1)))
+    assert result.WhichOneof("result") == "error"
+    assert result.error.message == "the key's previous owner did not answer while hand-offs run: not applied"
+    assert not c.holds(key)
+
+
 async def test_a_write_at_the_new_owner_is_not_undone_by_the_older_copy_handed_off(
     two: InProcessCluster,
 ) -> None:

@@ -14,11 +14,16 @@ KEEPALIVE_TIMEOUT_MS = 5_000
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 
-# Every StoreService RPC is idempotent (Set writes the same value, Delete and
-# DeleteAll remove the same keys), so UNAVAILABLE, which gRPC raises when a
-# call could not be delivered, is retried with exponential backoff. This is
-# for callers of the one-operation RPCs; GrpcStore's Pipeline stream retries
-# on its own (nestkv.wire.pipeline), so gRPC must not replay it as well.
+# Every StoreService RPC but Increment is idempotent (Set writes the same value,
+# Delete and DeleteAll remove the same keys), so UNAVAILABLE, which gRPC raises
+# when a call could not be delivered, is retried with exponential backoff.
+# Increment is never retried: sent again, it would count twice. (A Set or
+# Delete with a condition is not idempotent either, but has the method of one
+# that is: a server answers its failures with a "do not retry" pushback, yet a
+# connection lost after it was sent is retried: send those in a Pipeline, as
+# GrpcStore does.) This is for callers of the one-operation RPCs; GrpcStore's
+# Pipeline stream retries on its own (nestkv.wire.pipeline), so gRPC must not
+# replay it as well.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -26,7 +31,7 @@ _SERVICE_CONFIG = json.dumps(
                 "name": [
                     {"service": _SERVICE.full_name, "method": method.name}
                     for method in _SERVICE.methods
-                    if not method.client_streaming
+                    if not method.client_streaming and method.name != "Increment"
                 ],
                 "retryPolicy": {
                     "maxAttempts": 5,

@@ -15,7 +15,7 @@ the read runs here again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from nestkv.server.cluster.admission import PeerGrant
@@ -37,20 +37,14 @@ class ClusterRouter:
     forwards = True
 
     def __init__(
-        self,
-        cluster: Cluster,
-        operations: Operations,
-        metrics: OperationMetrics | None = None,
-        commit: Callable[[], None] | None = None,
+        self, cluster: Cluster, operations: Operations, metrics: OperationMetrics | None = None
     ) -> None:
-        """`operations` runs a read again here (after a previous owner's miss), and an operation
-        on the key's state once the previous owner's copy is in; `metrics`, if given, counts the
-        operations forwarded to each node; `commit` makes a write run so durable (persistence)."""
+        """`operations` runs a read again here (after a previous owner's miss); `metrics`, if given,
+        counts the operations forwarded to each node."""
         self.cluster = cluster
         self.deadlines = cluster.replication is not None
         self._operations = operations
         self._metrics = metrics
-        self._commit = commit
 
     def route(self, batch: pb.PipelineRequest, grant: Grant) -> Route:
         if batch.topology_version:
@@ -98,29 +92,33 @@ class ClusterRouter:
         # drops it, so a miss there that came after the drop finds it here now.
         return self._operations.result_of(operation)
 
-    async def ask_first(
-        self, member: str, path: Any, key: str, operation: pb.Operation
-    ) -> pb.OperationResult:
-        """Run `operation`, one that acts on the key's state (an increment, a conditional write),
-        here once the copy of the key's previous owner `member` is merged here: while hand-offs
-        run, that copy may be the only one. If `member` does not answer, it is not run."""
+    async def take_previous(
+        self, wanted: dict[tuple[tuple[str, ...], str], str]
+    ) -> set[tuple[tuple[str, ...], str]]:
+        """Merge here the copies the keys' previous owners hold ((path, key) -> member), before
+        operations on the keys' state run here; the keys whose previous owner did not answer."""
         handoff = self.cluster.handoff
-        assert handoff.previous is not None  # a previous owner is named only while there is a list before
-        fetch = pb.Operation(get=pb.GetRequest(path=path, key=key, with_version=True))
-        result = await self._send(member, fetch, handoff.previous.members[member], "asked")
-        if result.WhichOneof("result") == "error":
-            if not handoff.unanswered(member):
-                unanswered = f"the key's previous owner {member} did not answer: {NOT_APPLIED}"
-                return _error_result(NodeFault("UNAVAILABLE", unanswered))
-        else:
-            handoff.merge_asked(path, key, result.get)
-        result = self._operations.result_of(operation)
-        if self._commit is not None and result.WhichOneof("result") != "error":
-            try:
-                self._commit()
-            except StoreFault as fault:
-                return _error_result(fault)
-        return result
+        previous = handoff.previous
+        assert previous is not None  # a previous owner is named only while there is a list before
+        keys = list(wanted)
+        results = await asyncio.gather(
+            *(
+                self._send(
+                    wanted[path, key],
+                    pb.Operation(get=pb.GetRequest(path=path, key=key, with_version=True)),
+                    previous.members[wanted[path, key]],
+                    "asked",
+                )
+                for path, key in keys
+            )
+        )
+        unanswered = set()
+        for (path, key), result in zip(keys, results, strict=True):
+            if result.WhichOneof("result") != "error":
+                handoff.merge_asked(path, key, result.get)
+            elif not handoff.unanswered(wanted[path, key]):
+                unanswered.add((path, key))
+        return unanswered
 
     def holds(self, path: Any, key: str) -> bool:
         """Whether this node holds a live value of the key."""
@@ -240,7 +238,9 @@ class _ClusterRoute:
         "_grant",
         "_moving",
         "_replicas",
+        "_resizing",
         "_router",
+        "_unfetched",
         "_version",
     )
 
@@ -260,6 +260,14 @@ class _ClusterRoute:
         self._asks = not peer_mode
         self._deadline = batch.deadline_unix_ms / 1000
         self._replicas = cluster.replication  # None: one copy of each key, on its owner
+        handoff = cluster.handoff
+        self._resizing = (
+            self._replicas is None
+            and (self._asks or peer_mode == "redirected")
+            and handoff.previous is not None
+            and handoff.open
+        )
+        self._unfetched: set[tuple[tuple[str, ...], str]] = set()  # see `prepare`
 
     def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
         if kind == "delete_all" or kind == "replica":
@@ -277,18 +285,37 @@ class _ClusterRoute:
             owner = cluster.owner(request.path, request.key)
             if owner is not None:
                 raise KeyMoved(owner, cluster.topology.members[owner])
-        return self._previous_first(kind, request, operation)
+        unfetched = self._unfetched and (tuple(request.path), request.key) in self._unfetched
+        if unfetched and conditional(kind, request):
+            previous = "the key's previous owner did not answer while hand-offs run"
+            raise NodeFault("UNAVAILABLE", f"{previous}: {NOT_APPLIED}")
+        return None
 
-    def _previous_first(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
-        """For an operation on the key's state (nestkv.wire.operations.conditional), on a key
-        missing here while hand-offs run: its previous owner's copy is taken in first."""
-        if not self._asks or not conditional(kind, request):
+    def prepare(self, operations: Sequence[pb.Operation]) -> Awaitable[None] | None:
+        """While hand-offs run (no replicas), a key this node owns may still be on its previous
+        owner only: for the operations on a key's state (an increment, a conditional write) on
+        keys not held here, that copy is merged here before the slice runs, so that they act on
+        it, in the slice's order."""
+        if not self._resizing:
             return None
         router = self._router
-        member = router.cluster.handoff.previous_owner(request.path, request.key)
-        if member is None or router.holds(request.path, request.key):
-            return None
-        return router.ask_first(member, request.path, request.key, operation)
+        cluster = router.cluster
+        wanted: dict[tuple[tuple[str, ...], str], str] = {}
+        for operation in operations:
+            kind = operation.WhichOneof("operation")
+            if kind is None or not conditional(kind, request := getattr(operation, kind)):
+                continue
+            path, key = tuple(request.path), request.key
+            scoped = (*self._grant.root, *path)
+            if cluster.owner(scoped, key) is not None or router.holds(scoped, key):
+                continue
+            member = cluster.handoff.previous_owner(scoped, key)
+            if member is not None:
+                wanted[scoped, key] = member
+        return self._take_previous(wanted) if wanted else None
+
+    async def _take_previous(self, wanted: dict[tuple[tuple[str, ...], str], str]) -> None:
+        self._unfetched = await self._router.take_previous(wanted)
 
     def _placed(
         self, replication: Replication, kind: str, request: Any, operation: pb.Operation
