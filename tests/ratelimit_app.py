@@ -4,8 +4,9 @@
 
 Read from the environment:
     RATELIMIT_STORE       nestkv://HOST:PORT (a GrpcStore) or redis://HOST:PORT (Litestar's RedisStore)
-    RATELIMIT_MIDDLEWARE  counting (nestkv.client.ratelimit) or stock (Litestar's RateLimitMiddleware)
-    RATELIMIT_LIMIT       requests per minute
+    RATELIMIT_MIDDLEWARE  counting (nestkv.client.ratelimit), stock (Litestar's RateLimitMiddleware)
+                          or none (no rate limiting: the ceiling bench/ratelimit.py measures against)
+    RATELIMIT_LIMIT       requests per minute (not read with none)
 
 GET /limited is limited, GET /health is excluded. Every response, a 429 too, says which worker
 process answered in X-Worker-Pid.
@@ -19,6 +20,7 @@ from typing import cast
 
 from litestar import Litestar, get
 from litestar.datastructures import MutableScopeHeaders
+from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
 from litestar.stores.base import NamespacedStore, Store
 from litestar.stores.registry import StoreRegistry
@@ -64,15 +66,19 @@ def root_store(url: str) -> NamespacedStore:
 
 def create_app() -> Litestar:
     root = root_store(os.environ["RATELIMIT_STORE"])
-    config = RateLimitConfig(
-        rate_limit=("minute", int(os.environ["RATELIMIT_LIMIT"])),
-        exclude=["/health"],
-        middleware_class=MIDDLEWARES[os.environ["RATELIMIT_MIDDLEWARE"]],
-    )
+    name = os.environ["RATELIMIT_MIDDLEWARE"]
+    middleware: list[DefineMiddleware] = []
+    if name != "none":
+        config = RateLimitConfig(
+            rate_limit=("minute", int(os.environ["RATELIMIT_LIMIT"])),
+            exclude=["/health"],
+            middleware_class=MIDDLEWARES[name],
+        )
+        middleware.append(config.middleware)
     return Litestar(
         route_handlers=[limited, health],
         stores=StoreRegistry(default_factory=cast(Callable[[str], Store], root.with_namespace)),
         lifespan=[root],  # closes the client when the worker stops
-        middleware=[config.middleware],
+        middleware=middleware,
         before_send=[tell_worker],
     )

@@ -149,3 +149,41 @@ def test_atomic_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         assert results["goal_met"] == (results["ratio_nestkv_to_redis"]["ops_per_s"] >= 3)
         assert "| Redis INCR (redis.asyncio, pool) |" in done.stdout
     assert "| nestkv GrpcStore.increment |" in done.stdout
+
+
+def test_ratelimit_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "ratelimit.json"
+    args = ["--connections", "4", "--seconds", "0.3", "--rounds", "1", "--workers", "2", "--json", str(out)]
+    done = run_bench("bench.ratelimit", args)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    settings = results["settings"]
+    assert (settings["connections"], settings["seconds"], settings["rounds"], settings["workers"]) == (
+        4,
+        0.3,
+        1,
+        2,
+    )
+    setups = ["nestkv", "none"] + (["redis"] if "redis" in results else [])
+    for setup in setups:
+        figures = results[setup]
+        assert figures["requests_per_s"] > 0
+        assert figures["p99_ms"] >= figures["p50_ms"] > 0
+        assert figures["app_cpu_us"] > 0
+        assert figures["client_cpu_us"] > 0
+        assert figures["workers_reached_min"] >= 1
+        assert len(figures["requests_per_s_rounds"]) == 1
+        # Behaviour, not timing: the limit is out of reach, so nothing is refused.
+        assert figures["not_200"] == 0
+    # Every request of a round is counted on the nestkv server, once.
+    assert results["nestkv"]["counts_exact"] is True
+    assert results["nestkv"]["counted"] == results["nestkv"]["requests"] > 0
+    assert results["none"]["store_cpu_us"] == 0
+    assert set(results["ratio_to_none"]) == set(setups) - {"none"}
+    assert ("redis" in results) != ("redis_skipped" in results)
+    if "redis" in results:
+        assert 0 < results["redis"]["recorded"] <= results["redis"]["requests"]
+        assert results["ratio_nestkv_to_redis"]["requests_per_s"] > 0
+        assert "| stock RateLimitMiddleware, RedisStore |" in done.stdout
+    assert "| CountingRateLimitMiddleware, nestkv |" in done.stdout
+    assert "| no rate limiting (ceiling) |" in done.stdout
