@@ -66,7 +66,20 @@ async def test_an_expired_counter_starts_again(store: NamespacedStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [b"abc", b"1.5", b" 1", b"1 ", b"+1", b"-", b"", b"\xff", b"9" * 21, "\u0661".encode()]
+    "value",
+    [
+        b"abc",
+        b"1.5",
+        b" 1",
+        b"1 ",
+        b"+1",
+        b"-",
+        b"",
+        b"\xff",
+        b"9" * 21,
+        b"9223372036854775808",
+        "\u0661".encode(),
+    ],
 )
 async def test_increment_of_a_value_that_is_not_an_integer_fails_and_leaves_it(
     store: NamespacedStore, value: bytes
@@ -118,7 +131,14 @@ async def test_increment_is_confined_to_its_namespace(store: NamespacedStore) ->
     assert await b.get("n") == b"5"
 
 
-# set_if_absent, set_if_present
+async def test_an_increment_by_zero_reads_the_counter_without_a_new_version(store: NamespacedStore) -> None:
+    assert await store.increment("n", 3) == 3
+    before = await store.get_with_version("n")
+    assert await store.increment("n", 0) == 3
+    assert await store.get_with_version("n") == before
+
+
+# set_if_absent, set_if_present, set_versioned
 
 
 async def test_set_if_absent_stores_only_when_the_key_holds_no_value(store: NamespacedStore) -> None:
@@ -146,6 +166,23 @@ async def test_set_if_present_stores_only_over_a_value(store: NamespacedStore) -
     assert await store.set_if_present("k", b"new", expires_in=100) is True
     assert await store.get("k") == b"new"
     assert 95 <= (await store.expires_in("k") or 0) <= 100
+
+
+async def test_set_versioned_returns_the_version_stored_or_none(store: NamespacedStore) -> None:
+    first = await store.set_versioned("k", b"one", if_absent=True)
+    assert first is not None
+    assert (await store.get_with_version("k")) == (b"one", first)
+    assert await store.set_versioned("k", b"two", if_absent=True) is None
+    second = await store.set_versioned("k", b"two", if_version=first)
+    assert second is not None
+    assert second > first
+    assert await store.set_versioned("k", b"three", if_version=first) is None
+    plain = await store.set_versioned("k", b"four")
+    assert plain is not None
+    assert plain > second
+    assert await store.get("k") == b"four"
+    with pytest.raises(ValueError, match="at most one condition, got if_absent and if_present"):
+        await store.set_versioned("k", b"v", if_absent=True, if_present=True)
 
 
 # versions, compare_and_set
@@ -239,7 +276,7 @@ async def test_a_lock_has_one_holder_at_a_time(store: NamespacedStore) -> None:
     async with store.lock("job", expires_in=10) as held:
         assert await held.owned() is True
         assert held.version is not None
-        assert len(held.version) == 16
+        assert (await store.get_with_version("job")) == (held.token, held.version)
         other = store.lock("job", expires_in=10, blocking_timeout=0)
         assert await other.acquire() is False
         with pytest.raises(LockError, match=r"not acquired within 0\.2 s"):

@@ -89,6 +89,25 @@ def check_version(version: bytes) -> bytes:
     return version
 
 
+def set_condition(if_absent: bool, if_present: bool, if_version: bytes | None) -> tuple[str, bytes]:
+    """A conditional set's condition ("always", "absent", "present" or "version") and version;
+    at most one may be given."""
+    given = [
+        name
+        for name, on in (
+            ("if_absent", if_absent),
+            ("if_present", if_present),
+            ("if_version", if_version is not None),
+        )
+        if on
+    ]
+    if len(given) > 1:
+        raise ValueError(f"set_versioned takes at most one condition, got {' and '.join(given)}")
+    if if_version is not None:
+        return "version", check_version(if_version)
+    return ("absent" if if_absent else "present" if if_present else "always"), b""
+
+
 def whole_seconds(left: float) -> int:
     """Seconds left, rounded to the nearest whole second as Redis's TTL rounds them."""
     return int(left + 0.5)

@@ -113,6 +113,21 @@ class NamespacedStore(Store):
         """
 
     @abstractmethod
+    async def set_versioned(
+        self,
+        key: str,
+        value: str | bytes,
+        expires_in: int | timedelta | None = None,
+        *,
+        if_absent: bool = False,
+        if_present: bool = False,
+        if_version: bytes | None = None,
+    ) -> bytes | None:
+        """`set` under at most one condition (as `set_if_absent`, `set_if_present`,
+        `compare_and_set`): the new value's version if it was stored, None if the condition did
+        not hold. The version is what a lock holder fences with (nestkv.client.lock)."""
+
+    @abstractmethod
     async def set_if_absent(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:

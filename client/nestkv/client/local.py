@@ -9,7 +9,7 @@ default server does.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Self
+from typing import Self, cast
 
 from nestkv.client._arguments import (
     as_bytes,
@@ -17,6 +17,7 @@ from nestkv.client._arguments import (
     check_key,
     check_segment,
     check_version,
+    set_condition,
     span_seconds,
     whole_seconds,
 )
@@ -90,20 +91,43 @@ class LocalStore(NamespacedStore):
         self._storage.reap(_REAP_PER_WRITE)
         return total
 
+    async def set_versioned(
+        self,
+        key: str,
+        value: str | bytes,
+        expires_in: int | timedelta | None = None,
+        *,
+        if_absent: bool = False,
+        if_present: bool = False,
+        if_version: bytes | None = None,
+    ) -> bytes | None:
+        condition, version = set_condition(if_absent, if_present, if_version)
+        ttl = span_seconds(expires_in, "expires_in")
+        data = as_bytes(value)
+        self._limits.check_key(check_key(key))
+        self._limits.check_value(data)
+        storage = self._storage
+        if condition == "always":
+            stored: bytes | None = storage.set(self._path, key, data, ttl)
+        else:
+            stored = storage.set_if(self._path, key, data, ttl, cast(Condition, condition), version)
+        storage.reap(_REAP_PER_WRITE)
+        return stored
+
     async def set_if_absent(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:
-        return self._set_if(key, value, expires_in, "absent")
+        return await self.set_versioned(key, value, expires_in, if_absent=True) is not None
 
     async def set_if_present(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:
-        return self._set_if(key, value, expires_in, "present")
+        return await self.set_versioned(key, value, expires_in, if_present=True) is not None
 
     async def compare_and_set(
         self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
     ) -> bool:
-        return self._set_if(key, value, expires_in, "version", check_version(version))
+        return await self.set_versioned(key, value, expires_in, if_version=version) is not None
 
     async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
         renew = span_seconds(renew_for, "renew_for")
@@ -121,19 +145,3 @@ class LocalStore(NamespacedStore):
             return self._storage.delete_if(self._path, key, version=check_version(version))
         assert value is not None
         return self._storage.delete_if(self._path, key, value=as_bytes(value))
-
-    def _set_if(
-        self,
-        key: str,
-        value: str | bytes,
-        expires_in: int | timedelta | None,
-        condition: Condition,
-        version: bytes = b"",
-    ) -> bool:
-        ttl = span_seconds(expires_in, "expires_in")
-        data = as_bytes(value)
-        self._limits.check_key(check_key(key))
-        self._limits.check_value(data)
-        stored = self._storage.set_if(self._path, key, data, ttl, condition, version)
-        self._storage.reap(_REAP_PER_WRITE)
-        return stored is not None

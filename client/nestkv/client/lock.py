@@ -31,6 +31,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from nestkv.wire.errors import StoreError
+
 if TYPE_CHECKING:
     from nestkv.client.base import NamespacedStore
 
@@ -80,19 +82,36 @@ class Lock:
         loop = asyncio.get_running_loop()
         give_up = None if self.blocking_timeout is None else loop.time() + self.blocking_timeout
         token = secrets.token_hex(16).encode()
-        while not await self._store.set_if_absent(self.name, token, timedelta(seconds=self.expires_in)):
+        while (version := await self._try(token)) is None:
             if give_up is not None and loop.time() + self.sleep > give_up:
                 return False
             await asyncio.sleep(self.sleep)
-        self.token = token
-        held = await self._store.get_with_version(self.name)
-        self.version = held.version if held is not None and held.value == token else None
+        self.token, self.version = token, version
         return True
+
+    async def _try(self, token: bytes) -> bytes | None:
+        """One attempt to take the lock with `token`: the version it got, None if held by another."""
+        try:
+            return await self._store.set_versioned(
+                self.name, token, timedelta(seconds=self.expires_in), if_absent=True
+            )
+        except StoreError as error:
+            if error.applied is not None:
+                raise  # certainly not taken
+            # It may have been taken (the answer was lost): it was if the token is there.
+            held = await self._store.get_with_version(self.name)
+            if held is not None and held.value == token:
+                return held.version
+            raise
 
     async def extend(self, expires_in: float | None = None) -> None:
         """Hold the lock for `expires_in` seconds from now (default: the Lock's `expires_in`).
-        Raises LockError if this holder no longer holds it."""
+        Raises LockError if this holder no longer holds it. Unlike redis-py's `extend(t)`, which
+        adds `t` to the time left, this sets the time left (redis-py's `reacquire()`, or
+        `extend(t, replace_ttl=True)`)."""
         seconds = self.expires_in if expires_in is None else expires_in
+        if not seconds > 0:
+            raise ValueError(f"expires_in must be positive, got {seconds!r}")
         held = await self._store.get_with_version(self.name) if self.token is not None else None
         if held is None or held.value != self.token:
             raise LockError(f"lock {self.name!r} is not held by this holder: it cannot be extended")

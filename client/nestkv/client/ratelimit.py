@@ -47,7 +47,10 @@ window; and a rejected request is counted too (the counter keeps rising past the
 changes nothing but the counter itself).
 
 The store must have `increment(key, amount, expires_in) -> int`, atomic where the key lives
-(nestkv's GrpcStore and LocalStore): any other raises TypeError at the first request counted.
+(nestkv's GrpcStore; a LocalStore too, but it counts within one process only): any other raises
+TypeError at the first request counted. A subclass's overrides of the stock middleware's
+history hooks (`retrieve_cached_history`, `set_cached_history`, `create_send_wrapper`,
+`create_response_headers`) are not called: there is no history, only the count.
 
 This module imports Litestar; `import nestkv.client` does not import this module.
 """
@@ -128,8 +131,8 @@ class CountingRateLimitMiddleware(RateLimitMiddleware):
                 f"{type(self).__name__} counts each request with one atomic "
                 f"`increment(key, amount, expires_in) -> int` on the store, and the app's store "
                 f"{self.config.store!r} is a {type(store).__module__}.{type(store).__qualname__}, "
-                f"which has no `increment`. Give the app a nestkv store under that name "
-                f"(GrpcStore or LocalStore), e.g. "
+                f"which has no `increment`. Give the app a nestkv GrpcStore under that name "
+                f"(a LocalStore counts within one process only), e.g. "
                 f"Litestar(stores=StoreRegistry(default_factory=GrpcStore.with_client(target).with_namespace))."
             )
         self._counting_store = store

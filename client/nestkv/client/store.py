@@ -16,6 +16,7 @@ from nestkv.client._arguments import (
     check_key,
     check_segment,
     check_version,
+    set_condition,
     span_seconds,
     whole_seconds,
 )
@@ -34,6 +35,12 @@ from nestkv.wire.pipeline import (
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+_SET_CONDITION = {
+    "always": pb.SET_CONDITION_ALWAYS,
+    "absent": pb.SET_CONDITION_IF_ABSENT,
+    "present": pb.SET_CONDITION_IF_PRESENT,
+    "version": pb.SET_CONDITION_IF_VERSION,
+}
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -351,20 +358,44 @@ class GrpcStore(NamespacedStore):
             _put_span(request.expires_in, ttl)
         return int((await result).increment.value)
 
+    async def set_versioned(
+        self,
+        key: str,
+        value: str | bytes,
+        expires_in: int | timedelta | None = None,
+        *,
+        if_absent: bool = False,
+        if_present: bool = False,
+        if_version: bytes | None = None,
+    ) -> bytes | None:
+        condition, version = set_condition(if_absent, if_present, if_version)
+        data = self._value_bytes(value)
+        ttl = span_seconds(expires_in, "expires_in")
+        operation, result = await self._add(len(check_key(key)) + len(data) + len(version), key)
+        request = _in_path(operation.set, self._path)
+        request.key = key
+        request.value = data
+        request.condition = _SET_CONDITION[condition]
+        request.if_version = version
+        if ttl is not None:
+            _put_span(request.expires_in, ttl)
+        response = (await result).set
+        return response.version if response.stored else None
+
     async def set_if_absent(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:
-        return await self._set_if(key, value, expires_in, pb.SET_CONDITION_IF_ABSENT)
+        return await self.set_versioned(key, value, expires_in, if_absent=True) is not None
 
     async def set_if_present(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:
-        return await self._set_if(key, value, expires_in, pb.SET_CONDITION_IF_PRESENT)
+        return await self.set_versioned(key, value, expires_in, if_present=True) is not None
 
     async def compare_and_set(
         self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
     ) -> bool:
-        return await self._set_if(key, value, expires_in, pb.SET_CONDITION_IF_VERSION, check_version(version))
+        return await self.set_versioned(key, value, expires_in, if_version=version) is not None
 
     async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
         renew = span_seconds(renew_for, "renew_for")
@@ -383,7 +414,11 @@ class GrpcStore(NamespacedStore):
         check_key(key)
         if (version is None) == (value is None):
             raise ValueError("delete_if takes exactly one of version and value")
-        condition = check_version(version) if version is not None else self._value_bytes(value or b"")
+        if version is not None:
+            condition = check_version(version)
+        else:
+            assert value is not None
+            condition = self._value_bytes(value)
         operation, result = await self._add(len(key) + len(condition), key)
         request = _in_path(operation.delete, self._path)
         request.key = key
@@ -392,26 +427,6 @@ class GrpcStore(NamespacedStore):
         else:
             request.if_value = condition
         return bool((await result).delete.deleted)
-
-    async def _set_if(
-        self,
-        key: str,
-        value: str | bytes,
-        expires_in: int | timedelta | None,
-        condition: int,
-        version: bytes = b"",
-    ) -> bool:
-        data = self._value_bytes(value)
-        ttl = span_seconds(expires_in, "expires_in")
-        operation, result = await self._add(len(check_key(key)) + len(data) + len(version), key)
-        request = _in_path(operation.set, self._path)
-        request.key = key
-        request.value = data
-        request.condition = condition
-        request.if_version = version
-        if ttl is not None:
-            _put_span(request.expires_in, ttl)
-        return bool((await result).set.stored)
 
     async def stats(self) -> Stats:
         """Figures of this store's namespace with everything below it, and of the whole server.

@@ -54,6 +54,14 @@ def test_increment_returns_the_version_and_keeps_the_deadline_of_an_existing_key
     assert (value, deadline) == (5, NEVER)
 
 
+def test_an_overflow_does_not_tell_the_stored_value(storage: NamespacedStorage) -> None:
+    storage.set(PATH, "secret", b"9223372036854775000")
+    with pytest.raises(FailedPrecondition) as refused:
+        storage.increment(PATH, "secret", 10_000)
+    assert "9223372036854775000" not in str(refused.value)
+    assert "9223372036854785000" not in str(refused.value)
+
+
 def test_a_failed_increment_changes_nothing(storage: NamespacedStorage) -> None:
     storage.set(PATH, "n", str(INT64_MAX).encode())
     before = (storage.get_entry(PATH, "n"), storage.used_memory)

@@ -56,12 +56,14 @@ _MAX_INTEGER_BYTES = 20  # "-9223372036854775808"
 def _integer(value: bytes) -> int:
     """The integer a counter's value holds as ASCII decimal ("-?[0-9]+"); FailedPrecondition if none."""
     digits = value[1:] if value[:1] == b"-" else value
-    if not (0 < len(value) <= _MAX_INTEGER_BYTES and digits.isdigit() and digits.isascii()):
-        raise FailedPrecondition(
-            "increment of a value that is not an integer: it must be ASCII decimal (-?[0-9]+, "
-            f"at most {_MAX_INTEGER_BYTES} characters), as increment stores it"
-        )
-    return int(value)
+    if 0 < len(value) <= _MAX_INTEGER_BYTES and digits.isdigit() and digits.isascii():
+        number = int(value)
+        if INT64_MIN <= number <= INT64_MAX:
+            return number
+    raise FailedPrecondition(
+        "increment of a value that is not an integer: it must be ASCII decimal (-?[0-9]+, "
+        f"at most {_MAX_INTEGER_BYTES} characters) within the signed 64-bit range, as increment stores it"
+    )
 
 
 EvictionPolicy = Literal["noeviction", "allkeys-lru", "volatile-lru", "volatile-ttl"]
@@ -207,10 +209,12 @@ class NamespacedStorage:
             total, deadline = amount, NEVER if ttl is None else self._clock() + ttl
         else:
             total, deadline = _integer(value_of(stored)) + amount, deadline_of(stored)
+            if not amount:  # a read: no new version, nothing to store, journal or replicate
+                return total, version_of(stored), deadline
         if not INT64_MIN <= total <= INT64_MAX:
+            # Not the sum: with the amount, it would tell the stored value to a reader of errors.
             raise FailedPrecondition(
-                f"increment would take the value to {total}, outside the signed 64-bit range "
-                f"[{INT64_MIN}, {INT64_MAX}]"
+                f"increment would take the value outside the signed 64-bit range [{INT64_MIN}, {INT64_MAX}]"
             )
         return total, self._write(path, key, b"%d" % total, deadline), deadline
 
@@ -223,7 +227,10 @@ class NamespacedStorage:
         if stored is None:
             return False
         matches = version_of(stored) == version if version is not None else value_of(stored) == value
-        return matches and self.delete(path, key)
+        if not matches:
+            return False
+        self.delete(path, key)  # live when looked at: removed, whatever the clock says by now
+        return True
 
     def _write(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> bytes:
         """Store an entry with an absolute `deadline` as a write of this node: room made, stamped
