@@ -221,7 +221,7 @@ async def test_a_store_without_increment_is_a_type_error_naming_what_is_needed()
     message = str(errors[0])
     assert "increment(key, amount, expires_in)" in message
     assert "'rate_limit' is a litestar.stores.memory.MemoryStore" in message
-    assert "GrpcStore or LocalStore" in message
+    assert "nestkv GrpcStore" in message
 
 
 def test_nestkv_client_imports_neither_this_module_nor_litestar_for_it() -> None:
