@@ -83,7 +83,7 @@ class BatchRunner:
         last = starts[-1]
         for start in starts:
             pending: Pending = []
-            ready = route.prepare(batch.operations[start : start + SLICE_OPERATIONS])
+            ready = route.prepare(batch.operations, start, start + SLICE_OPERATIONS)
             if ready is not None:  # copies to take in first (a resize): this stream waits for them
                 await ready
             responses = self._run_slice(batch, grant, route, pending, start)

@@ -23,8 +23,8 @@ Answer = Awaitable[pb.OperationResult | None]
 class Route(Protocol):
     """How the operations of one batch run: decided once per batch, asked once per operation."""
 
-    def prepare(self, operations: Sequence[pb.Operation]) -> Awaitable[None] | None:
-        """What to wait for before a slice of these operations runs here (None: nothing)."""
+    def prepare(self, operations: Sequence[pb.Operation], start: int, stop: int) -> Awaitable[None] | None:
+        """What to wait for before the slice `operations[start:stop]` runs here (None: nothing)."""
 
     def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:
         """The answer of the node that runs this operation instead of this one; None: it runs here.
@@ -65,7 +65,7 @@ class _Here:
 
     __slots__ = ()
 
-    def prepare(self, operations: Sequence[pb.Operation]) -> Awaitable[None] | None:
+    def prepare(self, operations: Sequence[pb.Operation], start: int, stop: int) -> Awaitable[None] | None:
         return None
 
     def elsewhere(self, kind: str, request: Any, operation: pb.Operation) -> Answer | None:

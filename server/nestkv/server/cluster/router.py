@@ -291,7 +291,7 @@ class _ClusterRoute:
             raise NodeFault("UNAVAILABLE", f"{previous}: {NOT_APPLIED}")
         return None
 
-    def prepare(self, operations: Sequence[pb.Operation]) -> Awaitable[None] | None:
+    def prepare(self, operations: Sequence[pb.Operation], start: int, stop: int) -> Awaitable[None] | None:
         """While hand-offs run (no replicas), a key this node owns may still be on its previous
         owner only: for the operations on a key's state (an increment, a conditional write) on
         keys not held here, that copy is merged here before the slice runs, so that they act on
@@ -301,7 +301,7 @@ class _ClusterRoute:
         router = self._router
         cluster = router.cluster
         wanted: dict[tuple[tuple[str, ...], str], str] = {}
-        for operation in operations:
+        for operation in operations[start:stop]:
             kind = operation.WhichOneof("operation")
             if kind is None or not conditional(kind, request := getattr(operation, kind)):
                 continue
