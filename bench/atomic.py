@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 from bench.__main__ import commit, machine, percentile
 from bench.cluster import cpu_seconds
+from bench.output import publish
 from bench.servers import RedisServer, nestkv_server, redis_server
 from nestkv.client import GrpcStore
 
@@ -219,12 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
-    print()
-    print(report(results))
-    print(f"\nwall time {results['wall_s']:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    publish(results, report(results), args.json)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import random
@@ -50,6 +49,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.__main__ import TTL, VALUE, commit, load_nestkv, machine, nestkv_keys
+from bench.output import publish
 from nestkv.client import GrpcStore, channel_options
 from tests.clusterproc import ClusterProcesses
 from tests.serverproc import ServerProcess
@@ -407,12 +407,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # One event loop for the whole run: after a second asyncio.run, grpc.aio's poller still calls
     # into the first, closed loop ("Event loop is closed" tracebacks).
     results = asyncio.run(run(args))
-    print()
-    print(report(results))
-    print(f"\nwall time {results['wall_s']:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    publish(results, report(results), args.json)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ import httpx
 
 from bench.__main__ import commit, machine, percentile
 from bench.cluster import cpu_seconds
+from bench.output import publish
 from bench.servers import RedisServer, nestkv_server, redis_server
 from nestkv.client import GrpcStore
 
@@ -454,6 +455,7 @@ def report(results: Row) -> str:
             f"({redis['recorded_share']:.0%}; the rest lost between workers); each worker takes its lock "
             f"around its get-then-set: one request counted at a time per worker"
         )
+    lines.append(f"startup of the apps and servers: {results['startup_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -473,12 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     results = run(args)
-    print()
-    print(report(results))
-    print(f"\nwall time {results['wall_s']:.0f} s (startup {results['startup_s']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    publish(results, report(results), args.json)
 
 
 if __name__ == "__main__":

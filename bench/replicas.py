@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import signal
 import statistics
@@ -33,6 +32,7 @@ from typing import Any
 
 from bench.__main__ import TTL, VALUE, commit, machine
 from bench.cluster import cpu_seconds
+from bench.output import publish
 from nestkv.client import GrpcStore, StoreError
 from nestkv.wire.placement import Placement
 from tests.clusterproc import ClusterProcesses
@@ -200,12 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
-    print()
-    print(report(results))
-    print(f"\nwall time {results['wall_s']:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    publish(results, report(results), args.json)
 
 
 if __name__ == "__main__":
