@@ -117,6 +117,29 @@ async def test_bad_set_is_rejected_and_data_untouched(stub: Any, request_: Any, 
         ("DeleteAll", pb.DeleteAllRequest(path=["a"] * 4), "max_depth"),
         ("Exists", pb.ExistsRequest(path=["x" * 9], key="key"), "max_segment_bytes"),
         ("ExpiresIn", pb.ExpiresInRequest(path=["ns"], key="k" * 17), "max_key_bytes"),
+        ("Increment", pb.IncrementRequest(path=["ns"], key="k" * 17, amount=1), "max_key_bytes"),
+        ("Increment", pb.IncrementRequest(path=["a"] * 4, key="key", amount=1), "max_depth"),
+        (
+            "Increment",
+            pb.IncrementRequest(path=["ns"], key="key", expires_in=Duration(seconds=0)),
+            "expires_in must be positive",
+        ),
+        (
+            "Set",
+            pb.SetRequest(path=["ns"], key="key", condition=pb.SET_CONDITION_IF_VERSION),
+            "if_version is given if and only if condition is SET_CONDITION_IF_VERSION",
+        ),
+        (
+            "Set",
+            pb.SetRequest(path=["ns"], key="key", condition=pb.SET_CONDITION_IF_VERSION, if_version=b"x"),
+            "if_version is 1 bytes; a version is 16",
+        ),
+        (
+            "Set",
+            pb.SetRequest(path=["ns"], key="key", condition=7),  # type: ignore[arg-type]
+            "condition is 7, not a SetCondition",
+        ),
+        ("Delete", pb.DeleteRequest(path=["ns"], key="key", if_version=b"short"), "if_version is 5 bytes"),
     ],
 )
 async def test_bad_request_to_each_rpc_is_rejected(stub: Any, call: str, request_: Any, message: str) -> None:
