@@ -326,7 +326,7 @@ class Window:
     other: int
     other_failed: int
     longest_gap: float  # seconds without a successful operation on the faulted node's keys
-    errors: list[str]
+    errors: list[str]  # the first few distinct failures, and through which client
 
     def __str__(self) -> str:
         return (
@@ -334,7 +334,7 @@ class Window:
             f"{self.faulted_failed}/{self.faulted} failed ({_rate(self.faulted_failed, self.faulted)}), "
             f"others {self.other_failed}/{self.other} ({_rate(self.other_failed, self.other)}); "
             f"longest wait for a success on its keys {self.longest_gap:.2f} s"
-        )
+        ) + "".join(f"\n    {error}" for error in self.errors)
 
 
 def _rate(part: int, whole: int) -> str:
@@ -417,7 +417,9 @@ def check(history: History, final: dict[str, str | None], placement: Placement) 
         other = [op for op in window if placement.owner(PATH, op.key) != member]
         faulted_failed = sum(not op.ok for op in faulted)
         other_failed = sum(not op.ok for op in other)
-        errors = sorted({op.error[:120] for op in faulted + other if not op.ok})[:5]
+        errors = sorted(
+            {f"{op.kind} via {op.via or 'routing'}: {op.error[:100]}" for op in window if not op.ok}
+        )[:5]
         successes = sorted(op.end for op in faulted if op.ok)
         gaps = [later - earlier for earlier, later in itertools.pairwise([start, *successes, end])]
         report.windows.append(

@@ -167,6 +167,24 @@ async def test_an_operation_forwarded_to_a_copy_that_is_stopping_is_refused_not_
     assert not three.nodes["a"].holds(key)
 
 
+async def test_writes_forwarded_to_a_node_stepping_down_all_succeed(three: InProcessCluster) -> None:
+    # A rolling restart under a client pinned to c: c forwards the key's writes to a, its first
+    # copy, as a steps down. a tells the others it is not current before it refuses anything,
+    # so c's writes go to b from then on, and none fails.
+    key = key_with_copies(three, "a", "b")
+    replication = three.nodes["a"].cluster.replication
+    assert replication is not None
+    stepping = asyncio.create_task(replication.step_down(lambda: None))
+    results = []
+    while not stepping.done():
+        results.append(await three.nodes["c"].set(key, f"v{len(results)}".encode()))
+        await asyncio.sleep(0.005)
+    assert replication.liveness.leaving
+    assert len(results) > 20
+    assert [result.WhichOneof("result") for result in results] == ["set"] * len(results)
+    assert three.nodes["b"].storage.get(PATH, key) == f"v{len(results) - 1}".encode()
+
+
 async def test_a_caller_cannot_send_a_replica(three: InProcessCluster) -> None:
     key = key_with_copies(three, "a", "b")
     replica = pb.ReplicaRequest(path=PATH, key=key, value=b"forged", version=b"\xff" * 16)

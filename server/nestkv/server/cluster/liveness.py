@@ -74,8 +74,15 @@ class Liveness:
         """This node took in what the others hold of its keys since its lease last lapsed."""
         self._away_since = clock()  # when it started, or its lease last lapsed
         self._back_since = clock()  # when its lease last began
+        self.stepping_down = False
+        """Set as this node prepares to stop: its answers to pings say it is not current, so the
+        others send its keys' operations to their other copies (and still their replicas here),
+        while it runs what they sent before they heard (see Replication.step_down)."""
         self.leaving = False
         """Set when this node stops: the others send its keys' operations elsewhere already."""
+        self._pings: dict[str, int] = {}  # pings answered, by sender
+        self.pinged = asyncio.Event()
+        """Set whenever this node answers a ping."""
         self.lapses = 0
         """Times this node's lease lapsed (a catch-up that saw one during it starts over)."""
         self.changed = asyncio.Event()
@@ -181,7 +188,14 @@ class Liveness:
         sees = sees and now - self._around.get(sender, -DOWN_AFTER) >= DOWN_AFTER
         if sees:
             self._told[sender] = now
-        return pb.PingResponse(current=self.current, sees_you=sees, leaving=self.leaving)
+        self._pings[sender] = self._pings.get(sender, 0) + 1
+        self.pinged.set()
+        current = self.current and not self.stepping_down
+        return pb.PingResponse(current=current, sees_you=sees, leaving=self.leaving)
+
+    def pings_answered(self, member: str) -> int:
+        """How many pings from `member` this node has answered."""
+        return self._pings.get(member, 0)
 
     async def ping_forever(self) -> None:
         """Ping every other member every INTERVAL seconds, until cancelled."""

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nestkv.server.cluster.liveness import INTERVAL, PING_TIMEOUT, Liveness, wait_changed
+from nestkv.server.cluster.liveness import DOWN_AFTER, INTERVAL, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
 from nestkv.server.router import Answer
@@ -232,9 +232,10 @@ class Replication:
         return pb.Operation(replica=pb.ReplicaRequest(path=path, key=key, version=buried, deleted=True))
 
     async def step_down(self, end_callers_streams: Callable[[], None]) -> None:
-        """Before this node stops: it says it is not current, ends its callers' streams (they
-        send to other copies), and waits for the others to have heard it, so that operations on
-        its keys go to their other copies meanwhile."""
+        """Before this node stops: it tells the others it is not current while it still runs what
+        they forward, then refuses their operations, ends its callers' streams (they send to
+        other copies), and waits for the others to have heard it, so that operations on its keys
+        go to their other copies meanwhile."""
         liveness = self.liveness
         others = self._cluster.others()
         # Not while another member catches up (a rolling restart, the node before): its keys'
@@ -243,6 +244,20 @@ class Replication:
             async with asyncio.timeout(STEP_DOWN_WAIT):
                 while not all(liveness.serving(member) or not liveness.up(member) for member in others):
                     await wait_changed(liveness, INTERVAL)
+        # A member forwarding to this node as it starts to refuse would fail its caller's
+        # operation: first every member up hears that it is not current, from its answers to their
+        # pings. A member pings again only once it took in the answer to its last ping, so two
+        # pings answered since mean it forwards nothing more here.
+        liveness.stepping_down = True
+        answered = {member: liveness.pings_answered(member) for member in others}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DOWN_AFTER):
+                while not all(
+                    liveness.pings_answered(member) >= answered[member] + 2 or not liveness.up(member)
+                    for member in others
+                ):
+                    liveness.pinged.clear()
+                    await liveness.pinged.wait()
         liveness.leaving = True
         end_callers_streams()
         log.info("stepping down: the other copies answer for this node's keys from now on")
