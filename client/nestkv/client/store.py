@@ -35,13 +35,15 @@ from nestkv.wire.pipeline import (
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 5.0
+
 _SET_CONDITION = {
     "always": pb.SET_CONDITION_ALWAYS,
     "absent": pb.SET_CONDITION_IF_ABSENT,
     "present": pb.SET_CONDITION_IF_PRESENT,
     "version": pb.SET_CONDITION_IF_VERSION,
 }
-DEFAULT_TIMEOUT = 5.0
+"""A conditional set's condition, by the name the store's methods pass, as the .proto's enum."""
 
 
 class _Connection:
