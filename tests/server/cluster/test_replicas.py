@@ -175,7 +175,7 @@ async def test_writes_forwarded_to_a_node_stepping_down_all_succeed(three: InPro
     replication = three.nodes["a"].cluster.replication
     assert replication is not None
     stepping = asyncio.create_task(replication.step_down(lambda: None))
-    results = []
+    results: list[pb.OperationResult] = []
     while not stepping.done():
         results.append(await three.nodes["c"].set(key, f"v{len(results)}".encode()))
         await asyncio.sleep(0.005)
