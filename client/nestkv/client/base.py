@@ -127,29 +127,29 @@ class NamespacedStore(Store):
         `compare_and_set`): the new value's version if it was stored, None if the condition did
         not hold. The version is what a lock holder fences with (nestkv.client.lock)."""
 
-    @abstractmethod
     async def set_if_absent(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:
         """Store `value` only if `key` holds no value (missing or expired), as SET NX.
         Whether it was stored."""
+        return await self.set_versioned(key, value, expires_in, if_absent=True) is not None
 
-    @abstractmethod
     async def set_if_present(
         self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
     ) -> bool:
         """Store `value` only if `key` holds a value, as SET XX. Whether it was stored."""
+        return await self.set_versioned(key, value, expires_in, if_present=True) is not None
 
     @abstractmethod
     async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
         """`get`, with the value's version (see `compare_and_set`); None if the key is missing."""
 
-    @abstractmethod
     async def compare_and_set(
         self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
     ) -> bool:
         """Store `value` only if `key` still holds the value of `version` (as `get_with_version`
         returned it): no write came in between. Whether it was stored (False: read and try again)."""
+        return await self.set_versioned(key, value, expires_in, if_version=version) is not None
 
     @abstractmethod
     async def delete_if(

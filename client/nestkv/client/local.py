@@ -114,21 +114,6 @@ class LocalStore(NamespacedStore):
         storage.reap(_REAP_PER_WRITE)
         return stored
 
-    async def set_if_absent(
-        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
-    ) -> bool:
-        return await self.set_versioned(key, value, expires_in, if_absent=True) is not None
-
-    async def set_if_present(
-        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
-    ) -> bool:
-        return await self.set_versioned(key, value, expires_in, if_present=True) is not None
-
-    async def compare_and_set(
-        self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
-    ) -> bool:
-        return await self.set_versioned(key, value, expires_in, if_version=version) is not None
-
     async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
         renew = span_seconds(renew_for, "renew_for")
         self._limits.check_key(check_key(key))

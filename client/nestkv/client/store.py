@@ -384,21 +384,6 @@ class GrpcStore(NamespacedStore):
         response = (await result).set
         return response.version if response.stored else None
 
-    async def set_if_absent(
-        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
-    ) -> bool:
-        return await self.set_versioned(key, value, expires_in, if_absent=True) is not None
-
-    async def set_if_present(
-        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
-    ) -> bool:
-        return await self.set_versioned(key, value, expires_in, if_present=True) is not None
-
-    async def compare_and_set(
-        self, key: str, value: str | bytes, version: bytes, expires_in: int | timedelta | None = None
-    ) -> bool:
-        return await self.set_versioned(key, value, expires_in, if_version=version) is not None
-
     async def get_with_version(self, key: str, renew_for: int | timedelta | None = None) -> Versioned | None:
         renew = span_seconds(renew_for, "renew_for")
         operation, result = await self._add(len(check_key(key)), key)
