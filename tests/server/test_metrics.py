@@ -15,7 +15,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nestkv.client import GrpcStore, InvalidRequestError
+from nestkv.client import GrpcStore, InvalidRequestError, StoreError
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.clusterproc import ClusterProcesses, free_ports
@@ -145,13 +145,18 @@ async def test_a_cluster_node_reports_its_tombstones() -> None:
     cluster = ("--port", str(port), "--node-id", "a", "--cluster", f"a=127.0.0.1:{port}")
     with ServerProcess("--metrics-port", "0", *cluster, "--max-tombstones", "3") as server:
         async with GrpcStore.with_client(server.target) as store:
-            for number in range(5):
+            for number in range(3):
                 await store.delete(f"gone{number}")
+            with pytest.raises(StoreError, match="removes nothing here") as refused:
+                await store.delete("gone3")  # a fourth tombstone: over --max-tombstones
+            assert refused.value.code == "RESOURCE_EXHAUSTED"
+            await store.set("held", b"v")
+            await store.delete("held")  # removes a value: never refused
         samples = scrape(server)
-    assert samples["nestkv_tombstones", ()] == 3
-    assert samples["nestkv_tombstones_dropped_early_total", ()] == 2
+    assert samples["nestkv_tombstones", ()] == 4
     assert samples["nestkv_tombstone_bytes", ()] > 0
     assert samples["nestkv_memory_bytes", ()] >= samples["nestkv_tombstone_bytes", ()]
+    assert samples["nestkv_memory_over_bytes", ()] == 0
 
 
 async def test_a_single_server_keeps_no_tombstones() -> None:

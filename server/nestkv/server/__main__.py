@@ -52,7 +52,8 @@ _HELP = {
     "probes, which do not speak TLS (default: off)",
     "tombstone_age": "in a cluster, seconds a delete is remembered so that an older copy does not bring "
     "the key back; a data directory away longer is refused (default: %(default)s)",
-    "max_tombstones": "in a cluster, most deletes remembered; the oldest go first (default: %(default)s)",
+    "max_tombstones": "in a cluster, most deletes remembered; over it a delete of a key not held here is "
+    "refused (default: %(default)s)",
     "replicas": "in a cluster, copies kept of every key (1-5): 2 or more fail over when a node is down "
     "(default: %(default)s)",
     "min_copies": "copies a write is stored on before it is answered, stand-ins included; 0: "

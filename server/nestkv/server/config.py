@@ -72,8 +72,9 @@ class ServerConfig(msgspec.Struct, frozen=True):
     arriving meanwhile does not bring it back; a node whose data directory was away longer refuses
     to start with it."""
     max_tombstones: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
-    """In a cluster, most tombstones kept: the oldest go first (and before any entry, under
-    max_memory)."""
+    """In a cluster, most tombstones a delete that removes nothing may leave: over it, such a delete
+    is refused (as it is when its tombstone would not fit --max-memory or its quota). Tombstones
+    are never dropped before tombstone_age: that would undo deletes."""
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     """In a cluster, copies kept of every key, on as many members (fewer if there are fewer
     members): 1 keeps each key on its owner only; 2 or more survive that many nodes minus one

@@ -46,25 +46,34 @@ class FailedPrecondition(StoreFault):
 class StoreFull(StoreFault):
     """A write would exceed the memory bound and the eviction policy frees nothing; nothing was changed."""
 
-    def __init__(self, message: str, needed: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, needed: int, cause: str = "") -> None:
+        """`cause`: what made the change need memory, when it is not a write (said to every caller)."""
+        super().__init__(f"{cause}: {message}" if cause else message)
         self.needed = needed
+        self.cause = cause
 
     def confined(self) -> str:
         # No figures: the memory the whole store uses is other tenants' business, and the bytes a
         # write needs, tried size after size, would tell how much is free.
-        return "the store is full: nothing may be evicted to make room for this write"
+        full = "the store is full: nothing may be evicted to make room for this write"
+        return f"{self.cause}: {full}" if self.cause else full
 
 
 class QuotaExceeded(StoreFault):
     """A write would take a namespace over its byte quota; nothing was changed."""
 
+    def __init__(self, message: str, cause: str = "") -> None:
+        """`cause`: what made the change need room, when it is not a write (said to every caller)."""
+        super().__init__(f"{cause}: {message}" if cause else message)
+        self.cause = cause
+
     def confined(self) -> str:
         # The quota may be on a namespace above the caller's root, whose figures are others'.
-        return (
+        reached = (
             "a byte quota over this namespace is reached (a token's max_bytes): "
             "delete keys under it to make room"
         )
+        return f"{self.cause}: {reached}" if self.cause else reached
 
 
 class StoreUnavailable(StoreFault):

@@ -9,11 +9,11 @@ Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` counters.
     nestkv_operation_duration_seconds{operation}    histogram: time the server spent on one operation
     nestkv_batch_operations                         histogram: operations per Pipeline batch
     nestkv_keys, nestkv_memory_bytes,               gauges: the store (memory as --max-memory counts it)
-      nestkv_max_memory_bytes
+      nestkv_max_memory_bytes, nestkv_memory_over_bytes   and what copies of other nodes' writes hold
+                                                   over it when nothing could be evicted for them
     nestkv_evictions_total, nestkv_expired_keys_total   counters
-    nestkv_tombstones, nestkv_tombstone_bytes,   in a cluster: gauge, gauge and counter: deletes
-      nestkv_tombstones_dropped_early_total      remembered, their memory, and those dropped
-                                                 before --tombstone-age (count or memory bound)
+    nestkv_tombstones, nestkv_tombstone_bytes    in a cluster, gauges: deletes remembered, and
+                                                 their memory (within --max-memory and quotas)
     nestkv_log_bytes, nestkv_last_snapshot_age_seconds  gauges, with --data-dir
     nestkv_auth_denials_total{token, reason}       counter: calls and operations refused, by token
                                                    name ("" if none) and reason (missing_token,
@@ -175,6 +175,11 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "nestkv_max_memory_bytes", "The --max-memory bound; 0: none.", storage.max_memory
         )
+        yield GaugeMetricFamily(
+            "nestkv_memory_over_bytes",
+            "Bytes over --max-memory held by copies of writes admitted on other nodes (never refused).",
+            storage.over_memory,
+        )
         yield CounterMetricFamily(
             "nestkv_evictions", "Keys evicted to stay within --max-memory.", storage.evictions
         )
@@ -188,11 +193,6 @@ class StoreCollector:
             )
             yield GaugeMetricFamily(
                 "nestkv_tombstone_bytes", "Bytes the tombstones take, within --max-memory.", tombstones.bytes
-            )
-            yield CounterMetricFamily(
-                "nestkv_tombstones_dropped_early",
-                "Tombstones dropped before --tombstone-age, over --max-tombstones or for memory.",
-                tombstones.dropped_early,
             )
         replication = self._replication
         if replication is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nestkv.server.cluster import Topology
+from nestkv.server.cluster.handoff import MESSAGE_BYTES
 from nestkv.v1 import store_pb2 as pb
 from tests.server.cluster.nodes import InProcessCluster, Node, address_of, keys_owned_by
 
@@ -253,3 +254,25 @@ async def test_a_key_deleted_at_the_new_owner_is_not_read_back_from_the_previous
     # A miss asked of a is merged at c: c holds the copy from then on, with a's version.
     assert (await c.get(renewed)).get.value == b"older"
     assert c.holds(renewed)
+
+
+async def test_catch_up_and_hand_off_messages_are_bounded_by_bytes_whatever_they_carry() -> None:
+    """Values of 7 MiB, thousands of tombstones and emptied namespaces on long paths: every message
+    stays within MESSAGE_BYTES plus one value (a value larger than that goes alone)."""
+    cluster = InProcessCluster(["a", "b"], replicas=2)
+    try:
+        storage = cluster.nodes["a"].storage
+        deep = tuple(f"{depth:02d}" + "s" * 254 for depth in range(32))
+        for number in range(3):
+            storage.set(PATH, f"big{number}", bytes([number]) * (7 * 1024 * 1024))
+        for number in range(2_000):
+            storage.delete(deep, f"gone{number}" + "k" * 1_000)
+            storage.delete_all((*deep[:31], f"empty{number}"))
+        messages = [message async for message in cluster.nodes["a"].cluster.handoff.copies_for("b")]
+    finally:
+        await cluster.close()
+    assert [len(entry.value) for message in messages for entry in message.entries] == [7 * 1024 * 1024] * 3
+    assert sum(len(message.tombstones) for message in messages) == 2_000
+    assert sum(len(message.emptied) for message in messages) == 2_000
+    assert max(message.ByteSize() for message in messages if not message.entries) <= 1.1 * MESSAGE_BYTES
+    assert max(message.ByteSize() for message in messages) <= 7 * 1024 * 1024 + 64 * 1024

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestkv.server.errors import StoreFull
+from nestkv.server.errors import QuotaExceeded, StoreFault, StoreFull
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.clock import LEGACY, HybridClock, clock_of, milliseconds_of
 from nestkv.server.storage.tombstones import Tombstones
@@ -173,7 +175,7 @@ def test_merging_a_subtree_delete_keeps_the_newer_entries_below_it() -> None:
     assert storage.get(("a", "b"), "new") == b"2"
 
 
-def test_tombstones_are_collected_by_age_and_count_and_counted_in_memory() -> None:
+def test_tombstones_are_collected_by_age_only_and_counted_in_memory() -> None:
     wall = Wall()
     tombstones = Tombstones(age=60, limit=3, wall=wall)
     storage = NamespacedStorage(versions=HybridClock("a", wall), tombstones=tombstones)
@@ -182,37 +184,82 @@ def test_tombstones_are_collected_by_age_and_count_and_counted_in_memory() -> No
     assert storage.used_memory > empty
     assert len(tombstones) == 1
     wall.seconds += 30
-    for key in ("two", "three", "four"):
+    for key in ("two", "three"):
         storage.delete(("ns",), key)
-    assert len(tombstones) == 3
-    assert tombstones.dropped_early == 1
+    with pytest.raises(StoreFull, match=r"removes nothing here.*holds 3 tombstones, its --max-tombstones"):
+        storage.delete(("ns",), "four")
+    storage.delete(("ns",), "one")  # buried again in place: no new tombstone
+    storage.set(("ns",), "held", b"v")
+    storage.delete(("ns",), "held")  # removes a value: taken past the limit
+    assert len(tombstones) == 4
     wall.seconds += 40
-    storage.reap()  # "two".."four" are 40 s old: kept
-    assert len(tombstones) == 3
+    storage.reap()  # all younger than 60 s ("one" was buried again): none goes before its age
+    assert len(tombstones) == 4
     wall.seconds += 30
     storage.reap()
     assert len(tombstones) == 0
     assert storage.used_memory == empty
 
 
-def test_tombstones_make_room_before_any_entry_is_refused() -> None:
+def deletes_until_refused(storage: NamespacedStorage, path: tuple[str, ...]) -> StoreFault:
+    """Delete keys nobody holds at `path` until one is refused: that fault."""
+    for number in range(10_000):
+        try:
+            storage.delete(path, f"never-{number}")
+        except StoreFault as refused:
+            return refused
+    raise AssertionError("10,000 deletes of keys nobody holds, and none refused")
+
+
+def test_a_delete_that_removes_nothing_is_refused_when_its_tombstone_does_not_fit() -> None:
     storage = NamespacedStorage(max_memory=20_000, tombstones=Tombstones(3600, 1_000_000))
-    for number in range(200):
-        storage.delete(("ns",), f"gone-{number}")
     assert storage.tombstones is not None
-    assert storage.tombstones.bytes > 20_000 // 2
-    for number in range(40):
-        storage.set(("ns",), f"k{number}", b"v" * 100)
-    assert storage.tombstones.dropped_early > 0
+    refused = deletes_until_refused(storage, ("ns",))
+    assert "removes nothing here" in str(refused)
+    kept = len(storage.tombstones)
+    assert 0 < kept < 200
     assert storage.used_memory <= 20_000
+    with pytest.raises(StoreFull):  # full of tombstones: none is dropped early to make room
+        storage.set(("ns",), "late", b"v" * 1000)
+    assert len(storage.tombstones) == kept
+    with pytest.raises(StoreFull, match="this namespace holds nothing here"):
+        storage.delete_all(("empty",))
 
-    def fill() -> None:
-        for number in range(40, 400):
-            storage.set(("ns",), f"k{number}", b"v" * 100)
 
-    with pytest.raises(StoreFull):
-        fill()
-    assert len(storage.tombstones) == 0  # all went before the write was refused
+def test_tombstones_count_in_the_quota_of_every_namespace_above_them() -> None:
+    storage = NamespacedStorage(tombstones=Tombstones(3600, 1_000_000))
+    storage.quotas = {("tenant",): 4_000}
+    storage.set(("tenant",), "kept", b"v" * 100)
+    before = storage.quota_at(("tenant", "deep"))
+    assert before is not None
+    refused = deletes_until_refused(storage, ("tenant", "deep"))
+    assert isinstance(refused, QuotaExceeded)
+    assert re.search(r"removes nothing here.*over its quota of 4000 B", str(refused))
+    after = storage.quota_at(("tenant",))
+    assert after is not None
+    assert before[2] < after[2] <= 4_000
+    assert storage.get(("tenant",), "kept") == b"v" * 100
+    storage.delete(("tenant",), "kept")  # a delete of what is held is never refused
+    storage.delete(("other",), "never")  # another namespace's quota (none) is its own
+    storage.quotas = {("tenant",): 4_000, ("tenant", "deep"): 100_000}  # counted again when quotas change
+    deep = storage.quota_at(("tenant", "deep"))
+    assert deep is not None
+    assert deep[2] > 0
+
+
+def test_copies_made_elsewhere_are_never_refused_for_quotas_or_memory() -> None:
+    writer = NamespacedStorage(versions=HybridClock("w"))
+    copy = NamespacedStorage(max_memory=20_000, tombstones=Tombstones(3600, 1))
+    copy.quotas = {("tenant",): 1_000}
+    for number in range(50):
+        version = writer.set(("tenant",), f"k{number}", b"v" * 500)
+        assert copy.merge(("tenant",), f"k{number}", version, b"v" * 500)
+        copy.merge(("tenant",), f"gone{number}", writer.versions.now())  # tombstones too
+    assert copy.count(("tenant",)) == 50
+    assert copy.tombstones is not None
+    assert len(copy.tombstones) == 50  # past --max-tombstones
+    assert copy.over_memory > 0
+    assert copy.used_memory == copy.max_memory + copy.over_memory
 
 
 # Merge converges: any order, any number of times

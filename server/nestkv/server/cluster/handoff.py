@@ -32,12 +32,15 @@ import grpc
 from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.clock import LEGACY
-from nestkv.server.storage.tree import value_of, version_of
+from nestkv.server.storage.tree import text_bytes, value_of, version_of
 from nestkv.v1 import store_pb2 as pb
 
 log = logging.getLogger("nestkv.server")
 
-_CHUNK = 500  # entries per HandOffRequest
+MESSAGE_BYTES = 1024 * 1024
+"""Bytes of keys, values and paths a HandOffRequest (of a hand-off or a CatchUp answer) carries,
+about: far below any receiver's limit, whatever the number of entries or tombstones."""
+_ITEM_BYTES = 48  # a version, a deadline and the framing of one entry, tombstone or namespace
 _YIELD_EVERY = 2_000  # keys looked at between two yields to the event loop
 _RETRY = 1.0  # seconds before a member that could not be reached is tried again, doubling
 _MAX_RETRY = 30.0
@@ -374,29 +377,49 @@ async def _messages(
     done: bool,
 ) -> AsyncIterator[pb.HandOffRequest]:
     """HandOffRequests carrying `entries` (stored forms), the tombstones `buried` and the `emptied`
-    namespaces, placed by the topology of `version`; the last one says `done` if asked to."""
+    namespaces, placed by the topology of `version`; the last one says `done` if asked to.
+
+    Each message is closed once it carries MESSAGE_BYTES, whatever its entries' sizes or their
+    number: a value larger than that goes alone, in a message within the receiver's limit
+    (its max_value_bytes, with room for the key and path: nestkv.wire.channel).
+    """
     request = pb.HandOffRequest(topology_version=version)
+    size = 0
     for path, change in emptied:
         request.emptied.add(path=path, version=change)
-    for start in range(0, len(buried), _CHUNK):
-        for path, key, change in buried[start : start + _CHUNK]:
-            request.tombstones.add(path=path, key=key, version=change)
-        yield request
-        request = pb.HandOffRequest(topology_version=version)
-    for start in range(0, len(entries), _CHUNK):
-        for path, key, stored in entries[start : start + _CHUNK]:
-            left = storage.time_left(stored)
-            if left is None:
-                continue  # expired on the way
-            entry = request.entries.add(
-                path=path, key=key, value=value_of(stored), version=version_of(stored)
-            )
-            if left != NEVER:
-                entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
-        yield request
-        request = pb.HandOffRequest(topology_version=version)
+        size += _path_bytes(path) + _ITEM_BYTES
+        if size >= MESSAGE_BYTES:
+            yield request
+            request, size = pb.HandOffRequest(topology_version=version), 0
+    for path, key, change in buried:
+        request.tombstones.add(path=path, key=key, version=change)
+        size += _path_bytes(path) + text_bytes(key) + _ITEM_BYTES
+        if size >= MESSAGE_BYTES:
+            yield request
+            request, size = pb.HandOffRequest(topology_version=version), 0
+    for path, key, stored in entries:
+        left = storage.time_left(stored)
+        if left is None:
+            continue  # expired on the way
+        value = value_of(stored)
+        weight = _path_bytes(path) + text_bytes(key) + len(value) + _ITEM_BYTES
+        if size and size + weight > MESSAGE_BYTES:  # a large value opens a message of its own
+            yield request
+            request, size = pb.HandOffRequest(topology_version=version), 0
+        entry = request.entries.add(path=path, key=key, value=value, version=version_of(stored))
+        if left != NEVER:
+            entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
+        size += weight
+        if size >= MESSAGE_BYTES:
+            yield request
+            request, size = pb.HandOffRequest(topology_version=version), 0
     request.done = done
     yield request
+
+
+def _path_bytes(path: Sequence[str]) -> int:
+    """About what a path takes in a message (at least its segments' UTF-8 and their framing)."""
+    return sum(text_bytes(segment) + 2 for segment in path)
 
 
 def _deadline(copy: pb.HandOffEntry | pb.GetResponse, now: float) -> float:

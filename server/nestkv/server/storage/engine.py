@@ -116,11 +116,11 @@ class NamespacedStorage:
         "_lru",
         "_max_memory",
         "_policy",
+        "_quotas",
         "_sample",
         "_tree",
         "_wheel",
         "journal",
-        "quotas",
         "tombstones",
         "versions",
     )
@@ -141,9 +141,7 @@ class NamespacedStorage:
         (a single server: no copies ever meet)."""
         self.journal: Journal | None = None
         """Told of every mutation once set (persistence attaches it after recovery)."""
-        self.quotas: dict[tuple[str, ...], int] = {}
-        """Byte quotas by namespace: a write may not take the namespace's subtree over its quota
-        (counted as `used_memory` is). Set by the server from the tokens' `max_bytes`."""
+        self._quotas: dict[tuple[str, ...], int] = {}
         self._max_memory = max_memory  # 0: unbounded
         self._policy = eviction_policy
         self._lru = eviction_policy in ("allkeys-lru", "volatile-lru")
@@ -158,6 +156,19 @@ class NamespacedStorage:
     def now(self) -> float:
         """The storage clock's reading."""
         return self._clock()
+
+    @property
+    def quotas(self) -> dict[tuple[str, ...], int]:
+        """Byte quotas by namespace: a write or a delete may not take the namespace's subtree over
+        its quota (its entries and tombstones, counted as `used_memory` is). Set by the server
+        from the tokens' `max_bytes`; copies made elsewhere are never refused for it."""
+        return self._quotas
+
+    @quotas.setter
+    def quotas(self, quotas: dict[tuple[str, ...], int]) -> None:
+        self._quotas = quotas
+        if self.tombstones is not None:
+            self.tombstones.count_under(quotas)
 
     @property
     def used_memory(self) -> int:
@@ -235,7 +246,7 @@ class NamespacedStorage:
     def _write(self, path: Sequence[str], key: str, value: bytes, deadline: float) -> bytes:
         """Store an entry with an absolute `deadline` as a write of this node: room made, stamped
         with a new version (returned), journaled."""
-        if self._max_memory or self.quotas:
+        if self._max_memory or self._quotas:
             self._reserve(path, key, self._needed(path, key, len(value), deadline))
         version = self.versions.now()
         self._put(path, key, value, deadline, version)
@@ -291,7 +302,11 @@ class NamespacedStorage:
         tombstone over its key; a delete removes an entry as old as it or older (at equal
         versions the delete wins) and leaves a tombstone. Commutative, associative and
         idempotent, so copies that meet in any order, any number of times, end the same.
-        `make_room`: a value makes room for itself (max_memory, quotas) as a write does.
+        A copy is never refused for a limit: it was admitted where the change was made, and a
+        copy that refused it would stay behind for ever. `make_room`: under max_memory, a value
+        first evicts what the policy lets go; if that is not enough, it is kept all the same,
+        and used_memory stays over max_memory until deletes, expiries or evictions bring it back
+        (`over_memory` tells by how much). Quotas are not checked.
         """
         self.versions.observe(version)
         node = self._tree.find(path)
@@ -312,8 +327,8 @@ class NamespacedStorage:
             buried = tombstones.over(path, key)
             if buried is not None and buried >= version:
                 return False
-        if make_room and (self._max_memory or self.quotas):
-            self._reserve(path, key, self._needed(path, key, len(value), deadline))
+        if make_room and self._max_memory:
+            self._evict_for(path, key, self._needed(path, key, len(value), deadline))
         self._put(path, key, value, deadline, version)
         if self.journal is not None:
             self.journal.set(path, key, value, deadline, version)
@@ -375,7 +390,7 @@ class NamespacedStorage:
         if renew_for is not None and deadline != NEVER:
             renewed = now + renew_for
             moved = relists(deadline, renewed)
-            if moved and (self._max_memory or self.quotas):  # a listing in another slot: room first
+            if moved and (self._max_memory or self._quotas):  # a listing in another slot: room first
                 self._reserve(path, key, listing_cost(node, deadline, renewed))
             version = self.versions.now()
             node.entries[key] = pack(value, version, renewed)
@@ -408,6 +423,8 @@ class NamespacedStorage:
         tombstones = self.tombstones
         if not held and tombstones is None:
             return False
+        if not held and tombstones is not None:
+            self._admit_tombstone(path, key)
         version = self.versions.now()
         if node is not None and held:
             self._remove(node, key)
@@ -423,6 +440,8 @@ class NamespacedStorage:
         The subtree is detached at once; `reap` frees its memory in chunks. Everything in it is
         older than the change (the clock is ahead of every version stored here).
         """
+        if self.tombstones is not None and self._tree.find(path) is None:
+            self._admit_tombstone(path, None)
         version = self.versions.now()
         dropped = self._tree.drop(path)
         if dropped is not None:
@@ -431,6 +450,34 @@ class NamespacedStorage:
             self.tombstones.bury_subtree(path, version)
         if self.journal is not None:
             self.journal.delete_all(path, version)
+
+    def _admit_tombstone(self, path: Sequence[str], key: str | None) -> None:
+        """Make sure the tombstone of a delete that removes nothing here (of `key`, or None: of the
+        namespace at `path`) fits the tombstone limit, max_memory and the quotas over it, or raise
+        StoreFull or QuotaExceeded: such a delete costs memory for tombstone_age and frees none."""
+        tombstones = self.tombstones
+        assert tombstones is not None
+        needed = tombstones.size(path, key)
+        if not needed:
+            return  # its tombstone is here already: buried again in place
+        what = "this delete removes nothing here" if key is not None else "this namespace holds nothing here"
+        why = (
+            f"{what}, and is remembered (a tombstone of {needed} B, kept {tombstones.age:g} s so that an "
+            "older copy does not bring it back)"
+        )
+        if len(tombstones) >= tombstones.limit:
+            raise StoreFull(
+                f"this node holds {len(tombstones)} tombstones, its --max-tombstones; "
+                "deletes of what is stored still work",
+                needed,
+                why,
+            )
+        try:
+            self._reserve(path, key or "", needed)
+        except QuotaExceeded as fault:
+            raise QuotaExceeded(str(fault), why) from None
+        except StoreFull as fault:
+            raise StoreFull(str(fault), needed, why) from None
 
     def exists(self, path: Sequence[str], key: str) -> bool:
         """Whether `key` holds an unexpired value."""
@@ -608,7 +655,7 @@ class NamespacedStorage:
         """Make sure `needed` more bytes for a write of `key` at `path` fit its namespaces' quotas and
         max_memory (evicting by the policy), or raise QuotaExceeded or StoreFull: every path that
         makes the store take more memory comes through here first."""
-        if self.quotas:
+        if self._quotas:
             self._check_quotas(path, needed)
         if self._max_memory:
             self._make_room(path, key, needed)
@@ -628,11 +675,15 @@ class NamespacedStorage:
     def _quotas_over(self, path: Sequence[str]) -> Iterator[tuple[tuple[str, ...], int, int]]:
         """(namespace, quota, bytes used) of each namespace at or above `path` that has a quota,
         the innermost first."""
+        tombstones = self.tombstones
         for depth in range(len(path), -1, -1):
             namespace = tuple(path[:depth])
-            quota = self.quotas.get(namespace)
+            quota = self._quotas.get(namespace)
             if quota is not None:
-                yield namespace, quota, self.subtree(namespace).bytes
+                used = self.subtree(namespace).bytes
+                if tombstones is not None:
+                    used += tombstones.bytes_under(namespace)
+                yield namespace, quota, used
 
     def _make_room(self, path: Sequence[str], key: str, needed: int) -> None:
         """Evict by the policy until `needed` more bytes for a write of `key` at `path` fit, or raise
@@ -640,8 +691,6 @@ class NamespacedStorage:
         if needed > self._max_memory:
             raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all", needed)
         while self.used_memory + needed > self._max_memory:
-            if self.tombstones is not None and self.tombstones.drop_oldest():
-                continue  # before any entry: losing a tombstone only matters if an old copy comes
             if self._policy == "noeviction" or not self._evict_one(path, key):
                 raise StoreFull(
                     f"used memory {self.used_memory} B + {needed} B for this write would exceed "
@@ -649,6 +698,19 @@ class NamespacedStorage:
                     "reads and deletes still work",
                     needed,
                 )
+
+    def _evict_for(self, path: Sequence[str], key: str, needed: int) -> None:
+        """Evict by the policy while `needed` more bytes do not fit max_memory, as far as it lets
+        anything go (a copy's room: never refused)."""
+        while needed > 0 and self.used_memory + needed > self._max_memory:
+            if self._policy == "noeviction" or not self._evict_one(path, key):
+                return
+
+    @property
+    def over_memory(self) -> int:
+        """Bytes `used_memory` is over max_memory (copies kept when nothing could be evicted); 0
+        within it."""
+        return max(self.used_memory - self._max_memory, 0) if self._max_memory else 0
 
     def _evict_one(self, path: Sequence[str], key: str) -> bool:
         """Remove one entry chosen by the policy (never `key` at `path`); False if none may go."""
