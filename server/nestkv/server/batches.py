@@ -14,7 +14,15 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-from nestkv.server.errors import DeadlineExceeded, InvalidArgument, KeyMoved, StoreFault, put_error, status_of
+from nestkv.server.errors import (
+    DeadlineExceeded,
+    Deferred,
+    InvalidArgument,
+    KeyMoved,
+    StoreFault,
+    put_error,
+    status_of,
+)
 from nestkv.server.limits import MiB
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import KINDS, Operations
@@ -26,6 +34,11 @@ from nestkv.wire.codes import name_of
 RESPONSE_CHUNK_BYTES = 1 * MiB
 """Values a PipelineResponse carries before the rest of its batch goes in the next one."""
 
+ANSWER_BYTES = 1 * MiB
+"""Values a batch's gets may read before its later gets are deferred, not run (see
+PipelineRequest.operations): what a node holds for one batch's answer is this and one value, at
+most, whatever the batch asks for and whether its caller reads."""
+
 # Operations run between two yields to the event loop: a large batch runs in slices, so that no
 # other caller waits behind it for more than one slice (a few milliseconds). In a cluster, a
 # slice's forwarded operations are answered before the next slice runs: what one batch has sent
@@ -34,8 +47,29 @@ SLICE_OPERATIONS = 256
 
 _EMPTY = f"operation is empty; set one of {', '.join(KINDS)}"
 
-Pending = list[tuple[pb.OperationResult, Answer]]
-"""Results whose answer comes from elsewhere, with that answer."""
+Pending = list[tuple[pb.OperationResult, Answer, pb.Operation | None]]
+"""Results whose answer comes from elsewhere, with that answer, and the operation if it runs
+there (None: it ran here, and something else adds to its answer)."""
+
+
+class Reads:
+    """The bytes of values a batch's gets have read so far, against ANSWER_BYTES."""
+
+    __slots__ = ("bytes", "limit")
+
+    def __init__(self, limit: int = ANSWER_BYTES) -> None:
+        self.bytes = 0
+        self.limit = limit
+
+    def over(self) -> bool:
+        """Whether the batch's later gets are deferred."""
+        return self.bytes >= self.limit
+
+
+_DEFERRED = Deferred(
+    f"not run: the gets before it in its batch read {ANSWER_BYTES} B of values or more, the most one "
+    "batch is answered with; send it again in another batch (GrpcStore does)"
+)
 
 SliceAnswer = list[pb.PipelineResponse] | Coroutine[Any, Any, list[pb.PipelineResponse]]
 """The responses of a slice: a list when it was answered here, else a coroutine to await (it
@@ -58,14 +92,16 @@ class BatchRunner:
         commit: Callable[[], None] | None = None,
         metrics: OperationMetrics | None = None,
         chunk_bytes: int = RESPONSE_CHUNK_BYTES,
+        answer_bytes: int = ANSWER_BYTES,
     ) -> None:
         """`commit` runs after each slice's writes, before the answer; `metrics`, if given, counts
-        every operation run here with its status and duration."""
+        every operation run here with its status and duration; `answer_bytes`: see ANSWER_BYTES."""
         self._operations = operations.by_kind
         self._router = router
         self._commit = commit or _nothing
         self._metrics = metrics
         self._chunk_bytes = chunk_bytes
+        self._answer_bytes = answer_bytes
         self._abandoned: set[asyncio.Future[Any]] = set()  # answers of a slice whose commit failed
 
     async def run(
@@ -81,19 +117,20 @@ class BatchRunner:
         route = self._router.route(batch, grant)
         starts = _slice_starts(batch)
         last = starts[-1]
+        reads = Reads(self._answer_bytes)
         for start in starts:
             pending: Pending = []
             ready = route.prepare(batch.operations, start, start + SLICE_OPERATIONS)
             if ready is not None:  # copies to take in first (a resize): this stream waits for them
                 await ready
-            responses = self._run_slice(batch, grant, route, pending, start)
+            responses = self._run_slice(batch, grant, route, pending, start, reads)
             if not start:
                 route.finish(responses[0])
             if start == last:
                 if not pending:
                     await answer(responses)
                     return
-                waiting = self._gather(batch.id, responses, pending)
+                waiting = self._gather(batch.id, responses, pending, route, reads)
                 try:
                     await answer(waiting)
                 except BaseException:  # cancelled before the caller took it: it comes to nobody
@@ -101,7 +138,7 @@ class BatchRunner:
                     raise
                 return
             if pending:
-                await _answered(pending)
+                await _answered(pending, route, reads)
                 responses = _rechunk(batch.id, responses, self._chunk_bytes)
             await answer(responses)
             await asyncio.sleep(0)  # a slice done: let other callers run
@@ -123,16 +160,28 @@ class BatchRunner:
         return responses, not isinstance(answers[-1], list)
 
     async def _gather(
-        self, batch_id: int, responses: list[pb.PipelineResponse], pending: Pending
+        self,
+        batch_id: int,
+        responses: list[pb.PipelineResponse],
+        pending: Pending,
+        route: Route,
+        reads: Reads,
     ) -> list[pb.PipelineResponse]:
-        await _answered(pending)
+        await _answered(pending, route, reads)
         return _rechunk(batch_id, responses, self._chunk_bytes)
 
     def _run_slice(
-        self, batch: pb.PipelineRequest, grant: Grant, route: Route, pending: Pending, start: int
+        self,
+        batch: pb.PipelineRequest,
+        grant: Grant,
+        route: Route,
+        pending: Pending,
+        start: int,
+        reads: Reads,
     ) -> list[pb.PipelineResponse]:
         """Run the slice of `batch` that begins at `start`; one response unless the values read
-        need more. Answers to come from elsewhere go in `pending`."""
+        need more. Answers to come from elsewhere go in `pending`; a get after the batch's `reads`
+        reached their limit is deferred."""
         if batch.deadline_unix_ms and self._router.deadlines and time.time() * 1000 >= batch.deadline_unix_ms:
             return self._too_late(batch, start)
         scope = grant.scope
@@ -160,10 +209,13 @@ class BatchRunner:
             try:
                 request = getattr(operation, kind)
                 scope(kind, request)
+                if kind == "get" and reads.over():
+                    _defer(result)
+                    continue
                 answer = route.elsewhere(kind, request, operation)
                 if answer is not None:  # counted by the node that runs it
                     forwarded.append(position)
-                    pending.append((result, answer))
+                    pending.append((result, answer, operation))
                     if metrics:
                         started = clock()
                     continue
@@ -183,6 +235,7 @@ class BatchRunner:
                 metrics.succeeded(kind, now - started)
                 started = now
             if kind == "get":
+                reads.bytes += len(out.value)
                 room -= len(out.value)
                 if room < 0 and len(results) > 1:
                     # Too much for one message: this result opens the next response.
@@ -196,13 +249,13 @@ class BatchRunner:
                     room = self._chunk_bytes - len(out.value)
             answer = route.after(kind, request, out, operation)  # once the result is where it stays
             if answer is not None:
-                pending.append((result, answer))
+                pending.append((result, answer, None))
         try:
             self._commit()
         except StoreFault as fault:
             if metrics:  # the call fails: every operation of the slice run here failed with it
                 _recount(metrics, batch.operations[start:stop], responses, forwarded, status_of(fault))
-            for _, answer in pending:  # sent already: let the answers come, to nobody
+            for _, answer, _ in pending:  # sent already: let the answers come, to nobody
                 self.abandon(answer)
             raise
         return responses
@@ -235,12 +288,40 @@ def _slice_starts(batch: pb.PipelineRequest) -> range:
     return range(0, max(len(batch.operations), 1), SLICE_OPERATIONS)
 
 
-async def _answered(pending: Pending) -> None:
-    """Wait for the answers from elsewhere and put each in its result (an error result stays)."""
-    answers = await asyncio.gather(*(answer for _, answer in pending))
-    for (result, _), answer in zip(pending, answers, strict=True):
-        if answer is not None and result.WhichOneof("result") != "error":
+async def _answered(pending: Pending, route: Route, reads: Reads) -> None:
+    """Wait for the answers from elsewhere and put each in its result (an error result stays).
+
+    A get the node that runs it deferred (the values of the batch it was in there, which may
+    hold other callers' operations too, reached their limit) is sent there again while this
+    batch's own `reads` are under theirs, and deferred to the caller once they are not: what
+    this node holds for the batch stays within its limit and one round of answers.
+    """
+    while pending:
+        answers = await asyncio.gather(*(answer for _, answer, _ in pending))
+        again: Pending = []
+        for (result, _, operation), answer in zip(pending, answers, strict=True):
+            if answer is None or result.WhichOneof("result") == "error":
+                continue
+            if answer.WhichOneof("result") == "error" and answer.error.deferred and operation is not None:
+                try:
+                    resent = None if reads.over() else route.elsewhere("get", operation.get, operation)
+                except StoreFault as fault:
+                    put_error(result.error, fault, confined=False)  # a peer's fault, passed on as it came
+                    continue
+                if resent is None:  # over the limit (or the key is here now): the caller sends it again
+                    _defer(result)
+                else:
+                    again.append((result, resent, operation))
+                continue
             result.CopyFrom(answer)
+            if answer.WhichOneof("result") == "get":
+                reads.bytes += len(answer.get.value)
+        pending = again
+
+
+def _defer(result: pb.OperationResult) -> None:
+    """Answer a get with `_DEFERRED`: not run, to be sent again."""
+    put_error(result.error, _DEFERRED, confined=False)
 
 
 def _recount(

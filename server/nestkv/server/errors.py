@@ -5,6 +5,7 @@
  ├── FailedPrecondition  the stored value does not allow the operation (an increment of a non-integer)
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
      ├── QuotaExceeded       a write would take a namespace over its byte quota (a token's max_bytes)
+     ├── Deferred            a get was not run: its batch had read as much as one batch is answered with
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
      ├── DeadlineExceeded    the caller's deadline passed before the operation ran: not applied
      ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
@@ -76,6 +77,11 @@ class QuotaExceeded(StoreFault):
         return f"{self.cause}: {reached}" if self.cause else reached
 
 
+class Deferred(StoreFault):
+    """A get was not run: its batch's answer reached its bound (nestkv.server.batches.ANSWER_BYTES);
+    sent again, it runs."""
+
+
 class StoreUnavailable(StoreFault):
     """The server cannot take writes for now (its log cannot be written); reads still work."""
 
@@ -115,6 +121,7 @@ STATUS_OF: dict[type[StoreFault], str] = {
     FailedPrecondition: "FAILED_PRECONDITION",
     StoreFull: "RESOURCE_EXHAUSTED",
     QuotaExceeded: "RESOURCE_EXHAUSTED",
+    Deferred: "RESOURCE_EXHAUSTED",
     StoreUnavailable: "UNAVAILABLE",
     DeadlineExceeded: "DEADLINE_EXCEEDED",
     Unauthenticated: "UNAUTHENTICATED",
@@ -134,9 +141,12 @@ def status_of(fault: StoreFault) -> str:
 
 def put_error(error: Any, fault: StoreFault, *, confined: bool) -> None:
     """Write `fault` into an OperationError (`error`): its status, its message (`confined`: the one
-    for a caller confined to a namespace), and for a KeyMoved the node the key is on."""
+    for a caller confined to a namespace), for a KeyMoved the node the key is on, and whether it
+    was Deferred."""
     error.code = number_of(status_of(fault))
     error.message = fault.confined() if confined else str(fault)
-    if isinstance(fault, KeyMoved):
+    if isinstance(fault, Deferred):
+        error.deferred = True
+    elif isinstance(fault, KeyMoved):
         error.moved_to.id = fault.member
         error.moved_to.address = fault.address

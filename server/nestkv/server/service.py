@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from nestkv.server.batches import RESPONSE_CHUNK_BYTES, BatchRunner, SliceAnswer, responses_of
+from nestkv.server.batches import ANSWER_BYTES, RESPONSE_CHUNK_BYTES, BatchRunner, SliceAnswer, responses_of
 from nestkv.server.cluster import Cluster, PeerGrant
 from nestkv.server.errors import InvalidArgument, NodeFault, StoreFault, Unauthenticated, status_of
 from nestkv.server.limits import Limits
@@ -42,6 +42,10 @@ _HANDLER_OF = {  # (client streaming, server streaming) -> the grpc handler of s
 }
 _PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry throttle: a negative value says "do not retry"
 _ANSWERS_AHEAD = 32  # slices of a stream run ahead while earlier ones await other nodes
+_WAITING_AHEAD = 4
+"""Answers as large as one batch's may be (ANSWER_BYTES and one value) that a stream's reader
+runs ahead of what the stream has sent: past that, it reads no more batches until some are sent
+(a caller that does not read gets nothing more). GrpcStore has 4 batches in flight at most."""
 _REFUSAL_QUIET_SECONDS = 0.05  # a refused stream ends once no message came for this long...
 _REFUSAL_DRAIN_SECONDS = 1.0  # ...or after this long at most
 # Operation's oneof field of each request type: "nestkv.v1.GetRequest" -> "get".
@@ -203,11 +207,17 @@ class StoreServicer:
                     yield response
                 await context.abort(_status(fault), str(fault))
             answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
+            held = HeldAnswers(ANSWER_BYTES + self._limits.max_value_bytes, _WAITING_AHEAD)
+
+            async def put(answer: SliceAnswer) -> None:
+                held.add(answer)
+                await answers.put(answer)
 
             async def read() -> None:
                 try:
                     async for request, grant in batches:
-                        await self._runner.run(request, grant, answers.put)
+                        await self._runner.run(request, grant, put)
+                        await held.room()
                         await asyncio.sleep(0)
                 except BaseException as error:
                     await answers.put(error)
@@ -227,6 +237,7 @@ class StoreServicer:
                             raise answer
                         for response in await responses_of(answer):
                             yield response
+                        held.sent(answer)
                 else:
                     # Each answer as soon as it is in: one waiting on a node that does not answer
                     # holds back no other (a batch's slices stay in order: only its last waits).
@@ -237,9 +248,10 @@ class StoreServicer:
                         else:
                             waiting.add(asyncio.ensure_future(answer))
                     ahead.clear()
-                    async for responses in _as_answered(answers, waiting, context):
+                    async for answer, responses in _as_answered(answers, waiting, context):
                         for response in responses:
                             yield response
+                        held.sent(answer)
             finally:
                 reader.cancel()
                 while not answers.empty():
@@ -414,11 +426,13 @@ async def _as_answered(
     answers: asyncio.Queue[Any],
     waiting: set[asyncio.Task[list[pb.PipelineResponse]]],
     context: Any,
-) -> AsyncIterator[list[pb.PipelineResponse]]:
-    """The responses of every slice the stream's reader puts in `answers` (and of those `waiting`),
-    each as soon as it is in, until the reader puts None and every one is out."""
+) -> AsyncIterator[tuple[object, list[pb.PipelineResponse]]]:
+    """Each slice the stream's reader puts in `answers` (and each of those `waiting`: tasks of
+    theirs) with its responses, as soon as they are in, until the reader puts None and every one
+    is out: the answer the reader put (or the task, for one waiting before), and its responses."""
     getter: asyncio.Future[Any] | None = None
     reading = True  # the reader has not put None yet
+    awaited: dict[asyncio.Future[Any], object] = {}  # the answer each awaits
     try:
         while reading or waiting:
             if reading and getter is None and len(waiting) < _ANSWERS_AHEAD:
@@ -430,7 +444,7 @@ async def _as_answered(
                 if task is getter:
                     continue
                 waiting.discard(task)
-                yield task.result()
+                yield awaited.pop(task, task), task.result()
             if getter is None or getter not in done:
                 continue
             answer = getter.result()
@@ -441,9 +455,11 @@ async def _as_answered(
             if isinstance(answer, BaseException):
                 raise answer
             if isinstance(answer, list):
-                yield answer
+                yield answer, answer
             elif answer is not None:
-                waiting.add(asyncio.ensure_future(answer))
+                task = asyncio.ensure_future(answer)
+                awaited[task] = answer
+                waiting.add(task)
     finally:
         if getter is not None and getter.done() and not getter.cancelled():
             left = getter.result()  # taken off the queue, never answered: abandoned with the rest
@@ -451,6 +467,42 @@ async def _as_answered(
                 waiting.add(asyncio.ensure_future(left))
         elif getter is not None:
             getter.cancel()
+
+
+class HeldAnswers:
+    """The answers a stream's reader has run that the stream has not sent yet, by their bytes:
+    the values read, or for one still waiting on other nodes, the most one batch's answer holds."""
+
+    __slots__ = ("_bytes", "_largest", "_limit", "_room", "_weights")
+
+    def __init__(self, largest: int, count: int) -> None:
+        """`largest`: the most one answer holds; `count`: how many such answers may be held."""
+        self._largest = largest
+        self._limit = largest * count
+        self._bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._weights: dict[int, int] = {}  # by id() of the answer (or of the task that awaits it)
+
+    def add(self, answer: SliceAnswer) -> None:
+        weight = self._largest
+        if isinstance(answer, list):
+            weight = sum(len(result.get.value) for response in answer for result in response.results)
+        self._weights[id(answer)] = weight
+        self._bytes += weight
+        if self._bytes >= self._limit:
+            self._room.clear()
+
+    def sent(self, answer: object) -> None:
+        """`answer`'s responses were sent."""
+        weight = self._weights.pop(id(answer), 0)
+        self._bytes -= weight
+        if self._bytes < self._limit:
+            self._room.set()
+
+    async def room(self) -> None:
+        """Return once the answers held are under the limit."""
+        await self._room.wait()
 
 
 async def _refuse_stream(requests: AsyncIterator[Any], context: Any, fault: StoreFault) -> None:

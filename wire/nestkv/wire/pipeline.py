@@ -21,8 +21,10 @@ The channel's keepalive pings (see `channel_options`) find a dead
 connection even when nothing is waiting on it, so that gRPC opens a new one.
 
 Failures: an operation the server rejects fails alone, with the error of its
-status. A stream that breaks with UNAVAILABLE or CANCELLED, that the server
-ends (it is shutting down), or that is torn down as dead, is opened again
+status. A get the server deferred (its batch's answer reached its bound: not
+run) is sent again in a later batch, unseen by its caller. A stream that
+breaks with UNAVAILABLE or CANCELLED, that the server ends (it is shutting
+down), or that is torn down as dead, is opened again
 with backoff and the unanswered operations are sent again (every operation
 is idempotent); after `_MAX_ATTEMPTS` streams in a row fail so, every
 waiting operation fails with StoreUnavailableError. Any other stream failure
@@ -278,7 +280,7 @@ class Pipeline:
         return None if self._timeout is None else self._loop.time() + self._timeout
 
     def add(
-        self, payload: int, deadline: float | None, *, waited: bool = False
+        self, payload: int, deadline: float | None, *, waited: bool = False, alone: bool = False
     ) -> tuple[pb.Operation, asyncio.Future[Any]]:
         """A new operation in the batch being filled, and the future of its OperationResult.
 
@@ -286,13 +288,15 @@ class Pipeline:
         the batch is sent on the next turn of the loop. `payload` is its size
         in bytes (key and value), for closing batches that grow too large;
         `deadline` (from `deadline()`) is when it fails with StoreTimeoutError;
-        `waited` says the caller's turn came in line (`line_up`).
+        `waited` says the caller's turn came in line (`line_up`); `alone`, that it opens a batch
+        of its own.
         """
         if waited:
             self._admitted -= 1
         batch = self._waiting[-1] if self._waiting else None
         if (
             batch is None
+            or alone
             or len(batch.futures) >= self._max_batch_size
             or (batch.payload + payload > self._max_batch_bytes and batch.futures)
         ):
@@ -525,6 +529,9 @@ class Pipeline:
                 index += 1
                 if future.done():
                     continue
+                if self._raise_errors and result.WhichOneof("result") == "error" and result.error.deferred:
+                    self._send_again(batch, index - 1)  # not run: the server answered enough for one batch
+                    continue
                 if batch.attempts > 1 and result.WhichOneof("result") == "error":
                     _unknown_if_sent_before(result.error)
                 if self._raise_errors and result.WhichOneof("result") == "error":
@@ -536,6 +543,18 @@ class Pipeline:
                 self._sent.remove(batch)
                 batch.stop_timer()
                 self._wakeup.set()
+
+    def _send_again(self, batch: _Batch, index: int) -> None:
+        """Send the operation at `index` of `batch` again, in a batch of its own (what it reads may
+        be as much as one batch is answered with; several go at once); its caller's future follows
+        the new one."""
+        operation = batch.message.operations[index]
+        deadline = batch.deadlines[index] if batch.deadlines else None
+        added, again = self.add(operation.ByteSize(), deadline, alone=True)
+        added.CopyFrom(operation)
+        caller = batch.futures[index]
+        again.add_done_callback(functools.partial(_follow, caller, False))
+        caller.add_done_callback(functools.partial(_cancel_if_cancelled, again))
 
     def _without_settled(self, batch: _Batch) -> _Batch | None:
         """`batch` with only the operations whose callers still wait (None: none do), unanswered.
