@@ -43,6 +43,9 @@ async def test_increment_creates_the_key_at_the_amount_stored_as_ascii_decimal(
     assert await store.increment("debt", -5) == -5
     assert await store.increment("debt", 0) == -5
     assert await store.get("debt") == b"-5"
+    assert await store.increment("fresh", 0, expires_in=60) == 0  # as Redis's INCRBY key 0
+    assert await store.get("fresh") == b"0"
+    assert 0 < (await store.expires_in("fresh") or 0) <= 60
 
 
 async def test_increment_adds_to_a_value_set_as_decimal(store: NamespacedStore) -> None:

@@ -105,8 +105,10 @@ class NamespacedStore(Store):
         """Add `amount` (a signed 64-bit int) to the integer stored under `key`, and return the sum.
 
         The value is stored as ASCII decimal (`get` returns b"42", as after
-        Redis's INCR). A missing or expired key is created holding `amount`,
-        with `expires_in` as its expiry (a rate-limit window); an existing key
+        Redis's INCR). A missing or expired key is created holding `amount`
+        (0 included, as Redis's INCRBY key 0 does: `increment(key, 0)` reads
+        a counter, creating it at 0), with `expires_in` as its expiry (a
+        rate-limit window); an existing key
         keeps its expiry, or its lack of one. A value that is not such an
         integer, or a sum outside the signed 64-bit range, raises
         PreconditionFailedError and leaves the value as it was.

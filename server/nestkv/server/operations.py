@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from nestkv.server.errors import InvalidArgument, StoreFault, put_error
 from nestkv.server.limits import Limits, check_span
 from nestkv.server.storage import NEVER, Condition, NamespacedStorage
+from nestkv.server.storage.clock import MAX_PEER_AHEAD, describe
 from nestkv.server.version import VERSION
 from nestkv.v1 import store_pb2 as pb
 
@@ -184,9 +185,17 @@ class Operations:
             _put_span(response.expires_in, left)
 
     def replica(self, request: pb.ReplicaRequest, response: pb.ReplicaResponse) -> None:
-        """Merge a copy of a key's latest change made on another node (a peer's only)."""
-        self._writable()
+        """Merge a copy of a key's latest change made on another node (a peer's only), unless its
+        version is from a clock far ahead of this one's."""
+        _check_version(request.version, "version")
         storage = self._storage
+        ahead = storage.versions.ahead(request.version)
+        if ahead > MAX_PEER_AHEAD:
+            raise InvalidArgument(
+                f"the replica's version {describe(request.version)} is {ahead:.0f} s ahead of this node's "
+                f"clock, more than the {MAX_PEER_AHEAD:g} s allowed: is the sending node's clock set right?"
+            )
+        self._writable()
         if request.deleted:
             response.stored = storage.merge(request.path, request.key, request.version)
             return

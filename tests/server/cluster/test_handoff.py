@@ -276,3 +276,35 @@ async def test_catch_up_and_hand_off_messages_are_bounded_by_bytes_whatever_they
     assert sum(len(message.emptied) for message in messages) == 2_000
     assert max(message.ByteSize() for message in messages if not message.entries) <= 1.1 * MESSAGE_BYTES
     assert max(message.ByteSize() for message in messages) <= 7 * 1024 * 1024 + 64 * 1024
+
+
+async def test_changes_stamped_by_a_clock_far_ahead_are_left_out_and_the_rest_taken() -> None:
+    """A node whose clock says year 3000, or a version of all ones: its replica is refused, its
+    hand-off entries left out, and this node's own writes go on with versions of its own time."""
+    cluster = InProcessCluster(["a", "b"], replicas=2)
+    try:
+        b = cluster.nodes["b"]
+        now = b.storage.versions.now()
+        year_3000 = ((32_503_680_000_000 << 16).to_bytes(8, "big")) + now[8:]
+        all_ones = b"\xff" * 16
+        for version in (year_3000, all_ones):
+            result = b.operations.result_of(
+                pb.Operation(replica=pb.ReplicaRequest(path=PATH, key="future", value=b"x", version=version))
+            )
+            assert result.WhichOneof("result") == "error"
+            assert "ahead of this node's clock" in result.error.message
+        request = pb.HandOffRequest(topology_version=b.membership.current.version)
+        request.entries.add(path=PATH, key="future", value=b"x", version=all_ones)
+        request.entries.add(path=PATH, key="present", value=b"y", version=now)
+        request.tombstones.add(path=PATH, key="gone", version=year_3000)
+        request.emptied.add(path=("emptied",), version=all_ones)
+        assert b.cluster.take("a", request) == (1, 2)
+        assert b.storage.get(PATH, "future") is None
+        assert b.storage.get(PATH, "present") == b"y"
+        assert b.storage.tombstones is not None
+        assert b.storage.tombstones.over(PATH, "gone") is None
+        assert b.storage.tombstones.of_subtree(("emptied",)) is None
+        later = b.storage.set(PATH, "later", b"z")  # no OverflowError; a version of this time
+        assert abs(b.storage.versions.ahead(later)) < 60
+    finally:
+        await cluster.close()

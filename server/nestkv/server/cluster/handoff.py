@@ -31,7 +31,7 @@ import grpc
 
 from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.storage import NEVER, NamespacedStorage
-from nestkv.server.storage.clock import LEGACY
+from nestkv.server.storage.clock import LEGACY, MAX_PEER_AHEAD, VERSION_BYTES, describe
 from nestkv.server.storage.tree import text_bytes, value_of, version_of
 from nestkv.v1 import store_pb2 as pb
 
@@ -86,6 +86,7 @@ class HandOff:
         self.passed_version = ""
         """The topology version of the last complete pass: this node holds no key others own under it."""
         self.sent = 0
+        self._warned = 0.0  # when a change from a clock far ahead was last said to be left out
         self._open = self.previous is not None
         if not others:
             self.known.set()
@@ -171,7 +172,7 @@ class HandOff:
     def merge_asked(self, path: Sequence[str], key: str, copy: pb.GetResponse) -> None:
         """Merge here the copy a previous owner answered an ask with (a GetResponse with_version,
         from a node that has versions)."""
-        if copy.found:
+        if copy.found and (not copy.version or self._sane("a previous owner", copy.version)):
             deadline = _deadline(copy, self._storage.now())
             # Without making room: the copy is on its way here anyway (the hand-off makes room).
             self._storage.merge(path, key, copy.version or LEGACY, copy.value, deadline, make_room=False)
@@ -186,14 +187,20 @@ class HandOff:
         storage = self._storage
         stored = skipped = 0
         for emptied in request.emptied:
-            storage.merge_subtree(emptied.path, emptied.version)
+            if self._sane(f"node {sender}", emptied.version):
+                storage.merge_subtree(emptied.path, emptied.version)
         for tombstone in request.tombstones:
-            changed = storage.merge(tombstone.path, tombstone.key, tombstone.version)
+            changed = self._sane(f"node {sender}", tombstone.version) and storage.merge(
+                tombstone.path, tombstone.key, tombstone.version
+            )
             stored += changed
             skipped += not changed
         now = storage.now()
         for entry in request.entries:
             version = entry.version or LEGACY  # from a node older than versions: older than any
+            if not self._sane(f"node {sender}", version):
+                skipped += 1
+                continue
             deadline = _deadline(entry, now)
             changed = deadline > now and storage.merge(entry.path, entry.key, version, entry.value, deadline)
             stored += changed
@@ -210,6 +217,24 @@ class HandOff:
                 self.write_elsewhere(request.topology_version)
         self._commit()
         return stored, skipped
+
+    def _sane(self, sender: str, version: bytes) -> bool:
+        """Whether a version `sender` (who, in words) sent is a version, from a clock not far ahead of this one's
+        (see MAX_PEER_AHEAD): a change stamped by a clock that is wrong is left out, said once a
+        minute, and the rest of a hand-off or catch-up goes on."""
+        if len(version) == VERSION_BYTES and self._storage.versions.ahead(version) <= MAX_PEER_AHEAD:
+            return True
+        now = time.monotonic()
+        if now - self._warned > 60:
+            self._warned = now
+            log.warning(
+                "left out a change from %s stamped %s: not a version within %g s of this node's "
+                "clock (is that node's clock set right?)",
+                sender,
+                describe(version) if len(version) == VERSION_BYTES else version.hex(),
+                MAX_PEER_AHEAD,
+            )
+        return False
 
     # The sending side.
 

@@ -37,6 +37,10 @@ MAX_AHEAD = 10_000 << _LOGICAL_BITS
 """How far ahead of this node's wall clock a received version may be before it is reported:
 10 s. It is taken all the same (refusing it would stop hand-offs), so every later stamp here is
 ahead of the wall clock too, until the wall clock catches up."""
+MAX_PEER_AHEAD = 60.0
+"""Seconds ahead of this node's wall clock past which a version another node sends is refused
+(`HybridClock.ahead`): its clock is wrong, and taking it would put every later change here ahead
+of every other node's for as long (a version of all ones would end this clock's range)."""
 BOUND_AHEAD = 10_000 << _LOGICAL_BITS
 """How far ahead of a stamp the persisted bound is raised: 10 s of clock."""
 
@@ -114,6 +118,10 @@ class HybridClock:
                     "clock ahead? Changes made here are stamped after it until this clock catches up",
                     describe(version),
                 )
+
+    def ahead(self, version: bytes) -> float:
+        """Seconds `version` is ahead of this node's wall clock (negative: behind it)."""
+        return milliseconds_of(version) / 1000 - self._wall()
 
     def start_above(self, bound: int) -> None:
         """Start above a bound persisted before a restart (see `persist`)."""
