@@ -219,9 +219,9 @@ class HandOff:
         return stored, skipped
 
     def _sane(self, sender: str, version: bytes) -> bool:
-        """Whether a version `sender` (who, in words) sent is a version, from a clock not far ahead of this one's
-        (see MAX_PEER_AHEAD): a change stamped by a clock that is wrong is left out, said once a
-        minute, and the rest of a hand-off or catch-up goes on."""
+        """Whether a version `sender` (who, in words) sent is a version, from a clock not far
+        ahead of this one's (see MAX_PEER_AHEAD): a change stamped by a clock that is wrong is
+        left out, said once a minute, and the rest of a hand-off or catch-up goes on."""
         if len(version) == VERSION_BYTES and self._storage.versions.ahead(version) <= MAX_PEER_AHEAD:
             return True
         now = time.monotonic()
