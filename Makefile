@@ -72,10 +72,10 @@ installed: wheel  ## the suite against the wheel, installed into a fresh virtual
 
 test: lint typecheck installed  ## everything CI runs
 
-soak: gen  ## the model-based, fuzz, crash, resize and fault-injection tests at ten times CI's size, stopped after SOAK_SECONDS
+soak: gen  ## the model-based, fuzz, crash, resize, fault-injection and tenant tests at ten times CI's size, stopped after SOAK_SECONDS
 	NESTKV_SOAK=1 timeout $(SOAK_SECONDS) $(BIN)/pytest tests/test_model.py tests/server/test_fuzz.py \
 		tests/server/test_durability.py tests/server/test_memory.py tests/server/cluster/test_resize.py \
-		tests/test_faults.py
+		tests/test_faults.py tests/server/cluster/test_tenants.py tests/server/test_answers.py
 
 bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json); --replicas 2 against 1, and failover (bench/replicas.json); another tenant's wait behind a flood of batches (bench/fairness.json); increments against Redis INCR (bench/atomic.json); a rate-limited Litestar app, nestkv vs the stock middleware over Redis (bench/ratelimit.json)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
