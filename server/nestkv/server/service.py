@@ -512,11 +512,16 @@ async def _refuse_stream(requests: AsyncIterator[Any], context: Any, fault: Stor
     clients (grpcio reports INTERNAL "Internal error from Core"); so what the client sent is read
     and dropped first, none of it run, for a bounded time.
     """
+    # Bounded by the loop's own reading of the clock, not by cancelling the reads alone: on Python
+    # 3.11, asyncio.wait_for swallowed the cancellation of an outer timeout when a message came in
+    # at that moment, and a client that kept sending held its stream open until its own deadline.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + _REFUSAL_DRAIN_SECONDS
+    messages = aiter(requests)
     with contextlib.suppress(TimeoutError, StopAsyncIteration):
-        async with asyncio.timeout(_REFUSAL_DRAIN_SECONDS):
-            messages = aiter(requests)
-            while True:
-                await asyncio.wait_for(anext(messages), _REFUSAL_QUIET_SECONDS)
+        while (left := end - loop.time()) > 0:
+            async with asyncio.timeout(min(_REFUSAL_QUIET_SECONDS, left)):
+                await anext(messages)
     await context.abort(_status(fault), str(fault))
 
 

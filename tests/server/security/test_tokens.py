@@ -674,6 +674,32 @@ async def test_a_refused_stream_ends_unauthenticated_even_with_batches_already_o
     await assert_holds(admin, {((), "k"): b"kept"})
 
 
+async def test_a_refused_stream_that_keeps_sending_ends_within_the_drain_bound(
+    admin: Unary, stub: Any
+) -> None:
+    # A client that goes on writing after its refusal: the server reads and drops its batches for
+    # at most a second, then ends the stream. On Python 3.11 the bound was lost now and then
+    # (asyncio.wait_for swallowed the timeout's cancellation), and the stream lived on until the
+    # client's own deadline (5 of 40 in one run, DEADLINE_EXCEEDED after 10 s).
+    await admin.must(op_set((), "k", b"kept"))
+    batch = pb.PipelineRequest(id=1, operations=[op_set((), "k", b"overwritten")])
+    loop = asyncio.get_running_loop()
+    ended_after = []
+    for _ in range(25):
+        started = loop.time()
+        call = stub.Pipeline(timeout=10)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            while True:
+                await call.write(batch)
+        code = await call.code()
+        ended_after.append(loop.time() - started)
+        # gRPC sometimes reports a status that came while the client was writing as INTERNAL
+        # "Internal error from Core": the client's write failed first. Never a deadline.
+        assert code in (UNAUTHENTICATED, grpc.StatusCode.INTERNAL), code
+    assert max(ended_after) < 3, ended_after
+    await assert_holds(admin, {((), "k"): b"kept"})
+
+
 async def test_two_authorization_headers_are_refused_whichever_comes_first(
     served: Served, admin: Unary, stub: Any
 ) -> None:
