@@ -120,6 +120,29 @@ async def test_a_copy_back_catches_up_before_it_answers_and_the_stand_in_hands_b
     await until(lambda: not c.holds(key))  # handed back: c keeps no copy of it
 
 
+async def test_copies_converge_both_ways_a_copy_back_gives_what_only_it_kept(
+    three: InProcessCluster,
+) -> None:
+    """a and b hold a write; b is cut off, and a loses what it had (a crash that cost its log's
+    tail); a comes back and catches up from c alone. When b is back, what only b kept reaches a."""
+    key = key_with_copies(three, "a", "b")
+    assert (await three.nodes["a"].set(key, b"newer")).WhichOneof("result") == "set"
+    assert three.nodes["b"].storage.get(PATH, key) == b"newer"
+    three.down.add("b")  # cut off: nothing reaches it (it hears that nobody sees it)
+    c = three.nodes["c"]
+    await until(lambda: not c.sees_up("b"))
+    await three.stop("a")
+    a = three.restart("a", ["a", "b", "c"])  # its memory is gone
+    a.start_replication()
+    await until(lambda: a.current)
+    assert a.storage.get(PATH, key) is None  # only b holds it now, and b is away
+    three.down.discard("b")
+    b = three.nodes["b"]
+    await until(lambda: b.current and a.sees_serving("b"))
+    assert a.storage.get(PATH, key) == b"newer"
+    assert (await c.get(key)).get.value == b"newer"
+
+
 async def test_a_write_with_fewer_nodes_up_than_it_needs_fails_and_is_applied_nowhere() -> None:
     cluster = InProcessCluster(["a", "b", "c"], replicas=3, min_copies=3)
     try:

@@ -311,7 +311,10 @@ class Replication:
             await wait_changed(liveness, INTERVAL)
 
     async def _catch_up(self) -> bool:
-        """Merge what every member that is up holds of this node's keys; whether all answered."""
+        """Merge what every member that is up holds of this node's keys, then give each what this
+        node holds of its keys (copies converge both ways: a change only this node kept, say
+        while another copy lost what it had not written to disk, reaches the others); whether
+        all answered."""
         cluster = self._cluster
         liveness = self.liveness
         others = {member: address for member, address in cluster.others().items() if liveness.up(member)}
@@ -323,6 +326,11 @@ class Replication:
             *(self._catch_up_from(member, address) for member, address in others.items()),
             return_exceptions=True,
         )
+        if not results or not any(isinstance(result, BaseException) for result in results):
+            results = await asyncio.gather(
+                *(self._give_to(member, address) for member, address in others.items()),
+                return_exceptions=True,
+            )
         missing = [
             f"{member}: {result}"
             for member, result in zip(others, results, strict=True)
@@ -336,6 +344,12 @@ class Replication:
         cluster = self._cluster
         async for message in cluster.peers.catch_up(address, cluster.topology.version):
             cluster.take(member, message)
+
+    async def _give_to(self, member: str, address: str) -> None:
+        """Send `member` what this node holds of its keys, to merge by version (a HandOff that
+        moves nothing: this node keeps its copies)."""
+        cluster = self._cluster
+        await cluster.peers.hand_off(address)(cluster.handoff.copies_for(member))
 
 
 def _pass_on(answer: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
