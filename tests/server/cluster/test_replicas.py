@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from nestkv.server.cluster import PeerGrant
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import name_of
-from tests.server.cluster.nodes import InProcessCluster, address_of
+from tests.server.cluster.nodes import LIMITS, InProcessCluster, Node, address_of
 
 PATH = ("ns",)
 
@@ -141,6 +142,55 @@ async def test_copies_converge_both_ways_a_copy_back_gives_what_only_it_kept(
     await until(lambda: b.current and a.sees_serving("b"))
     assert a.storage.get(PATH, key) == b"newer"
     assert (await c.get(key)).get.value == b"newer"
+
+
+async def test_a_copy_back_answers_for_its_keys_only_once_the_other_copy_has_stopped(
+    three: InProcessCluster,
+) -> None:
+    """a comes back after b answered for a's keys: at no moment do both take themselves to be the
+    copy that answers for a key (a node's increments would count from a state the other changed)."""
+    key = key_with_copies(three, "a", "b")
+    b = three.nodes["b"]
+    replication = b.cluster.replication
+    assert replication is not None
+    await three.stop("a")
+    await until(lambda: replication.serving_copy(PATH, key) == "b")
+    both: list[float] = []
+    watching = True
+
+    async def watch(a: Node) -> None:
+        while watching:  # every turn of the loop: what the two nodes would do with an operation now
+            if a.current and replication.serving_copy(PATH, key) == "b":
+                both.append(time.monotonic())
+            await asyncio.sleep(0)
+
+    a = three.restart("a", ["a", "b", "c"])
+    watcher = asyncio.ensure_future(watch(a))
+    a.start_replication()
+    try:
+        await until(lambda: a.current and replication.serving_copy(PATH, key) == "a")
+        await asyncio.sleep(0.3)
+    finally:
+        watching = False
+        await watcher
+    assert not both, f"both answered for the key for {both[-1] - both[0]:.3f} s"
+
+
+async def test_an_atomic_operation_sent_to_a_copy_that_no_longer_answers_is_refused_not_applied(
+    three: InProcessCluster,
+) -> None:
+    key = key_with_copies(three, "a", "b")
+    increment = pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1))
+    plain = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"7"))
+    batch = pb.PipelineRequest(operations=[increment, plain])
+    # c took b to answer for the key (it had not heard that a is back): b refuses the increment.
+    responses, _ = await three.nodes["b"].runner.run_all(batch, PeerGrant("c", "", LIMITS))
+    refused, written = responses[0].results
+    code, message = error_of(refused)
+    assert code == "UNAVAILABLE"
+    assert "no longer answers for the key (node a does): not applied" in message
+    assert written.WhichOneof("result") == "set"  # a plain write is merged by version: it runs
+    assert three.nodes["a"].storage.get(PATH, key) == b"7"
 
 
 async def test_a_write_with_fewer_nodes_up_than_it_needs_fails_and_is_applied_nowhere() -> None:

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from nestkv.v1 import store_pb2 as pb
 
@@ -74,6 +74,9 @@ class Liveness:
         """This node took in what the others hold of its keys since its lease last lapsed."""
         self._away_since = clock()  # when it started, or its lease last lapsed
         self._back_since = clock()  # when its lease last began
+        self._stepping_up = False
+        self._stepped_up = asyncio.Event()
+        self._stepped_up.set()
         self.stepping_down = False
         """Set as this node prepares to stop: its answers to pings say it is not current, so the
         others send its keys' operations to their other copies (and still their replicas here),
@@ -101,10 +104,32 @@ class Liveness:
         return False
 
     @property
+    def stepping_up(self) -> bool:
+        """Set once this node has caught up, until every member up has heard it: its answers to
+        pings say it is current, so the others stop answering for its keys, while it does not
+        answer for them itself yet (see Replication._step_up): one copy answers at a time."""
+        return self._stepping_up
+
+    @stepping_up.setter
+    def stepping_up(self, stepping: bool) -> None:
+        self._stepping_up = stepping
+        if stepping:
+            self._stepped_up.clear()
+        else:
+            self._stepped_up.set()
+
+    async def stepped_up(self) -> None:
+        """Return once this node no longer steps up (it answers for its keys, or its lease lapsed),
+        or after DOWN_AFTER at most (the longest a step up takes)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DOWN_AFTER):
+                await self._stepped_up.wait()
+
+    @property
     def current(self) -> bool:
-        """Whether this node answers for its keys: in touch, caught up since it last was not, and
-        not leaving (stopping)."""
-        return self.in_touch() and self.caught_up and not self.leaving
+        """Whether this node answers for its keys: in touch, caught up since it last was not, heard
+        by the others since, and not leaving (stopping)."""
+        return self.in_touch() and self.caught_up and not self.leaving and not self.stepping_up
 
     def _lapsed(self) -> None:
         if self.caught_up or self._lease_end:
@@ -117,6 +142,7 @@ class Liveness:
             self.changed.set()
             self._away_since = self._clock()
         self.caught_up = False
+        self.stepping_up = False
         self._lease_end = 0.0
 
     def _renew(self) -> None:
@@ -190,12 +216,28 @@ class Liveness:
             self._told[sender] = now
         self._pings[sender] = self._pings.get(sender, 0) + 1
         self.pinged.set()
-        current = self.current and not self.stepping_down
+        # Stepping up, it says it is current (the others stop answering for its keys); stepping
+        # down, that it is not (they start).
+        current = self.in_touch() and self.caught_up and not self.leaving and not self.stepping_down
         return pb.PingResponse(current=current, sees_you=sees, leaving=self.leaving)
 
     def pings_answered(self, member: str) -> int:
         """How many pings from `member` this node has answered."""
         return self._pings.get(member, 0)
+
+    async def heard_by_all(self, members: Iterable[str]) -> None:
+        """Return once each of `members` that is up has taken in this node's answer to a ping from
+        now on: it pinged twice since (a member pings again only once it took in the answer to
+        its last ping), or at most DOWN_AFTER (a member that does not ping is down by then)."""
+        since = {member: self.pings_answered(member) for member in members}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DOWN_AFTER):
+                while not all(
+                    self.pings_answered(member) >= answered + 2 or not self.up(member)
+                    for member, answered in since.items()
+                ):
+                    self.pinged.clear()
+                    await self.pinged.wait()
 
     async def ping_forever(self) -> None:
         """Ping every other member every INTERVAL seconds, until cancelled."""

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nestkv.server.cluster.liveness import DOWN_AFTER, INTERVAL, PING_TIMEOUT, Liveness, wait_changed
+from nestkv.server.cluster.liveness import INTERVAL, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
 from nestkv.server.router import Answer
@@ -249,15 +249,7 @@ class Replication:
         # pings. A member pings again only once it took in the answer to its last ping, so two
         # pings answered since mean it forwards nothing more here.
         liveness.stepping_down = True
-        answered = {member: liveness.pings_answered(member) for member in others}
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DOWN_AFTER):
-                while not all(
-                    liveness.pings_answered(member) >= answered[member] + 2 or not liveness.up(member)
-                    for member in others
-                ):
-                    liveness.pinged.clear()
-                    await liveness.pinged.wait()
+        await liveness.heard_by_all(others)
         liveness.leaving = True
         end_callers_streams()
         log.info("stepping down: the other copies answer for this node's keys from now on")
@@ -305,10 +297,23 @@ class Replication:
             if not liveness.caught_up and liveness.in_touch() and liveness.knows_who_is_up():
                 lapses = liveness.lapses
                 if await self._catch_up() and lapses == liveness.lapses and liveness.in_touch():
-                    liveness.caught_up = True
-                    log.info("caught up: this node answers for its keys again")
+                    await self._step_up()
+                    if lapses == liveness.lapses and liveness.current:
+                        log.info("caught up: this node answers for its keys again")
                     continue
             await wait_changed(liveness, INTERVAL)
+
+    async def _step_up(self) -> None:
+        """Caught up: say so to the others, and answer for this node's keys once each member up has
+        heard it. Until then the copy that answered for them meanwhile may still run what it was
+        sent; from then on it sends them here, and refuses an atomic operation forwarded to it
+        (nestkv.server.cluster.router): at most one copy runs a key's atomic operations at a time.
+        (A replica that copy sent before it heard arrives before the second ping after it.)"""
+        liveness = self.liveness
+        liveness.caught_up = True
+        liveness.stepping_up = True
+        await liveness.heard_by_all(self._cluster.others())
+        liveness.stepping_up = False
 
     async def _catch_up(self) -> bool:
         """Merge what every member that is up holds of this node's keys, then give each what this

@@ -295,7 +295,15 @@ class _ClusterRoute:
         """While hand-offs run (no replicas), a key this node owns may still be on its previous
         owner only: for the operations on a key's state (an increment, a conditional write) on
         keys not held here, that copy is merged here before the slice runs, so that they act on
-        it, in the slice's order."""
+        it, in the slice's order.
+
+        With replicas, while this node steps up (caught up, and the others told, but not all have
+        heard yet), the slice waits for it to answer for its keys: the others send it their
+        operations on its keys already, and the copy that answered for them meanwhile refuses an
+        atomic one sent to it from then on."""
+        replicas = self._replicas
+        if replicas is not None and replicas.liveness.stepping_up and (self._forward or self._asks):
+            return replicas.liveness.stepped_up()  # not replicas: they are merged by version
         if not self._resizing:
             return None
         router = self._router
@@ -335,6 +343,13 @@ class _ClusterRoute:
         elif not replication.liveness.current and self._asks:
             away = "is stopping" if replication.liveness.leaving else "is catching up after it was away"
             raise NodeFault("UNAVAILABLE", f"node {cluster.node_id} {away}: {NOT_APPLIED}")
+        elif self._asks and conditional(kind, request):
+            # Sent by a node that took this one to answer for the key; if another copy does now
+            # (it came back, and this node has heard it), running it here too could count twice.
+            serving = replication.serving_copy(path, key)
+            if serving != cluster.node_id:
+                answers = f"node {cluster.node_id} no longer answers for the key (node {serving} does)"
+                raise NodeFault("UNAVAILABLE", f"{answers}: {NOT_APPLIED}")
         if _writes(kind, request):
             replication.check_writable(path, key)
         return None
