@@ -14,6 +14,10 @@
   reads (a value older than a write acknowledged before the read began), failed writes whose
   value was seen (a write the client was told was not applied), and failed operations per
   fault window, on the faulted node's keys and on the others.
+- Counters (`incrementer`, `check_counters`): tasks add 1 to shared keys; each key's final value
+  must count every acknowledged increment and no more than those whose outcome is unknown, and
+  no two acknowledged increments of a key may have answered the same sum (two copies answering
+  for it at once, each from the same state).
 """
 
 from __future__ import annotations
@@ -217,10 +221,10 @@ class FaultCluster:
 class Op:
     """One operation as a client saw it: `applied` False for a failure known not to have applied."""
 
-    kind: str  # "set" or "get"
+    kind: str  # "set", "get" or "increment"
     via: str  # the node the client is pinned to; "" for a client that routes
     key: str
-    value: str | None  # written, or read (None: not found)
+    value: str | None  # written, or read (None: not found), or the sum an increment answered
     start: float
     end: float = 0.0
     ok: bool = False
@@ -276,6 +280,78 @@ async def reader(
         op = Op("get", via, chooser.choice(keys), None, time.monotonic())
         history.ops.append(op)
         await _run(store, op)
+
+
+async def incrementer(
+    client: tuple[str, GrpcStore], keys: Sequence[str], history: History, stop: asyncio.Event
+) -> None:
+    """Add 1 to any of `keys` until `stop`, recording each sum (as the op's value); `client`:
+    (pinned to, store)."""
+    via, store = client
+    chooser = random.Random(id(history) + len(history.ops))
+    while not stop.is_set():
+        op = Op("increment", via, chooser.choice(keys), None, time.monotonic())
+        history.ops.append(op)
+        try:
+            op.value = str(await store.increment(op.key))
+            op.ok = op.applied = True
+        except StoreError as error:
+            op.applied = error.applied
+            op.error = f"{type(error).__name__}: {error}"
+        op.end = time.monotonic()
+
+
+@dataclass
+class CounterReport:
+    acknowledged: int = 0
+    unknown: int = 0
+    lost: list[str] = field(default_factory=list)  # a final value under the acknowledged count
+    extra: list[str] = field(default_factory=list)  # over it by more than the unknown outcomes
+    duplicate_sums: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                f"acknowledged increments {self.acknowledged}, unknown outcome {self.unknown}, keys "
+                f"short of their acknowledged increments {len(self.lost)}, over {len(self.extra)}, "
+                f"acknowledged increments answered with a sum another had {len(self.duplicate_sums)}",
+                *self.lost[:5],
+                *self.extra[:5],
+                *self.duplicate_sums[:5],
+            ]
+        )
+
+
+def check_counters(history: History, final: dict[str, str | None]) -> CounterReport:
+    """Each counter's final value against its increments (see the module)."""
+    report = CounterReport()
+    by_key: dict[str, list[Op]] = {}
+    for op in history.ops:
+        if op.kind == "increment" and op.end:
+            by_key.setdefault(op.key, []).append(op)
+    for key, ops in by_key.items():
+        acknowledged = [op for op in ops if op.ok]
+        unknown = sum(not op.ok and op.applied is not False for op in ops)
+        report.acknowledged += len(acknowledged)
+        report.unknown += unknown
+        held = int(final.get(key) or 0)
+        if held < len(acknowledged):
+            report.lost.append(f"lost: {key} holds {held}, after {len(acknowledged)} acknowledged increments")
+        if held > len(acknowledged) + unknown:
+            report.extra.append(
+                f"extra: {key} holds {held}: {len(acknowledged)} acknowledged, {unknown} unknown"
+            )
+        sums: dict[str, Op] = {}
+        for op in acknowledged:
+            assert op.value is not None
+            first = sums.get(op.value)
+            if first is not None:
+                report.duplicate_sums.append(
+                    f"duplicate sum: {key} = {op.value} answered twice, via {first.via or 'routing'} "
+                    f"at {first.end:.3f} and via {op.via or 'routing'} at {op.end:.3f}"
+                )
+            sums[op.value] = op
+    return report
 
 
 # --- the nemesis ---------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ off and restarted one at a time, under writers with unique values and readers, t
 route and clients pinned to one node. No acknowledged write is lost, no read is stale, no write
 its client was told was not applied is ever seen; the figures per fault are printed.
 
+Counters go through the same faults: every acknowledged increment counted once, no two answered
+with the same sum.
+
 `make test` runs four faults; `make soak` (NESTKV_SOAK=1) sixteen, on more keys."""
 
 from __future__ import annotations
@@ -13,7 +16,19 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.faults import FaultCluster, History, check, final_values, nemesis, pinned, reader, routed, writer
+from tests.faults import (
+    FaultCluster,
+    History,
+    check,
+    check_counters,
+    final_values,
+    incrementer,
+    nemesis,
+    pinned,
+    reader,
+    routed,
+    writer,
+)
 
 SOAK = bool(os.environ.get("NESTKV_SOAK"))
 ROUNDS = 16 if SOAK else 4
@@ -21,18 +36,26 @@ KEYS = 2_000 if SOAK else 200
 WRITERS = 16
 READERS = 8
 TIMEOUT = 2.0  # the clients' deadline, as in the issue's run
+INCREMENTERS = 16
+COUNTERS = 20
 
 
 async def run_under_traffic(
-    cluster: FaultCluster, clients: list[tuple[str, bool]], faults: Callable[[History], Awaitable[None]]
+    cluster: FaultCluster,
+    clients: list[tuple[str, bool]],
+    faults: Callable[[History], Awaitable[None]],
+    *,
+    counters: int = 0,
 ) -> History:
     """Start `cluster`, run the writers and readers through `clients` ((node, pinned) each: pinned
     to the node, or routing from it) while `faults(history)` runs, then read every key's final
-    value into `history`, and stop the cluster."""
+    value into `history`, and stop the cluster. With `counters`, INCREMENTERS tasks add to that
+    many keys of their own instead, and no writer or reader runs."""
     await cluster.start()
     history = History()
     stop = asyncio.Event()
-    keys = [f"key-{number}" for number in range(KEYS)]
+    keys = [f"key-{number}" for number in range(KEYS)] if not counters else []
+    counted = [f"counter-{number}" for number in range(counters)]
     try:
         async with contextlib.AsyncExitStack() as stores:
             opened = []
@@ -41,18 +64,25 @@ async def run_under_traffic(
                 store = await stores.enter_async_context(make(cluster.target(member), TIMEOUT))
                 opened.append((member if is_pinned else "", store))
             count = len(opened)
-            tasks = [
-                asyncio.create_task(writer(opened[n % count], keys[n::WRITERS], f"w{n}", history, stop))
-                for n in range(WRITERS)
-            ]
-            tasks += [
-                asyncio.create_task(reader(opened[n % count], keys, history, stop)) for n in range(READERS)
-            ]
+            if counted:
+                tasks = [
+                    asyncio.create_task(incrementer(opened[n % count], counted, history, stop))
+                    for n in range(INCREMENTERS)
+                ]
+            else:
+                tasks = [
+                    asyncio.create_task(writer(opened[n % count], keys[n::WRITERS], f"w{n}", history, stop))
+                    for n in range(WRITERS)
+                ]
+                tasks += [
+                    asyncio.create_task(reader(opened[n % count], keys, history, stop))
+                    for n in range(READERS)
+                ]
             await asyncio.sleep(2)  # the clients find the topology, the writers get going
             await faults(history)
             stop.set()
             await asyncio.gather(*tasks)
-        history.final = await final_values(cluster, keys)
+        history.final = await final_values(cluster, keys or counted)
     finally:
         await cluster.close()
     return history
@@ -93,3 +123,22 @@ async def test_a_rolling_restart_of_every_node_under_traffic_fails_no_operation(
     assert failed == []
     assert report.lost == []
     assert report.stale == []
+
+
+async def test_faults_one_node_at_a_time_count_every_increment_once(tmp_path: Path) -> None:
+    """Increments through the same faults: at most one copy answers for a key at a time, so no
+    acknowledged increment is lost and no two are answered with the same sum."""
+    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
+    clients = [(cluster.members[number % 3], number % 2 == 1) for number in range(4)]
+
+    async def faults(history: History) -> None:
+        await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
+
+    history = await run_under_traffic(cluster, clients, faults, counters=COUNTERS)
+    report = check_counters(history, history.final)
+    timeline = [f"{kind} {member} {start:.3f}-{end:.3f}" for kind, member, start, end in history.faults]
+    print(report.summary(), *timeline, sep="\n")
+    assert report.acknowledged > 1_000
+    assert report.lost == []
+    assert report.extra == []
+    assert report.duplicate_sums == []

@@ -195,8 +195,8 @@ class Liveness:
     def serving(self, member: str) -> bool:
         """Whether `member` is up and answers for its keys (current), as far as this node knows:
         one it has not heard from since it started or its lease lapsed may be (it asks it)."""
-        if member == self.node_id:
-            return self.current
+        if member == self.node_id:  # stepping down, it has told the others it no longer answers
+            return self.current and not self.stepping_down
         if self._heard.get(member, 0.0) < self._away_since and not self.knows_who_is_up():
             return True
         return self.up(member) and self._current_of.get(member, False)
