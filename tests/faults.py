@@ -18,6 +18,8 @@
   must count every acknowledged increment and no more than those whose outcome is unknown, and
   no two acknowledged increments of a key may have answered the same sum (two copies answering
   for it at once, each from the same state).
+- Racers (`racer`, `check_races`): tasks race `set_if_absent` on the same fresh keys, one key
+  after the other; at most one may be told it stored its value, and the key must end holding it.
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ class FaultCluster:
 class Op:
     """One operation as a client saw it: `applied` False for a failure known not to have applied."""
 
-    kind: str  # "set", "get" or "increment"
+    kind: str  # "set", "get", "increment" or "set_if_absent"
     via: str  # the node the client is pinned to; "" for a client that routes
     key: str
     value: str | None  # written, or read (None: not found), or the sum an increment answered
@@ -351,6 +353,72 @@ def check_counters(history: History, final: dict[str, str | None]) -> CounterRep
                     f"at {first.end:.3f} and via {op.via or 'routing'} at {op.end:.3f}"
                 )
             sums[op.value] = op
+    return report
+
+
+async def racer(client: tuple[str, GrpcStore], name: str, history: History, stop: asyncio.Event) -> None:
+    """`set_if_absent` keys `race-0`, `race-1`... in turn to a value naming this racer, until
+    `stop` (racers started together race on the same keys); an op's `ok` says it was told it
+    stored its value; `client`: (pinned to, store)."""
+    via, store = client
+    for number in itertools.count():
+        if stop.is_set():
+            return
+        key = f"race-{number}"
+        op = Op("set_if_absent", via, key, f"{name}:{key}", time.monotonic())
+        history.ops.append(op)
+        try:
+            op.ok = await store.set_if_absent(key, op.value or "")
+            op.applied = op.ok
+            if not op.ok:
+                op.error = "not stored: held already"
+        except StoreError as error:
+            op.applied = error.applied
+            op.error = f"{type(error).__name__}: {error}"
+        op.end = time.monotonic()
+
+
+@dataclass
+class RaceReport:
+    keys: int = 0
+    won: int = 0
+    unknown: int = 0
+    two_winners: list[str] = field(default_factory=list)
+    winner_lost: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                f"keys raced {self.keys}, won by an acknowledged set_if_absent {self.won}, outcomes "
+                f"unknown {self.unknown}, keys with two winners {len(self.two_winners)}, keys not "
+                f"holding their winner's value {len(self.winner_lost)}",
+                *self.two_winners[:5],
+                *self.winner_lost[:5],
+            ]
+        )
+
+
+def check_races(history: History, final: dict[str, str | None]) -> RaceReport:
+    """One winner per key, and the key holds the winner's value (see the module)."""
+    report = RaceReport()
+    by_key: dict[str, list[Op]] = {}
+    for op in history.ops:
+        if op.kind == "set_if_absent" and op.end:
+            by_key.setdefault(op.key, []).append(op)
+    for key, ops in by_key.items():
+        report.keys += 1
+        winners = [op for op in ops if op.ok]
+        report.unknown += sum(not op.ok and op.applied is None for op in ops)
+        if len(winners) > 1:
+            report.two_winners.append(
+                f"two winners: {key}: " + ", ".join(f"{op.value} via {op.via or 'routing'}" for op in winners)
+            )
+        if winners:
+            report.won += 1
+            if final.get(key) not in {op.value for op in winners}:
+                report.winner_lost.append(
+                    f"winner lost: {key} holds {final.get(key)!r}, {winners[0].value} won"
+                )
     return report
 
 

@@ -21,10 +21,12 @@ from tests.faults import (
     History,
     check,
     check_counters,
+    check_races,
     final_values,
     incrementer,
     nemesis,
     pinned,
+    racer,
     reader,
     routed,
     writer,
@@ -38,6 +40,7 @@ READERS = 8
 TIMEOUT = 2.0  # the clients' deadline, as in the issue's run
 INCREMENTERS = 16
 COUNTERS = 20
+RACERS = 8
 
 
 async def run_under_traffic(
@@ -46,15 +49,17 @@ async def run_under_traffic(
     faults: Callable[[History], Awaitable[None]],
     *,
     counters: int = 0,
+    races: bool = False,
 ) -> History:
     """Start `cluster`, run the writers and readers through `clients` ((node, pinned) each: pinned
     to the node, or routing from it) while `faults(history)` runs, then read every key's final
     value into `history`, and stop the cluster. With `counters`, INCREMENTERS tasks add to that
-    many keys of their own instead, and no writer or reader runs."""
+    many keys of their own instead, and no writer or reader runs; with `races`, RACERS tasks
+    race set_if_absent on the same keys, one after the other."""
     await cluster.start()
     history = History()
     stop = asyncio.Event()
-    keys = [f"key-{number}" for number in range(KEYS)] if not counters else []
+    keys = [f"key-{number}" for number in range(KEYS)] if not (counters or races) else []
     counted = [f"counter-{number}" for number in range(counters)]
     try:
         async with contextlib.AsyncExitStack() as stores:
@@ -64,7 +69,12 @@ async def run_under_traffic(
                 store = await stores.enter_async_context(make(cluster.target(member), TIMEOUT))
                 opened.append((member if is_pinned else "", store))
             count = len(opened)
-            if counted:
+            if races:
+                tasks = [
+                    asyncio.create_task(racer(opened[n % count], f"r{n}", history, stop))
+                    for n in range(RACERS)
+                ]
+            elif counted:
                 tasks = [
                     asyncio.create_task(incrementer(opened[n % count], counted, history, stop))
                     for n in range(INCREMENTERS)
@@ -82,7 +92,8 @@ async def run_under_traffic(
             await faults(history)
             stop.set()
             await asyncio.gather(*tasks)
-        history.final = await final_values(cluster, keys or counted)
+        raced = sorted({op.key for op in history.ops if op.kind == "set_if_absent"})
+        history.final = await final_values(cluster, keys or counted or raced)
     finally:
         await cluster.close()
     return history
@@ -142,3 +153,19 @@ async def test_faults_one_node_at_a_time_count_every_increment_once(tmp_path: Pa
     assert report.lost == []
     assert report.extra == []
     assert report.duplicate_sums == []
+
+
+async def test_faults_one_node_at_a_time_let_one_set_if_absent_win_each_key(tmp_path: Path) -> None:
+    """Racers on the same fresh keys through the same faults: one winner a key, which it holds."""
+    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
+    clients = [(cluster.members[number % 3], number % 2 == 1) for number in range(4)]
+
+    async def faults(history: History) -> None:
+        await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
+
+    history = await run_under_traffic(cluster, clients, faults, races=True)
+    report = check_races(history, history.final)
+    print(report.summary())
+    assert report.won > 1_000
+    assert report.two_winners == []
+    assert report.winner_lost == []
