@@ -17,7 +17,10 @@ its outcome is unknown to the caller, and the error says so.
 
 A node whose lease lapsed (restarted, paused, cut off) answers for nothing
 until it has caught up: it asks every member that is up for what it holds
-of its keys (the CatchUp RPC), merges it, and is current again. A stand-in
+of its keys (the CatchUp RPC), merges it, gives each what it holds of that
+member's keys (copies converge both ways), then steps up: it says it is
+current, and answers for its keys once every member up has heard it, so
+that one copy runs a key's atomic operations at a time. A stand-in
 hands what it held for a copy back by the hand-off pass, which runs
 whenever a member comes back up.
 """
