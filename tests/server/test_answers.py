@@ -195,8 +195,10 @@ async def test_a_forwarding_node_holds_a_bounded_answer_for_callers_that_do_not_
         grpc.aio.insecure_channel(three.target("node-0"), options=channel_options())
     ) as store:
         assert await store.get(key) == value
-    # Each stream: 4 answers waiting (ANSWER_BYTES and one value each) and what gRPC buffers.
-    assert peak - before < STREAMS * (4 * 5 + 16) + 64, (before, peak)
+    # Each stream: 4 answers waiting (ANSWER_BYTES and one value each) and what gRPC buffers of
+    # those sent (a few); then the allocator's slack. Measured: 140-156 MiB for 4 streams (the
+    # reader ran ahead of them unbounded before: 496 MiB).
+    assert peak - before < STREAMS * (4 * 5 + 16) + 112, (before, peak)
 
 
 def resident_mib(server: ServerProcess) -> int:
