@@ -242,15 +242,24 @@ class History:
 
 
 async def _run(store: GrpcStore, op: Op) -> None:
+    """Run `op` and record its outcome (a set_if_absent that found the key held is not `ok`)."""
     try:
         if op.kind == "set":
             assert op.value is not None
             await store.set(op.key, op.value)
             op.applied = True
+        elif op.kind == "increment":
+            op.value = str(await store.increment(op.key))
+            op.applied = True
+        elif op.kind == "set_if_absent":
+            assert op.value is not None
+            op.applied = await store.set_if_absent(op.key, op.value)
+            if not op.applied:
+                op.error = "not stored: held already"
         else:
             found = await store.get(op.key)
             op.value = None if found is None else found.decode()
-        op.ok = True
+        op.ok = op.applied is not False
     except StoreError as error:
         op.applied = error.applied
         op.error = f"{type(error).__name__}: {error}"
@@ -294,13 +303,16 @@ async def incrementer(
     while not stop.is_set():
         op = Op("increment", via, chooser.choice(keys), None, time.monotonic())
         history.ops.append(op)
-        try:
-            op.value = str(await store.increment(op.key))
-            op.ok = op.applied = True
-        except StoreError as error:
-            op.applied = error.applied
-            op.error = f"{type(error).__name__}: {error}"
-        op.end = time.monotonic()
+        await _run(store, op)
+
+
+def _by_key(history: History, kind: str) -> dict[str, list[Op]]:
+    """The finished operations of `kind`, by key, in the order they began."""
+    by_key: dict[str, list[Op]] = {}
+    for op in history.ops:
+        if op.kind == kind and op.end:
+            by_key.setdefault(op.key, []).append(op)
+    return by_key
 
 
 @dataclass
@@ -327,11 +339,7 @@ class CounterReport:
 def check_counters(history: History, final: dict[str, str | None]) -> CounterReport:
     """Each counter's final value against its increments (see the module)."""
     report = CounterReport()
-    by_key: dict[str, list[Op]] = {}
-    for op in history.ops:
-        if op.kind == "increment" and op.end:
-            by_key.setdefault(op.key, []).append(op)
-    for key, ops in by_key.items():
+    for key, ops in _by_key(history, "increment").items():
         acknowledged = [op for op in ops if op.ok]
         unknown = sum(not op.ok and op.applied is not False for op in ops)
         report.acknowledged += len(acknowledged)
@@ -367,15 +375,7 @@ async def racer(client: tuple[str, GrpcStore], name: str, history: History, stop
         key = f"race-{number}"
         op = Op("set_if_absent", via, key, f"{name}:{key}", time.monotonic())
         history.ops.append(op)
-        try:
-            op.ok = await store.set_if_absent(key, op.value or "")
-            op.applied = op.ok
-            if not op.ok:
-                op.error = "not stored: held already"
-        except StoreError as error:
-            op.applied = error.applied
-            op.error = f"{type(error).__name__}: {error}"
-        op.end = time.monotonic()
+        await _run(store, op)
 
 
 @dataclass
@@ -401,11 +401,7 @@ class RaceReport:
 def check_races(history: History, final: dict[str, str | None]) -> RaceReport:
     """One winner per key, and the key holds the winner's value (see the module)."""
     report = RaceReport()
-    by_key: dict[str, list[Op]] = {}
-    for op in history.ops:
-        if op.kind == "set_if_absent" and op.end:
-            by_key.setdefault(op.key, []).append(op)
-    for key, ops in by_key.items():
+    for key, ops in _by_key(history, "set_if_absent").items():
         report.keys += 1
         winners = [op for op in ops if op.ok]
         report.unknown += sum(not op.ok and op.applied is None for op in ops)
@@ -509,10 +505,7 @@ def check(history: History, final: dict[str, str | None], placement: Placement) 
     order in time, and the value it holds must be that of its last write that may have applied.
     """
     report = Report()
-    writes: dict[str, list[Op]] = {}
-    for op in history.ops:
-        if op.kind == "set" and op.end:
-            writes.setdefault(op.key, []).append(op)
+    writes = _by_key(history, "set")
     index = {(op.key, op.value): n for key_writes in writes.values() for n, op in enumerate(key_writes)}
 
     # A key's writes follow one another: their ends are in order, and bisect finds the last

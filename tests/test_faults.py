@@ -99,15 +99,23 @@ async def run_under_traffic(
     return history
 
 
-async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(tmp_path: Path) -> None:
+async def one_fault_at_a_time(
+    tmp_path: Path, *, counters: int = 0, races: bool = False
+) -> tuple[FaultCluster, History]:
+    """The nemesis's ROUNDS faults on three nodes (--replicas 2 --fsync no) under `run_under_traffic`
+    (its workload chosen by `counters` and `races`), through two clients routing by the topology
+    and two pinned to a node each; the cluster (stopped) and the history."""
     cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
-    # Two clients routing by the topology, two pinned to a node each.
     clients = [(cluster.members[number % 3], number % 2 == 1) for number in range(4)]
 
     async def faults(history: History) -> None:
         await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
 
-    history = await run_under_traffic(cluster, clients, faults)
+    return cluster, await run_under_traffic(cluster, clients, faults, counters=counters, races=races)
+
+
+async def test_faults_one_node_at_a_time_lose_no_write_and_serve_no_stale_read(tmp_path: Path) -> None:
+    cluster, history = await one_fault_at_a_time(tmp_path)
     report = check(history, history.final, cluster.placement)
     print(report.summary())
     assert report.writes_acknowledged > 1_000
@@ -139,13 +147,7 @@ async def test_a_rolling_restart_of_every_node_under_traffic_fails_no_operation(
 async def test_faults_one_node_at_a_time_count_every_increment_once(tmp_path: Path) -> None:
     """Increments through the same faults: at most one copy answers for a key at a time, so no
     acknowledged increment is lost and no two are answered with the same sum."""
-    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
-    clients = [(cluster.members[number % 3], number % 2 == 1) for number in range(4)]
-
-    async def faults(history: History) -> None:
-        await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
-
-    history = await run_under_traffic(cluster, clients, faults, counters=COUNTERS)
+    _, history = await one_fault_at_a_time(tmp_path, counters=COUNTERS)
     report = check_counters(history, history.final)
     timeline = [f"{kind} {member} {start:.3f}-{end:.3f}" for kind, member, start, end in history.faults]
     print(report.summary(), *timeline, sep="\n")
@@ -157,13 +159,7 @@ async def test_faults_one_node_at_a_time_count_every_increment_once(tmp_path: Pa
 
 async def test_faults_one_node_at_a_time_let_one_set_if_absent_win_each_key(tmp_path: Path) -> None:
     """Racers on the same fresh keys through the same faults: one winner a key, which it holds."""
-    cluster = FaultCluster(tmp_path, 3, "--replicas", "2", "--fsync", "no")
-    clients = [(cluster.members[number % 3], number % 2 == 1) for number in range(4)]
-
-    async def faults(history: History) -> None:
-        await nemesis(cluster, history, ROUNDS, fault_seconds=3.0, calm_seconds=4.0)
-
-    history = await run_under_traffic(cluster, clients, faults, races=True)
+    _, history = await one_fault_at_a_time(tmp_path, races=True)
     report = check_races(history, history.final)
     print(report.summary())
     assert report.won > 1_000

@@ -234,6 +234,24 @@ async def fill(store: GrpcStore, prefix: str, limit: int) -> Writes:
     return writes
 
 
+async def b_keeps_then_a_fills(
+    tenants: Tenants, b_keys: Mapping[str, bytes], quota: int, symptoms: Symptoms
+) -> Writes:
+    """Tenant "b" writes `b_keys` under ["kept"] (its namespace the older), then "a" fills its
+    `quota` under ["fill"] through node-0 (`fill`): what a's writes came to."""
+    async with tenants.routing("b") as b:
+        await b.with_namespace("kept").set_many(b_keys)
+    async with tenants.through("node-0", "a") as a:
+        writes = await fill(a.with_namespace("fill"), "k", limit=3 * quota // VALUE_BYTES + 500)
+    assert writes.refused, f"the quota was never reached: {len(writes.acknowledged)} writes"
+    symptoms.expect(
+        not writes.failures,
+        f"{len(writes.failures)} writes failed other than for the quota while filling, "
+        f"first {writes.failures[:1]}",
+    )
+    return writes
+
+
 def describe(outcome: object) -> str:
     """An answer or an error in a few words (a big value by its size)."""
     if outcome is None:
@@ -312,16 +330,8 @@ async def test_a_tenant_at_its_quota_does_not_stop_the_cluster(
     with manifest_cluster(tmp_path, pki, node_cert, {"a": quota, "b": None}, "--replicas", "2") as tenants:
         assert await tenants.readiness_of_all(within=30) == all_serving()
         b_keys = {f"k{n}": f"b-{n}".encode() for n in range(B_KEYS)}
-        async with tenants.routing("b") as b:
-            await b.with_namespace("kept").set_many(b_keys)
+        writes = await b_keeps_then_a_fills(tenants, b_keys, quota, symptoms)
         async with tenants.through("node-0", "a") as a:
-            writes = await fill(a.with_namespace("fill"), "k", limit=3 * quota // VALUE_BYTES + 500)
-            assert writes.refused, f"the quota was never reached: {len(writes.acknowledged)} writes"
-            symptoms.expect(
-                not writes.failures,
-                f"{len(writes.failures)} writes failed other than for the quota while filling, "
-                f"first {writes.failures[:1]}",
-            )
             # At its quota, the tenant goes on writing a little: refused, and nothing else.
             more = Writes()
             loop = asyncio.get_running_loop()
@@ -366,16 +376,7 @@ async def test_a_scale_down_with_a_tenant_at_its_quota_loses_no_key(
     args = ("--replicas", "1", "--drain-timeout", "15")
     with manifest_cluster(tmp_path, pki, node_cert, {"a": quota, "b": None}, *args) as tenants:
         assert await tenants.readiness_of_all(within=30) == all_serving()
-        # The other tenant's keys first (its namespace the older), then the tenant fills its quota.
-        async with tenants.routing("b") as b:
-            await b.with_namespace("kept").set_many(b_keys)
-        async with tenants.through("node-0", "a") as a:
-            writes = await fill(a.with_namespace("fill"), "k", limit=3 * quota // VALUE_BYTES + 500)
-        assert writes.refused, f"the quota was never reached: {len(writes.acknowledged)} writes"
-        symptoms.expect(
-            not writes.failures,
-            f"{len(writes.failures)} writes failed other than for the quota, first {writes.failures[:1]}",
-        )
+        writes = await b_keeps_then_a_fills(tenants, b_keys, quota, symptoms)
 
         remaining = ["node-0", "node-1"]
         tenants.cluster.write_members(remaining)

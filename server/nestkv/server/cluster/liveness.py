@@ -129,7 +129,12 @@ class Liveness:
     def current(self) -> bool:
         """Whether this node answers for its keys: in touch, caught up since it last was not, heard
         by the others since, and not leaving (stopping)."""
-        return self.in_touch() and self.caught_up and not self.leaving and not self.stepping_up
+        return self._caught_up_and_staying() and not self.stepping_up
+
+    def _caught_up_and_staying(self) -> bool:
+        """In touch, caught up since it last was not, and not leaving: what its ping answers call
+        current but while it steps down, and what it answers for its keys by once it has stepped up."""
+        return self.in_touch() and self.caught_up and not self.leaving
 
     def _lapsed(self) -> None:
         if self.caught_up or self._lease_end:
@@ -218,7 +223,7 @@ class Liveness:
         self.pinged.set()
         # Stepping up, it says it is current (the others stop answering for its keys); stepping
         # down, that it is not (they start).
-        current = self.in_touch() and self.caught_up and not self.leaving and not self.stepping_down
+        current = self._caught_up_and_staying() and not self.stepping_down
         return pb.PingResponse(current=current, sees_you=sees, leaving=self.leaving)
 
     def pings_answered(self, member: str) -> int:

@@ -327,8 +327,8 @@ class NamespacedStorage:
             buried = tombstones.over(path, key)
             if buried is not None and buried >= version:
                 return False
-        if make_room and self._max_memory:
-            self._evict_for(path, key, self._needed(path, key, len(value), deadline))
+        if make_room and self._max_memory and (needed := self._needed(path, key, len(value), deadline)) > 0:
+            self._evict_for(path, key, needed)  # and kept, even if that is not enough
         self._put(path, key, value, deadline, version)
         if self.journal is not None:
             self.journal.set(path, key, value, deadline, version)
@@ -690,21 +690,21 @@ class NamespacedStorage:
         StoreFull."""
         if needed > self._max_memory:
             raise StoreFull(f"this write needs {needed} B; max_memory is {self._max_memory} B in all", needed)
+        if not self._evict_for(path, key, needed):
+            raise StoreFull(
+                f"used memory {self.used_memory} B + {needed} B for this write would exceed "
+                f"max_memory {self._max_memory} B, and eviction policy {self._policy} frees nothing; "
+                "reads and deletes still work",
+                needed,
+            )
+
+    def _evict_for(self, path: Sequence[str], key: str, needed: int) -> bool:
+        """Evict by the policy until `needed` more bytes for a write of `key` at `path` fit
+        max_memory; whether they do (the policy may let nothing go)."""
         while self.used_memory + needed > self._max_memory:
             if self._policy == "noeviction" or not self._evict_one(path, key):
-                raise StoreFull(
-                    f"used memory {self.used_memory} B + {needed} B for this write would exceed "
-                    f"max_memory {self._max_memory} B, and eviction policy {self._policy} frees nothing; "
-                    "reads and deletes still work",
-                    needed,
-                )
-
-    def _evict_for(self, path: Sequence[str], key: str, needed: int) -> None:
-        """Evict by the policy while `needed` more bytes do not fit max_memory, as far as it lets
-        anything go (a copy's room: never refused)."""
-        while needed > 0 and self.used_memory + needed > self._max_memory:
-            if self._policy == "noeviction" or not self._evict_one(path, key):
-                return
+                return False
+        return True
 
     @property
     def over_memory(self) -> int:

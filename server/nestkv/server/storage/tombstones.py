@@ -111,13 +111,11 @@ class Tombstones:
 
     def bury(self, path: Sequence[str], key: str, version: bytes) -> None:
         """Record that `key` was deleted by the change `version` (the newer of two is kept)."""
-        name = tuple(path)
-        self._keep(self.keys, (name, key), name, key, version)
+        self._keep(tuple(path), key, version)
 
     def bury_subtree(self, path: Sequence[str], version: bytes) -> None:
         """Record that the namespace at `path` was emptied by the change `version`."""
-        name = tuple(path)
-        self._keep(self.subtrees, name, name, None, version)
+        self._keep(tuple(path), None, version)
 
     def forget(self, path: Sequence[str], key: str) -> None:
         """A newer value of `key` was stored: its tombstone can no longer decide anything."""
@@ -129,23 +127,17 @@ class Tombstones:
         """Drop the tombstones buried longer than `age` ago; how many."""
         horizon = int((self._wall() - self.age) * 1000)
         dropped = 0
-        keys, subtrees = self.keys, self.subtrees
-        # In the order of burial: the first young one ends each table's turn.
-        while keys and _buried_at(next(iter(keys.values()))) <= horizon:
-            path, key = next(iter(keys))
-            del keys[path, key]
-            self._count(path, -_size(path, key))
-            dropped += 1
-        while subtrees and _buried_at(next(iter(subtrees.values()))) <= horizon:
-            path = next(iter(subtrees))
-            del subtrees[path]
-            self._count(path, -_size(path))
-            dropped += 1
+        for table in (self.keys, self.subtrees):
+            # In the order of burial: the first young one ends the table's turn.
+            while table and _buried_at(next(iter(table.values()))) <= horizon:
+                self._drop_first(table)
+                dropped += 1
         return dropped
 
-    def _keep(
-        self, table: dict[Any, bytes], name: Any, path: tuple[str, ...], key: str | None, version: bytes
-    ) -> None:
+    def _keep(self, path: tuple[str, ...], key: str | None, version: bytes) -> None:
+        """Bury `key` at `path` (None: the namespace at `path`) with `version`, or the newer one it has."""
+        table: dict[Any, bytes] = self.subtrees if key is None else self.keys
+        name = path if key is None else (path, key)
         old = table.pop(name, None)
         if old is None:
             self._count(path, _size(path, key))
@@ -153,6 +145,12 @@ class Tombstones:
             version = old[:VERSION_BYTES]
         # To the end, buried now: the order is that of burial.
         table[name] = version + int(self._wall() * 1000).to_bytes(8, "big")
+
+    def _drop_first(self, table: dict[Any, bytes]) -> None:
+        name = next(iter(table))
+        del table[name]
+        path, key = name if table is self.keys else (name, None)
+        self._count(path, -_size(path, key))
 
     def _count(self, path: tuple[str, ...], size: int) -> None:
         """Add `size` to the bytes of the tombstones, and of those below each namespace counted
