@@ -6,7 +6,8 @@
   Cutting a node off closes both: nothing reaches it and nothing leaves it, for clients and
   peers alike, while the process runs on.
 - The nemesis faults one node at a time: kill -9 (and start it again on its data directory),
-  SIGSTOP (and SIGCONT), cut off (and reconnect), SIGTERM (and start again).
+  SIGSTOP (and SIGCONT), cut off (and reconnect), SIGTERM (and start again); or two nodes at a
+  time, cut from each other only while both reach the third (a partial partition: `split`).
 - The workload: writers, each the only one writing its keys, every value unique; readers reading
   any key; half the clients route by the topology, half are pinned to one node. Every operation
   is recorded with its start, its end and its outcome.
@@ -20,6 +21,10 @@
   for it at once, each from the same state).
 - Racers (`racer`, `check_races`): tasks race `set_if_absent` on the same fresh keys, one key
   after the other; at most one may be told it stored its value, and the key must end holding it.
+- Lockers (`locker`, `check_locks`): tasks take one of a few `Lock`s, hold it 20-80 ms and let it
+  go; of two holders that each still held the lock when they let it go (the lock did not expire
+  under them, nor was lost in a failover: the cases the README documents), neither may have
+  taken it before the other began to let it go.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 
 import grpc
 
-from nestkv.client import GrpcStore, StoreError, channel_options
+from nestkv.client import GrpcStore, LockError, StoreError, channel_options
 from nestkv.wire.placement import Placement
 from tests.clusterproc import free_ports
 from tests.serverproc import ServerProcess
@@ -88,10 +93,23 @@ class TcpProxy:
 
 
 class ConnectProxy(TcpProxy):
-    """An HTTP CONNECT proxy for one node's outgoing calls (gRPC's `grpc_proxy`)."""
+    """An HTTP CONNECT proxy for one node's outgoing calls (gRPC's `grpc_proxy`); `block` cuts
+    its calls to one port only."""
 
     def __init__(self, port: int) -> None:
         super().__init__(port, 0)
+        self._blocked: set[int] = set()
+        self._to: dict[asyncio.StreamWriter, int] = {}  # the port each connection goes to
+
+    def block(self, port: int) -> None:
+        """Drop the calls to `port` and refuse new ones until `unblock`."""
+        self._blocked.add(port)
+        for writer, target in list(self._to.items()):
+            if target == port:
+                writer.transport.abort()
+
+    def unblock(self, port: int) -> None:
+        self._blocked.discard(port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut:
@@ -101,16 +119,22 @@ class ConnectProxy(TcpProxy):
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             target = head.split(b" ", 2)[1].decode()
             host, _, port = target.rpartition(":")
+            if int(port) in self._blocked:
+                raise OSError(f"{target} is cut off from this node")
             up_reader, up_writer = await asyncio.open_connection(host, int(port))
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, IndexError):
             writer.close()
             return
-        if self.cut:
+        if self.cut or int(port) in self._blocked:
             writer.close()
             up_writer.close()
             return
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await _pipe_both(self._open, reader, writer, up_reader, up_writer)
+        self._to[writer] = int(port)
+        try:
+            await _pipe_both(self._open, reader, writer, up_reader, up_writer)
+        finally:
+            self._to.pop(writer, None)
 
 
 async def _pipe_both(
@@ -207,6 +231,30 @@ class FaultCluster:
         self.inbound[member].heal()
         self.outbound[member].heal()
 
+    def split(self, one: str, other: str) -> None:
+        """Cut `one` and `other` from each other only: each still reaches the rest, and clients
+        reach both."""
+        self.outbound[one].block(self.public[other])
+        self.outbound[other].block(self.public[one])
+
+    def join(self, one: str, other: str) -> None:
+        self.outbound[one].unblock(self.public[other])
+        self.outbound[other].unblock(self.public[one])
+
+    def log_sizes(self, member: str) -> dict[Path, int]:
+        """The size of each of `member`'s logs now (see `crash_back_to`)."""
+        return {log: log.stat().st_size for log in (self.directory / member).glob("log.*.msgpack")}
+
+    async def crash_back_to(self, member: str, sizes: dict[Path, int]) -> None:
+        """kill -9 `member` and cut its logs back to `sizes` (from `log_sizes`): its machine lost
+        what it had not written to disk since (with --fsync no, a crash of the machine may)."""
+        await self.kill(member)
+        for log in (self.directory / member).glob("log.*.msgpack"):
+            if log not in sizes:
+                log.unlink()
+            elif log.stat().st_size > sizes[log]:
+                os.truncate(log, sizes[log])
+
     async def close(self) -> None:
         for member, process in self.nodes.items():
             with contextlib.suppress(ProcessLookupError):
@@ -221,9 +269,11 @@ class FaultCluster:
 
 @dataclass
 class Op:
-    """One operation as a client saw it: `applied` False for a failure known not to have applied."""
+    """One operation as a client saw it: `applied` False for a failure known not to have applied.
+    A "lock" op is one holder's hold: `start` once it took the lock, `end` as it began to let it
+    go, `ok` if it still held the lock then, `value` the lock's version (its fencing token)."""
 
-    kind: str  # "set", "get", "increment" or "set_if_absent"
+    kind: str  # "set", "get", "increment", "set_if_absent" or "lock"
     via: str  # the node the client is pinned to; "" for a client that routes
     key: str
     value: str | None  # written, or read (None: not found), or the sum an increment answered
@@ -418,18 +468,84 @@ def check_races(history: History, final: dict[str, str | None]) -> RaceReport:
     return report
 
 
+async def locker(
+    client: tuple[str, GrpcStore], names: Sequence[str], history: History, stop: asyncio.Event
+) -> None:
+    """Take any of the locks `names` (expiring in 3 s), hold it 20-80 ms and let it go, until
+    `stop`, recording each hold as a "lock" op (see Op); `client`: (pinned to, store)."""
+    via, store = client
+    chooser = random.Random(id(history) + len(history.ops))
+    while not stop.is_set():
+        name = chooser.choice(names)
+        lock = store.lock(name, expires_in=3.0, blocking_timeout=1.0, sleep=0.01)
+        try:
+            if not await lock.acquire():
+                continue
+        except StoreError:
+            continue  # not taken, or its outcome unknown: it expires by itself
+        assert lock.version is not None
+        op = Op("lock", via, name, lock.version.hex(), time.monotonic())
+        await asyncio.sleep(chooser.uniform(0.02, 0.08))
+        op.end = time.monotonic()
+        history.ops.append(op)
+        try:
+            await lock.release()
+            op.ok = True
+        except (LockError, StoreError) as error:
+            op.error = f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class LockReport:
+    holds: int = 0
+    let_go_held: int = 0
+    overlaps: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                f"holds {self.holds}, still held when let go {self.let_go_held}, overlapping holds "
+                f"of two holders that still held the lock when they let it go {len(self.overlaps)}",
+                *self.overlaps[:5],
+            ]
+        )
+
+
+def check_locks(history: History) -> LockReport:
+    """No two holds of a lock overlap, of holders that still held it when they let it go."""
+    report = LockReport()
+    for name, holds in _by_key(history, "lock").items():
+        report.holds += len(holds)
+        kept = sorted((op for op in holds if op.ok), key=lambda op: op.start)
+        report.let_go_held += len(kept)
+        for before, after in itertools.pairwise(kept):
+            if after.start < before.end:
+                report.overlaps.append(
+                    f"overlap: {name} held via {before.via or 'routing'} {before.start:.3f}-{before.end:.3f} "
+                    f"(version {before.value}) and via {after.via or 'routing'} from {after.start:.3f} "
+                    f"(version {after.value})"
+                )
+    return report
+
+
 # --- the nemesis ---------------------------------------------------------------------------------
 
 FAULTS = ("kill", "pause", "cut", "restart")
 
 
 async def nemesis(
-    cluster: FaultCluster, history: History, rounds: int, fault_seconds: float, calm_seconds: float
+    cluster: FaultCluster,
+    history: History,
+    rounds: int,
+    fault_seconds: float,
+    calm_seconds: float,
+    kinds: Sequence[str] = FAULTS,
 ) -> None:
-    """`rounds` faults, one node at a time in turn, each `fault_seconds` long, `calm_seconds` apart."""
+    """`rounds` faults of `kinds` in turn (FAULTS, or "split"), one node at a time in turn (a split
+    cuts it from the next), each `fault_seconds` long, `calm_seconds` apart."""
     for number in range(rounds):
         await asyncio.sleep(calm_seconds)
-        kind = FAULTS[number % len(FAULTS)]
+        kind = kinds[number % len(kinds)]
         member = cluster.members[number % len(cluster.members)]
         start = time.monotonic()
         if kind == "kill":
@@ -444,6 +560,12 @@ async def nemesis(
             cluster.cut(member)
             await asyncio.sleep(fault_seconds)
             cluster.heal(member)
+        elif kind == "split":
+            other = cluster.members[(number + 1) % len(cluster.members)]
+            cluster.split(member, other)
+            await asyncio.sleep(fault_seconds)
+            cluster.join(member, other)
+            member = f"{member}|{other}"
         else:
             await cluster.terminate(member)
             await cluster.start_node(member)

@@ -407,8 +407,7 @@ class StoreServicer:
     async def catch_up(self, request: Any, context: Any) -> AsyncIterator[pb.HandOffRequest]:
         """The CatchUp RPC: what this node holds of the calling member's keys."""
         cluster, sender = await self._peer(context, "CatchUp")
-        cluster.heard_of(request.topology_version, sender)
-        async for message in cluster.handoff.copies_for(sender):
+        async for message in cluster.catch_up_for(sender, request.topology_version):
             yield message
 
     async def topology(self, request: Any, context: Any) -> pb.TopologyResponse:

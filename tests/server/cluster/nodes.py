@@ -63,14 +63,16 @@ class InProcessCluster:
         self.min_copies = min_copies or min(replicas, 2)
         self.nodes: dict[str, Node] = {}
         self.down: set[str] = set()
+        self.cut: set[frozenset[str]] = set()
+        """Pairs of members cut from each other only (a partial partition): each reaches the rest."""
         self.delays: dict[str, float] = {}
         """Seconds a call to a member takes to reach it (default 0: a turn of the loop)."""
         for member in members:
             self.nodes[member] = Node(member, spec(members), self)
 
-    def by_address(self, address: str) -> Node:
+    def by_address(self, address: str, caller: str = "") -> Node:
         member = address.split(".")[0]
-        if member in self.down or member not in self.nodes:
+        if member in self.down or member not in self.nodes or frozenset((caller, member)) in self.cut:
             raise StoreUnavailableError(f"UNAVAILABLE: failed to connect to {address}", "UNAVAILABLE")
         return self.nodes[member]
 
@@ -128,7 +130,7 @@ class FakePeers(Peers):
 
     async def _run(self, address: str, operation: pb.Operation, mode: str) -> pb.OperationResult:
         await asyncio.sleep(self._cluster.delays.get(address.split(".")[0], 0))  # a turn of the loop at least
-        node = self._cluster.by_address(address)
+        node = self._cluster.by_address(address, self._node_id)
         batch = pb.PipelineRequest(operations=[operation], topology_version=self._version())
         grant = PeerGrant(self._node_id, mode, LIMITS)
         responses, _ = await node.runner.run_all(batch, grant)
@@ -137,25 +139,26 @@ class FakePeers(Peers):
 
     async def stats(self, address: str, request: pb.StatsRequest) -> pb.StatsResponse:
         response = pb.StatsResponse()
-        self._cluster.by_address(address).operations.stats(request, response)
+        self._cluster.by_address(address, self._node_id).operations.stats(request, response)
         return response
 
     async def ping(self, address: str, seconds: float) -> pb.PingResponse:
         await asyncio.sleep(0)
-        return self._cluster.by_address(address).cluster.answer_ping(self._node_id)
+        return self._cluster.by_address(address, self._node_id).cluster.answer_ping(self._node_id)
 
     async def catch_up(self, address: str, topology_version: str) -> AsyncIterator[pb.HandOffRequest]:
-        async for message in self._cluster.by_address(address).cluster.handoff.copies_for(self._node_id):
+        node = self._cluster.by_address(address, self._node_id)
+        async for message in node.cluster.catch_up_for(self._node_id, topology_version):
             yield message
 
     async def topology(self, address: str) -> pb.TopologyResponse:
         response = pb.TopologyResponse()
-        self._cluster.by_address(address).router.describe(response)
+        self._cluster.by_address(address, self._node_id).router.describe(response)
         return response
 
     def hand_off(self, address: str) -> Callable[[Any], Awaitable[pb.HandOffResponse]]:
         async def call(requests: AsyncIterable[pb.HandOffRequest]) -> pb.HandOffResponse:
-            node = self._cluster.by_address(address)
+            node = self._cluster.by_address(address, self._node_id)
             response = pb.HandOffResponse()
             async for request in requests:
                 stored, skipped = node.cluster.take(self._node_id, request)

@@ -6,12 +6,15 @@ The nodes ping each other for real (every 0.1 s), so each test waits on what it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from nestkv.server.cluster import PeerGrant
+from nestkv.server.cluster.liveness import DOWN_AFTER, INTERVAL, LEASE
+from nestkv.server.errors import NodeFault
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import name_of
 from tests.server.cluster.nodes import LIMITS, InProcessCluster, Node, address_of
@@ -323,3 +326,93 @@ async def test_without_replicas_a_late_batch_still_runs_in_its_turn() -> None:
         assert result.WhichOneof("result") == "set"
     finally:
         await cluster.close()
+
+
+async def test_two_copies_cut_from_each_other_only_never_both_answer_for_a_key(
+    three: InProcessCluster,
+) -> None:
+    """A partial partition: a and b cannot reach each other, c reaches both. Each keeps its lease
+    through c, so each keeps answering for its own keys; b answers for none of a's (a holds its
+    lease), and refuses an increment of one, not applied, rather than run it as a does."""
+    key = key_with_copies(three, "a", "b")
+    a, b = three.nodes["a"], three.nodes["b"]
+    on_a, on_b = a.cluster.replication, b.cluster.replication
+    assert on_a is not None
+    assert on_b is not None
+    both: list[float] = []
+    watching = True
+
+    async def watch() -> None:
+        while watching:
+            with contextlib.suppress(NodeFault):
+                if on_a.serving_copy(PATH, key) == "a" and on_b.serving_copy(PATH, key) == "b":
+                    both.append(time.monotonic())
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(watch())
+    three.cut.add(frozenset("ab"))
+    try:
+        await until(lambda: not b.sees_up("a") and not a.sees_up("b"))
+        await asyncio.sleep(0.5)  # promises, had anyone made them, would have come by now
+        assert a.current
+        assert b.current
+        [refused] = await b.call(pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1)))
+        code, message = error_of(refused)
+        assert code == "UNAVAILABLE"
+        assert "node a answers for the key" in message
+        assert message.endswith("not applied")
+        [counted] = await a.call(pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1)))
+        assert counted.increment.value == 1
+        [through_c] = await three.nodes["c"].call(
+            pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1))
+        )
+        assert through_c.increment.value == 2
+    finally:
+        watching = False
+        await watcher
+        three.cut.clear()
+    assert not both, f"both answered for the key for {both[-1] - both[0]:.3f} s"
+
+
+async def test_the_next_copy_answers_once_the_others_promise_the_first_holds_no_lease(
+    three: InProcessCluster,
+) -> None:
+    """a stops answering pings: b answers for a's keys once both b and c promise not to grant a
+    lease (LEASE after a last asked), not before, and before a is taken to be down."""
+    key = key_with_copies(three, "a", "b")
+    b = three.nodes["b"]
+    replication = b.cluster.replication
+    assert replication is not None
+    await three.stop("a")
+    stopped = time.monotonic()
+
+    def serving() -> str:
+        with contextlib.suppress(NodeFault):
+            return replication.serving_copy(PATH, key)
+        return ""
+
+    await until(lambda: serving() == "b")
+    took = time.monotonic() - stopped
+    assert LEASE <= took < DOWN_AFTER + INTERVAL, took
+
+
+async def test_a_copy_written_around_while_cut_from_the_other_copy_catches_up_once_back(
+    three: InProcessCluster,
+) -> None:
+    """A partial partition: b answers for its key and writes its change to c instead of a, which
+    kept its lease through c meanwhile. Once a and b reach each other again, b says it wrote
+    around a, and a catches up (from c too) before it answers for its keys again."""
+    key = key_with_copies(three, "b", "a")
+    a, b = three.nodes["a"], three.nodes["b"]
+    liveness = a.cluster.replication.liveness  # type: ignore[union-attr]
+    three.cut.add(frozenset("ab"))
+    await until(lambda: not b.sees_up("a"))
+    [written] = await b.call(pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"while cut")))
+    assert written.WhichOneof("result") == "set"
+    assert three.nodes["c"].holds(key)  # a's stand-in
+    assert a.current  # through c
+    lapses = liveness.lapses
+    three.cut.clear()
+    await until(lambda: liveness.lapses > lapses)
+    await until(lambda: a.current)
+    assert a.storage.get(PATH, key) == b"while cut"

@@ -18,6 +18,29 @@ and the others write around it (to a stand-in) only once they take it to be
 down (0.7 s), after its lease has lapsed. A paused node's lease has lapsed
 when it wakes up: pings answered after the pause were sent after it too.
 Nothing here elects anything: each node decides for itself from what it sees.
+
+One copy answers for a key at a time (`serving`): the next copy of a key
+answers for it only once this node knows that every copy before it does
+not, from one of two things.
+- The copy said so: it answered a ping sent in the last LEASE seconds with
+  "not current" (catching up, stepping down, leaving). A copy that comes
+  back says "current" for LEASE before it answers for its keys (it *steps
+  up*), so whatever it said before has run out everywhere by then.
+- The copy holds no lease: enough members promised not to grant it one.
+  A member promises so (PingResponse.not_granting) of every member that has
+  not pinged it in the last LEASE seconds (so holds no lease from it), and
+  keeps the promise for LEASE: it grants that member nothing until LEASE
+  after the last time it promised. A lease needs len(members) // 2 grants
+  from the others, so promises from len(members) - len(members) // 2 of
+  them (this node's own counted), each in answer to a ping sent in the last
+  LEASE seconds, leave it none: the two sets cannot both be that large.
+A copy cut from this node alone (a partial partition) still holds its lease
+through the others: it keeps answering for its keys, and this node refuses
+their operations (not applied) rather than answer for them too.
+
+The timing this relies on: the nodes' clocks run at the same rate (not the
+same time: every figure is measured on one node's clock), within a small
+fraction of LEASE over LEASE.
 """
 
 from __future__ import annotations
@@ -66,12 +89,18 @@ class Liveness:
         self._heard: dict[str, float] = {}  # send time of the last ping the member answered
         self._granted: dict[str, float] = {}  # ... that it answered with sees_you
         self._told: dict[str, float] = {}  # when this node last told the member it sees it
-        self._current_of: dict[str, bool] = {}  # the member's own word, from its last answer
+        self._said: dict[str, tuple[float, bool]] = {}  # send time of the last ping the member
+        # answered, and whether it said it answers for its keys (current, not leaving)
+        self._started = clock()
+        self._asked: dict[str, float] = {}  # when the member last pinged this node (asked for a lease)
+        self._promised: dict[str, float] = {}  # when this node last promised not to grant it one
+        self._promises: dict[str, dict[str, float]] = {}  # of a member, by the member promising:
+        # the send time of the last ping it answered with the promise
         self._left: set[str] = set()  # members that said they are stopping
         self._around: dict[str, float] = {}  # when a change was last written around the member
         self._lease_end = 0.0
-        self.caught_up = False
-        """This node took in what the others hold of its keys since its lease last lapsed."""
+        self._caught_up = False
+        self._caught_up_at = 0.0
         self._away_since = clock()  # when it started, or its lease last lapsed
         self._back_since = clock()  # when its lease last began
         self._stepping_up = False
@@ -104,10 +133,22 @@ class Liveness:
         return False
 
     @property
+    def caught_up(self) -> bool:
+        """This node took in what the others hold of its keys since its lease last lapsed, or a
+        member said it wrote around it."""
+        return self._caught_up
+
+    @caught_up.setter
+    def caught_up(self, caught_up: bool) -> None:
+        if caught_up and not self._caught_up:
+            self._caught_up_at = self._clock()
+        self._caught_up = caught_up
+
+    @property
     def stepping_up(self) -> bool:
-        """Set once this node has caught up, until every member up has heard it: its answers to
-        pings say it is current, so the others stop answering for its keys, while it does not
-        answer for them itself yet (see Replication._step_up): one copy answers at a time."""
+        """Set for LEASE once this node has caught up: its answers to pings say it is current, so
+        the others stop answering for its keys, while it does not answer for them itself yet
+        (see Replication._step_up): one copy answers at a time."""
         return self._stepping_up
 
     @stepping_up.setter
@@ -120,9 +161,9 @@ class Liveness:
 
     async def stepped_up(self) -> None:
         """Return once this node no longer steps up (it answers for its keys, or its lease lapsed),
-        or after DOWN_AFTER at most (the longest a step up takes)."""
+        or after LEASE at most (the longest a step up takes)."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DOWN_AFTER):
+            async with asyncio.timeout(LEASE):
                 await self._stepped_up.wait()
 
     @property
@@ -136,13 +177,11 @@ class Liveness:
         current but while it steps down, and what it answers for its keys by once it has stepped up."""
         return self.in_touch() and self.caught_up and not self.leaving
 
-    def _lapsed(self) -> None:
+    def _lapsed(self, why: str = "lease lapsed") -> None:
         if self.caught_up or self._lease_end:
-            if self.caught_up:  # once per time away: while catching up, it lapses again at each ping
-                log.warning(
-                    "lease lapsed, or a member took this node to be down: "
-                    "it answers for no key until caught up"
-                )
+            if self.caught_up and not self.leaving:  # once per time away (catching up, it lapses again
+                # at each ping); leaving, it stopped asking
+                log.warning("%s: this node answers for no key until caught up", why)
             self.lapses += 1
             self.changed.set()
             self._away_since = self._clock()
@@ -198,25 +237,63 @@ class Liveness:
         )
 
     def serving(self, member: str) -> bool:
-        """Whether `member` is up and answers for its keys (current), as far as this node knows:
-        one it has not heard from since it started or its lease lapsed may be (it asks it)."""
+        """Whether `member` may answer for its keys: unless this node knows it does not (see the
+        module). This node answers for its own while current and not stepping down."""
         if member == self.node_id:  # stepping down, it has told the others it no longer answers
             return self.current and not self.stepping_down
-        if self._heard.get(member, 0.0) < self._away_since and not self.knows_who_is_up():
+        now = self._clock()
+        sent, current = self._said.get(member, (-LEASE, True))
+        if not current and now - sent < LEASE:
+            return False  # it said so lately
+        return not self._unleased(member, now)
+
+    def says_current(self, member: str) -> bool:
+        """Whether `member` said it answers for its keys, in its last answer to a ping."""
+        return self._said.get(member, (0.0, False))[1]
+
+    def _unleased(self, member: str, now: float) -> bool:
+        """Whether enough members promise not to grant `member` a lease that it holds none."""
+        members = self._members()
+        if member not in members:
             return True
-        return self.up(member) and self._current_of.get(member, False)
+        needed = len(members) - len(members) // 2
+        promised = 0
+        if now - self._asked.get(member, self._started) >= LEASE:
+            self._promised[member] = now  # this node's own promise: it keeps it from now on
+            promised = 1
+        for promiser, sent in self._promises.get(member, {}).items():
+            if now - sent < LEASE and promiser in members and promiser != self.node_id:
+                promised += 1
+        return promised >= needed
+
+    def _not_granting(self, now: float) -> list[str]:
+        """The members this node promises not to grant a lease for LEASE from `now`: those that
+        have not asked it for one in the last LEASE seconds (it may have granted one before it
+        started: none is promised until LEASE after that)."""
+        promised = []
+        for member in self._members():
+            if member != self.node_id and now - self._asked.get(member, self._started) >= LEASE:
+                self._promised[member] = now
+                promised.append(member)
+        return promised
 
     def wrote_around(self, member: str) -> None:
-        """A change `member` keeps a copy of went to a stand-in instead (it did not store it in
-        time): it is told it is not seen for a while, so that it catches up before it answers
-        for its keys again."""
+        """A change `member` keeps a copy of went to a stand-in instead (it was down, or did not
+        store it in time): it is told so (PingResponse.written_around) until it catches up from
+        this node, so that it catches up before it answers for its keys again."""
         self._around[member] = self._clock()
+
+    def catching_up(self, member: str) -> None:
+        """`member` asks for what this node holds of its keys: what was written around it so far
+        is in that, or at the stand-in, which it asks too."""
+        self._around.pop(member, None)
 
     def answer(self, sender: str) -> pb.PingResponse:
         """The answer to a ping from `sender`."""
         now = self._clock()
+        self._asked[sender] = now
         sees = now - self._heard.get(sender, -DOWN_AFTER) < DOWN_AFTER
-        sees = sees and now - self._around.get(sender, -DOWN_AFTER) >= DOWN_AFTER
+        sees = sees and now - self._promised.get(sender, -LEASE) >= LEASE  # a promise is kept
         if sees:
             self._told[sender] = now
         self._pings[sender] = self._pings.get(sender, 0) + 1
@@ -224,7 +301,13 @@ class Liveness:
         # Stepping up, it says it is current (the others stop answering for its keys); stepping
         # down, that it is not (they start).
         current = self._caught_up_and_staying() and not self.stepping_down
-        return pb.PingResponse(current=current, sees_you=sees, leaving=self.leaving)
+        return pb.PingResponse(
+            current=current,
+            sees_you=sees,
+            leaving=self.leaving,
+            not_granting=self._not_granting(now),
+            written_around=sender in self._around,
+        )
 
     def pings_answered(self, member: str) -> int:
         """How many pings from `member` this node has answered."""
@@ -250,6 +333,8 @@ class Liveness:
         try:
             while True:
                 for member, address in self._members().items():
+                    if self.leaving:  # it needs no lease: the others promise so, and take its keys
+                        break
                     if member != self.node_id and (member not in pinging or pinging[member].done()):
                         pinging[member] = asyncio.create_task(self._ping_once(member, address))
                 self._notice()
@@ -267,7 +352,10 @@ class Liveness:
         except Exception:  # unanswered: the member goes down once DOWN_AFTER passes
             return
         self._heard[member] = max(self._heard.get(member, 0.0), sent)
-        self._current_of[member] = answer.current
+        self._said[member] = (sent, answer.current and not answer.leaving)
+        for promised in answer.not_granting:
+            promises = self._promises.setdefault(promised, {})
+            promises[member] = max(promises.get(member, 0.0), sent)
         if answer.leaving:
             self._left.add(member)
         else:
@@ -275,11 +363,10 @@ class Liveness:
         if answer.sees_you:
             self._granted[member] = max(self._granted.get(member, 0.0), sent)
             self._renew()
-        elif answer.current:
-            # It answers for keys, and takes this node to be down: it may have written around it
-            # (to a stand-in), so this node is not current, whatever the others say, until caught
-            # up. (One not current, just started say, writes nothing.)
-            self._lapsed()
+        if answer.written_around and self.caught_up and sent >= self._caught_up_at:
+            # It wrote changes of this node's keys to a stand-in since this node last caught up
+            # from it (an answer to a ping sent before may say so of what that took in already).
+            self._lapsed(f"{member} wrote changes of this node's keys to a stand-in")
         self._notice()
 
     def _notice(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
@@ -104,6 +104,14 @@ class Cluster:
             return None
         owner = topology.owner(path, key)
         return None if owner == self.node_id else owner
+
+    def catch_up_for(self, sender: str, version: str) -> AsyncIterator[pb.HandOffRequest]:
+        """The answer to a CatchUp from the member `sender`, placed by the list of `version`: what
+        this node holds of its keys."""
+        self.heard_of(version, sender)
+        if self.replication is not None:
+            self.replication.liveness.catching_up(sender)
+        return self.handoff.copies_for(sender)
 
     def heard_of(self, version: str, sender: str = "") -> None:
         """A caller placed its operations by a member list of `version`: if that is not this node's

@@ -34,7 +34,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nestkv.server.cluster.liveness import INTERVAL, PING_TIMEOUT, Liveness, wait_changed
+from nestkv.server.cluster.liveness import INTERVAL, LEASE, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
 from nestkv.server.errors import NodeFault, put_error
 from nestkv.server.router import Answer
@@ -84,16 +84,24 @@ class Replication:
     # Where an operation runs.
 
     def serving_copy(self, path: Sequence[str], key: str) -> str:
-        """The copy of the key that answers for it now: the first one up and current. Raises
-        NodeFault (UNAVAILABLE) if none is."""
+        """The copy of the key that answers for it now: the first that may (Liveness.serving).
+        Raises NodeFault (UNAVAILABLE, not applied) if none may, or if that one is another node
+        this node cannot reach (and so may not answer for the key in its place)."""
         topology = self._cluster.topology
-        serving = self.liveness.serving
+        liveness = self.liveness
+        serving = liveness.serving
         owner = topology.owner(path, key)
-        if serving(owner):  # the common case: no ranking of every member
-            return owner
+        if serving(owner) and (owner == self._cluster.node_id or liveness.up(owner)):
+            return owner  # the common case: no ranking of every member
         copies = topology.copies(path, key)
         for copy in copies:
             if serving(copy):
+                if copy != self._cluster.node_id and not liveness.up(copy) and liveness.knows_who_is_up():
+                    raise NodeFault(  # a partial partition: it holds its lease through the others
+                        "UNAVAILABLE",
+                        f"node {copy} answers for the key, as far as the others can tell, and "
+                        f"this node has not heard from it lately: {NOT_APPLIED}",
+                    )
                 return str(copy)
         raise NodeFault(
             "UNAVAILABLE",
@@ -141,11 +149,13 @@ class Replication:
         candidates = [member for member in topology.ranked(path, key) if member != cluster.node_id]
         wanted = topology.replicas - 1  # the other copies, or stand-ins for them
         sending: dict[asyncio.Future[Any], str] = {}
-        for member in candidates:
+        for index, member in enumerate(candidates):
             if len(sending) == wanted:
                 break
             if up(member):
                 sending[cluster.peers.forward(members[member], operation, "replica")] = member
+            elif index < wanted:  # a copy down: a stand-in takes its replica
+                self.liveness.wrote_around(member)
         if len(sending) == needed == 1:
             # The common case (two copies): one answer to wait for. A future, not a coroutine: a
             # batch's answers are gathered, and gathering coroutines makes a task of each write.
@@ -245,7 +255,7 @@ class Replication:
         # only serving copy may be this one. A member down is waited for no longer than that.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STEP_DOWN_WAIT):
-                while not all(liveness.serving(member) or not liveness.up(member) for member in others):
+                while not all(liveness.says_current(member) or not liveness.up(member) for member in others):
                     await wait_changed(liveness, INTERVAL)
         # A member forwarding to this node as it starts to refuse would fail its caller's
         # operation: first every member up hears that it is not current, from its answers to their
@@ -307,15 +317,16 @@ class Replication:
             await wait_changed(liveness, INTERVAL)
 
     async def _step_up(self) -> None:
-        """Caught up: say so to the others, and answer for this node's keys once each member up has
-        heard it. Until then the copy that answered for them meanwhile may still run what it was
-        sent; from then on it sends them here, and refuses an atomic operation forwarded to it
+        """Caught up: say so to the others, and answer for this node's keys LEASE later, once what
+        it said before (not current) has run out everywhere (nestkv.server.cluster.liveness).
+        Until then the copy that answered for them meanwhile may still run what it was sent;
+        once it hears, it sends them here, and refuses an atomic operation forwarded to it
         (nestkv.server.cluster.router): at most one copy runs a key's atomic operations at a time.
-        (A replica that copy sent before it heard arrives before the second ping after it.)"""
+        (A replica that copy sent before it heard arrives long before: REPLICA_TIMEOUT.)"""
         liveness = self.liveness
         liveness.caught_up = True
         liveness.stepping_up = True
-        await liveness.heard_by_all(self._cluster.others())
+        await asyncio.sleep(LEASE)
         liveness.stepping_up = False
 
     async def _catch_up(self) -> bool:
