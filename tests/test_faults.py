@@ -59,9 +59,10 @@ async def run_under_traffic(
     """Start `cluster`, run `workload` through `clients` ((node, pinned) each: pinned to the node,
     or routing from it) while `faults(history, stop)` runs (setting `stop` ends the workload),
     then read every key's final value into `history`, and stop the cluster. The workloads
-    (tests/faults.py): "registers", writers and readers on KEYS keys; "counters", INCREMENTERS tasks adding to COUNTERS keys; "races",
-    RACERS tasks racing set_if_absent on the same keys, one after the other; "locks", LOCKERS
-    tasks taking LOCKS locks. The final values are read `settle` seconds after the workload stops."""
+    (tests/faults.py): "registers", writers and readers on KEYS keys; "counters", INCREMENTERS
+    tasks adding to COUNTERS keys; "races", RACERS tasks racing set_if_absent on the same keys,
+    one after the other; "locks", LOCKERS tasks taking LOCKS locks. The final values are read
+    `settle` seconds after the workload stops."""
     await cluster.start()
     history = History()
     stop = asyncio.Event()
