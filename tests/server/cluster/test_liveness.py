@@ -28,9 +28,22 @@ def test_no_member_is_promised_until_lease_after_this_node_started() -> None:
     """It may have granted one a lease just before it (re)started."""
     clock = Clock()
     c = liveness_of("c", clock)
+    c._heard["b"] = clock.now
     assert list(c.answer("b").not_granting) == []
     clock.now += LEASE
-    assert list(c.answer("b").not_granting) == ["a"]  # b asked: b is granted, not promised
+    c._heard["b"] = clock.now
+    assert list(c.answer("b").not_granting) == ["a"]  # b asked, and is heard: granted, not promised
+
+
+def test_a_member_that_asks_but_is_not_heard_is_promised_no_lease() -> None:
+    """Its pings reach this node, this node's do not reach it (a node restarted, whose channel
+    has not reconnected yet): it is granted nothing, so it is promised nothing."""
+    clock = Clock()
+    c = liveness_of("c", clock)
+    clock.now += 2 * LEASE
+    answer = c.answer("a")
+    assert not answer.sees_you
+    assert "a" in c.answer("b").not_granting
 
 
 def test_a_member_promised_no_lease_is_granted_none_until_lease_after_the_last_promise() -> None:

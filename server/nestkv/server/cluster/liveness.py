@@ -88,7 +88,7 @@ class Liveness:
         self._clock = clock
         self._heard: dict[str, float] = {}  # send time of the last ping the member answered
         self._granted: dict[str, float] = {}  # ... that it answered with sees_you
-        self._told: dict[str, float] = {}  # when this node last told the member it sees it
+        self._told: dict[str, float] = {}  # when this node last told the member it sees it (granted)
         self._said: dict[str, tuple[float, bool]] = {}  # send time of the last ping the member
         # answered, and whether it said it answers for its keys (current, not leaving)
         self._started = clock()
@@ -257,25 +257,27 @@ class Liveness:
         if member not in members:
             return True
         needed = len(members) - len(members) // 2
-        promised = 0
-        if now - self._asked.get(member, self._started) >= LEASE:
-            self._promised[member] = now  # this node's own promise: it keeps it from now on
-            promised = 1
+        promised = 1 if self._promise(member, now) else 0  # this node's own, kept from now on
         for promiser, sent in self._promises.get(member, {}).items():
             if now - sent < LEASE and promiser in members and promiser != self.node_id:
                 promised += 1
         return promised >= needed
 
     def _not_granting(self, now: float) -> list[str]:
-        """The members this node promises not to grant a lease for LEASE from `now`: those that
-        have not asked it for one in the last LEASE seconds (it may have granted one before it
-        started: none is promised until LEASE after that)."""
-        promised = []
-        for member in self._members():
-            if member != self.node_id and now - self._asked.get(member, self._started) >= LEASE:
-                self._promised[member] = now
-                promised.append(member)
-        return promised
+        """The members this node promises not to grant a lease for LEASE from `now`."""
+        return [member for member in self._members() if member != self.node_id and self._promise(member, now)]
+
+    def _promise(self, member: str, now: float) -> bool:
+        """Promise `member` no lease for LEASE from `now`, if this node can: it granted it none in
+        the last LEASE seconds (nor, as far as it knows, before it started), and would grant it
+        none now: it has not asked for one lately, or this node does not hear it."""
+        if now - self._told.get(member, self._started) < LEASE:
+            return False
+        asking = now - self._asked.get(member, -LEASE) < LEASE
+        if asking and now - self._heard.get(member, -DOWN_AFTER) < DOWN_AFTER:
+            return False  # it is to be granted one, once the last promise has run out
+        self._promised[member] = now
+        return True
 
     def wrote_around(self, member: str) -> None:
         """A change `member` keeps a copy of went to a stand-in instead (it was down, or did not

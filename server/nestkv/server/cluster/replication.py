@@ -3,8 +3,10 @@ and how a node that was away catches up.
 
 A key's copies are the first R members of its placement order; when a copy
 is down (nestkv.server.cluster.liveness), the next member in that order
-stands in for it. An operation runs on the first copy that is *serving*: up
-and current. A write runs there, then goes as a `replica` (the key's new
+stands in for it. An operation runs on the first copy that may be *serving*
+(Liveness.serving: this node cannot rule it out), so one copy answers for a
+key at a time; if that copy is another node this node cannot reach, the
+operation fails, not applied. A write runs there, then goes as a `replica` (the key's new
 state and version, merged by version on arrival) to the other copies that
 are up, and to stand-ins for those that are not; it is answered once
 --min-copies hold it. A copy that does not store it within REPLICA_TIMEOUT
@@ -19,8 +21,9 @@ A node whose lease lapsed (restarted, paused, cut off) answers for nothing
 until it has caught up: it asks every member that is up for what it holds
 of its keys (the CatchUp RPC), merges it, gives each what it holds of that
 member's keys (copies converge both ways), then steps up: it says it is
-current, and answers for its keys once every member up has heard it, so
-that one copy runs a key's atomic operations at a time. A stand-in
+current, and answers for its keys LEASE later, once what it said before
+has run out everywhere. A node whose change of a key went to a stand-in
+instead of a copy tells that copy so until it catches up from it. A stand-in
 hands what it held for a copy back by the hand-off pass, which runs
 whenever a member comes back up.
 """
