@@ -4,7 +4,9 @@ route and clients pinned to one node. No acknowledged write is lost, no read is 
 its client was told was not applied is ever seen; the figures per fault are printed.
 
 Counters go through the same faults: every acknowledged increment counted once, no two answered
-with the same sum.
+with the same sum; so do set_if_absent racers (one winner a key) and lockers (no two holders at
+once), and counters under partial partitions (two nodes cut from each other only). And a copy's
+crash while the other copy is cut off loses no write that copy kept.
 
 `make test` runs four faults; `make soak` (NESTKV_SOAK=1) sixteen, on more keys."""
 
@@ -46,7 +48,7 @@ INCREMENTERS = 16
 COUNTERS = 20
 RACERS = 8
 LOCKERS = 16
-LOCKS = 4
+LOCKS = 8
 
 
 async def run_under_traffic(
