@@ -28,7 +28,11 @@ from nestkv.wire.placement import HASH_NAME, Placement
 log = logging.getLogger("nestkv.client")
 
 _RETRY_AFTER = 1.0  # seconds before a failed Topology read is tried again
+News = Callable[[pb.PipelineResponse], None]
+"""Told a node's answer that says the topology changed, or names members down (Router.news)."""
+
 _AVOID_FOR = 1.0  # seconds a node whose stream broke gets nothing another copy can take
+_SILENT_FOR = 0.2  # seconds a stream is silent before it is given up, once another node says its node is down
 _SETTLED = float("inf")
 
 
@@ -54,13 +58,11 @@ class Router:
     def __init__(
         self,
         seed_stub: Any,
-        open_seed: Callable[[Callable[[str], None]], Pipeline],
-        make_pipeline: Callable[
-            [str, Callable[[str], None], Callable[[], str]], tuple[Pipeline, Callable[[], Any]]
-        ],
+        open_seed: Callable[[News], Pipeline],
+        make_pipeline: Callable[[str, News, Callable[[], str]], tuple[Pipeline, Callable[[], Any]]],
         timeout: float | None,
     ) -> None:
-        """`open_seed(on_stale)` makes the seed's Pipeline; `make_pipeline(address, on_stale,
+        """`open_seed(on_news)` makes the seed's Pipeline; `make_pipeline(address, on_news,
         topology_version)` opens a channel to a member: its Pipeline, and how to close it."""
         self._seed_stub = seed_stub
         self._make_pipeline = make_pipeline
@@ -74,7 +76,7 @@ class Router:
         self.version = ""
         self.members: dict[str, str] = {}
         self.pipelines: dict[str, tuple[Pipeline, Callable[[], Any]]] = {}
-        self._seed = open_seed(self.stale)
+        self._seed = open_seed(self.news)
 
     def pipeline_for(self, path: Sequence[str], key: str) -> Pipeline:
         """The pipeline of the node that owns `key` in `path` (the seed's while the owner is unknown);
@@ -113,10 +115,16 @@ class Router:
             return None
         return {member: pipeline for member, (pipeline, _) in self.pipelines.items()}
 
-    def stale(self, version: str) -> None:
-        """A node answered with another topology version than the one the batch was routed by."""
-        if version != self.version:
+    def news(self, response: pb.PipelineResponse) -> None:
+        """A node answered with another topology version than the one the batch was routed by, or
+        named members it knows not to answer for their keys: a stream to one of them that has gone
+        silent is given up now (its operations go to their keys' next copies)."""
+        if response.topology_version and response.topology_version != self.version:
             self._read_soon(force=True)
+        for member in response.members_down:
+            opened = self.pipelines.get(member)
+            if opened is not None and self._replicas > 1:
+                opened[0].give_up_if_silent(_SILENT_FOR)
 
     def _read_soon(self, *, force: bool = False) -> None:
         if self._reading is not None or (self._last_try == _SETTLED and not force):
@@ -153,7 +161,7 @@ class Router:
                 )
         for member, address in members.items():
             if member not in self.pipelines:
-                self.pipelines[member] = self._make_pipeline(address, self.stale, self._version)
+                self.pipelines[member] = self._make_pipeline(address, self.news, self._version)
         self.members = members
         self.version = response.version
         self._root = tuple(response.root)

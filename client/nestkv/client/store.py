@@ -135,11 +135,14 @@ class _Connection:
             return grpc.aio.insecure_channel(target, options=self._options)
         return grpc.aio.secure_channel(target, self._credentials, options=self._options)
 
-    def _seed_pipeline(self, stub: Any, on_stale: Callable[[str], None]) -> Pipeline:
-        return Pipeline(stub.Pipeline, on_stale=on_stale, **self._pipeline_settings)
+    def _seed_pipeline(self, stub: Any, on_news: Callable[[pb.PipelineResponse], None]) -> Pipeline:
+        return Pipeline(stub.Pipeline, on_news=on_news, **self._pipeline_settings)
 
     def _member_pipeline(
-        self, address: str, on_stale: Callable[[str], None], topology_version: Callable[[], str]
+        self,
+        address: str,
+        on_news: Callable[[pb.PipelineResponse], None],
+        topology_version: Callable[[], str],
     ) -> tuple[Pipeline, Callable[[], Awaitable[None]]]:
         channel = self._channel(address)
         # One batch in flight per node: what is issued meanwhile goes in the next. Answers from
@@ -150,7 +153,7 @@ class _Connection:
         pipeline = Pipeline(
             store_pb2_grpc.StoreServiceStub(channel).Pipeline,
             topology_version=topology_version,
-            on_stale=on_stale,
+            on_news=on_news,
             **settings,
         )
 

@@ -1070,3 +1070,36 @@ async def test_the_member_file_is_read_again_when_it_changes(tmp_path: Path) -> 
             # Still watched: a good file again is taken.
             cluster.write_members(["node-0"])
             assert (await version_is_not(second.version)).version == first.version
+
+
+async def test_a_routing_client_gives_up_a_paused_node_once_another_node_says_it_is_down(
+    tmp_path: Path,
+) -> None:
+    """With replicas, a node's answers name the members it knows not to answer for their keys
+    (PipelineResponse.members_down): a routing client whose stream to one has gone silent gives
+    it up then and sends its reads to the keys' other copies, rather than wait for their 10 s
+    deadline; reads of other keys keep it told meanwhile."""
+    path = ("paused",)
+    paused_keys = keys_owned_by("node-2", path, 8)
+    other_keys = keys_owned_by("node-0", path, 8)
+    with ClusterProcesses(tmp_path, 3, "--replicas", "2", data=False) as cluster:
+        for node in cluster.nodes.values():
+            await node.ready()
+        async with GrpcStore.with_client(cluster.target("node-0"), timeout=10) as routing:
+            await routed(routing)
+            store = in_namespace(routing, path)
+            await asyncio.gather(*(store.set(key, b"v") for key in paused_keys + other_keys))
+            paused = cluster.nodes["node-2"].process
+            paused.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                reads = asyncio.gather(*(store.get(key) for key in paused_keys))
+                while not reads.done():  # the other nodes' answers carry the news
+                    await asyncio.gather(*(store.get(key) for key in other_keys))
+                    await asyncio.sleep(0.05)
+                took = time.monotonic() - started
+                assert await reads == [b"v"] * len(paused_keys)
+            finally:
+                paused.send_signal(signal.SIGCONT)
+    print(f"first reads of the paused node's keys answered after {took:.2f} s")
+    assert took < 5.0  # half the deadline: before it, a silent stream was given up at 10 s

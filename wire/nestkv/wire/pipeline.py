@@ -212,7 +212,7 @@ class Pipeline:
         "_max_batch_size",
         "_max_in_flight",
         "_next_id",
-        "_on_stale",
+        "_on_news",
         "_open_stream",
         "_raise_errors",
         "_sent",
@@ -234,20 +234,20 @@ class Pipeline:
         max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         topology_version: Callable[[], str] | None = None,
-        on_stale: Callable[[str], None] | None = None,
+        on_news: Callable[[pb.PipelineResponse], None] | None = None,
         raise_errors: bool = True,
     ) -> None:
         """`open_stream()` opens a Pipeline call; `timeout` is each operation's, in seconds.
 
         `topology_version()`, if given, is sent with every batch: the cluster topology its
-        operations were routed by; `on_stale(version)` is called with a node's version when it
-        answers that the batch's is stale. With `raise_errors` (the default) an operation's
-        error fails its future with a StoreError; without, the error is its result (a cluster
-        node forwarding, which passes a peer's error on as it came).
+        operations were routed by; `on_news(response)` is called with a node's answer when it
+        says the batch's version is stale, or names members down. With `raise_errors` (the
+        default) an operation's error fails its future with a StoreError; without, the error is
+        its result (a cluster node forwarding, which passes a peer's error on as it came).
         """
         self._open_stream = open_stream
         self._topology_version = topology_version
-        self._on_stale = on_stale
+        self._on_news = on_news
         self._raise_errors = raise_errors
         self._timeout = timeout
         self._max_batch_size = max_batch_size
@@ -314,6 +314,17 @@ class Pipeline:
         if self._driver is None:
             self._driver = self._loop.create_task(self._drive())
         return batch.message.operations.add(), future
+
+    def give_up_if_silent(self, seconds: float) -> None:
+        """Another node says this one is down: if the stream has answered nothing for `seconds`
+        while it holds operations sent, take it for dead now, as when one of them times out (the
+        ones that are not idempotent fail, their outcome unknown; the others go again, to the
+        key's next copy if `reroute` gives one), and keep away from it while it stays silent."""
+        now = self._loop.time()
+        if self._broken_at:
+            self._broken_at = now
+        if self._sent and now - max(self._last_answer, self._sent[0].sent_at) >= seconds:
+            self._stalled.set()
 
     def broke_lately(self, seconds: float) -> bool:
         """Whether a stream broke in the last `seconds` and none has answered since (a router
@@ -520,8 +531,8 @@ class Pipeline:
             self._last_answer = self._loop.time()
             self._failures = 0
             self._broken_at = 0.0
-            if response.topology_version and self._on_stale is not None:
-                self._on_stale(response.topology_version)
+            if (response.topology_version or response.members_down) and self._on_news is not None:
+                self._on_news(response)
             futures = batch.futures
             index = batch.answered
             for result in response.results:

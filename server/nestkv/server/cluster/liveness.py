@@ -120,6 +120,9 @@ class Liveness:
         self.changed = asyncio.Event()
         """Set when a member comes up or goes down, or this node's lease lapses."""
         self._up: set[str] = set()
+        self.down: tuple[str, ...] = ()
+        """The other members this node knows not to answer for their keys (not `serving`), as of
+        its last round of pings: told to clients (PipelineResponse.members_down)."""
 
     # This node.
 
@@ -374,7 +377,9 @@ class Liveness:
     def _notice(self) -> None:
         """Set `changed` if a member came up or went down, or this node's lease lapsed."""
         self.in_touch()
-        up = {member for member in self._members() if self.up(member)}
+        members = self._members()
+        self.down = tuple(member for member in members if member != self.node_id and not self.serving(member))
+        up = {member for member in members if self.up(member)}
         if up != self._up:
             came, went = up - self._up, self._up - up
             if went:

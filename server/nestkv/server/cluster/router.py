@@ -384,6 +384,9 @@ class _ClusterRoute:
         current = self._router.cluster.topology.version
         if self._version not in ("", current):
             first.topology_version = current  # the caller routes by an older list: it reads ours
+        replicas = self._replicas
+        if replicas is not None and self._forward and replicas.liveness.down:
+            first.members_down.extend(replicas.liveness.down)  # a caller's stream to one may be silent
 
 
 _SUMMED = (
