@@ -12,7 +12,12 @@ interleaved rounds, so that a slow spell of the machine hits both alike:
   R=2 at most 2.2x R=1);
 * failover: with the R=2 cluster under reads of one node's keys, the time from
   kill -9 of that node to the first successful read of its keys, and to the
-  point from which every read succeeds (best and worst of `--kills`).
+  point from which every read succeeds (best and worst of `--kills`); the same
+  for a pause (SIGSTOP) of the node, resumed 4 s later;
+* Redis Cluster, where `redis-server` is installed: 3 masters, and 3 masters
+  with a replica each (`redis-cli --cluster create --cluster-replicas 1`;
+  asynchronous replicas), under the same workload through redis-py's
+  `RedisCluster` (hiredis when installed), in the same interleaved rounds.
 
 Every figure is also given as a ratio against R=1 of the same run.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import signal
 import statistics
@@ -33,11 +39,13 @@ from typing import Any
 from bench.__main__ import TTL, VALUE, commit, machine
 from bench.cluster import cpu_seconds
 from bench.output import publish
+from bench.servers import RedisCluster, redis_cluster
 from nestkv.client import GrpcStore, StoreError
 from nestkv.wire.placement import Placement
 from tests.clusterproc import ClusterProcesses
 
 NAMESPACE = "bench"
+REDIS_CLUSTERS = {"Redis Cluster, 3 masters": 0, "Redis Cluster, 3 masters + 3 replicas": 1}
 GET_FRACTION = 0.8
 Row = dict[str, Any]
 
@@ -66,6 +74,44 @@ async def workload(
     return sum(counts), latencies
 
 
+async def redis_workload(
+    client: Any, tasks: int, seconds: float, keys: int, get_fraction: float
+) -> tuple[int, list[float]]:
+    """`workload`, through a RedisCluster client."""
+    deadline = time.monotonic() + seconds
+    latencies: list[float] = []
+
+    async def worker(rng: random.Random) -> int:
+        done = 0
+        while time.monotonic() < deadline:
+            key = f"{NAMESPACE}:key{rng.randrange(keys)}"
+            if rng.random() < get_fraction:
+                await client.get(key)
+            else:
+                started = time.perf_counter()
+                await client.set(key, VALUE, ex=TTL)
+                latencies.append(time.perf_counter() - started)
+            done += 1
+        return done
+
+    counts = await asyncio.gather(*(worker(random.Random(n)) for n in range(tasks)))
+    return sum(counts), latencies
+
+
+async def measure_redis(cluster: Any, args: argparse.Namespace, get_fraction: float) -> Row:
+    client = cluster.client()
+    try:
+        await redis_workload(client, args.tasks, 0.5, args.keys, get_fraction)  # warm: slots, connections
+        started = time.monotonic()
+        operations, latencies = await redis_workload(
+            client, args.tasks, args.seconds, args.keys, get_fraction
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        await client.aclose()
+    return {"operations": operations, "ops_per_s": operations / elapsed, "latencies": latencies}
+
+
 async def measure(cluster: ClusterProcesses, args: argparse.Namespace, get_fraction: float) -> Row:
     async with GrpcStore.with_client(cluster.target()) as root:
         store = root.with_namespace(NAMESPACE)
@@ -79,9 +125,12 @@ async def measure(cluster: ClusterProcesses, args: argparse.Namespace, get_fract
     return {"operations": operations, "ops_per_s": operations / elapsed, "cpu_s": cpu, "latencies": latencies}
 
 
-async def failover(cluster: ClusterProcesses, victim: str) -> tuple[float, float]:
-    """Seconds from kill -9 of `victim` to the first successful read of its keys, and to the last
-    failed one (from then on every read succeeds), under 16 readers of its keys."""
+async def failover(
+    cluster: ClusterProcesses, victim: str, signum: int = signal.SIGKILL
+) -> tuple[float, float]:
+    """Seconds from kill -9 of `victim` (or `signum`: SIGSTOP, resumed 4 s later) to the first
+    successful read of its keys begun after it, and to the last failed one (from then on every
+    read succeeds), under 16 readers of its keys."""
     placement = Placement(list(cluster.ports))
     keys = [key for key in (f"key{n}" for n in range(2_000)) if placement.owner((NAMESPACE,), key) == victim]
     async with GrpcStore.with_client(
@@ -110,25 +159,41 @@ async def failover(cluster: ClusterProcesses, victim: str) -> tuple[float, float
         readers = [asyncio.create_task(reader(random.Random(n))) for n in range(16)]
         await asyncio.sleep(1)
         killed_at = time.monotonic()
-        cluster.nodes[victim].process.send_signal(signal.SIGKILL)
+        cluster.nodes[victim].process.send_signal(signum)
         killed.set()
         await asyncio.sleep(4)
+        if signum == signal.SIGSTOP:
+            cluster.nodes[victim].process.send_signal(signal.SIGCONT)
         stop.set()
         await asyncio.gather(*readers)
-    await asyncio.to_thread(cluster.nodes[victim].process.wait)
+    if signum == signal.SIGKILL:
+        await asyncio.to_thread(cluster.nodes[victim].process.wait)
     return first_success - killed_at, max(last_failure - killed_at, 0.0)
 
 
 async def run(args: argparse.Namespace) -> Row:
     began = time.perf_counter()
     rows: dict[int, dict[str, list[Any]]] = {1: {}, 2: {}}
-    with tempfile.TemporaryDirectory() as directory:
+    redis_rows: dict[str, dict[str, list[Any]]] = {}
+    redis_skipped = ""
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         clusters = {}
         for replicas in rows:
             place = Path(directory) / f"r{replicas}"
             place.mkdir()
             clusters[replicas] = ClusterProcesses(place, 3, "--replicas", str(replicas), data=False).start()
+        redis_clusters = {}
+        for name, replicas in REDIS_CLUSTERS.items():
+            made = stack.enter_context(redis_cluster(Path(directory), 3, replicas)) if args.redis else None
+            if not isinstance(made, RedisCluster):
+                redis_skipped = made or "--no-redis"
+                break
+            redis_clusters[name] = made
+            redis_rows[name] = {}
         try:
+            for cluster in clusters.values():
+                for node in cluster.nodes.values():
+                    await node.ready()
             for number in range(args.rounds):
                 for replicas, cluster in clusters.items():
                     print(f"  round {number + 1}: R={replicas} ...", flush=True)
@@ -138,13 +203,21 @@ async def run(args: argparse.Namespace) -> Row:
                     row.setdefault("ops_per_s", []).append(mixed["ops_per_s"])
                     row.setdefault("latencies", []).extend(mixed["latencies"])
                     row.setdefault("write_cpu", []).append(writes["cpu_s"] / writes["operations"])
-            kills = []
+                for name, redis in redis_clusters.items():
+                    print(f"  round {number + 1}: {name} ...", flush=True)
+                    mixed = await measure_redis(redis, args, GET_FRACTION)
+                    redis_rows[name].setdefault("ops_per_s", []).append(mixed["ops_per_s"])
+                    redis_rows[name].setdefault("latencies", []).extend(mixed["latencies"])
+            kills, pauses = [], []
             for number in range(args.kills):
                 victim = f"node-{number % 3}"
                 print(f"  kill -9 {victim} (R=2) ...", flush=True)
                 kills.append(await failover(clusters[2], victim))
                 clusters[2].nodes[victim] = clusters[2].node(victim).start()
-                await asyncio.sleep(3)  # caught up
+                await clusters[2].nodes[victim].ready()
+                print(f"  SIGSTOP {victim} (R=2) ...", flush=True)
+                pauses.append(await failover(clusters[2], victim, signal.SIGSTOP))
+                await clusters[2].nodes[victim].ready()
         finally:
             for cluster in clusters.values():
                 cluster.stop()
@@ -157,6 +230,13 @@ async def run(args: argparse.Namespace) -> Row:
         for replicas, row in rows.items()
     }
     ratios = {name: summary[2][name] / summary[1][name] for name in summary[1]}
+    redis_figures = {
+        name: {
+            "ops_per_s": max(row["ops_per_s"]),
+            "write_p50_ms": statistics.median(row["latencies"]) * 1000,
+        }
+        for name, row in redis_rows.items()
+    }
     return {
         "machine": machine(),
         "commit": commit(),
@@ -164,8 +244,12 @@ async def run(args: argparse.Namespace) -> Row:
         "replicas_1": summary[1],
         "replicas_2": summary[2],
         "ratio_2_to_1": ratios,
+        "redis_cluster": redis_figures,
+        **({"redis_cluster_skipped": redis_skipped} if redis_skipped else {}),
         "failover_first_success_s": [first for first, _ in kills],
         "failover_all_succeed_s": [last for _, last in kills],
+        "pause_first_success_s": [first for first, _ in pauses],
+        "pause_all_succeed_s": [last for _, last in pauses],
         "wall_s": time.perf_counter() - began,
     }
 
@@ -181,12 +265,20 @@ def report(results: Row) -> str:
         f"server CPU per write   {one['server_cpu_per_write_us']:>10.0f} us       "
         f"{two['server_cpu_per_write_us']:>10.0f} us       {ratio['server_cpu_per_write_us']:.2f}x",
     ]
-    first, every = results["failover_first_success_s"], results["failover_all_succeed_s"]
-    if first:
+    for name, row in results["redis_cluster"].items():
         lines.append(
-            f"kill -9 to the first successful read of its keys (R=2): {min(first):.2f}-{max(first):.2f} s; "
-            f"to every read succeeding: {min(every):.2f}-{max(every):.2f} s"
+            f"{name:<37}{row['ops_per_s']:>10,.0f} ops/s, write p50 {row['write_p50_ms']:.2f} ms; "
+            f"R=2 / it: {two['ops_per_s'] / row['ops_per_s']:.2f}x ops/s"
         )
+    if "redis_cluster_skipped" in results:
+        lines.append(f"Redis Cluster rows skipped: {results['redis_cluster_skipped']}")
+    for fault, key in (("kill -9", "failover"), ("SIGSTOP", "pause")):
+        first, every = results[f"{key}_first_success_s"], results[f"{key}_all_succeed_s"]
+        if first:
+            lines.append(
+                f"{fault} to the first successful read of its keys (R=2): {min(first):.2f}-"
+                f"{max(first):.2f} s; to every read succeeding: {min(every):.2f}-{max(every):.2f} s"
+            )
     return "\n".join(lines)
 
 
@@ -198,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--keys", type=int, default=10_000, help="key space of the workload")
     parser.add_argument("--kills", type=int, default=3, help="nodes killed one after another (R=2)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument(
+        "--no-redis", dest="redis", action="store_false", help="leave out the Redis Cluster rows"
+    )
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
     publish(results, report(results), args.json)

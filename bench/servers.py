@@ -81,3 +81,86 @@ def redis_server() -> Iterator[RedisServer | str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+class RedisCluster:
+    """A throwaway Redis Cluster on free loopback ports: `masters` masters, each with `replicas`
+    replicas (asynchronous, as Redis Cluster's are), made by `redis-cli --cluster create`."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+
+    def client(self, **options: Any) -> Any:
+        from redis.asyncio.cluster import RedisCluster as Client
+
+        return Client(host="127.0.0.1", port=self.ports[0], **options)
+
+
+@contextlib.contextmanager
+def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Iterator[RedisCluster | str]:
+    """A RedisCluster, or the reason there is none (printed in place of its rows)."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        yield "redis-server is not installed (Debian: apt-get install redis-server)"
+        return
+    try:
+        import redis.asyncio.cluster  # noqa: F401
+    except ImportError as missing:
+        yield f"{missing.name} is not installed (pip install -e '.[bench]')"
+        return
+    ports = [_free_port() for _ in range(masters * (1 + replicas))]
+    processes = []
+    try:
+        for port in ports:
+            place = directory / f"redis-{port}"
+            place.mkdir()
+            command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            command += ["--cluster-enabled", "yes", "--cluster-config-file", str(place / "nodes.conf")]
+            command += ["--dir", str(place)]
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in ports:
+            if not _listening(port, 10):
+                yield f"redis-server did not start on port {port}"
+                return
+        create = [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports)]
+        created = subprocess.run(
+            [*create, "--cluster-replicas", str(replicas), "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if created.returncode != 0:
+            yield f"redis-cli --cluster create failed: {created.stdout[-300:]} {created.stderr[-300:]}"
+            return
+        deadline = time.monotonic() + 30
+        while "cluster_state:ok" not in _cluster_info(cli, ports[0]):
+            if time.monotonic() > deadline:
+                yield "the Redis Cluster did not reach cluster_state:ok in 30 s"
+                return
+            time.sleep(0.2)
+        yield RedisCluster(ports)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
+def _listening(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _cluster_info(cli: str, port: int) -> str:
+    done = subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10, check=False
+    )
+    return done.stdout

@@ -123,6 +123,18 @@ def test_replicas_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert first > 0
     assert every >= 0
     assert "kill -9 to the first successful read" in done.stdout
+    [paused] = results["pause_first_success_s"]
+    assert paused > 0
+    assert "SIGSTOP to the first successful read" in done.stdout
+    # Redis Cluster, with and without replicas, where redis-server is installed; else said why not.
+    if "redis_cluster_skipped" in results:
+        assert "Redis Cluster rows skipped" in done.stdout
+    else:
+        assert set(results["redis_cluster"]) == {
+            "Redis Cluster, 3 masters",
+            "Redis Cluster, 3 masters + 3 replicas",
+        }
+        assert all(row["ops_per_s"] > 0 for row in results["redis_cluster"].values())
 
 
 def test_atomic_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
