@@ -121,8 +121,10 @@ class Liveness:
         """Set when a member comes up or goes down, or this node's lease lapses."""
         self._up: set[str] = set()
         self.down: tuple[str, ...] = ()
-        """The other members this node knows not to answer for their keys (not `serving`), as of
-        its last round of pings: told to clients (PipelineResponse.members_down)."""
+        """The other members that are down (not heard from), or hold no lease (have not asked for
+        one), as of this node's last round of pings: told to clients (PipelineResponse.members_down).
+        Not one that only said it is not current: it answers, and its answers may take a while
+        (a batch waits while it steps up)."""
 
     # This node.
 
@@ -378,7 +380,12 @@ class Liveness:
         """Set `changed` if a member came up or went down, or this node's lease lapsed."""
         self.in_touch()
         members = self._members()
-        self.down = tuple(member for member in members if member != self.node_id and not self.serving(member))
+        now = self._clock()
+        self.down = tuple(
+            member
+            for member in members
+            if member != self.node_id and (not self.up(member) or self._unleased(member, now))
+        )
         up = {member for member in members if self.up(member)}
         if up != self._up:
             came, went = up - self._up, self._up - up
