@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -108,7 +109,7 @@ def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Itera
     except ImportError as missing:
         yield f"{missing.name} is not installed (pip install -e '.[bench]')"
         return
-    ports = [_free_port() for _ in range(masters * (1 + replicas))]
+    ports = _cluster_ports(masters * (1 + replicas))
     processes = []
     try:
         for port in ports:
@@ -145,6 +146,26 @@ def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Itera
             process.terminate()
         for process in processes:
             process.wait(10)
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """`count` loopback ports free, each with its cluster bus port (10000 above it) free too."""
+    ports: list[int] = []
+    for port in random.Random().sample(range(20_000, 40_000), 400):
+        if all(_free(candidate) for candidate in (port, port + 10_000)):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free ports with their cluster bus ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _listening(port: int, seconds: float) -> bool:
