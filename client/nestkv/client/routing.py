@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,6 +51,8 @@ class Router:
         "_seed",
         "_seed_stub",
         "_timeout",
+        "_topology_of",
+        "_watching",
         "members",
         "pipelines",
         "version",
@@ -59,11 +62,14 @@ class Router:
         self,
         seed_stub: Any,
         open_seed: Callable[[News], Pipeline],
-        make_pipeline: Callable[[str, News, Callable[[], str]], tuple[Pipeline, Callable[[], Any]]],
+        make_pipeline: Callable[
+            [str, News, Callable[[], str]], tuple[Pipeline, Callable[[], Any], Callable[..., Any]]
+        ],
         timeout: float | None,
     ) -> None:
         """`open_seed(on_news)` makes the seed's Pipeline; `make_pipeline(address, on_news,
-        topology_version)` opens a channel to a member: its Pipeline, and how to close it."""
+        topology_version)` opens a channel to a member: its Pipeline, how to close it, and its
+        Topology RPC."""
         self._seed_stub = seed_stub
         self._make_pipeline = make_pipeline
         self._timeout = timeout
@@ -76,6 +82,8 @@ class Router:
         self.version = ""
         self.members: dict[str, str] = {}
         self.pipelines: dict[str, tuple[Pipeline, Callable[[], Any]]] = {}
+        self._topology_of: dict[str, Callable[..., Any]] = {}  # each member's Topology RPC
+        self._watching: asyncio.Task[None] | None = None
         self._seed = open_seed(self.news)
 
     def pipeline_for(self, path: Sequence[str], key: str) -> Pipeline:
@@ -155,13 +163,16 @@ class Router:
         for member, (_, close) in list(self.pipelines.items()):
             if self.members.get(member) != members.get(member):
                 del self.pipelines[member]
+                self._topology_of.pop(member, None)
                 # Its operations in flight get their deadline to finish before it closes.
                 self._closing.append(
                     asyncio.get_running_loop().create_task(_close_later(close, self._timeout))
                 )
         for member, address in members.items():
             if member not in self.pipelines:
-                self.pipelines[member] = self._make_pipeline(address, self.news, self._version)
+                pipeline, close, topology = self._make_pipeline(address, self.news, self._version)
+                self.pipelines[member] = pipeline, close
+                self._topology_of[member] = topology
         self.members = members
         self.version = response.version
         self._root = tuple(response.root)
@@ -169,6 +180,31 @@ class Router:
         self._placement = Placement(members)
         for pipeline, _ in self.pipelines.values():  # one copy of each key: nowhere else to go
             pipeline.reroute = self._elsewhere if self._replicas > 1 else None
+        if self._replicas > 1 and self._watching is None:
+            self._watching = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """With replicas, until closed: when a member's stream has held operations unanswered for
+        _SILENT_FOR, ask another member's Topology whether it is down, and give the stream up if so
+        (Router.news does the same with what answers carry; this finds out when every operation
+        went to that member)."""
+        while True:
+            await asyncio.sleep(_SILENT_FOR / 2)
+            pipelines = self.pipelines.items()
+            silent = [member for member, (pipeline, _) in pipelines if pipeline.silent_for() >= _SILENT_FOR]
+            others = [member for member in self._topology_of if member not in silent]
+            if not silent or not others:
+                continue
+            try:
+                response = await self._topology_of[random.choice(others)](
+                    pb.TopologyRequest(), timeout=2 * _SILENT_FOR
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            for member in response.members_down:
+                opened = self.pipelines.get(member)
+                if opened is not None:
+                    opened[0].give_up_if_silent(_SILENT_FOR)
 
     def _version(self) -> str:
         """What every member's batches carry: the version of the topology they were routed by."""
@@ -180,6 +216,11 @@ class Router:
 
     async def close(self) -> None:
         """Stop reading the topology and close every member's pipeline and channel."""
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
         if self._reading is not None:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -143,15 +143,17 @@ class _Connection:
         address: str,
         on_news: Callable[[pb.PipelineResponse], None],
         topology_version: Callable[[], str],
-    ) -> tuple[Pipeline, Callable[[], Awaitable[None]]]:
+    ) -> tuple[Pipeline, Callable[[], Awaitable[None]], Callable[..., Any]]:
+        """A member's Pipeline, how to close it, and its Topology RPC."""
         channel = self._channel(address)
         # One batch in flight per node: what is issued meanwhile goes in the next. Answers from
         # several nodes come at different times and wake callers in small groups; with more in
         # flight, batches shrank to ~5 operations over 3 nodes (bench/cluster.py), each costing
         # a message on both sides. A lone operation still goes at once.
         settings = {**self._pipeline_settings, "max_batches_in_flight": 1}
+        stub = store_pb2_grpc.StoreServiceStub(channel)
         pipeline = Pipeline(
-            store_pb2_grpc.StoreServiceStub(channel).Pipeline,
+            stub.Pipeline,
             topology_version=topology_version,
             on_news=on_news,
             **settings,
@@ -161,7 +163,7 @@ class _Connection:
             await pipeline.close()
             await channel.close()
 
-        return pipeline, close
+        return pipeline, close, stub.Topology
 
     async def close(self) -> None:
         """Stop the running loop's stream and close its channel, unless the caller owns the channel."""

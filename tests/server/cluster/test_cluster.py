@@ -1078,7 +1078,8 @@ async def test_a_routing_client_gives_up_a_paused_node_once_another_node_says_it
     """With replicas, a node's answers name the members it knows not to answer for their keys
     (PipelineResponse.members_down): a routing client whose stream to one has gone silent gives
     it up then and sends its reads to the keys' other copies, rather than wait for their 10 s
-    deadline; reads of other keys keep it told meanwhile."""
+    deadline; reads of other keys keep it told meanwhile. A client whose every operation went to
+    the paused node asks another member's Topology."""
     path = ("paused",)
     paused_keys = keys_owned_by("node-2", path, 8)
     other_keys = keys_owned_by("node-0", path, 8)
@@ -1103,3 +1104,30 @@ async def test_a_routing_client_gives_up_a_paused_node_once_another_node_says_it
                 paused.send_signal(signal.SIGCONT)
     print(f"first reads of the paused node's keys answered after {took:.2f} s")
     assert took < 5.0  # half the deadline: before it, a silent stream was given up at 10 s
+
+
+async def test_a_routing_client_whose_operations_all_wait_on_a_paused_node_asks_another_member(
+    tmp_path: Path,
+) -> None:
+    """Nothing goes to the other nodes, so no answer of theirs names the paused node: the client
+    asks one (TopologyResponse.members_down) once its stream has been silent for 0.2 s."""
+    path = ("paused-only",)
+    paused_keys = keys_owned_by("node-2", path, 8)
+    with ClusterProcesses(tmp_path, 3, "--replicas", "2", data=False) as cluster:
+        for node in cluster.nodes.values():
+            await node.ready()
+        async with GrpcStore.with_client(cluster.target("node-0"), timeout=10) as routing:
+            await routed(routing)
+            store = in_namespace(routing, path)
+            await asyncio.gather(*(store.set(key, b"v") for key in paused_keys))
+            paused = cluster.nodes["node-2"].process
+            paused.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                read = await asyncio.gather(*(store.get(key) for key in paused_keys))
+                took = time.monotonic() - started
+            finally:
+                paused.send_signal(signal.SIGCONT)
+    assert read == [b"v"] * len(paused_keys)
+    print(f"reads of the paused node's keys answered after {took:.2f} s")
+    assert took < 5.0

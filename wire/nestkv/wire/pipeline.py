@@ -320,11 +320,16 @@ class Pipeline:
         while it holds operations sent, take it for dead now, as when one of them times out (the
         ones that are not idempotent fail, their outcome unknown; the others go again, to the
         key's next copy if `reroute` gives one), and keep away from it while it stays silent."""
-        now = self._loop.time()
         if self._broken_at:
-            self._broken_at = now
-        if self._sent and now - max(self._last_answer, self._sent[0].sent_at) >= seconds:
+            self._broken_at = self._loop.time()
+        if self.silent_for() >= seconds:
             self._stalled.set()
+
+    def silent_for(self) -> float:
+        """Seconds the stream has answered nothing while it holds operations sent (0: none held)."""
+        if not self._sent:
+            return 0.0
+        return self._loop.time() - max(self._last_answer, self._sent[0].sent_at)
 
     def broke_lately(self, seconds: float) -> bool:
         """Whether a stream broke in the last `seconds` and none has answered since (a router

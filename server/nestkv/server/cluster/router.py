@@ -221,6 +221,8 @@ class ClusterRouter:
         response.version = topology.version
         response.node_id = cluster.node_id
         response.replicas = topology.replicas
+        if cluster.replication is not None:
+            response.members_down.extend(cluster.replication.liveness.down)
         previous = cluster.handoff.previous
         if previous is not None:
             response.previous_version = previous.version
