@@ -28,12 +28,16 @@ from nestkv.wire.placement import HASH_NAME, Placement
 
 log = logging.getLogger("nestkv.client")
 
-_RETRY_AFTER = 1.0  # seconds before a failed Topology read is tried again
 News = Callable[[pb.PipelineResponse], None]
 """Told a node's answer that says the topology changed, or names members down (Router.news)."""
 
+_RETRY_AFTER = 1.0  # seconds before a failed Topology read is tried again
 _AVOID_FOR = 1.0  # seconds a node whose stream broke gets nothing another copy can take
 _SILENT_FOR = 0.2  # seconds a stream is silent before it is given up, once another node says its node is down
+_CONFIRMED_AFTER = 0.2
+"""Seconds a member must have been named down before its silent stream is given up: the node
+that named it may have heard first, and the key's next copy, where its operations go, sends them
+to that member while it has not heard yet (to wait there for its peer timeout)."""
 _SETTLED = float("inf")
 
 
@@ -44,6 +48,7 @@ class Router:
         "_closing",
         "_last_try",
         "_make_pipeline",
+        "_named_down",
         "_placement",
         "_reading",
         "_replicas",
@@ -83,6 +88,7 @@ class Router:
         self.members: dict[str, str] = {}
         self.pipelines: dict[str, tuple[Pipeline, Callable[[], Any]]] = {}
         self._topology_of: dict[str, Callable[..., Any]] = {}  # each member's Topology RPC
+        self._named_down: dict[str, tuple[float, float]] = {}  # first and last time named down, lately
         self._watching: asyncio.Task[None] | None = None
         self._seed = open_seed(self.news)
 
@@ -129,9 +135,20 @@ class Router:
         silent is given up now (its operations go to their keys' next copies)."""
         if response.topology_version and response.topology_version != self.version:
             self._read_soon(force=True)
-        for member in response.members_down:
+        if self._replicas > 1:
+            self._down(response.members_down)
+
+    def _down(self, members: Sequence[str]) -> None:
+        """`members` were named down: give up a stream of theirs that has gone silent, once they
+        have been named so for _CONFIRMED_AFTER."""
+        now = time.monotonic()
+        for member in members:
+            first, last = self._named_down.get(member, (now, now))
+            if now - last > 2 * _CONFIRMED_AFTER:
+                first = now  # named again after a while: a new episode
+            self._named_down[member] = first, now
             opened = self.pipelines.get(member)
-            if opened is not None and self._replicas > 1:
+            if opened is not None and now - first >= _CONFIRMED_AFTER:
                 opened[0].give_up_if_silent(_SILENT_FOR)
 
     def _read_soon(self, *, force: bool = False) -> None:
@@ -201,10 +218,7 @@ class Router:
                 )
             except grpc.aio.AioRpcError:
                 continue
-            for member in response.members_down:
-                opened = self.pipelines.get(member)
-                if opened is not None:
-                    opened[0].give_up_if_silent(_SILENT_FOR)
+            self._down(response.members_down)
 
     def _version(self) -> str:
         """What every member's batches carry: the version of the topology they were routed by."""

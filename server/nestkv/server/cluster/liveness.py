@@ -27,10 +27,11 @@ not, from one of two things.
   back says "current" for LEASE before it answers for its keys (it *steps
   up*), so whatever it said before has run out everywhere by then.
 - The copy holds no lease: enough members promised not to grant it one.
-  A member promises so (PingResponse.not_granting) of every member that has
-  not pinged it in the last LEASE seconds (so holds no lease from it), and
-  keeps the promise for LEASE: it grants that member nothing until LEASE
-  after the last time it promised. A lease needs len(members) // 2 grants
+  A member promises so (PingResponse.not_granting) of every member it
+  granted nothing in the last LEASE seconds (so that holds no lease from it)
+  and would grant nothing now (it has not asked lately, or is not heard),
+  and keeps the promise for LEASE: it grants that member nothing until
+  LEASE after the last time it promised. A lease needs len(members) // 2 grants
   from the others, so promises from len(members) - len(members) // 2 of
   them (this node's own counted), each in answer to a ping sent in the last
   LEASE seconds, leave it none: the two sets cannot both be that large.
@@ -139,8 +140,8 @@ class Liveness:
 
     @property
     def caught_up(self) -> bool:
-        """This node took in what the others hold of its keys since its lease last lapsed, or a
-        member said it wrote around it."""
+        """This node took in what the others hold of its keys since its lease last lapsed, and
+        since a member last said it wrote changes of them to a stand-in instead."""
         return self._caught_up
 
     @caught_up.setter

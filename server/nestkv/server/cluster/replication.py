@@ -6,8 +6,8 @@ is down (nestkv.server.cluster.liveness), the next member in that order
 stands in for it. An operation runs on the first copy that may be *serving*
 (Liveness.serving: this node cannot rule it out), so one copy answers for a
 key at a time; if that copy is another node this node cannot reach, the
-operation fails, not applied. A write runs there, then goes as a `replica` (the key's new
-state and version, merged by version on arrival) to the other copies that
+operation fails, not applied. A write runs there, then goes as a `replica`
+(the key's new state and version, merged by version on arrival) to the other copies that
 are up, and to stand-ins for those that are not; it is answered once
 --min-copies hold it. A copy that does not store it within REPLICA_TIMEOUT
 is replaced by the next stand-in.
@@ -325,7 +325,9 @@ class Replication:
         Until then the copy that answered for them meanwhile may still run what it was sent;
         once it hears, it sends them here, and refuses an atomic operation forwarded to it
         (nestkv.server.cluster.router): at most one copy runs a key's atomic operations at a time.
-        (A replica that copy sent before it heard arrives long before: REPLICA_TIMEOUT.)"""
+        (A replica that copy sent before it heard must arrive within the LEASE: the timing this
+        relies on, as the README says; one that never arrives went to a stand-in instead, and
+        this node is told so, and catches up again.)"""
         liveness = self.liveness
         liveness.caught_up = True
         liveness.stepping_up = True
