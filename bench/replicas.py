@@ -32,7 +32,7 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,46 +50,50 @@ GET_FRACTION = 0.8
 Row = dict[str, Any]
 
 
+Get = Callable[[str], Awaitable[Any]]
+Put = Callable[[str], Awaitable[Any]]
+
+
 async def workload(
     store: GrpcStore, tasks: int, seconds: float, keys: int, get_fraction: float
 ) -> tuple[int, list[float]]:
     """Operations done in `seconds` by `tasks` tasks, and each write's latency."""
-    deadline = time.monotonic() + seconds
-    latencies: list[float] = []
 
-    async def worker(rng: random.Random) -> int:
-        done = 0
-        while time.monotonic() < deadline:
-            key = f"key{rng.randrange(keys)}"
-            if rng.random() < get_fraction:
-                await store.get(key)
-            else:
-                started = time.perf_counter()
-                await store.set(key, VALUE, expires_in=TTL)
-                latencies.append(time.perf_counter() - started)
-            done += 1
-        return done
+    async def put(key: str) -> None:
+        await store.set(key, VALUE, expires_in=TTL)
 
-    counts = await asyncio.gather(*(worker(random.Random(n)) for n in range(tasks)))
-    return sum(counts), latencies
+    return await mixed(store.get, put, tasks, seconds, [f"key{n}" for n in range(keys)], get_fraction)
 
 
 async def redis_workload(
     client: Any, tasks: int, seconds: float, keys: int, get_fraction: float
 ) -> tuple[int, list[float]]:
     """`workload`, through a RedisCluster client."""
+
+    async def put(key: str) -> None:
+        await client.set(key, VALUE, ex=TTL)
+
+    names = [f"{NAMESPACE}:key{n}" for n in range(keys)]
+    return await mixed(client.get, put, tasks, seconds, names, get_fraction)
+
+
+async def mixed(
+    get: Get, put: Put, tasks: int, seconds: float, keys: Sequence[str], get_fraction: float
+) -> tuple[int, list[float]]:
+    """`get` or `put` random `keys` (`get_fraction` of them gets) from `tasks` tasks for `seconds`:
+    how many, and each put's latency."""
     deadline = time.monotonic() + seconds
     latencies: list[float] = []
 
     async def worker(rng: random.Random) -> int:
         done = 0
         while time.monotonic() < deadline:
-            key = f"{NAMESPACE}:key{rng.randrange(keys)}"
+            key = rng.choice(keys)
             if rng.random() < get_fraction:
-                await client.get(key)
+                await get(key)
             else:
                 started = time.perf_counter()
-                await client.set(key, VALUE, ex=TTL)
+                await put(key)
                 latencies.append(time.perf_counter() - started)
             done += 1
         return done

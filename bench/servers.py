@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import random
 import shutil
 import socket
@@ -51,16 +52,11 @@ class RedisServer:
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisServer | str]:
     """A RedisServer, or the reason there is none (printed in place of the Redis rows)."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        yield "redis-server is not installed (Debian: apt-get install redis-server)"
+    missing = _missing("redis-server", "litestar.stores.redis")
+    if missing:
+        yield missing
         return
-    try:
-        import litestar.stores.redis  # noqa: F401
-        import redis  # noqa: F401
-    except ImportError as missing:
-        yield f"{missing.name} is not installed (pip install -e '.[bench]')"
-        return
+    executable = str(shutil.which("redis-server"))
     port = _free_port()
     process = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -100,15 +96,11 @@ class RedisCluster:
 @contextlib.contextmanager
 def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Iterator[RedisCluster | str]:
     """A RedisCluster, or the reason there is none (printed in place of its rows)."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if server is None or cli is None:
-        yield "redis-server is not installed (Debian: apt-get install redis-server)"
+    missing = _missing("redis-cli", "redis.asyncio.cluster")
+    if missing:
+        yield missing
         return
-    try:
-        import redis.asyncio.cluster  # noqa: F401
-    except ImportError as missing:
-        yield f"{missing.name} is not installed (pip install -e '.[bench]')"
-        return
+    server, cli = str(shutil.which("redis-server")), str(shutil.which("redis-cli"))
     ports = _cluster_ports(masters * (1 + replicas))
     processes = []
     try:
@@ -146,6 +138,19 @@ def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Itera
             process.terminate()
         for process in processes:
             process.wait(10)
+
+
+def _missing(program: str, module: str) -> str:
+    """Why Redis cannot be measured here ("": it can): redis-server and `program` are installed,
+    and the Python module `module` (and redis-py) can be imported."""
+    if shutil.which("redis-server") is None or shutil.which(program) is None:
+        return "redis-server is not installed (Debian: apt-get install redis-server)"
+    try:
+        importlib.import_module("redis")
+        importlib.import_module(module)
+    except ImportError as missing:
+        return f"{missing.name} is not installed (pip install -e '.[bench]')"
+    return ""
 
 
 def _cluster_ports(count: int) -> list[int]:

@@ -1072,36 +1072,46 @@ async def test_the_member_file_is_read_again_when_it_changes(tmp_path: Path) -> 
             assert (await version_is_not(second.version)).version == first.version
 
 
-async def test_a_routing_client_gives_up_a_paused_node_once_another_node_says_it_is_down(
-    tmp_path: Path,
-) -> None:
-    """With replicas, a node's answers name the members it knows not to answer for their keys
-    (PipelineResponse.members_down): a routing client whose stream to one has gone silent gives
-    it up then and sends its reads to the keys' other copies, rather than wait for their 10 s
-    deadline; reads of other keys keep it told meanwhile. A client whose every operation went to
-    the paused node asks another member's Topology."""
-    path = ("paused",)
-    paused_keys = keys_owned_by("node-2", path, 8)
-    other_keys = keys_owned_by("node-0", path, 8)
+@contextlib.asynccontextmanager
+async def pausing_node_2(
+    tmp_path: Path, path: tuple[str, ...], keys: Sequence[str]
+) -> AsyncIterator[tuple[GrpcStore, Callable[[], float]]]:
+    """A routing client (10 s deadline) of three nodes with --replicas 2, `keys` written in `path`;
+    node-2 is paused as the block begins and resumed as it ends. Yields the namespaced store and
+    the seconds since the pause."""
     with ClusterProcesses(tmp_path, 3, "--replicas", "2", data=False) as cluster:
         for node in cluster.nodes.values():
             await node.ready()
         async with GrpcStore.with_client(cluster.target("node-0"), timeout=10) as routing:
             await routed(routing)
             store = in_namespace(routing, path)
-            await asyncio.gather(*(store.set(key, b"v") for key in paused_keys + other_keys))
+            await asyncio.gather(*(store.set(key, b"v") for key in keys))
             paused = cluster.nodes["node-2"].process
             paused.send_signal(signal.SIGSTOP)
             started = time.monotonic()
             try:
-                reads = asyncio.gather(*(store.get(key) for key in paused_keys))
-                while not reads.done():  # the other nodes' answers carry the news
-                    await asyncio.gather(*(store.get(key) for key in other_keys))
-                    await asyncio.sleep(0.05)
-                took = time.monotonic() - started
-                assert await reads == [b"v"] * len(paused_keys)
+                yield store, lambda: time.monotonic() - started
             finally:
                 paused.send_signal(signal.SIGCONT)
+
+
+async def test_a_routing_client_gives_up_a_paused_node_once_another_node_says_it_is_down(
+    tmp_path: Path,
+) -> None:
+    """With replicas, a node's answers name the members it knows not to answer for their keys
+    (PipelineResponse.members_down): a routing client whose stream to one has gone silent gives
+    it up then and sends its reads to the keys' other copies, rather than wait for their 10 s
+    deadline; reads of other keys keep it told meanwhile."""
+    path = ("paused",)
+    paused_keys = keys_owned_by("node-2", path, 8)
+    other_keys = keys_owned_by("node-0", path, 8)
+    async with pausing_node_2(tmp_path, path, paused_keys + other_keys) as (store, since):
+        reads = asyncio.gather(*(store.get(key) for key in paused_keys))
+        while not reads.done():  # the other nodes' answers carry the news
+            await asyncio.gather(*(store.get(key) for key in other_keys))
+            await asyncio.sleep(0.05)
+        took = since()
+        assert await reads == [b"v"] * len(paused_keys)
     print(f"first reads of the paused node's keys answered after {took:.2f} s")
     assert took < 5.0  # half the deadline: before it, a silent stream was given up at 10 s
 
@@ -1113,21 +1123,9 @@ async def test_a_routing_client_whose_operations_all_wait_on_a_paused_node_asks_
     asks one (TopologyResponse.members_down) once its stream has been silent for 0.2 s."""
     path = ("paused-only",)
     paused_keys = keys_owned_by("node-2", path, 8)
-    with ClusterProcesses(tmp_path, 3, "--replicas", "2", data=False) as cluster:
-        for node in cluster.nodes.values():
-            await node.ready()
-        async with GrpcStore.with_client(cluster.target("node-0"), timeout=10) as routing:
-            await routed(routing)
-            store = in_namespace(routing, path)
-            await asyncio.gather(*(store.set(key, b"v") for key in paused_keys))
-            paused = cluster.nodes["node-2"].process
-            paused.send_signal(signal.SIGSTOP)
-            started = time.monotonic()
-            try:
-                read = await asyncio.gather(*(store.get(key) for key in paused_keys))
-                took = time.monotonic() - started
-            finally:
-                paused.send_signal(signal.SIGCONT)
+    async with pausing_node_2(tmp_path, path, paused_keys) as (store, since):
+        read = await asyncio.gather(*(store.get(key) for key in paused_keys))
+        took = since()
     assert read == [b"v"] * len(paused_keys)
     print(f"reads of the paused node's keys answered after {took:.2f} s")
     assert took < 5.0
