@@ -8,6 +8,8 @@
 - The nemesis faults one node at a time: kill -9 (and start it again on its data directory),
   SIGSTOP (and SIGCONT), cut off (and reconnect), SIGTERM (and start again); or two nodes at a
   time, cut from each other only while both reach the third (a partial partition: `split`).
+  `FaultCluster.crash_back_to` kills a node and cuts its logs back to an earlier size (a machine
+  lost under --fsync no), for a test that needs that.
 - The workload: writers, each the only one writing its keys, every value unique; readers reading
   any key; half the clients route by the topology, half are pinned to one node. Every operation
   is recorded with its start, its end and its outcome.
