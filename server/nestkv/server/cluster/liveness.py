@@ -123,7 +123,7 @@ class Liveness:
         self._up: set[str] = set()
         self.down: tuple[str, ...] = ()
         """The other members that are down (not heard from), or hold no lease (have not asked for
-        one), as of this node's last round of pings: told to clients (PipelineResponse.members_down).
+        one), as of this node's last ping answer: told to clients (PipelineResponse.members_down).
         Not one that only said it is not current: it answers, and its answers may take a while
         (a batch waits while it steps up)."""
 
@@ -377,17 +377,19 @@ class Liveness:
             self._lapsed(f"{member} wrote changes of this node's keys to a stand-in")
         self._notice()
 
-    def _notice(self) -> None:
-        """Set `changed` if a member came up or went down, or this node's lease lapsed."""
-        self.in_touch()
-        members = self._members()
+    def _down(self) -> tuple[str, ...]:
+        """The other members not up (as `_notice` found them), or that hold no lease."""
         now = self._clock()
-        self.down = tuple(
+        return tuple(
             member
-            for member in members
-            if member != self.node_id and (not self.up(member) or self._unleased(member, now))
+            for member in self._members()
+            if member != self.node_id and (member not in self._up or self._unleased(member, now))
         )
-        up = {member for member in members if self.up(member)}
+
+    def _notice(self) -> None:
+        """Set `changed` if a member came up or went down, or this node's lease lapsed; and `down`."""
+        self.in_touch()
+        up = {member for member in self._members() if self.up(member)}
         if up != self._up:
             came, went = up - self._up, self._up - up
             if went:
@@ -396,6 +398,7 @@ class Liveness:
                 log.info("up again: %s", ", ".join(sorted(came)))
             self._up = up
             self.changed.set()
+        self.down = self._down()
 
 
 async def wait_changed(liveness: Liveness, seconds: float) -> None:
