@@ -358,6 +358,11 @@ async def incrementer(
         await _run(store, op)
 
 
+def _summary(figures: str, *found: list[str]) -> str:
+    """A checker's report: its figures, then the first five of each list of what it found."""
+    return "\n".join([figures, *(line for lines in found for line in lines[:5])])
+
+
 def _by_key(history: History, kind: str) -> dict[str, list[Op]]:
     """The finished operations of `kind`, by key, in the order they began."""
     by_key: dict[str, list[Op]] = {}
@@ -376,15 +381,13 @@ class CounterReport:
     duplicate_sums: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return "\n".join(
-            [
-                f"acknowledged increments {self.acknowledged}, unknown outcome {self.unknown}, keys "
-                f"short of their acknowledged increments {len(self.lost)}, over {len(self.extra)}, "
-                f"acknowledged increments answered with a sum another had {len(self.duplicate_sums)}",
-                *self.lost[:5],
-                *self.extra[:5],
-                *self.duplicate_sums[:5],
-            ]
+        return _summary(
+            f"acknowledged increments {self.acknowledged}, unknown outcome {self.unknown}, keys "
+            f"short of their acknowledged increments {len(self.lost)}, over {len(self.extra)}, "
+            f"acknowledged increments answered with a sum another had {len(self.duplicate_sums)}",
+            self.lost,
+            self.extra,
+            self.duplicate_sums,
         )
 
 
@@ -439,14 +442,12 @@ class RaceReport:
     winner_lost: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return "\n".join(
-            [
-                f"keys raced {self.keys}, won by an acknowledged set_if_absent {self.won}, outcomes "
-                f"unknown {self.unknown}, keys with two winners {len(self.two_winners)}, keys not "
-                f"holding their winner's value {len(self.winner_lost)}",
-                *self.two_winners[:5],
-                *self.winner_lost[:5],
-            ]
+        return _summary(
+            f"keys raced {self.keys}, won by an acknowledged set_if_absent {self.won}, outcomes "
+            f"unknown {self.unknown}, keys with two winners {len(self.two_winners)}, keys not "
+            f"holding their winner's value {len(self.winner_lost)}",
+            self.two_winners,
+            self.winner_lost,
         )
 
 
@@ -504,12 +505,10 @@ class LockReport:
     overlaps: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return "\n".join(
-            [
-                f"holds {self.holds}, still held when let go {self.let_go_held}, overlapping holds "
-                f"of two holders that still held the lock when they let it go {len(self.overlaps)}",
-                *self.overlaps[:5],
-            ]
+        return _summary(
+            f"holds {self.holds}, still held when let go {self.let_go_held}, overlapping holds "
+            f"of two holders that still held the lock when they let it go {len(self.overlaps)}",
+            self.overlaps,
         )
 
 
@@ -614,12 +613,12 @@ class Report:
     windows: list[Window] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [
+        figures = [
             f"acknowledged writes {self.writes_acknowledged}, lost {len(self.lost)}, stale reads "
-            f"{len(self.stale)}, failed writes seen {len(self.failed_seen)}"
+            f"{len(self.stale)}, failed writes seen {len(self.failed_seen)}",
+            *(str(window) for window in self.windows),
         ]
-        lines += [str(window) for window in self.windows]
-        return "\n".join(lines + self.lost[:5] + self.stale[:5] + self.failed_seen[:5])
+        return _summary("\n".join(figures), self.lost, self.stale, self.failed_seen)
 
 
 def check(history: History, final: dict[str, str | None], placement: Placement) -> Report:
