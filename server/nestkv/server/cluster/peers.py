@@ -72,12 +72,16 @@ class Peers:
         self._node_id = node_id
         self._credentials = credentials
         self._options = [
-            # A peer that was down (starting, restarting) is reconnected to within a tenth of a
+            # A peer that was down (starting, restarting) is reconnected to within a fifth of a
             # second, not after gRPC's default backoff of 1 s growing to 2 minutes: forwarded
-            # operations fail fast while it is down, and go through as soon as it is back.
+            # operations fail fast while it is down, and go through as soon as it is back. Every
+            # member must reach it again within well under a LEASE of each other: one that reaches
+            # it while another does not grants it a lease the other cannot see refused, and the
+            # other refuses its keys' operations meanwhile (Replication.serving_copy). With a
+            # backoff growing to 1 s, a rolling restart failed such operations for up to 0.7 s.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1_000),
+            ("grpc.max_reconnect_backoff_ms", 200),
             *channel_options(max_value_bytes),
         ]
         self._timeout = timeout
