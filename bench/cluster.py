@@ -71,21 +71,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def counters(node: ServerProcess) -> list[float]:
-    """A node's Pipeline batches received, the operations in them, and the operations it forwarded."""
+def samples(node: ServerProcess) -> Iterator[Any]:
+    """Every sample of a node's metrics (started with `--metrics-port`), scraped now."""
     url = next(match[1] for line in node.log if (match := METRICS_AT.search(line)))
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        yield from family.samples
+
+
+def counters(node: ServerProcess) -> list[float]:
+    """A node's Pipeline batches received, the operations in them, and the operations it forwarded."""
     names = [
         "nestkv_batch_operations_count",
         "nestkv_batch_operations_sum",
         "nestkv_forwarded_operations_total",
     ]
     totals = [0.0, 0.0, 0.0]
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in names:
-                totals[names.index(sample.name)] += sample.value  # forwarded: one sample per owner
+    for sample in samples(node):
+        if sample.name in names:
+            # Batches: one sample per sender (a caller, another node); forwarded: one per owner.
+            totals[names.index(sample.name)] += sample.value
     return totals
 
 

@@ -10,6 +10,11 @@ interleaved rounds, so that a slow spell of the machine hits both alike:
 * server CPU per write: utime + stime of every node (from /proc) per
   operation, over all rounds, for a write-only run of the same tasks (the goal:
   R=2 at most 2.2x R=1);
+* messages between the nodes, from their metrics (`nestkv_batch_operations`
+  by source), over the mixed runs: batches of replicas the nodes received per
+  batch from the client, and the operations in each (what a replicated write
+  costs is mostly these messages: on this machine a message costs several
+  times what an operation in it does);
 * failover: with the R=2 cluster under reads of one node's keys, the time from
   kill -9 of that node to the first successful read of its keys, and to the
   point from which every read succeeds (best and worst of `--kills`); the same
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import TTL, VALUE, commit, machine
-from bench.cluster import cpu_seconds
+from bench.cluster import cpu_seconds, samples
 from bench.output import publish
 from bench.servers import RedisCluster, redis_cluster
 from nestkv.client import GrpcStore, StoreError
@@ -116,17 +121,37 @@ async def measure_redis(cluster: Any, args: argparse.Namespace, get_fraction: fl
     return {"operations": operations, "ops_per_s": operations / elapsed, "latencies": latencies}
 
 
+def batches(cluster: ClusterProcesses) -> dict[str, float]:
+    """The Pipeline batches the nodes received so far, and the operations in them, by who sent them:
+    "caller", "replicas" (`_operations` for the operations)."""
+    totals: dict[str, float] = {}
+    for node in cluster.nodes.values():
+        for sample in samples(node):
+            if sample.name in ("nestkv_batch_operations_count", "nestkv_batch_operations_sum"):
+                figure = sample.labels["source"] + ("_operations" if sample.name.endswith("sum") else "")
+                totals[figure] = totals.get(figure, 0.0) + sample.value
+    return totals
+
+
 async def measure(cluster: ClusterProcesses, args: argparse.Namespace, get_fraction: float) -> Row:
     async with GrpcStore.with_client(cluster.target()) as root:
         store = root.with_namespace(NAMESPACE)
         await workload(store, args.tasks, 0.5, args.keys, get_fraction)  # warm: topology, channels
         pids = [node.process.pid for node in cluster.nodes.values()]
+        received = batches(cluster)
         cpu = sum(cpu_seconds(pid) for pid in pids)
         started = time.monotonic()
         operations, latencies = await workload(store, args.tasks, args.seconds, args.keys, get_fraction)
         elapsed = time.monotonic() - started
         cpu = sum(cpu_seconds(pid) for pid in pids) - cpu
-    return {"operations": operations, "ops_per_s": operations / elapsed, "cpu_s": cpu, "latencies": latencies}
+        received = {figure: count - received.get(figure, 0.0) for figure, count in batches(cluster).items()}
+    return {
+        "operations": operations,
+        "ops_per_s": operations / elapsed,
+        "cpu_s": cpu,
+        "latencies": latencies,
+        "batches": received,
+    }
 
 
 async def failover(
@@ -178,6 +203,7 @@ async def failover(
 async def run(args: argparse.Namespace) -> Row:
     began = time.perf_counter()
     rows: dict[int, dict[str, list[Any]]] = {1: {}, 2: {}}
+    received: dict[int, dict[str, float]] = {1: {}, 2: {}}  # batches the nodes received, over the mixed runs
     redis_rows: dict[str, dict[str, list[Any]]] = {}
     redis_skipped = ""
     with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
@@ -185,7 +211,9 @@ async def run(args: argparse.Namespace) -> Row:
         for replicas in rows:
             place = Path(directory) / f"r{replicas}"
             place.mkdir()
-            clusters[replicas] = ClusterProcesses(place, 3, "--replicas", str(replicas), data=False).start()
+            clusters[replicas] = ClusterProcesses(
+                place, 3, "--replicas", str(replicas), "--metrics-port", "0", data=False
+            ).start()
         redis_clusters = {}
         for name, replicas in REDIS_CLUSTERS.items():
             made = stack.enter_context(redis_cluster(Path(directory), 3, replicas)) if args.redis else None
@@ -207,6 +235,8 @@ async def run(args: argparse.Namespace) -> Row:
                     row.setdefault("ops_per_s", []).append(mixed["ops_per_s"])
                     row.setdefault("latencies", []).extend(mixed["latencies"])
                     row.setdefault("write_cpu", []).append(writes["cpu_s"] / writes["operations"])
+                    for figure, count in mixed["batches"].items():
+                        received[replicas][figure] = received[replicas].get(figure, 0.0) + count
                 for name, redis in redis_clusters.items():
                     print(f"  round {number + 1}: {name} ...", flush=True)
                     mixed = await measure_redis(redis, args, GET_FRACTION)
@@ -234,6 +264,15 @@ async def run(args: argparse.Namespace) -> Row:
         for replicas, row in rows.items()
     }
     ratios = {name: summary[2][name] / summary[1][name] for name in summary[1]}
+    for replicas, counts in received.items():
+        client_batches = max(counts.get("caller", 0.0), 1.0)
+        replica_batches = counts.get("replicas", 0.0)
+        figures = summary[replicas]
+        figures["operations_per_client_batch"] = counts.get("caller_operations", 0.0) / client_batches
+        figures["replica_batches_per_client_batch"] = replica_batches / client_batches
+        figures["operations_per_replica_batch"] = (
+            counts.get("replicas_operations", 0.0) / replica_batches if replica_batches else 0.0
+        )
     redis_figures = {
         name: {
             "ops_per_s": max(row["ops_per_s"]),
@@ -268,6 +307,10 @@ def report(results: Row) -> str:
         f"       {ratio['write_p50_ms']:.2f}x",
         f"server CPU per write   {one['server_cpu_per_write_us']:>10.0f} us       "
         f"{two['server_cpu_per_write_us']:>10.0f} us       {ratio['server_cpu_per_write_us']:.2f}x",
+        f"ops per client batch   {one['operations_per_client_batch']:>10.1f}          "
+        f"{two['operations_per_client_batch']:>10.1f}",
+        f"replica batches per client batch {two['replica_batches_per_client_batch']:.2f} (R=2), "
+        f"{two['operations_per_replica_batch']:.1f} ops each",
     ]
     for name, row in results["redis_cluster"].items():
         lines.append(

@@ -117,6 +117,12 @@ def test_replicas_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         assert figures["write_p50_ms"] > 0
         assert figures["server_cpu_per_write_us"] > 0
     assert set(results["ratio_2_to_1"]) == {"ops_per_s", "write_p50_ms", "server_cpu_per_write_us"}
+    # The nodes' messages, from their metrics: R=2 sends replicas, R=1 none.
+    assert results["replicas_1"]["operations_per_client_batch"] >= 1
+    assert results["replicas_1"]["replica_batches_per_client_batch"] == 0
+    assert results["replicas_2"]["replica_batches_per_client_batch"] > 0
+    assert results["replicas_2"]["operations_per_replica_batch"] >= 1
+    assert "replica batches per client batch" in done.stdout
     # Behaviour, not timing: the killed node's keys are read again after the kill.
     [first] = results["failover_first_success_s"]
     [every] = results["failover_all_succeed_s"]

@@ -76,9 +76,12 @@ async def test_metrics_count_exactly_the_operations_done(tmp_path: Path) -> None
     assert samples["nestkv_operation_duration_seconds_sum", (("operation", "get"),)] > 0
     # Every Pipeline batch, in order: 3 sets, 2 gets, delete, exists, expires_in, the refused set,
     # delete_all (one operation each), then the batch of 10.
-    assert samples["nestkv_batch_operations_count", ()] == 11
-    assert samples["nestkv_batch_operations_bucket", (("le", "8.0"),)] == 10
-    assert samples["nestkv_batch_operations_bucket", (("le", "16.0"),)] == 11
+    caller = (("source", "caller"),)
+    assert samples["nestkv_batch_operations_count", caller] == 11
+    assert samples["nestkv_batch_operations_bucket", (("le", "8.0"), *caller)] == 10
+    assert samples["nestkv_batch_operations_bucket", (("le", "16.0"), *caller)] == 11
+    assert samples["nestkv_batch_operations_count", (("source", "replicas"),)] == 0
+    assert samples["nestkv_batch_operations_count", (("source", "forwarded"),)] == 0
     assert samples["nestkv_keys", ()] == 2 == stats.server.keys
     assert samples["nestkv_memory_bytes", ()] == stats.server.memory_bytes
     assert samples["nestkv_max_memory_bytes", ()] == 0
@@ -175,6 +178,7 @@ async def test_a_node_with_replicas_reports_its_keys_by_role_and_its_replication
             await node.ready()
         async with GrpcStore.with_client(cluster.target("node-0"), timeout=5) as store:
             await store.set_many({f"k{number}": b"v" for number in range(100)})
+        sent_to_node_0 = scrape(cluster.nodes["node-0"])
         cluster.nodes["node-1"].stop()
         cluster.nodes["node-1"] = cluster.node("node-1").start()  # counts its keys as it starts
         node = cluster.nodes["node-1"]
@@ -191,3 +195,10 @@ async def test_a_node_with_replicas_reports_its_keys_by_role_and_its_replication
     assert 20 < first < 80
     assert samples["nestkv_replication_failures_total", ()] == 0
     assert stats.server.keys_first_copy + stats.server.keys_replica >= 100
+    # node-0 took the writes of its keys from the client, and copies of node-1's from node-1, each
+    # batch counted by who sent it: what a client's batch costs in messages between the nodes.
+    from_node_1 = (("source", "replicas"),)
+    batches = sent_to_node_0["nestkv_batch_operations_count", from_node_1]
+    replicas = sent_to_node_0["nestkv_batch_operations_sum", from_node_1]
+    assert 0 < batches <= replicas == operations(sent_to_node_0, "replica")
+    assert 100 - replicas <= sent_to_node_0["nestkv_batch_operations_sum", (("source", "caller"),)] <= 100

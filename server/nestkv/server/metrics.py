@@ -7,7 +7,10 @@ Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` counters.
 
     nestkv_operations_total{operation, code}        counter: operations by kind and gRPC status name
     nestkv_operation_duration_seconds{operation}    histogram: time the server spent on one operation
-    nestkv_batch_operations                         histogram: operations per Pipeline batch
+    nestkv_batch_operations{source}                 histogram: operations per Pipeline batch, by who
+                                                   sent it: "caller" (a client), "replicas" (another
+                                                   node's copies of its writes), "forwarded" (another
+                                                   node's operations on keys held here)
     nestkv_keys, nestkv_memory_bytes,               gauges: the store (memory as --max-memory counts it)
       nestkv_max_memory_bytes, nestkv_memory_over_bytes   and what copies of other nodes' writes hold
                                                    over it when nothing could be evicted for them
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 OPERATIONS = ("set", "get", "delete", "delete_all", "exists", "expires_in", "increment", "replica")
 DURATION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 0.1, 1.0)
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0)
+BATCH_SOURCES = ("caller", "replicas", "forwarded")
 
 
 class Histogram:
@@ -72,7 +76,9 @@ class OperationMetrics:
         """The counts' key of each operation's success, made once: the hot path allocates nothing."""
         self.counts: dict[tuple[str, str], int] = dict.fromkeys(self.ok.values(), 0)
         self.durations = {operation: Histogram(DURATION_BUCKETS) for operation in OPERATIONS}
-        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.batch_sizes = {source: Histogram(BATCH_BUCKETS) for source in BATCH_SOURCES}
+        """Operations per batch received, by who sent it (BATCH_SOURCES): with replicas, what a
+        client's batch costs in messages between the nodes."""
         self.forwarded: dict[str, int] = {}
         """Operations sent on to the member that owns their key, by member (counted there too)."""
 
@@ -145,8 +151,13 @@ class StoreCollector:
         for operation, histogram in self._operations.durations.items():
             durations.add_metric([operation], *buckets_of(histogram))
         yield durations
-        batches = HistogramMetricFamily("nestkv_batch_operations", "Operations per Pipeline batch.")
-        batches.add_metric([], *buckets_of(self._operations.batch_sizes))
+        batches = HistogramMetricFamily(
+            "nestkv_batch_operations",
+            "Operations per Pipeline batch, by sender: a caller, or another node (replicas, forwarded).",
+            labels=["source"],
+        )
+        for source, histogram in self._operations.batch_sizes.items():
+            batches.add_metric([source], *buckets_of(histogram))
         yield batches
         forwarded = CounterMetricFamily(
             "nestkv_forwarded_operations",

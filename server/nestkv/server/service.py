@@ -75,6 +75,13 @@ def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Malfor
     return parse
 
 
+def _source(grant: Grant) -> str:
+    """Who sent a batch, for its metrics (nestkv.server.metrics.BATCH_SOURCES)."""
+    if not isinstance(grant, PeerGrant):
+        return "caller"
+    return "replicas" if grant.mode == "replica" else "forwarded"
+
+
 def _status(fault: StoreFault) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(fault)]
 
@@ -292,7 +299,7 @@ class StoreServicer:
                 admitted = gate.version
                 grant = await _admit(self._admit, context, batches)
             if metrics:
-                metrics.batch_sizes.observe(len(request.operations))
+                metrics.batch_sizes[_source(grant)].observe(len(request.operations))
             yield request, grant
 
     async def run_batch(
