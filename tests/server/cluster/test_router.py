@@ -106,3 +106,26 @@ async def test_the_topology_names_every_member(three: InProcessCluster) -> None:
     assert {member.id: member.address for member in response.members} == {m: address_of(m) for m in "abc"}
     assert response.node_id == "b"
     assert response.version == three.nodes["b"].membership.current.version
+
+
+async def test_a_read_redirected_while_its_key_is_handed_off_finds_it_on_the_new_owner(
+    three: InProcessCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = three.nodes["a"], three.nodes["b"], three.nodes["c"]
+    three.change(["a", "c"], on=["b", "c"])  # b leaves; a has not read that yet
+    old, new = a.membership.current, c.membership.current
+    key = next(key for key in keys_owned_by("c", new, 50) if old.owner(PATH, key) == "b")
+    b.storage.set(PATH, key, b"v")  # written before the change: b hands it off to c
+    forward = a.peers._run
+
+    async def hand_off_between_the_two_misses(
+        address: str, operation: pb.Operation, mode: str
+    ) -> pb.OperationResult:
+        if mode == "asked":  # a's read went to b, then to c, which did not hold the key yet
+            c.storage.set(PATH, key, b"v")  # the hand-off stores it on c, then b drops it
+            b.storage.delete(PATH, key)
+        return await forward(address, operation, mode)
+
+    monkeypatch.setattr(a.peers, "_run", hand_off_between_the_two_misses)
+    result = await a.get(key)
+    assert (result.get.found, result.get.value) == (True, b"v")

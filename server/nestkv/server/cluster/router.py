@@ -150,7 +150,9 @@ class ClusterRouter:
         """The result of a forwarded operation, following a redirect once.
 
         A node that redirects still holds the keys it has not handed off yet: a read that misses
-        where it was redirected to is asked of it once more.
+        where it was redirected to is asked of it once more; and if it misses there too, of the
+        node it was redirected to once more (a hand-off stores a key on its new owner before the
+        previous owner drops it: two misses in that order may have come either side of both).
         """
         peers = self.cluster.peers
         try:
@@ -159,12 +161,15 @@ class ClusterRouter:
                 moved_from = address
                 member, address = result.error.moved_to.id, result.error.moved_to.address
                 result = await peers.forward(address, operation, "redirected", deadline)
+                if _missed(operation, result):
+                    member, owner = f"{member}'s previous owner", member
+                    result = await peers.forward(moved_from, operation, "asked", deadline)
+                    if _missed(operation, result):
+                        member = owner
+                        result = await peers.forward(address, operation, "redirected", deadline)
                 if _moved(result):  # sent on once only: the lists are changing, try again
                     disagree = f"the member lists of the nodes disagree: {result.error.message}"
                     return _error_result(NodeFault("UNAVAILABLE", disagree))
-                if _missed(operation, result):
-                    member = f"{member}'s previous owner"
-                    result = await peers.forward(moved_from, operation, "asked", deadline)
         except Exception as error:
             return _error_result(failure_of(member, error))
         return result
