@@ -25,7 +25,7 @@ from nestkv.client.routing import Router
 from nestkv.client.stats import Stats, stats_from_response
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
-from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES, channel_options, is_loopback_host
+from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES, channel_options, is_loopback_target
 from nestkv.wire.errors import InvalidRequestError, StoreError, StoreUnavailableError, error_from_rpc
 from nestkv.wire.pipeline import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -44,6 +44,63 @@ _SET_CONDITION = {
     "version": pb.SET_CONDITION_IF_VERSION,
 }
 """A conditional set's condition, by the name the store's methods pass, as the .proto's enum."""
+
+
+class _Seeds:
+    """The channels to the addresses a store was given: its calls go to the first of them that is
+    connected (the one in use, while it is), so that a store given several starts, and goes on,
+    while some are down. As a stub: the StoreService RPCs of the one in use."""
+
+    __slots__ = ("_channels", "_current", "_stubs")
+
+    def __init__(self, channels: Sequence[Any]) -> None:
+        self._channels = list(channels)
+        self._stubs = [store_pb2_grpc.StoreServiceStub(channel) for channel in self._channels]
+        self._current = 0
+
+    def __getattr__(self, rpc: str) -> Any:
+        return getattr(self._stubs[self._current], rpc)
+
+    def open_stream(self) -> Any:
+        """A Pipeline call on the channel in use."""
+        return self._stubs[self._current].Pipeline()
+
+    async def ready(self) -> None:
+        """Return once a channel is connected: the one in use if it is, else the first to connect."""
+        channels = self._channels
+        if len(channels) == 1 or channels[self._current].get_state() == grpc.ChannelConnectivity.READY:
+            await channels[self._current].channel_ready()
+            return
+        waits = [asyncio.ensure_future(channel.channel_ready()) for channel in channels]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        connected = [index for index, wait in enumerate(waits) if wait.done() and not wait.cancelled()]
+        self._current = connected[0]
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+def _seed_targets(target: str | Sequence[str]) -> list[str]:
+    """The addresses in `target`: a list of them, or "host:port,host:port" (a gRPC target URI with
+    a scheme, such as "ipv4:10.0.0.1:50051,10.0.0.2:50051", is one address)."""
+    if isinstance(target, str):
+        scheme = target.partition(":")[0]
+        targets = [target] if scheme in _SCHEMES or "://" in target else target.split(",")
+    else:
+        targets = list(target)
+    targets = [one.strip() for one in targets]
+    if not targets or not all(isinstance(one, str) and one for one in targets):
+        raise ValueError(f"target must name at least one address (host:port), got {target!r}")
+    return targets
+
+
+_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
+"""gRPC target URI schemes, whose commas do not separate addresses."""
 
 
 class _Connection:
@@ -71,7 +128,7 @@ class _Connection:
         self,
         *,
         channel: Any = None,
-        target: str = "",
+        target: Sequence[str] = (),
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         max_value_bytes: int,
@@ -117,16 +174,14 @@ class _Connection:
             self._by_loop = {old: pair for old, pair in self._by_loop.items() if not old.is_closed()}
             channel = self._callers_channel
             router = None
-            if channel is None:
-                channel = self._channel(self._target)
-            stub = store_pb2_grpc.StoreServiceStub(channel)
-            if channel is not self._callers_channel:  # a channel of our own: route to the owners
-                router = Router(
-                    stub, functools.partial(self._seed_pipeline, stub), self._member_pipeline, self.timeout
-                )
+            if channel is None:  # channels of our own: route to the owners
+                channel = stub = seeds = _Seeds([self._channel(target) for target in self._target])
+                seed = functools.partial(self._seed_pipeline, seeds)
+                router = Router(seeds, seed, self._member_pipeline, self.timeout)
                 pipeline = router.seed
             else:
-                pipeline = Pipeline(stub.Pipeline, **self._pipeline_settings)
+                stub = store_pb2_grpc.StoreServiceStub(channel)
+                pipeline = Pipeline(stub.Pipeline, ready=channel.channel_ready, **self._pipeline_settings)
             opened = self._by_loop[loop] = (channel, stub, pipeline, router)
         return opened
 
@@ -135,8 +190,8 @@ class _Connection:
             return grpc.aio.insecure_channel(target, options=self._options)
         return grpc.aio.secure_channel(target, self._credentials, options=self._options)
 
-    def _seed_pipeline(self, stub: Any, on_news: Callable[[pb.PipelineResponse], None]) -> Pipeline:
-        return Pipeline(stub.Pipeline, on_news=on_news, **self._pipeline_settings)
+    def _seed_pipeline(self, seeds: _Seeds, on_news: Callable[[pb.PipelineResponse], None]) -> Pipeline:
+        return Pipeline(seeds.open_stream, on_news=on_news, ready=seeds.ready, **self._pipeline_settings)
 
     def _member_pipeline(
         self,
@@ -156,6 +211,7 @@ class _Connection:
             stub.Pipeline,
             topology_version=topology_version,
             on_news=on_news,
+            ready=channel.channel_ready,
             **settings,
         )
 
@@ -236,7 +292,7 @@ class GrpcStore(NamespacedStore):
     @classmethod
     def with_client(
         cls,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
@@ -247,6 +303,10 @@ class GrpcStore(NamespacedStore):
         token: str | None = None,
     ) -> Self:
         """A root store that owns a channel to `target` ("host:port").
+
+        Several addresses ("h1:50051,h2:50051", or a list) are seeds: the store
+        talks to the first of them that accepts connections (a cluster's
+        topology then names every node), so that it starts while some are down.
 
         Safe to call outside a running event loop: the channel opens on first use.
         `max_value_bytes` should match the server's --max-value-bytes: a larger
@@ -260,10 +320,11 @@ class GrpcStore(NamespacedStore):
         sends only over TLS, or in plaintext to a loopback address (local
         channel credentials): any other target without `credentials` raises ValueError.
         """
+        targets = _seed_targets(target)
         # gRPC uses the first occurrence of an option: the caller's come first.
         connection = _Connection(
-            target=target,
-            credentials=_with_token(credentials, token, target),
+            target=targets,
+            credentials=_with_token(credentials, token, targets),
             options=[*options, *channel_options(max_value_bytes)],
             max_value_bytes=_positive(max_value_bytes, "max_value_bytes"),
             timeout=timeout,
@@ -528,7 +589,7 @@ def _in_path(request: Any, path: tuple[str, ...]) -> Any:
 
 
 def _with_token(
-    credentials: grpc.ChannelCredentials | None, token: str | None, target: str
+    credentials: grpc.ChannelCredentials | None, token: str | None, targets: Sequence[str]
 ) -> grpc.ChannelCredentials | None:
     """Channel credentials that also send `token` with every call."""
     if token is None:
@@ -540,19 +601,14 @@ def _with_token(
             "as `nestkv-server token new` prints"
         )
     if credentials is None:
-        if not _is_loopback(target):
-            raise ValueError(
-                f"a token is sent only over TLS, or in plaintext to a loopback address; {target!r} is "
-                "neither: pass credentials=grpc.ssl_channel_credentials(...)"
-            )
+        for target in targets:
+            if not is_loopback_target(target):
+                raise ValueError(
+                    f"a token is sent only over TLS, or in plaintext to a loopback address; {target!r} "
+                    "is neither: pass credentials=grpc.ssl_channel_credentials(...)"
+                )
         credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
     return grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-
-
-def _is_loopback(target: str) -> bool:
-    """Whether a "host:port" target names this machine (127.0.0.0/8, [::1], localhost)."""
-    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]
-    return is_loopback_host(host.removeprefix("[").removesuffix("]"))
 
 
 def _batch_size(number: int) -> int:

@@ -208,6 +208,8 @@ class StoreServicer:
                         break  # waits on another node: read on meanwhile
                     await asyncio.sleep(0)  # other callers run between batches read back to back
                 else:
+                    for response in self._goodbye():
+                        yield response
                     return
             except StoreFault as fault:  # the commit failed: the client may send the rest again
                 for response in answered_here():  # the slices before it stand
@@ -259,6 +261,8 @@ class StoreServicer:
                         for response in responses:
                             yield response
                         held.sent(answer)
+                for response in self._goodbye():
+                    yield response
             finally:
                 reader.cancel()
                 while not answers.empty():
@@ -267,6 +271,12 @@ class StoreServicer:
             for left in (*ahead, *waiting):  # slices run but not answered: the stream is over
                 if asyncio.iscoroutine(left) or isinstance(left, asyncio.Task):
                     self._runner.abandon(left)
+
+    def _goodbye(self) -> list[pb.PipelineResponse]:
+        """The last message of a Pipeline stream this server ends (it stops, or sends its callers to
+        other nodes), once every batch it read is answered: the caller sends the batches it has no
+        answer for again, all of them (PipelineResponse.ending). None when the caller ended it."""
+        return [pb.PipelineResponse(ending=True)] if self._stopping or self._ending_callers else []
 
     async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
         """The batches of a stream with the grant each runs under, until the stream or the server ends."""

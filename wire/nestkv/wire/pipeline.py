@@ -41,7 +41,7 @@ import contextlib
 import functools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -62,6 +62,8 @@ MAX_BATCH_SIZE = 10_000
 """The most operations a batch may hold: the server's default --max-batch-operations."""
 DEFAULT_MAX_BATCHES_IN_FLIGHT = 4
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+CONNECT_WAIT = 10.0
+"""Seconds operations without a deadline wait for a server that refuses connections (given `ready`)."""
 
 _MAX_ATTEMPTS = 5
 _FIRST_BACKOFF = 0.05
@@ -78,6 +80,10 @@ def _unknown_if_sent_before(error: pb.OperationError) -> None:
     if "not applied" in error.message or "failed to connect" in error.message:
         error.message += f"; {EARLIER_ATTEMPT}"
 
+
+_ENDED = StoreUnavailableError("UNAVAILABLE: the server ended the stream", "UNAVAILABLE")
+"""Why a stream ended cleanly: the server answered every batch it read first (it stops, or sends
+its callers elsewhere), so the batches it did not answer never ran, and all go again."""
 
 EARLIER_ATTEMPT = "an earlier attempt was sent: its outcome is unknown"
 NOT_SENT_AGAIN = "the stream broke after this operation was sent, and it is not sent again (not idempotent)"
@@ -204,6 +210,7 @@ class Pipeline:
         "_admission_timer",
         "_admitted",
         "_broken_at",
+        "_connecting",
         "_driver",
         "_failures",
         "_last_answer",
@@ -215,6 +222,7 @@ class Pipeline:
         "_on_news",
         "_open_stream",
         "_raise_errors",
+        "_ready",
         "_sent",
         "_stalled",
         "_timeout",
@@ -236,6 +244,7 @@ class Pipeline:
         topology_version: Callable[[], str] | None = None,
         on_news: Callable[[pb.PipelineResponse], None] | None = None,
         raise_errors: bool = True,
+        ready: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         """`open_stream()` opens a Pipeline call; `timeout` is each operation's, in seconds.
 
@@ -244,11 +253,17 @@ class Pipeline:
         says the batch's version is stale, or names members down. With `raise_errors` (the
         default) an operation's error fails its future with a StoreError; without, the error is
         its result (a cluster node forwarding, which passes a peer's error on as it came).
+        `ready()`, if given, returns once the channel is connected (`channel_ready`): a stream is
+        opened only then, so that operations wait for a server that is down (restarting) within
+        their deadline, and fail "not applied" if it does not come back in time, instead of
+        failing as soon as it refuses a connection (unless `reroute` may send them elsewhere).
         """
         self._open_stream = open_stream
         self._topology_version = topology_version
         self._on_news = on_news
         self._raise_errors = raise_errors
+        self._ready = ready
+        self._connecting = False  # waiting for the channel to connect (`ready`)
         self._timeout = timeout
         self._max_batch_size = max_batch_size
         self._max_in_flight = max_batches_in_flight
@@ -429,9 +444,22 @@ class Pipeline:
     def _expire(self, batch: _Batch) -> None:
         batch.timer = None
         now = self._loop.time()
-        error = StoreTimeoutError(
-            f"DEADLINE_EXCEEDED: no answer within {self._timeout} s", "DEADLINE_EXCEEDED"
-        )
+        error: StoreError
+        if self._connecting:  # waiting to be sent (again): the server refuses connections
+            unknown = f"; {EARLIER_ATTEMPT}" if batch.sent_at else ": not applied"
+            error = StoreUnavailableError(
+                f"UNAVAILABLE: could not connect to the server within {self._timeout} s{unknown}",
+                "UNAVAILABLE",
+            )
+        elif batch.sent_at:
+            error = StoreTimeoutError(
+                f"DEADLINE_EXCEEDED: no answer within {self._timeout} s", "DEADLINE_EXCEEDED"
+            )
+        else:  # never written to a stream: no room on it in time
+            error = StoreTimeoutError(
+                f"DEADLINE_EXCEEDED: not sent within {self._timeout} s (no room on the stream): not applied",
+                "DEADLINE_EXCEEDED",
+            )
         earliest = batch.fail_due(now, error)
         if earliest is not None:
             self._arm(batch, earliest)
@@ -448,6 +476,8 @@ class Pipeline:
         self._failures = 0
         try:
             while self._waiting or self._sent:
+                if self._ready is not None and self.reroute is None and not await self._connected():
+                    continue
                 error, retry = await self._run_stream()
                 if not retry:
                     self._fail_sent(error)
@@ -467,6 +497,39 @@ class Pipeline:
             )
         finally:
             self._driver = None
+
+    async def _connected(self) -> bool:
+        """Wait for the channel to connect, until the first deadline of the operations waiting
+        (their timers fail them then: never sent, not applied), or CONNECT_WAIT for operations
+        without one; whether it connected."""
+        assert self._ready is not None
+        settled = [batch for batch in self._waiting if batch.settled()]  # timed out meanwhile
+        if settled:
+            for batch in settled:
+                batch.stop_timer()
+            self._waiting = deque(batch for batch in self._waiting if not batch.settled())
+            self._admit()
+            if not self._waiting:
+                return False
+        deadlines = [min(batch.deadlines) for batch in self._waiting if batch.deadlines]
+        # Just after the first deadline: its timer fails its operations first.
+        wait = min(deadlines) - self._loop.time() + 0.001 if deadlines else CONNECT_WAIT
+        self._connecting = True
+        try:
+            async with asyncio.timeout(max(wait, 0.001)):
+                await self._ready()
+        except TimeoutError:
+            if not deadlines:
+                self._fail_all(
+                    StoreUnavailableError(
+                        f"UNAVAILABLE: could not connect to the server in {CONNECT_WAIT:g} s: not applied",
+                        "UNAVAILABLE",
+                    )
+                )
+            return False
+        finally:
+            self._connecting = False
+        return True
 
     async def _run_stream(self) -> tuple[StoreError, bool]:
         """Run one stream until it ends; why it ended and whether its unanswered operations go again."""
@@ -527,8 +590,8 @@ class Pipeline:
             except grpc.aio.AioRpcError as error:
                 retry = error.code() in _RETRIED or (error.code(), error.details()) == _FAILED_IN_CORE
                 return error_from_rpc(error), retry
-            if response is grpc.aio.EOF:
-                return StoreUnavailableError("UNAVAILABLE: the server ended the stream"), True
+            if response is grpc.aio.EOF or response.ending:
+                return _ENDED, True
             batch = next((sent for sent in self._sent if sent.message.id == response.id), None)
             if batch is None:
                 unknown = f"INTERNAL: the server answered batch {response.id}, which is not awaiting answers"
@@ -624,7 +687,12 @@ class Pipeline:
     def _resend_unanswered(self, error: StoreError) -> None:
         while self._sent:
             batch = self._sent.pop()
-            batch.fail_not_idempotent(error)
+            if error is _ENDED:  # never ran: this attempt does not count
+                batch.attempts -= 1
+                if not batch.attempts:
+                    batch.sent_at = 0.0
+            else:
+                batch.fail_not_idempotent(error)
             again = self._without_settled(batch)
             if again is not None:
                 self._waiting.appendleft(again)
