@@ -14,7 +14,7 @@ N ?= 3
 CLUSTER_PORT ?= 50051
 CLUSTER_DIR ?= .cluster
 
-.PHONY: install gen serve cluster test lint typecheck unit wheel installed bench soak clean
+.PHONY: help install gen serve cluster test lint typecheck unit wheel installed bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,21 +38,17 @@ gen: $(INSTALLED)  ## regenerate the protobuf code beside protos/**/*.proto
 serve: $(SERVING)  ## run the server (installs what serving needs, no test tools): make serve ARGS="--port 50051"
 	$(BIN)/python -m nestkv.server $(ARGS)
 
-cluster: $(SERVING)  ## N nodes on this machine, ports CLUSTER_PORT on, data in CLUSTER_DIR/node-I: make cluster N=3
-	mkdir -p $(CLUSTER_DIR)
-	for i in $$(seq 0 $$(($(N) - 1))); do echo "node-$$i=127.0.0.1:$$(($(CLUSTER_PORT) + i))"; done \
-		> $(CLUSTER_DIR)/members.new && mv $(CLUSTER_DIR)/members.new $(CLUSTER_DIR)/members
-	trap 'kill $$(jobs -p) 2>/dev/null; wait' INT TERM; \
-	for i in $$(seq 0 $$(($(N) - 1))); do \
-		$(BIN)/python -m nestkv.server --port $$(($(CLUSTER_PORT) + i)) --node-id node-$$i \
-			--cluster @$(CLUSTER_DIR)/members --data-dir $(CLUSTER_DIR)/node-$$i $(ARGS) & \
-	done; wait
+cluster: $(SERVING)  ## N nodes on this machine, ports CLUSTER_PORT on, data in CLUSTER_DIR/node-I, each line led by its node; stops on Ctrl-C or SIGTERM: make cluster N=3
+	exec $(BIN)/python deploy/cluster.py $(N) $(CLUSTER_PORT) $(CLUSTER_DIR) $(ARGS)
 
-lint: gen
+help:  ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+lint: gen  ## ruff check and format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: gen
+typecheck: gen  ## mypy
 	$(BIN)/mypy
 
 unit: gen  ## the suite against the checkout (editable install): the quick loop while editing
@@ -91,6 +87,6 @@ bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throug
 	$(BIN)/python -m bench.atomic --json bench/atomic.json
 	$(BIN)/python -m bench.ratelimit --json bench/ratelimit.json
 
-clean:
+clean:  ## remove the virtual environments, builds, caches and generated code
 	rm -rf $(VENV) $(WHEEL_VENV) $(DIST) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(CLUSTER_DIR)
 	find protos -name '*_pb2*.py*' -delete

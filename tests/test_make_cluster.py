@@ -9,6 +9,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
 from nestkv.client import GrpcStore
 from tests.polling import eventually
 from tests.serverproc import READY
@@ -57,7 +59,10 @@ def make_cluster(size: int, port: int, directory: Path) -> subprocess.Popen[str]
     )
 
 
-async def test_make_cluster_starts_n_nodes_that_serve_one_store_and_stop_together(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["Ctrl-C", "kill of make"])
+async def test_make_cluster_starts_n_nodes_that_serve_one_store_and_stop_together(
+    tmp_path: Path, stop: str
+) -> None:
     port = consecutive_free_ports(2)
     process = make_cluster(2, port, tmp_path)
     lines: list[str] = []
@@ -81,7 +86,27 @@ async def test_make_cluster_starts_n_nodes_that_serve_one_store_and_stop_togethe
         assert stats.server.keys == 50
         assert {"node-0", "node-1"} <= set(os.listdir(tmp_path))  # a data directory each
     finally:
-        os.killpg(process.pid, signal.SIGINT)
+        if stop == "Ctrl-C":  # the terminal signals the foreground process group
+            os.killpg(process.pid, signal.SIGINT)
+        else:  # `kill` of make alone: the nodes go with it all the same
+            process.terminate()
         process.wait(30)
-        reader.join(5)
-    assert sum("nestkv stopped" in line for line in lines) == 2, lines[-10:]
+        reader.join(10)
+    # Each node stopped as it does under Kubernetes, and every line says which node wrote it.
+    for node in ("node-0", "node-1"):
+        assert any(line.startswith(f"{node} | ") and "nestkv stopped" in line for line in lines), lines[-10:]
+    assert all(line.startswith(("node-0 | ", "node-1 | ", "exec ")) for line in lines), lines[:5]
+    assert not _still_running(tmp_path)
+
+
+def _still_running(directory: Path) -> list[str]:
+    """The command lines of the live processes that name `directory`'s data directories."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # gone meanwhile, or not a process
+        if f"--data-dir {directory}/node-" in command:
+            found.append(command)
+    return found

@@ -174,3 +174,11 @@ def test_values_larger_than_the_default_limit_with_max_value_bytes() -> None:
         assert b"the limit is 16777216 (max_value_bytes)" in refused.stderr
         assert nestkv(*limit, "set", "big", "-", stdin=value, target=server.target).returncode == 0
         assert nestkv(*limit, "get", "big", target=server.target).stdout == value
+
+
+def test_a_token_to_a_remote_server_without_tls_is_refused_in_the_shell_s_words() -> None:
+    refused = nestkv("--token", "secret", "get", "k", target="example.com:50051")
+    assert refused.returncode == 2
+    assert refused.stderr.decode().count("\n") == 1
+    assert b"'example.com:50051' is neither: add --tls (the system's CAs) or --ca FILE" in refused.stderr
+    assert b"credentials=" not in refused.stderr  # no Python argument to a shell user

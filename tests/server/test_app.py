@@ -55,7 +55,14 @@ def test_console_script_is_installed() -> None:
         (["--max-depth", "0"], "Expected `int` >= 1 - at `--max-depth`"),
         (["--port", "70000"], "Expected `int` <= 65535 - at `--port`"),
         (["--max-value-bytes", "lots"], "argument --max-value-bytes: invalid int value: 'lots'"),
-        (["--log-level", "LOUD"], "--log-level"),
+        (
+            ["--log-level", "LOUD"],
+            "--log-level: invalid choice: 'LOUD' (choose from 'DEBUG', 'INFO', 'WARNING', 'ERROR')",
+        ),
+        (
+            ["--fsync", "sometimes"],
+            "--fsync: invalid choice: 'sometimes' (choose from 'always', 'everysec', 'no')",
+        ),
     ],
 )
 def test_invalid_flag_exits_with_a_message_naming_it(args: list[str], message: str) -> None:

@@ -138,6 +138,8 @@ def test_json_logs_are_one_object_a_line_and_never_one_per_operation() -> None:
         asyncio.run(work())
     lines = [json.loads(line) for line in server.log]
     assert {"time", "level", "logger", "message"} <= set(lines[0])
+    # RFC 3339 with its time zone (UTC), to the millisecond: 2026-12-07T21:50:12.345Z
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[0]["time"]), lines[0]["time"]
     assert lines[0]["message"].startswith("nestkv serving on 127.0.0.1:")
     assert lines[-1]["message"] == "nestkv stopped"
     assert len(lines) <= 4  # serving, stopping, stopped: nothing per operation

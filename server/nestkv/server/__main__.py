@@ -7,7 +7,9 @@ import asyncio
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -100,11 +102,13 @@ def _add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], sk
                 help=_HELP[field.name],
             )
             continue
+        choices = typing.get_args(field.type) if typing.get_origin(field.type) is typing.Literal else None
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             type=_TYPES.get(field.name, type(field.default)),
             default=field.default,
+            choices=choices,  # a value not in them is refused naming them all
             help=_HELP[field.name],
         )
 
@@ -148,7 +152,8 @@ class JsonLines(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            # RFC 3339 in UTC, as log collectors parse it: 2026-12-07T21:50:12.345Z.
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
