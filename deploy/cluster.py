@@ -4,8 +4,9 @@
 
 It writes DIRECTORY/members, starts node-0 .. node-(N-1) with their data in
 DIRECTORY/node-I, and stops them all (SIGTERM, so each finishes as it would
-under Kubernetes) on SIGTERM or Ctrl-C, or when the process that started it
-(make) is gone: no node outlives it.
+under Kubernetes) on SIGTERM or Ctrl-C, when the process that started it
+(make) is gone, or when one of them exits (its lines say why): no node
+outlives it.
 """
 
 from __future__ import annotations

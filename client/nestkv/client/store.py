@@ -93,10 +93,9 @@ def _seed_targets(target: str | Sequence[str]) -> list[str]:
         targets = [target] if scheme in _SCHEMES or "://" in target else target.split(",")
     else:
         targets = list(target)
-    targets = [one.strip() for one in targets]
-    if not targets or not all(isinstance(one, str) and one for one in targets):
+    if not targets or not all(isinstance(one, str) and one.strip() for one in targets):
         raise ValueError(f"target must name at least one address (host:port), got {target!r}")
-    return targets
+    return [one.strip() for one in targets]
 
 
 _SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
