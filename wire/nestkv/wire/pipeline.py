@@ -66,6 +66,7 @@ CONNECT_WAIT = 10.0
 """Seconds operations without a deadline wait for a server that refuses connections (given `ready`)."""
 
 _MAX_ATTEMPTS = 5
+_PROBE_AGAIN = 0.5  # seconds between two looks at why a channel does not connect
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 1.0
 _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -219,6 +220,7 @@ class Pipeline:
         "_max_batch_size",
         "_max_in_flight",
         "_next_id",
+        "_not_connected",
         "_on_news",
         "_open_stream",
         "_raise_errors",
@@ -264,6 +266,7 @@ class Pipeline:
         self._raise_errors = raise_errors
         self._ready = ready
         self._connecting = False  # waiting for the channel to connect (`ready`)
+        self._not_connected = ""  # why it does not, as gRPC last said
         self._timeout = timeout
         self._max_batch_size = max_batch_size
         self._max_in_flight = max_batches_in_flight
@@ -448,7 +451,8 @@ class Pipeline:
         if self._connecting:  # waiting to be sent (again): the server refuses connections
             unknown = f"; {EARLIER_ATTEMPT}" if batch.sent_at else ": not applied"
             error = StoreUnavailableError(
-                f"UNAVAILABLE: could not connect to the server within {self._timeout} s{unknown}",
+                f"UNAVAILABLE: could not connect to the server within {self._timeout} s"
+                f"{self._why_not_connected()}{unknown}",
                 "UNAVAILABLE",
             )
         elif batch.sent_at:
@@ -515,14 +519,16 @@ class Pipeline:
         # Just after the first deadline: its timer fails its operations first.
         wait = min(deadlines) - self._loop.time() + 0.001 if deadlines else CONNECT_WAIT
         self._connecting = True
+        self._not_connected = ""
         try:
             async with asyncio.timeout(max(wait, 0.001)):
-                await self._ready()
+                await self._wait_ready()
         except TimeoutError:
             if not deadlines:
                 self._fail_all(
                     StoreUnavailableError(
-                        f"UNAVAILABLE: could not connect to the server in {CONNECT_WAIT:g} s: not applied",
+                        f"UNAVAILABLE: could not connect to the server in {CONNECT_WAIT:g} s"
+                        f"{self._why_not_connected()}: not applied",
                         "UNAVAILABLE",
                     )
                 )
@@ -530,6 +536,32 @@ class Pipeline:
         finally:
             self._connecting = False
         return True
+
+    async def _wait_ready(self) -> None:
+        """`ready()`, learning meanwhile why the channel does not connect (a refused connection, a
+        certificate not trusted): a stream opened while it cannot fails at once with gRPC's
+        reason. Nothing is ever written to that stream: no operation goes on it."""
+        assert self._ready is not None
+        ready: asyncio.Future[Any] = asyncio.ensure_future(self._ready())
+        try:
+            while not ready.done():
+                probe = self._open_stream()
+                reading = self._loop.create_task(probe.read())
+                try:
+                    await asyncio.wait({ready, reading}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    reading.cancel()
+                    probe.cancel()
+                failure = reading.exception() if reading.done() and not reading.cancelled() else None
+                if isinstance(failure, grpc.aio.AioRpcError):
+                    self._not_connected = f"{failure.code().name}: {failure.details()}"
+                    await asyncio.wait({ready}, timeout=_PROBE_AGAIN)
+            await ready
+        finally:
+            ready.cancel()
+
+    def _why_not_connected(self) -> str:
+        return f" ({self._not_connected})" if self._not_connected else ""
 
     async def _run_stream(self) -> tuple[StoreError, bool]:
         """Run one stream until it ends; why it ended and whether its unanswered operations go again."""
