@@ -394,7 +394,9 @@ class Pipeline:
             waiter = queue.popleft()
             if not waiter.done():
                 waiter.set_exception(
-                    StoreTimeoutError(
+                    self._unreachable(f" within {self._timeout} s")
+                    if self._connecting  # no room because nothing can be sent
+                    else StoreTimeoutError(
                         f"DEADLINE_EXCEEDED: no room to send within {self._timeout} s "
                         f"({len(queue)} operations waiting behind)",
                         "DEADLINE_EXCEEDED",
@@ -449,12 +451,7 @@ class Pipeline:
         now = self._loop.time()
         error: StoreError
         if self._connecting:  # waiting to be sent (again): the server refuses connections
-            unknown = f"; {EARLIER_ATTEMPT}" if batch.sent_at else ": not applied"
-            error = StoreUnavailableError(
-                f"UNAVAILABLE: could not connect to the server within {self._timeout} s"
-                f"{self._why_not_connected()}{unknown}",
-                "UNAVAILABLE",
-            )
+            error = self._unreachable(f" within {self._timeout} s", sent=bool(batch.sent_at))
         elif batch.sent_at:
             error = StoreTimeoutError(
                 f"DEADLINE_EXCEEDED: no answer within {self._timeout} s", "DEADLINE_EXCEEDED"
@@ -525,13 +522,7 @@ class Pipeline:
                 await self._wait_ready()
         except TimeoutError:
             if not deadlines:
-                self._fail_all(
-                    StoreUnavailableError(
-                        f"UNAVAILABLE: could not connect to the server in {CONNECT_WAIT:g} s"
-                        f"{self._why_not_connected()}: not applied",
-                        "UNAVAILABLE",
-                    )
-                )
+                self._fail_all(self._unreachable(f" in {CONNECT_WAIT:g} s"))
             return False
         finally:
             self._connecting = False
@@ -560,8 +551,14 @@ class Pipeline:
         finally:
             ready.cancel()
 
-    def _why_not_connected(self) -> str:
-        return f" ({self._not_connected})" if self._not_connected else ""
+    def _unreachable(self, within: str, *, sent: bool = False) -> StoreUnavailableError:
+        """The error of an operation that waited for the channel to connect `within` in vain: not
+        applied, unless it was `sent` on a stream before (then its outcome is unknown)."""
+        why = f" ({self._not_connected})" if self._not_connected else ""
+        unknown = f"; {EARLIER_ATTEMPT}" if sent else ": not applied"
+        return StoreUnavailableError(
+            f"UNAVAILABLE: could not connect to the server{within}{why}{unknown}", "UNAVAILABLE"
+        )
 
     async def _run_stream(self) -> tuple[StoreError, bool]:
         """Run one stream until it ends; why it ended and whether its unanswered operations go again."""
