@@ -20,6 +20,13 @@ torn down and its unanswered operations go the way of a broken stream.
 The channel's keepalive pings (see `channel_options`) find a dead
 connection even when nothing is waiting on it, so that gRPC opens a new one.
 
+Connecting: given `ready` (GrpcStore does), a stream is opened only once the
+channel is connected. Meanwhile operations wait, within their deadline, for a
+server that refuses connections (one restarting), and fail UNAVAILABLE, not
+applied, with gRPC's reason, if it is not back in time. A stream the server
+ends on purpose says so in its last message (PipelineResponse.ending): what it
+did not answer never ran, and all goes again, even what is not idempotent.
+
 Failures: an operation the server rejects fails alone, with the error of its
 status. A get the server deferred (its batch's answer reached its bound: not
 run) is sent again in a later batch, unseen by its caller. A stream that
