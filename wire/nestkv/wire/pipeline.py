@@ -553,6 +553,7 @@ class Pipeline:
                 failure = reading.exception() if reading.done() and not reading.cancelled() else None
                 if isinstance(failure, grpc.aio.AioRpcError):
                     self._not_connected = f"{failure.code().name}: {failure.details()}"
+                if not ready.done():  # the probe is over, whatever ended it: look again later
                     await asyncio.wait({ready}, timeout=_PROBE_AGAIN)
             await ready
         finally:
