@@ -30,7 +30,7 @@ import msgspec
 
 from nestkv.client.stats import Stats
 from nestkv.client.store import DEFAULT_TARGET, DEFAULT_TIMEOUT, GrpcStore
-from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES, is_loopback_target
+from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES, plaintext_token_refused, seed_targets
 from nestkv.wire.errors import StoreError
 
 MISSING = 1
@@ -110,12 +110,9 @@ async def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     credentials = channel_credentials(args)
     if args.token and credentials is None:
-        for target in args.target.split(","):
-            if not is_loopback_target(target.strip()):
-                raise CommandError(
-                    f"a token is sent only over TLS, or in plaintext to a loopback address; {target!r} "
-                    "is neither: add --tls (the system's CAs) or --ca FILE"
-                )
+        refused = plaintext_token_refused(seed_targets(args.target))
+        if refused:
+            raise CommandError(f"{refused}: add --tls (the system's CAs) or --ca FILE")
     if args.command == "ping":
         return await ping(args.target, args.timeout, credentials)
     async with GrpcStore.with_client(

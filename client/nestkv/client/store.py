@@ -25,7 +25,12 @@ from nestkv.client.routing import Router
 from nestkv.client.stats import Stats, stats_from_response
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
-from nestkv.wire.channel import DEFAULT_MAX_VALUE_BYTES, channel_options, is_loopback_target
+from nestkv.wire.channel import (
+    DEFAULT_MAX_VALUE_BYTES,
+    channel_options,
+    plaintext_token_refused,
+    seed_targets,
+)
 from nestkv.wire.errors import InvalidRequestError, StoreError, StoreUnavailableError, error_from_rpc
 from nestkv.wire.pipeline import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -83,23 +88,6 @@ class _Seeds:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
-
-
-def _seed_targets(target: str | Sequence[str]) -> list[str]:
-    """The addresses in `target`: a list of them, or "host:port,host:port" (a gRPC target URI with
-    a scheme, such as "ipv4:10.0.0.1:50051,10.0.0.2:50051", is one address)."""
-    if isinstance(target, str):
-        scheme = target.partition(":")[0]
-        targets = [target] if scheme in _SCHEMES or "://" in target else target.split(",")
-    else:
-        targets = list(target)
-    if not targets or not all(isinstance(one, str) and one.strip() for one in targets):
-        raise ValueError(f"target must name at least one address (host:port), got {target!r}")
-    return [one.strip() for one in targets]
-
-
-_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
-"""gRPC target URI schemes, whose commas do not separate addresses."""
 
 
 class _Connection:
@@ -319,7 +307,7 @@ class GrpcStore(NamespacedStore):
         sends only over TLS, or in plaintext to a loopback address (local
         channel credentials): any other target without `credentials` raises ValueError.
         """
-        targets = _seed_targets(target)
+        targets = seed_targets(target)
         # gRPC uses the first occurrence of an option: the caller's come first.
         connection = _Connection(
             target=targets,
@@ -600,12 +588,9 @@ def _with_token(
             "as `nestkv-server token new` prints"
         )
     if credentials is None:
-        for target in targets:
-            if not is_loopback_target(target):
-                raise ValueError(
-                    f"a token is sent only over TLS, or in plaintext to a loopback address; {target!r} "
-                    "is neither: pass credentials=grpc.ssl_channel_credentials(...)"
-                )
+        refused = plaintext_token_refused(targets)
+        if refused:
+            raise ValueError(f"{refused}: pass credentials=grpc.ssl_channel_credentials(...)")
         credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
     return grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
 

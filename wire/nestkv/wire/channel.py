@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from nestkv.v1 import store_pb2 as pb
@@ -98,3 +99,31 @@ def is_loopback_target(target: str) -> bool:
     """Whether a "host:port" target names this machine (127.0.0.0/8, [::1], localhost)."""
     host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]
     return is_loopback_host(host.removeprefix("[").removesuffix("]"))
+
+
+def seed_targets(target: str | Sequence[str]) -> list[str]:
+    """The addresses in `target`: a list of them, or "host:port,host:port" (a gRPC target URI with
+    a scheme, such as "ipv4:10.0.0.1:50051,10.0.0.2:50051", is one address)."""
+    if isinstance(target, str):
+        scheme = target.partition(":")[0]
+        targets = [target] if scheme in _SCHEMES or "://" in target else target.split(",")
+    else:
+        targets = list(target)
+    if not targets or not all(isinstance(one, str) and one.strip() for one in targets):
+        raise ValueError(f"target must name at least one address (host:port), got {target!r}")
+    return [one.strip() for one in targets]
+
+
+_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
+"""gRPC target URI schemes, whose commas do not separate addresses."""
+
+
+def plaintext_token_refused(targets: Sequence[str]) -> str:
+    """Why a token may not go in plaintext to `targets` ("": it may, every one is loopback). The
+    caller adds how to give TLS credentials, in its own terms (an argument, a flag)."""
+    for target in targets:
+        if not is_loopback_target(target):
+            return (
+                f"a token is sent only over TLS, or in plaintext to a loopback address; {target!r} is neither"
+            )
+    return ""
