@@ -229,19 +229,19 @@ async def run(args: argparse.Namespace) -> Row:
             for number in range(args.rounds):
                 for replicas, cluster in clusters.items():
                     print(f"  round {number + 1}: R={replicas} ...", flush=True)
-                    mixed = await measure(cluster, args, GET_FRACTION)
+                    mixed_run = await measure(cluster, args, GET_FRACTION)
                     writes = await measure(cluster, args, 0.0)
                     row = rows[replicas]
-                    row.setdefault("ops_per_s", []).append(mixed["ops_per_s"])
-                    row.setdefault("latencies", []).extend(mixed["latencies"])
+                    row.setdefault("ops_per_s", []).append(mixed_run["ops_per_s"])
+                    row.setdefault("latencies", []).extend(mixed_run["latencies"])
                     row.setdefault("write_cpu", []).append(writes["cpu_s"] / writes["operations"])
-                    for figure, count in mixed["batches"].items():
+                    for figure, count in mixed_run["batches"].items():
                         received[replicas][figure] = received[replicas].get(figure, 0.0) + count
                 for name, redis in redis_clusters.items():
                     print(f"  round {number + 1}: {name} ...", flush=True)
-                    mixed = await measure_redis(redis, args, GET_FRACTION)
-                    redis_rows[name].setdefault("ops_per_s", []).append(mixed["ops_per_s"])
-                    redis_rows[name].setdefault("latencies", []).extend(mixed["latencies"])
+                    mixed_run = await measure_redis(redis, args, GET_FRACTION)
+                    redis_rows[name].setdefault("ops_per_s", []).append(mixed_run["ops_per_s"])
+                    redis_rows[name].setdefault("latencies", []).extend(mixed_run["latencies"])
             kills, pauses = [], []
             for number in range(args.kills):
                 victim = f"node-{number % 3}"
