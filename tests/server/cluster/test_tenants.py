@@ -346,6 +346,10 @@ async def test_a_tenant_at_its_quota_does_not_stop_the_cluster(
             f"acknowledged, {len(more.failures)} failed otherwise, first {more.failures[:1]}",
         )
         acknowledged = {**writes.acknowledged, **more.acknowledged}
+        print(
+            f"tenant a filled its {quota} B quota with {len(writes.acknowledged)} keys; then "
+            f"{more.refused} more writes refused for the quota, {len(more.failures)} failed otherwise"
+        )
         readiness = await tenants.readiness_of_all(within=5)
         symptoms.expect(readiness == all_serving(), f"readiness with a tenant at its quota: {readiness}")
         reads = await read_back(tenants, "b", ["kept"], b_keys)
