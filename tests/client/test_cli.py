@@ -91,6 +91,7 @@ def test_ping_and_the_target_from_the_environment(target: str) -> None:
     assert (done.returncode, done.stdout) == (0, b"SERVING\n")
 
 
+@pytest.mark.words
 def test_errors_are_one_line_with_exit_code_2_and_no_traceback(target: str) -> None:
     with ServerProcess() as gone:
         nowhere = gone.target

@@ -115,10 +115,19 @@ async def test_a_refusing_server_is_tried_again_with_backoff_then_given_up_on() 
 
 async def test_server_rejection_raises_invalid_request(server: ServerProcess) -> None:
     async with GrpcStore.with_client(server.target) as store:
-        with pytest.raises(InvalidRequestError, match="max_key_bytes") as caught:
+        with pytest.raises(InvalidRequestError) as caught:
             await store.exists("k" * 5000)
     assert isinstance(caught.value, ValueError)
-    assert caught.value.code == "INVALID_ARGUMENT"
+    error = caught.value
+    assert (error.code, error.reason, error.applied) == ("INVALID_ARGUMENT", "INVALID_FIELD", False)
+
+
+@pytest.mark.words
+async def test_server_rejection_names_the_limit(server: ServerProcess) -> None:
+    async with GrpcStore.with_client(server.target) as store:
+        limit = r"key is 5000 bytes; the limit is 4096 \(max_key_bytes\)"
+        with pytest.raises(InvalidRequestError, match=limit):
+            await store.exists("k" * 5000)
 
 
 async def test_cancelled_caller_leaves_the_store_usable(server: ServerProcess) -> None:

@@ -148,7 +148,7 @@ async def test_a_rejected_operation_fails_alone_in_its_batch(recording: tuple[Re
     assert fake.batches == [10]
     assert results[:9] == [None] * 9
     assert isinstance(results[9], InvalidRequestError)
-    assert "the limit is 4096 (max_key_bytes)" in str(results[9])
+    assert (results[9].reason, results[9].applied) == ("INVALID_FIELD", False)
     assert fake.storage.count() == 9
 
 

@@ -22,6 +22,7 @@ from nestkv.client._arguments import (
     whole_seconds,
 )
 from nestkv.client.base import NamespacedStore, Versioned
+from nestkv.server.errors import meaning_of
 from nestkv.server.limits import Limits
 from nestkv.server.storage import NEVER, Clock, Condition, FailedPrecondition, NamespacedStorage
 from nestkv.wire.errors import PreconditionFailedError
@@ -87,7 +88,10 @@ class LocalStore(NamespacedStore):
         try:
             total, _, _ = self._storage.increment(self._path, key, amount, ttl)
         except FailedPrecondition as fault:  # as GrpcStore raises it
-            raise PreconditionFailedError(f"FAILED_PRECONDITION: {fault}", "FAILED_PRECONDITION") from None
+            reason = meaning_of(fault).reason
+            raise PreconditionFailedError(
+                f"FAILED_PRECONDITION: {fault}", "FAILED_PRECONDITION", reason=reason, applied=False
+            ) from None
         self._storage.reap(_REAP_PER_WRITE)
         return total
 

@@ -384,7 +384,10 @@ class GrpcStore(NamespacedStore):
                     raise error
             raise StoreUnavailableError(
                 f"UNAVAILABLE: delete_all did not reach {len(failed)} of {len(results)} nodes, whose keys "
-                "remain: " + "; ".join(f"{member}: {error}" for member, error in failed.items())
+                "remain: " + "; ".join(f"{member}: {error}" for member, error in failed.items()),
+                "UNAVAILABLE",
+                reason="UNREACHABLE",
+                applied=None,  # the other nodes' keys are gone
             )
 
     async def exists(self, key: str) -> bool:

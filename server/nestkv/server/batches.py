@@ -202,7 +202,7 @@ class BatchRunner:
             result = results.add()
             kind = operation.WhichOneof("operation")
             if kind is None:
-                put_error(result.error, InvalidArgument(_EMPTY), confined=False)
+                put_error(result.error, InvalidArgument(_EMPTY, "operation"), confined=False)
                 continue
             out = getattr(result, kind)
             out.SetInParent()

@@ -1,34 +1,64 @@
-"""Errors a request can cause, independent of the transport.
+"""Errors a request can cause, independent of the transport, and the one table of what each means.
 
     StoreFault
      ├── InvalidArgument     a field is malformed or over a limit (also a ValueError)
- ├── FailedPrecondition  the stored value does not allow the operation (an increment of a non-integer)
+     ├── FailedPrecondition  the stored value does not allow the operation
+     │    └── IntegerOverflow   an increment would leave the signed 64-bit range
      ├── StoreFull           a write would take memory over --max-memory and nothing may be evicted
      ├── QuotaExceeded       a write would take a namespace over its byte quota (a token's max_bytes)
      ├── Deferred            a get was not run: its batch had read as much as one batch is answered with
      ├── StoreUnavailable    writes are refused for now: the log on disk cannot be written
      ├── DeadlineExceeded    the caller's deadline passed before the operation ran: not applied
-     ├── Unauthenticated     --auth-file is set and the call has no token, or one the file does not hold
+     ├── Unauthenticated     --auth-file is set and the call's token is not one the file holds
+     │    ├── TokenMissing      the call carries no token, or more than one
+     │    └── NodesOnly         a call for the members of a cluster only, from a caller
      ├── PermissionDenied    the caller's token does not allow the operation (a write with `read` access)
+     │    └── ReplicaRefused    a `replica` operation from a caller
      ├── KeyMoved            a peer forwarded a key this node's member list gives to another node
-     └── NodeFault           another cluster node failed the operation, or could not be reached: its status
+     ├── Unreachable         the node that answers for the key could not be reached, or did not answer
+     ├── NoServingCopy       no copy of the key is up and current
+     ├── NotServing          this node does not answer for the key now (catching up, stopping, ...)
+     ├── TooFewCopies        fewer nodes are up than a write needs copies: not applied
+     ├── ReplicationIncomplete  a write ran here but reached fewer copies than it needs
+     ├── MembersChanging     the nodes' member lists disagree while a change spreads
+     └── NodeFault           another node's error, passed on as it came (its code, reason, applied)
 
-Faults are raised where they happen; `STATUS_OF` below is the one table
-turning them into status names (a NodeFault carries the status another node,
-or the forwarding to it, gave), and `put_error` the one place that writes one
-into an OperationError. Names and numbers: nestkv.wire.codes. Nothing here
-imports grpc: the storage raises these too.
+Faults are raised where they happen, by what happened; `FAULTS` below is the
+one table giving each its status code, its reason (an ErrorReason of
+store.proto) and whether it may have been applied. `put_error` is the one
+place that writes a fault into an OperationError, details and all, and
+`status_of_error` the one that turns such an error into a call's
+google.rpc.Status. Nothing here imports grpc: the storage raises these too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import number_of
+
+DOMAIN = "nestkv"
+"""ErrorInfo.domain of every error a nestkv server sends."""
+
+_UNSET: Any = object()
 
 
 class StoreFault(Exception):
-    """Base of the errors a request can cause; the message is shown to the caller."""
+    """Base of the errors a request can cause; the message is shown to the caller.
+
+    What a fault means (its status code, reason, whether it was applied) is `FAULTS`'; a fault
+    that knows better whether it was applied says so (`applied`: False, not applied; None, its
+    outcome is unknown). `node` names the node that failed, where one did.
+    """
+
+    def __init__(self, message: str, *, applied: bool | None = _UNSET, node: str = "") -> None:
+        super().__init__(message)
+        self.applied: bool | None = meaning_of(self).applied if applied is _UNSET else applied
+        self.node = node
 
     def confined(self) -> str:
         """The message for a caller confined to a namespace: nothing about the rest of the store."""
@@ -38,10 +68,21 @@ class StoreFault(Exception):
 class InvalidArgument(StoreFault, ValueError):
     """A request field is malformed or over a limit; nothing was changed."""
 
+    def __init__(self, message: str, field: str = "", limit: int | None = None) -> None:
+        """`field`: the request field at fault ("key", "value", "path", "expires_in", ...);
+        `limit`: the limit it went over, if that is what was wrong."""
+        super().__init__(message)
+        self.field = field
+        self.limit = limit
+
 
 class FailedPrecondition(StoreFault):
     """The key's stored value does not allow the operation (an increment of a value that is not an
-    integer, or past the int64 range); nothing was changed."""
+    integer); nothing was changed."""
+
+
+class IntegerOverflow(FailedPrecondition):
+    """An increment would take the value outside the signed 64-bit range; nothing was changed."""
 
 
 class StoreFull(StoreFault):
@@ -91,11 +132,23 @@ class DeadlineExceeded(StoreFault):
 
 
 class Unauthenticated(StoreFault):
-    """The call carries no token, or one the auth file does not hold; nothing was read or changed."""
+    """The call carries a token the auth file does not hold; nothing was read or changed."""
+
+
+class TokenMissing(Unauthenticated):
+    """The server requires a token and the call carries none (or more than one)."""
+
+
+class NodesOnly(Unauthenticated):
+    """A call only the members of a cluster may make, from a caller that is not one."""
 
 
 class PermissionDenied(StoreFault):
     """The caller's token does not allow this operation; nothing was changed."""
+
+
+class ReplicaRefused(PermissionDenied):
+    """A `replica` operation (a copy merged as given) from a caller: for the members only."""
 
 
 class KeyMoved(StoreFault):
@@ -103,50 +156,161 @@ class KeyMoved(StoreFault):
     the peer sends it there (its list and ours disagree while a change spreads)."""
 
     def __init__(self, member: str, address: str) -> None:
-        super().__init__(f"this node's member list gives the key to {member}")
+        super().__init__(f"this node's member list gives the key to {member}", node=member)
         self.member = member
         self.address = address
 
 
+class Unreachable(StoreFault):
+    """The node that answers for the key (`node`) could not be reached, or did not answer in
+    time: not applied if the operation never reached it, else its outcome is unknown."""
+
+
+class NoServingCopy(StoreFault):
+    """No copy of the key is up and current: not applied."""
+
+
+class NotServing(StoreFault):
+    """This node does not answer for the key now (it is catching up or stopping, or another copy
+    does that it cannot reach, or the key's previous owner did not answer): not applied."""
+
+
+class TooFewCopies(StoreFault):
+    """Fewer nodes are up than a write needs copies (--min-copies): not applied."""
+
+
+class ReplicationIncomplete(StoreFault):
+    """A write ran here but reached fewer copies than it needs: its outcome is unknown."""
+
+
+class MembersChanging(StoreFault):
+    """The nodes' member lists disagree while a change spreads: not applied."""
+
+
 class NodeFault(StoreFault):
-    """Another node of the cluster failed the operation forwarded to it; `code` is its status name."""
+    """Another node's error, passed on as it came: its status `code` (a name), `reason` (an
+    ErrorReason's name without its prefix) and whether it was applied."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, code: str, reason: str, message: str, *, applied: bool | None, node: str) -> None:
+        super().__init__(message, applied=applied, node=node)
         self.code = code
+        self.reason = reason
 
 
-STATUS_OF: dict[type[StoreFault], str] = {
-    InvalidArgument: "INVALID_ARGUMENT",
-    FailedPrecondition: "FAILED_PRECONDITION",
-    StoreFull: "RESOURCE_EXHAUSTED",
-    QuotaExceeded: "RESOURCE_EXHAUSTED",
-    Deferred: "RESOURCE_EXHAUSTED",
-    StoreUnavailable: "UNAVAILABLE",
-    DeadlineExceeded: "DEADLINE_EXCEEDED",
-    Unauthenticated: "UNAUTHENTICATED",
-    PermissionDenied: "PERMISSION_DENIED",
-    KeyMoved: "ABORTED",
-    StoreFault: "UNKNOWN",
+class Meaning(NamedTuple):
+    """What a fault means to the caller."""
+
+    code: str
+    """The gRPC status code's name."""
+    reason: str
+    """The ErrorReason's name without its "ERROR_REASON_" prefix (ErrorInfo.reason)."""
+    applied: bool | None
+    """False: it certainly changed nothing; None: its outcome is unknown (unless the fault says)."""
+    retry_after: float | None = None
+    """Seconds after which sending it again may succeed (RetryInfo); None: retrying does not help."""
+
+
+FAULTS: dict[type[StoreFault], Meaning] = {
+    InvalidArgument: Meaning("INVALID_ARGUMENT", "INVALID_FIELD", False),
+    FailedPrecondition: Meaning("FAILED_PRECONDITION", "NOT_AN_INTEGER", False),
+    IntegerOverflow: Meaning("FAILED_PRECONDITION", "INTEGER_OVERFLOW", False),
+    StoreFull: Meaning("RESOURCE_EXHAUSTED", "STORE_FULL", False),
+    QuotaExceeded: Meaning("RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", False),
+    Deferred: Meaning("RESOURCE_EXHAUSTED", "ANSWER_DEFERRED", False, 0.0),
+    StoreUnavailable: Meaning("UNAVAILABLE", "LOG_UNWRITABLE", False, 1.0),
+    DeadlineExceeded: Meaning("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", False),
+    Unauthenticated: Meaning("UNAUTHENTICATED", "TOKEN_INVALID", False),
+    TokenMissing: Meaning("UNAUTHENTICATED", "TOKEN_MISSING", False),
+    NodesOnly: Meaning("UNAUTHENTICATED", "NODES_ONLY", False),
+    PermissionDenied: Meaning("PERMISSION_DENIED", "ACCESS_DENIED", False),
+    ReplicaRefused: Meaning("PERMISSION_DENIED", "NODES_ONLY", False),
+    KeyMoved: Meaning("ABORTED", "KEY_MOVED", False),
+    Unreachable: Meaning("UNAVAILABLE", "UNREACHABLE", None, 0.2),
+    NoServingCopy: Meaning("UNAVAILABLE", "NO_SERVING_COPY", False, 0.5),
+    NotServing: Meaning("UNAVAILABLE", "NOT_SERVING", False, 0.1),
+    TooFewCopies: Meaning("UNAVAILABLE", "TOO_FEW_COPIES", False, 0.5),
+    ReplicationIncomplete: Meaning("UNAVAILABLE", "REPLICATION_INCOMPLETE", None),
+    MembersChanging: Meaning("UNAVAILABLE", "MEMBERS_CHANGING", False, 0.1),
+    StoreFault: Meaning("UNKNOWN", "INTERNAL", None),
 }
-"""The status of each fault, by name (a NodeFault's is its `code`)."""
+"""The one table: each fault's status code, reason and whether it was applied (a NodeFault's are
+those it came with)."""
+
+
+def meaning_of(fault: StoreFault) -> Meaning:
+    """What `fault` means: its kind's entry in FAULTS (a NodeFault's own code and reason)."""
+    if isinstance(fault, NodeFault):
+        return Meaning(fault.code, fault.reason, fault.applied)
+    return next(FAULTS[kind] for kind in type(fault).__mro__ if kind in FAULTS)
 
 
 def status_of(fault: StoreFault) -> str:
     """The name of the status code that `fault` answers with."""
-    if isinstance(fault, NodeFault):
-        return fault.code
-    return next(STATUS_OF[kind] for kind in type(fault).__mro__ if kind in STATUS_OF)
+    return meaning_of(fault).code
+
+
+APPLIED_OF = {False: pb.APPLIED_NOT_APPLIED, None: pb.APPLIED_OUTCOME_UNKNOWN}
+"""Applied's value for a fault's `applied`."""
 
 
 def put_error(error: Any, fault: StoreFault, *, confined: bool) -> None:
     """Write `fault` into an OperationError (`error`): its status, its message (`confined`: the one
-    for a caller confined to a namespace), for a KeyMoved the node the key is on, and whether it
-    was Deferred."""
-    error.code = number_of(status_of(fault))
+    for a caller confined to a namespace), its reason, whether it was applied, its details, for a
+    KeyMoved the node the key is on, and whether it was Deferred."""
+    meaning = meaning_of(fault)
+    error.code = number_of(meaning.code)
     error.message = fault.confined() if confined else str(fault)
+    error.reason = pb.ErrorReason.Value(f"ERROR_REASON_{meaning.reason}")
+    error.applied = APPLIED_OF[fault.applied]
+    for detail in _details(fault, meaning, error.message):
+        error.details.add().Pack(detail)
     if isinstance(fault, Deferred):
         error.deferred = True
     elif isinstance(fault, KeyMoved):
         error.moved_to.id = fault.member
         error.moved_to.address = fault.address
+
+
+def _details(fault: StoreFault, meaning: Meaning, message: str) -> list[Any]:
+    """The google.rpc details of `fault`: an ErrorInfo, then what its reason calls for."""
+    info = error_details_pb2.ErrorInfo(reason=meaning.reason, domain=DOMAIN)
+    info.metadata["applied"] = "NOT_APPLIED" if fault.applied is False else "OUTCOME_UNKNOWN"
+    if fault.node:
+        info.metadata["node"] = fault.node
+    details: list[Any] = [info]
+    if isinstance(fault, InvalidArgument):
+        if fault.limit is not None:
+            info.metadata["limit"] = str(fault.limit)
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=fault.field, description=message, reason=meaning.reason
+        )
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif isinstance(fault, FailedPrecondition):
+        failure = error_details_pb2.PreconditionFailure.Violation(
+            type=meaning.reason, subject="value", description=message
+        )
+        details.append(error_details_pb2.PreconditionFailure(violations=[failure]))
+    elif isinstance(fault, StoreFull | QuotaExceeded):
+        subject = "namespace quota" if isinstance(fault, QuotaExceeded) else "max_memory"
+        quota = error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)
+        details.append(error_details_pb2.QuotaFailure(violations=[quota]))
+    if meaning.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(meaning.retry_after * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return details
+
+
+def status_of_error(error: Any) -> Any:
+    """The google.rpc.Status of a call that fails with OperationError `error` (a one-operation
+    RPC's, or a fault written by `put_error` for a whole call)."""
+    status = status_pb2.Status(code=error.code, message=error.message)
+    status.details.extend(error.details)
+    return status
+
+
+def status_of_fault(fault: StoreFault, *, confined: bool) -> Any:
+    """The google.rpc.Status of a call that fails with `fault`."""
+    error = pb.OperationError()
+    put_error(error, fault, confined=confined)
+    return status_of_error(error)

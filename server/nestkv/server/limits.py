@@ -39,7 +39,9 @@ class Limits(msgspec.Struct, frozen=True):
         if operations > self.max_batch_operations:
             raise InvalidArgument(
                 f"batch has {operations} operations; the limit is {self.max_batch_operations} "
-                "(max_batch_operations): send it as several batches"
+                "(max_batch_operations): send it as several batches",
+                "operations",
+                self.max_batch_operations,
             )
 
     def max_message_bytes(self) -> int:
@@ -53,7 +55,11 @@ class Limits(msgspec.Struct, frozen=True):
 
     def check_path(self, path: Sequence[str]) -> None:
         if len(path) > self.max_depth:
-            raise InvalidArgument(f"path has {len(path)} segments; the limit is {self.max_depth} (max_depth)")
+            raise InvalidArgument(
+                f"path has {len(path)} segments; the limit is {self.max_depth} (max_depth)",
+                "path",
+                self.max_depth,
+            )
         for segment in path:
             check_segment(segment, self.max_segment_bytes)
 
@@ -61,13 +67,17 @@ class Limits(msgspec.Struct, frozen=True):
         # Four bytes per character at most: skip the encoding for the usual short key.
         if len(key) * 4 > self.max_key_bytes and len(key.encode()) > self.max_key_bytes:
             raise InvalidArgument(
-                f"key is {len(key.encode())} bytes; the limit is {self.max_key_bytes} (max_key_bytes)"
+                f"key is {len(key.encode())} bytes; the limit is {self.max_key_bytes} (max_key_bytes)",
+                "key",
+                self.max_key_bytes,
             )
 
     def check_value(self, value: bytes) -> None:
         if len(value) > self.max_value_bytes:
             raise InvalidArgument(
-                f"value is {len(value)} bytes; the limit is {self.max_value_bytes} (max_value_bytes)"
+                f"value is {len(value)} bytes; the limit is {self.max_value_bytes} (max_value_bytes)",
+                "value",
+                self.max_value_bytes,
             )
 
 
@@ -76,20 +86,26 @@ def check_segment(segment: str, max_segment_bytes: int) -> None:
     if not isinstance(segment, str):
         raise TypeError(f"namespace segment must be a str, not {type(segment).__name__}")
     if not segment:
-        raise InvalidArgument("namespace segment is empty; segments must be non-empty strings")
+        raise InvalidArgument("namespace segment is empty; segments must be non-empty strings", "path")
     size = len(segment.encode())
     if size > max_segment_bytes:
         raise InvalidArgument(
-            f"namespace segment is {size} bytes; the limit is {max_segment_bytes} (max_segment_bytes)"
+            f"namespace segment is {size} bytes; the limit is {max_segment_bytes} (max_segment_bytes)",
+            "path",
+            max_segment_bytes,
         )
 
 
 def check_span(seconds: float, name: str) -> float:
     """A span given for expiry or renewal must be positive and within Duration's range."""
     if not seconds > 0:  # also rejects NaN
-        raise InvalidArgument(f"{name} must be positive, got {seconds!r} s; omit it (None) for no expiry")
+        raise InvalidArgument(
+            f"{name} must be positive, got {seconds!r} s; omit it (None) for no expiry", name
+        )
     if seconds > MAX_DURATION_SECONDS:
         raise InvalidArgument(
-            f"{name} is {seconds!r} s; the limit is {MAX_DURATION_SECONDS} s (10,000 years)"
+            f"{name} is {seconds!r} s; the limit is {MAX_DURATION_SECONDS} s (10,000 years)",
+            name,
+            MAX_DURATION_SECONDS,
         )
     return seconds

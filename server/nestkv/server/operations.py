@@ -49,7 +49,7 @@ def _span(duration: Duration, name: str) -> float:
     """Seconds of a Duration given for expiry or renewal, checked to be valid and positive."""
     seconds, nanos = duration.seconds, duration.nanos
     if not -999_999_999 <= nanos <= 999_999_999 or (seconds > 0 > nanos) or (seconds < 0 < nanos):
-        raise InvalidArgument(f"{name} is not a valid Duration (seconds={seconds}, nanos={nanos})")
+        raise InvalidArgument(f"{name} is not a valid Duration (seconds={seconds}, nanos={nanos})", name)
     return check_span(seconds + nanos / 1e9, name)
 
 
@@ -101,9 +101,13 @@ class Operations:
         ttl = _span(request.expires_in, "expires_in") if request.HasField("expires_in") else None
         condition = request.condition
         if condition not in _CONDITION_OF and condition != pb.SET_CONDITION_ALWAYS:
-            raise InvalidArgument(f"condition is {condition}, not a SetCondition this server knows")
+            raise InvalidArgument(
+                f"condition is {condition}, not a SetCondition this server knows", "condition"
+            )
         if (condition == pb.SET_CONDITION_IF_VERSION) != bool(request.if_version):
-            raise InvalidArgument("if_version is given if and only if condition is SET_CONDITION_IF_VERSION")
+            raise InvalidArgument(
+                "if_version is given if and only if condition is SET_CONDITION_IF_VERSION", "if_version"
+            )
         if condition == pb.SET_CONDITION_IF_VERSION:
             _check_version(request.if_version, "if_version")
         self._writable()
@@ -193,7 +197,8 @@ class Operations:
         if ahead > MAX_PEER_AHEAD:
             raise InvalidArgument(
                 f"the replica's version {describe(request.version)} is {ahead:.0f} s ahead of this node's "
-                f"clock, more than the {MAX_PEER_AHEAD:g} s allowed: is the sending node's clock set right?"
+                f"clock, more than the {MAX_PEER_AHEAD:g} s allowed: is the sending node's clock set right?",
+                "version",
             )
         self._writable()
         if request.deleted:
@@ -232,7 +237,9 @@ class Operations:
 def _check_version(version: bytes, name: str) -> None:
     if len(version) != _VERSION_BYTES:
         raise InvalidArgument(
-            f"{name} is {len(version)} bytes; a version is {_VERSION_BYTES} (as GetResponse.version gives it)"
+            f"{name} is {len(version)} bytes; a version is {_VERSION_BYTES} "
+            "(as GetResponse.version gives it)",
+            name,
         )
 
 

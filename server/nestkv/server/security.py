@@ -39,7 +39,13 @@ import grpc
 import msgspec
 import msgspec.toml
 
-from nestkv.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from nestkv.server.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ReplicaRefused,
+    TokenMissing,
+    Unauthenticated,
+)
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import Denials
 from nestkv.wire.channel import is_loopback_host
@@ -105,7 +111,7 @@ class Grant:
         """
         self.limits.check_path(request.path)
         if kind == "replica":  # a copy merged as given, version and all: for the members only
-            raise PermissionDenied("replica is for the members of a cluster only")
+            raise ReplicaRefused("replica is for the members of a cluster only")
         if not self.writes and (kind not in READS or (kind == "get" and request.HasField("renew_for"))):
             if self.denials is not None:
                 self.denials.count(self.name, "read_only")
@@ -206,11 +212,11 @@ class Gate:
         headers = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
         if len(headers) > 1:  # proxies differ on which of two headers counts: refuse both
             self._deny("", "ambiguous_token")
-            raise Unauthenticated("the call carries more than one authorization header; send one")
+            raise TokenMissing("the call carries more than one authorization header; send one")
         token = _bearer(headers[0]) if headers else None
         if token is None:
             self._deny("", "missing_token")
-            raise Unauthenticated(
+            raise TokenMissing(
                 "this server requires a token: send `authorization: Bearer <token>` metadata "
                 "(GrpcStore.with_client(..., token=...), nestkv --token)"
             )

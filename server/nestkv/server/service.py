@@ -14,21 +14,30 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from grpc_status import rpc_status
 
 from nestkv.server.batches import ANSWER_BYTES, RESPONSE_CHUNK_BYTES, BatchRunner, SliceAnswer, responses_of
 from nestkv.server.cluster import Cluster, PeerGrant
-from nestkv.server.errors import InvalidArgument, NodeFault, StoreFault, Unauthenticated, status_of
+from nestkv.server.errors import (
+    InvalidArgument,
+    NodesOnly,
+    StoreFault,
+    Unauthenticated,
+    Unreachable,
+    status_of,
+    status_of_error,
+    status_of_fault,
+)
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import Operations
 from nestkv.server.router import Router
 from nestkv.server.security import Gate, Grant
 from nestkv.v1 import store_pb2 as pb
-from nestkv.wire.codes import name_of
 from nestkv.wire.operations import idempotent
 from nestkv.wire.placement import HASH_NAME
 
@@ -82,14 +91,22 @@ def _source(grant: Grant) -> str:
     return "replicas" if grant.mode == "replica" else "forwarded"
 
 
-def _status(fault: StoreFault) -> grpc.StatusCode:
-    return grpc.StatusCode[status_of(fault)]
+async def _abort(context: Any, status: Any, *, retry: bool = True) -> NoReturn:
+    """End the call with google.rpc.Status `status`, its details in the trailer gRPC's richer
+    error model puts them in. `retry` False: another node already had its tries, or the
+    operation must not run twice: a client's retry policy must not ask again (it would, for
+    UNAVAILABLE, and overrun its deadline before hearing why)."""
+    ending = rpc_status.to_status(status)
+    metadata = (*ending.trailing_metadata, *(() if retry else ((_PUSHBACK, "-1"),)))
+    await context.abort(ending.code, ending.details, metadata)
+    raise AssertionError("aborted")  # abort raises; this line only tells type checkers so
 
 
-def _no_retry(context: Any) -> None:
-    """Another node already had its tries: a client's retry policy must not ask again (it would,
-    for UNAVAILABLE, and overrun its deadline before hearing why)."""
-    context.set_trailing_metadata(((_PUSHBACK, "-1"),))
+async def _abort_with(
+    context: Any, fault: StoreFault, *, confined: bool = False, retry: bool = True
+) -> NoReturn:
+    """End the call with `fault` (`confined`: in the words for a caller confined to a namespace)."""
+    await _abort(context, status_of_fault(fault, confined=confined), retry=retry)
 
 
 class StoreServicer:
@@ -214,7 +231,7 @@ class StoreServicer:
             except StoreFault as fault:  # the commit failed: the client may send the rest again
                 for response in answered_here():  # the slices before it stand
                     yield response
-                await context.abort(_status(fault), str(fault))
+                await _abort_with(context, fault)
             answers: asyncio.Queue[Any] = asyncio.Queue(_ANSWERS_AHEAD)
             held = HeldAnswers(ANSWER_BYTES + self._limits.max_value_bytes, _WAITING_AHEAD)
 
@@ -241,7 +258,7 @@ class StoreServicer:
                             yield response
                     while (answer := await answers.get()) is not None:
                         if isinstance(answer, StoreFault):  # as above
-                            await context.abort(_status(answer), str(answer))
+                            await _abort_with(context, answer)
                         if isinstance(answer, BaseException):
                             raise answer
                         for response in await responses_of(answer):
@@ -304,7 +321,7 @@ class StoreServicer:
                     raise InvalidArgument(request.reason)
                 self._limits.check_batch(len(request.operations))
             except InvalidArgument as fault:
-                await context.abort(_status(fault), str(fault))
+                await _abort_with(context, fault)
             if admitted != gate.version and not grant.forwarded:  # tokens reloaded: still held?
                 admitted = gate.version
                 grant = await _admit(self._admit, context, batches)
@@ -334,7 +351,7 @@ class StoreServicer:
             except StoreFault as fault:
                 if metrics:
                     metrics.record(kind, status_of(fault), time.perf_counter() - started)
-                await context.abort(_status(fault), fault.confined() if root else str(fault))
+                await _abort_with(context, fault, confined=bool(root))
             batch = pb.PipelineRequest()
             getattr(batch.operations.add(), kind).CopyFrom(request)
             left = context.time_remaining()
@@ -345,17 +362,11 @@ class StoreServicer:
             try:
                 responses, elsewhere = await self._runner.run_all(batch, grant)
             except StoreFault as fault:  # the commit failed (counted by the runner)
-                if once:
-                    _no_retry(context)
-                await context.abort(_status(fault), fault.confined() if root else str(fault))
+                await _abort_with(context, fault, confined=bool(root), retry=not once)
             [result] = responses[0].results
             if result.WhichOneof("result") != "error":
                 return getattr(result, kind)
-            if elsewhere or once:
-                _no_retry(context)
-            name = name_of(result.error.code)
-            await context.abort(grpc.StatusCode[name], result.error.message)
-            raise AssertionError("aborted")  # abort raises; this line only tells type checkers so
+            return await _abort(context, status_of_error(result.error), retry=not (elsewhere or once))
 
         return method
 
@@ -375,9 +386,7 @@ class StoreServicer:
             if not grant.forwarded:
                 await self._router.stats(request, response)
         except StoreFault as fault:
-            if isinstance(fault, NodeFault):
-                _no_retry(context)
-            await context.abort(_status(fault), fault.confined() if root else str(fault))
+            await _abort_with(context, fault, confined=bool(root), retry=not isinstance(fault, Unreachable))
         if root:
             _confine_stats(response, root)
         return response
@@ -387,19 +396,17 @@ class StoreServicer:
         grant = await _admit(self._admit, context, requests)
         cluster = self._cluster
         if not isinstance(grant, PeerGrant) or cluster is None:
-            await _refuse_stream(
-                requests, context, Unauthenticated("HandOff is for the members of a cluster only")
-            )
+            await _refuse_stream(requests, context, NodesOnly("HandOff is for the members of a cluster only"))
             raise AssertionError("refused")  # abort raises; this line only tells type checkers so
         sender = grant.sender  # the one the member check admitted
         response = pb.HandOffResponse()
         async for request in requests:
             if isinstance(request, _Malformed):
-                await context.abort(_status(InvalidArgument(request.reason)), request.reason)
+                await _abort_with(context, InvalidArgument(request.reason))
             try:
                 stored, skipped = cluster.take(sender, request)
             except StoreFault as fault:  # the sender keeps its keys and tries again
-                await context.abort(_status(fault), str(fault))
+                await _abort_with(context, fault)
             response.stored += stored
             response.skipped += skipped
         response.passed_version = cluster.handoff.passed_version
@@ -410,10 +417,9 @@ class StoreServicer:
         try:
             grant = self._admit(context)
             if not isinstance(grant, PeerGrant) or self._cluster is None:
-                raise Unauthenticated(f"{what} is for the members of a cluster only")
+                raise NodesOnly(f"{what} is for the members of a cluster only")
         except Unauthenticated as fault:
-            await context.abort(_status(fault), str(fault))
-            raise AssertionError("refused") from None  # abort raises; this line tells type checkers so
+            await _abort_with(context, fault)
         return self._cluster, grant.sender
 
     async def ping(self, request: Any, context: Any) -> pb.PingResponse:
@@ -432,7 +438,7 @@ class StoreServicer:
         try:
             grant = self._admit(context)
         except Unauthenticated as fault:
-            await context.abort(_status(fault), str(fault))
+            await _abort_with(context, fault)
         response = pb.TopologyResponse(hash=HASH_NAME, root=grant.root)
         self._router.describe(response)
         return response
@@ -467,7 +473,7 @@ async def _as_answered(
             getter = None
             reading = answer is not None
             if isinstance(answer, StoreFault):
-                await context.abort(_status(answer), str(answer))
+                await _abort_with(context, answer)
             if isinstance(answer, BaseException):
                 raise answer
             if isinstance(answer, list):
@@ -538,7 +544,7 @@ async def _refuse_stream(requests: AsyncIterator[Any], context: Any, fault: Stor
         while (left := end - loop.time()) > 0:
             async with asyncio.timeout(min(_REFUSAL_QUIET_SECONDS, left)):
                 await anext(messages)
-    await context.abort(_status(fault), str(fault))
+    await _abort_with(context, fault)
 
 
 async def _admit(admit: Callable[[Any], Grant], context: Any, requests: AsyncIterator[Any]) -> Grant:

@@ -73,7 +73,12 @@ class InProcessCluster:
     def by_address(self, address: str, caller: str = "") -> Node:
         member = address.split(".")[0]
         if member in self.down or member not in self.nodes or frozenset((caller, member)) in self.cut:
-            raise StoreUnavailableError(f"UNAVAILABLE: failed to connect to {address}", "UNAVAILABLE")
+            raise StoreUnavailableError(  # as a peer pipeline whose stream never reached the node
+                f"UNAVAILABLE: failed to connect to {address}",
+                "UNAVAILABLE",
+                reason="UNREACHABLE",
+                applied=False,
+            )
         return self.nodes[member]
 
     def add(self, member: str, data_dir: Path | None = None) -> Node:

@@ -14,9 +14,9 @@ import pytest
 
 from nestkv.server.cluster import PeerGrant
 from nestkv.server.cluster.liveness import DOWN_AFTER, INTERVAL, LEASE
-from nestkv.server.errors import NodeFault
+from nestkv.server.errors import NoServingCopy, NotServing
 from nestkv.v1 import store_pb2 as pb
-from nestkv.wire.codes import name_of
+from tests.errorfields import fields_of, info_of
 from tests.server.cluster.nodes import LIMITS, InProcessCluster, Node, address_of
 
 PATH = ("ns",)
@@ -48,9 +48,15 @@ def key_with_copies(cluster: InProcessCluster, first: str, second: str, copies: 
     raise AssertionError("no such key")
 
 
-def error_of(result: pb.OperationResult) -> tuple[str, str]:
+def error_of(result: pb.OperationResult) -> tuple[str, str, str]:
+    """The status code, reason and applied of an error result, by name: what a program acts on."""
     assert result.WhichOneof("result") == "error", result
-    return name_of(result.error.code), result.error.message
+    return fields_of(result.error)
+
+
+def node_named(result: pb.OperationResult) -> str:
+    """The node an error result's ErrorInfo names."""
+    return str(info_of(result.error.details).metadata["node"])
 
 
 async def test_a_write_is_on_both_copies_when_it_is_answered(three: InProcessCluster) -> None:
@@ -189,9 +195,8 @@ async def test_an_atomic_operation_sent_to_a_copy_that_no_longer_answers_is_refu
     # c took b to answer for the key (it had not heard that a is back): b refuses the increment.
     responses, _ = await three.nodes["b"].runner.run_all(batch, PeerGrant("c", "", LIMITS))
     refused, written = responses[0].results
-    code, message = error_of(refused)
-    assert code == "UNAVAILABLE"
-    assert "no longer answers for the key (node a does): not applied" in message
+    assert error_of(refused) == ("UNAVAILABLE", "ERROR_REASON_NOT_SERVING", "APPLIED_NOT_APPLIED")
+    assert node_named(refused) == "b"  # the node that refused
     assert written.WhichOneof("result") == "set"  # a plain write is merged by version: it runs
     assert three.nodes["a"].storage.get(PATH, key) == b"7"
 
@@ -206,11 +211,8 @@ async def test_a_write_with_fewer_nodes_up_than_it_needs_fails_and_is_applied_no
         await cluster.stop("c")
         await until(lambda: not a.sees_up("c"))
         key = key_with_copies(cluster, "a", "b", copies=3)
-        code, message = error_of(await b.set(key, b"nowhere"))
-        assert (code, message) == (
-            "UNAVAILABLE",
-            "a write needs 3 copies and only 2 of the 3 nodes are up (down: c): not applied",
-        )
+        refused = await b.set(key, b"nowhere")
+        assert error_of(refused) == ("UNAVAILABLE", "ERROR_REASON_TOO_FEW_COPIES", "APPLIED_NOT_APPLIED")
         assert [a.holds(key), b.holds(key)] == [False, False]
     finally:
         await cluster.close()
@@ -225,8 +227,8 @@ async def test_a_node_out_of_touch_with_the_others_answers_for_nothing(three: In
     await until(lambda: not a.current)  # alone: its lease lapsed (it cannot know it is current)
     # It forwards to b (which it has not heard from since: it may be serving), which is down.
     assert error_of(await a.get(key))[0] == "UNAVAILABLE"
-    code, message = error_of(await a.set(key, b"while alone"))
-    assert (code, "failed to connect" in message or "not applied" in message) == ("UNAVAILABLE", True)
+    code, reason, applied = error_of(await a.set(key, b"while alone"))
+    assert (code, reason, applied) == ("UNAVAILABLE", "ERROR_REASON_UNREACHABLE", "APPLIED_NOT_APPLIED")
     assert a.storage.get(PATH, key) == b"v"
 
 
@@ -239,7 +241,8 @@ async def test_an_operation_forwarded_to_a_copy_that_is_stopping_is_refused_not_
     replication.liveness.leaving = True  # a steps down; c has not heard yet
     operation = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"late"))
     result = await three.nodes["c"].peers.forward(address_of("a"), operation)
-    assert error_of(result) == ("UNAVAILABLE", "node a is stopping: not applied")
+    assert error_of(result) == ("UNAVAILABLE", "ERROR_REASON_NOT_SERVING", "APPLIED_NOT_APPLIED")
+    assert node_named(result) == "a"
     assert not three.nodes["a"].holds(key)
 
 
@@ -265,7 +268,7 @@ async def test_a_caller_cannot_send_a_replica(three: InProcessCluster) -> None:
     key = key_with_copies(three, "a", "b")
     replica = pb.ReplicaRequest(path=PATH, key=key, value=b"forged", version=b"\xff" * 16)
     [result] = await three.nodes["a"].call(pb.Operation(replica=replica))
-    assert error_of(result) == ("PERMISSION_DENIED", "replica is for the members of a cluster only")
+    assert error_of(result) == ("PERMISSION_DENIED", "ERROR_REASON_NODES_ONLY", "APPLIED_NOT_APPLIED")
     assert not three.nodes["a"].holds(key)
 
 
@@ -311,10 +314,7 @@ async def test_a_batch_past_its_caller_s_deadline_is_applied_nowhere(three: InPr
     passed = int((time.time() - 1) * 1000)
     write = pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"late"))
     [result] = await three.nodes["a"].call(write, deadline_unix_ms=passed)
-    assert error_of(result) == (
-        "DEADLINE_EXCEEDED",
-        "the caller's deadline passed before this node ran the operation: not applied",
-    )
+    assert error_of(result) == ("DEADLINE_EXCEEDED", "ERROR_REASON_DEADLINE_EXCEEDED", "APPLIED_NOT_APPLIED")
     assert [three.nodes[member].holds(key) for member in "abc"] == [False, False, False]
 
 
@@ -344,7 +344,7 @@ async def test_two_copies_cut_from_each_other_only_never_both_answer_for_a_key(
 
     async def watch() -> None:
         while watching:
-            with contextlib.suppress(NodeFault):
+            with contextlib.suppress(NoServingCopy, NotServing):
                 if on_a.serving_copy(PATH, key) == "a" and on_b.serving_copy(PATH, key) == "b":
                     both.append(time.monotonic())
             await asyncio.sleep(0)
@@ -357,10 +357,8 @@ async def test_two_copies_cut_from_each_other_only_never_both_answer_for_a_key(
         assert a.current
         assert b.current
         [refused] = await b.call(pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1)))
-        code, message = error_of(refused)
-        assert code == "UNAVAILABLE"
-        assert "node a answers for the key" in message
-        assert message.endswith("not applied")
+        assert error_of(refused) == ("UNAVAILABLE", "ERROR_REASON_NOT_SERVING", "APPLIED_NOT_APPLIED")
+        assert node_named(refused) == "a"  # the copy that answers for the key
         [counted] = await a.call(pb.Operation(increment=pb.IncrementRequest(path=PATH, key=key, amount=1)))
         assert counted.increment.value == 1
         [through_c] = await three.nodes["c"].call(
@@ -387,7 +385,7 @@ async def test_the_next_copy_answers_once_the_others_promise_the_first_holds_no_
     stopped = time.monotonic()
 
     def serving() -> str:
-        with contextlib.suppress(NodeFault):
+        with contextlib.suppress(NoServingCopy, NotServing):
             return replication.serving_copy(PATH, key)
         return ""
 

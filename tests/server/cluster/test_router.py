@@ -9,6 +9,7 @@ import pytest
 
 from nestkv.server.cluster import PeerGrant
 from nestkv.v1 import store_pb2 as pb
+from tests.errorfields import fields_of, info_of
 from tests.server.cluster.nodes import LIMITS, InProcessCluster, address_of, keys_owned_by
 
 PATH = ("ns",)
@@ -60,11 +61,11 @@ async def test_a_node_down_fails_its_keys_alone(three: InProcessCluster) -> None
     three.down.add("c")
     results = await a.call(*(pb.Operation(set=pb.SetRequest(path=PATH, key=key, value=b"v")) for key in keys))
     assert [result.WhichOneof("result") for result in results] == ["set", "set", "error"]
-    assert results[2].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert "node c is unavailable" in results[2].error.message
+    assert fields_of(results[2].error)[:2] == ("UNAVAILABLE", "ERROR_REASON_UNREACHABLE")
+    assert info_of(results[2].error.details).metadata["node"] == "c"
     clear = await a.call(pb.Operation(delete_all=pb.DeleteAllRequest(path=PATH)))
-    assert clear[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert "delete_all did not reach 1 of 3 nodes" in clear[0].error.message
+    # The other nodes' keys are gone: not "not applied".
+    assert fields_of(clear[0].error) == ("UNAVAILABLE", "ERROR_REASON_UNREACHABLE", "APPLIED_OUTCOME_UNKNOWN")
 
 
 async def test_a_node_whose_list_gives_the_key_elsewhere_redirects_the_sender_once(

@@ -19,13 +19,18 @@ No raw grpc exception escapes the client. Re-exported by nestkv.client.errors an
      │                              `read` token (PERMISSION_DENIED); nothing was changed
      └── StoreProtocolError         any other status: a server or protocol fault
 
-What a failure means for a write: `StoreError.applied` is False when the
-write is certain not to have been applied anywhere (the server refused it,
-the client never reached a server, or a cluster said "not applied"): it may
-be sent again as it is. None: it may have been applied or not (the
-connection broke after it was sent, the deadline passed while it ran, or a
-cluster stored it on fewer copies than it needed): read before you rely on
-either, or send it again (every operation is idempotent: last writer wins).
+What a failure means, for a program: `StoreError.reason` is why it failed,
+the name of an ErrorReason of store.proto without its prefix (e.g.
+"QUOTA_EXCEEDED", "NOT_SERVING", "CONNECTION_LOST"); `StoreError.applied` is
+False when the operation is certain not to have been applied anywhere (the
+server refused it, the client never reached a server, or a cluster says so):
+it may be sent again as it is, even an increment; None: it may have been
+applied or not (the connection broke after it was sent, the deadline passed
+while it ran, or a cluster stored it on fewer copies than it needed): read
+before you rely on either. Both come from the server's fields
+(OperationError.reason and .applied, or the google.rpc.ErrorInfo of a call's
+status), or from what the client itself knows of its connection; never from
+an error's words, which are for people and may change.
 
 Arguments the client can check itself (negative durations, empty namespaces,
 wrong types) raise ValueError or TypeError before any I/O. Cancelling the
@@ -36,17 +41,37 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import name_of
+
+DOMAIN = "nestkv"
+"""google.rpc.ErrorInfo.domain of nestkv's errors."""
+_DEFAULT: Any = object()
 
 
 class StoreError(Exception):
-    """A store operation failed; `code` is the gRPC status name (e.g. "UNAVAILABLE"), `applied`
-    False when it certainly changed nothing, None when that is unknown (see the module)."""
+    """A store operation failed; `code` is the gRPC status name (e.g. "UNAVAILABLE"), `reason`
+    why (an ErrorReason's name without its prefix; "" from a server older than reasons),
+    `applied` False when it certainly changed nothing, None when that is unknown (see the
+    module)."""
 
-    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+    def __init__(
+        self, message: str, code: str = "UNKNOWN", *, reason: str = "", applied: bool | None = _DEFAULT
+    ) -> None:
         super().__init__(message)
         self.code = code
-        self.applied = _applied(code, message)
+        self.reason = reason
+        if applied is _DEFAULT:  # nothing said: what the code tells
+            applied = False if code in _NOTHING_CHANGED else None
+        self.applied: bool | None = applied
+
+    def outcome_unknown(self, why: str) -> StoreError:
+        """This error for an operation sent before, on an attempt that failed otherwise: whatever
+        this one says, that earlier attempt may have been applied (`why` says so to people)."""
+        return type(self)(f"{self}; {why}", self.code, reason=self.reason, applied=None)
 
 
 _NOTHING_CHANGED = frozenset(
@@ -59,19 +84,8 @@ _NOTHING_CHANGED = frozenset(
         "PERMISSION_DENIED",
     }
 )
-# What says a call never reached a server (gRPC's own words), or a server that it ran nowhere.
-_NEVER_RAN = ("not applied", "failed to connect to all addresses", "no room to send")
-
-
-def _applied(code: str, message: str) -> bool | None:
-    """False if an operation that failed so certainly changed nothing; None if it may have."""
-    if code in _NOTHING_CHANGED:
-        return False
-    if "outcome is unknown" in message:
-        return None
-    if any(words in message for words in _NEVER_RAN):
-        return False
-    return None
+"""Codes that say a call changed nothing, for a server that does not say it in its fields."""
+_APPLIED_OF = {pb.APPLIED_NOT_APPLIED: False, pb.APPLIED_OUTCOME_UNKNOWN: None}
 
 
 class InvalidRequestError(StoreError, ValueError):
@@ -125,17 +139,53 @@ _ERROR_OF: dict[str, type[StoreError]] = {
 }
 
 
-def error_from_status(name: str, details: str) -> StoreError:
-    """The StoreError for a status (by name) and its message: the one mapping from status codes."""
+def error_from_status(
+    name: str, details: str, *, reason: str = "", applied: bool | None = _DEFAULT
+) -> StoreError:
+    """The StoreError for a status (by name), its message and what it says in its fields: the one
+    mapping from status codes."""
     kind = _ERROR_OF.get(name, StoreProtocolError)
-    return kind(f"{name}: {details}", name)
+    return kind(f"{name}: {details}", name, reason=reason, applied=applied)
 
 
 def error_from_rpc(error: Any) -> StoreError:
-    """The StoreError for a failed call (grpc.aio.AioRpcError)."""
-    return error_from_status(error.code().name, error.details())
+    """The StoreError for a failed call (grpc.aio.AioRpcError): its reason and whether it was
+    applied from the google.rpc.ErrorInfo of its status, when the server sent one."""
+    name, details = error.code().name, error.details()
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a status detail that does not match the call's code: not nestkv's
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == DOMAIN:
+                applied = info.metadata.get("applied")
+                return error_from_status(
+                    name, details, reason=info.reason, applied=False if applied == "NOT_APPLIED" else None
+                )
+    return error_from_status(name, details)
 
 
-def error_from_code(number: int, details: str) -> StoreError:
-    """The StoreError for an OperationError of a Pipeline batch (a status code's number)."""
-    return error_from_status(name_of(number), details)
+def error_from_result(error: pb.OperationError) -> StoreError:
+    """The StoreError for an OperationError of a Pipeline batch."""
+    reason = pb.ErrorReason.Name(error.reason).removeprefix("ERROR_REASON_") if error.reason else ""
+    applied = _APPLIED_OF.get(error.applied, _DEFAULT)
+    return error_from_status(name_of(error.code), error.message, reason=reason, applied=applied)
+
+
+def mark_outcome_unknown(error: pb.OperationError, why: str) -> None:
+    """Say in OperationError `error` (one that says it was not applied, of an operation sent
+    before on another attempt) that its outcome is unknown: that earlier attempt may have run.
+    Its `applied` and its ErrorInfo's "applied" both change; `why` is added to its message."""
+    if error.applied != pb.APPLIED_NOT_APPLIED:
+        return
+    error.applied = pb.APPLIED_OUTCOME_UNKNOWN
+    error.message += f"; {why}"
+    for detail in error.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            info.metadata["applied"] = "OUTCOME_UNKNOWN"
+            detail.Pack(info)

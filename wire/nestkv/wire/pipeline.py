@@ -59,8 +59,9 @@ from nestkv.wire.errors import (
     StoreProtocolError,
     StoreTimeoutError,
     StoreUnavailableError,
-    error_from_code,
+    error_from_result,
     error_from_rpc,
+    mark_outcome_unknown,
 )
 from nestkv.wire.operations import idempotent
 
@@ -82,14 +83,9 @@ _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _FAILED_IN_CORE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
-def _unknown_if_sent_before(error: pb.OperationError) -> None:
-    """An error saying its operation was not applied, to a batch sent before on another stream:
-    that earlier attempt may have been applied."""
-    if "not applied" in error.message or "failed to connect" in error.message:
-        error.message += f"; {EARLIER_ATTEMPT}"
-
-
-_ENDED = StoreUnavailableError("UNAVAILABLE: the server ended the stream", "UNAVAILABLE")
+_ENDED = StoreUnavailableError(
+    "UNAVAILABLE: the server ended the stream", "UNAVAILABLE", reason="NOT_SERVING", applied=False
+)
 """Why a stream ended cleanly: the server answered every batch it read first (it stops, or sends
 its callers elsewhere), so the batches it did not answer never ran, and all go again."""
 
@@ -116,7 +112,7 @@ def _follow(caller: asyncio.Future[Any], sent: bool, result: asyncio.Future[Any]
         caller.set_result(result.result())
         return
     if sent and isinstance(error, StoreError) and error.applied is False:
-        error = type(error)(f"{error}; {EARLIER_ATTEMPT}", error.code)
+        error = error.outcome_unknown(EARLIER_ATTEMPT)
     caller.set_exception(error)
 
 
@@ -161,7 +157,7 @@ class _Batch:
         self.stop_timer()
         if self.sent_at and isinstance(error, StoreError) and error.applied is False:
             # The last attempt never reached a server, but an earlier one was written to a stream.
-            error = type(error)(f"{error}; {EARLIER_ATTEMPT}", error.code)
+            error = error.outcome_unknown(EARLIER_ATTEMPT)
         for future in self.futures:
             if not future.done():
                 future.set_exception(error)
@@ -184,9 +180,7 @@ class _Batch:
         is unknown."""
         for index, future in enumerate(self.futures):
             if not future.done() and not idempotent(self.message.operations[index]):
-                future.set_exception(
-                    type(error)(f"{error}; {NOT_SENT_AGAIN}: its outcome is unknown", error.code)
-                )
+                future.set_exception(error.outcome_unknown(f"{NOT_SENT_AGAIN}: its outcome is unknown"))
 
     def settled(self) -> bool:
         return all(future.done() for future in self.futures)
@@ -231,6 +225,7 @@ class Pipeline:
         "_on_news",
         "_open_stream",
         "_raise_errors",
+        "_reached",
         "_ready",
         "_sent",
         "_stalled",
@@ -273,6 +268,7 @@ class Pipeline:
         self._raise_errors = raise_errors
         self._ready = ready
         self._connecting = False  # waiting for the channel to connect (`ready`)
+        self._reached = False  # the stream open now reached a server: batches may be written to it
         self._not_connected = ""  # why it does not, as gRPC last said
         self._timeout = timeout
         self._max_batch_size = max_batch_size
@@ -407,6 +403,8 @@ class Pipeline:
                         f"DEADLINE_EXCEEDED: no room to send within {self._timeout} s "
                         f"({len(queue)} operations waiting behind)",
                         "DEADLINE_EXCEEDED",
+                        reason="DEADLINE_EXCEEDED",
+                        applied=False,
                     )
                 )
         if deadlines:
@@ -436,7 +434,10 @@ class Pipeline:
             self._driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
-        closed = StoreUnavailableError("CANCELLED: the store was closed", "CANCELLED")
+        # Not applied where never sent; a batch sent makes it unknown (_Batch.fail).
+        closed = StoreUnavailableError(
+            "CANCELLED: the store was closed", "CANCELLED", reason="STORE_CLOSED", applied=False
+        )
         # The line first: failing the batches makes room, which must not let anyone in any more.
         while self._admission:
             waiter = self._admission.popleft()
@@ -461,12 +462,17 @@ class Pipeline:
             error = self._unreachable(f" within {self._timeout} s", sent=bool(batch.sent_at))
         elif batch.sent_at:
             error = StoreTimeoutError(
-                f"DEADLINE_EXCEEDED: no answer within {self._timeout} s", "DEADLINE_EXCEEDED"
+                f"DEADLINE_EXCEEDED: no answer within {self._timeout} s",
+                "DEADLINE_EXCEEDED",
+                reason="DEADLINE_EXCEEDED",
+                applied=None,
             )
         else:  # never written to a stream: no room on it in time
             error = StoreTimeoutError(
                 f"DEADLINE_EXCEEDED: not sent within {self._timeout} s (no room on the stream): not applied",
                 "DEADLINE_EXCEEDED",
+                reason="DEADLINE_EXCEEDED",
+                applied=False,
             )
         earliest = batch.fail_due(now, error)
         if earliest is not None:
@@ -501,7 +507,12 @@ class Pipeline:
                 await asyncio.sleep(backoff(self._failures))
         except Exception as error:  # a bug or a malformed answer: never strand the operations held
             self._fail_all(
-                StoreProtocolError(f"INTERNAL: the client's pipeline failed: {error!r}", "INTERNAL")
+                StoreProtocolError(
+                    f"INTERNAL: the client's pipeline failed: {error!r}",
+                    "INTERNAL",
+                    reason="INTERNAL",
+                    applied=None,
+                )
             )
         finally:
             self._driver = None
@@ -565,12 +576,16 @@ class Pipeline:
         why = f" ({self._not_connected})" if self._not_connected else ""
         unknown = f"; {EARLIER_ATTEMPT}" if sent else ": not applied"
         return StoreUnavailableError(
-            f"UNAVAILABLE: could not connect to the server{within}{why}{unknown}", "UNAVAILABLE"
+            f"UNAVAILABLE: could not connect to the server{within}{why}{unknown}",
+            "UNAVAILABLE",
+            reason="UNREACHABLE",
+            applied=None if sent else False,
         )
 
     async def _run_stream(self) -> tuple[StoreError, bool]:
         """Run one stream until it ends; why it ended and whether its unanswered operations go again."""
         call = self._open_stream()
+        self._reached = False
         self._stalled.clear()
         self._last_answer = self._loop.time()
         reader = self._loop.create_task(self._read(call))
@@ -587,6 +602,8 @@ class Pipeline:
                         f"UNAVAILABLE: the stream answered nothing for {self._timeout} s; "
                         "it was closed and a new one opened",
                         "UNAVAILABLE",
+                        reason="CONNECTION_LOST",
+                        applied=None,
                     ), True
                 writer.result()  # the stream is over (the reader says why), or the writer failed
         finally:
@@ -595,6 +612,11 @@ class Pipeline:
             call.cancel()
 
     async def _write(self, call: Any) -> None:
+        try:  # nothing is written before the stream has reached a server
+            await call.wait_for_connection()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # it never did: the reader reports why
+        self._reached = True
         while True:
             while not self._waiting or len(self._sent) >= self._max_in_flight:
                 self._wakeup.clear()
@@ -626,7 +648,12 @@ class Pipeline:
                 response = await call.read()
             except grpc.aio.AioRpcError as error:
                 retry = error.code() in _RETRIED or (error.code(), error.details()) == _FAILED_IN_CORE
-                return error_from_rpc(error), retry
+                failure = error_from_rpc(error)
+                if not failure.reason:  # not the server's refusal: gRPC's own, the connection's
+                    # Before it reached a server nothing was written to it: that much is certain.
+                    reason, applied = ("CONNECTION_LOST", None) if self._reached else ("UNREACHABLE", False)
+                    failure = type(failure)(str(failure), failure.code, reason=reason, applied=applied)
+                return failure, retry
             if response is grpc.aio.EOF or response.ending:
                 return _ENDED, True
             batch = next((sent for sent in self._sent if sent.message.id == response.id), None)
@@ -649,9 +676,9 @@ class Pipeline:
                     self._send_again(batch, index - 1)  # not run: the server answered enough for one batch
                     continue
                 if batch.attempts > 1 and result.WhichOneof("result") == "error":
-                    _unknown_if_sent_before(result.error)
+                    mark_outcome_unknown(result.error, EARLIER_ATTEMPT)  # that attempt may have run
                 if self._raise_errors and result.WhichOneof("result") == "error":
-                    future.set_exception(error_from_code(result.error.code, result.error.message))
+                    future.set_exception(error_from_result(result.error))
                 else:
                     future.set_result(result)
             batch.answered = index

@@ -15,7 +15,7 @@ from typing import Any
 from nestkv.server.cluster.handoff import HandOff
 from nestkv.server.cluster.peers import MODE_HEADER, MODES, PEER_HEADER
 from nestkv.server.cluster.topology import Membership
-from nestkv.server.errors import Unauthenticated
+from nestkv.server.errors import NodesOnly
 from nestkv.server.security import Gate, Grant
 
 # Under mutual TLS a member's id is the first label of the DNS name its certificate carries:
@@ -72,7 +72,7 @@ class PeerAdmission:
                 self._check_peer(context, value)
                 mode = next((mode for name, mode in metadata if name == MODE_HEADER), "")
                 if mode not in MODES:
-                    raise Unauthenticated(f"{MODE_HEADER} must be one of {', '.join(MODES[1:])}")
+                    raise NodesOnly(f"{MODE_HEADER} must be one of {', '.join(MODES[1:])}")
                 grant = self._peers.get((value, mode))
                 if grant is None:
                     grant = self._peers[value, mode] = PeerGrant(value, mode, self._gate.everything.limits)
@@ -81,14 +81,14 @@ class PeerAdmission:
 
     def _check_peer(self, context: Any, sender: str) -> None:
         if not self._is_member(sender):
-            raise Unauthenticated(
+            raise NodesOnly(
                 f"forwarded calls are taken only from cluster members; {sender!r} is not one "
                 "(of the current member list or the one before it)"
             )
         if self._peer_domain is None:
             return
         if not DNS_LABEL.fullmatch(sender):
-            raise Unauthenticated(
+            raise NodesOnly(
                 f"forwarded calls are taken only from cluster members named by one lower-case DNS "
                 f"label under mutual TLS; {sender!r} is not one"
             )
@@ -96,7 +96,7 @@ class PeerAdmission:
         names = {name.decode(errors="replace").lower() for name in context.auth_context().get("peer_dns", ())}
         expected = f"{sender}.{self._peer_domain}".lower()
         if expected not in names:
-            raise Unauthenticated(
+            raise NodesOnly(
                 "forwarded calls are taken only from cluster members, by a client certificate "
                 f"naming the member: none presented carries the DNS name {expected!r}"
             )

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from nestkv.server.errors import NodeFault
+from nestkv.server.errors import NodeFault, StoreFault, Unreachable
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from nestkv.wire.channel import channel_options
@@ -172,20 +172,22 @@ class Peers:
             await channel.close()
 
 
-def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT) -> NodeFault:
+def failure_of(member: str, error: BaseException, timeout: float = PEER_TIMEOUT) -> StoreFault:
     """The fault of a forwarded operation whose peer stream failed, naming the node.
 
-    A node that did not answer in time is UNAVAILABLE, as one that could not be reached: the
-    caller's key is on that node. (An operation's own error comes back as its result.)
+    A node that did not answer in time is Unreachable, as one that could not be reached: the
+    caller's key is on that node. Whether the operation was applied is what the stream's
+    failure says. (An operation's own error comes back as its result.)
     """
     if isinstance(error, StoreTimeoutError):
-        return NodeFault("UNAVAILABLE", f"node {member} did not answer within {timeout} s")
+        why = f"node {member} did not answer within {timeout} s"
+        return Unreachable(why, applied=error.applied, node=member)
     if isinstance(error, StoreError):
         if error.code in ("UNAVAILABLE", "CANCELLED"):
-            return NodeFault("UNAVAILABLE", f"node {member} is unavailable: {error}")
+            return Unreachable(f"node {member} is unavailable: {error}", applied=error.applied, node=member)
         if error.code == "UNAUTHENTICATED":  # it has not read the member list naming this node yet
-            return NodeFault(
-                "UNAVAILABLE", f"node {member} does not take this node as a member (yet): {error}"
-            )
-        return NodeFault(error.code, str(error).removeprefix(f"{error.code}: "))
-    return NodeFault("INTERNAL", f"forwarding to node {member} failed: {error!r}")
+            why = f"node {member} does not take this node as a member (yet): {error}"
+            return Unreachable(why, applied=False, node=member)
+        message = str(error).removeprefix(f"{error.code}: ")
+        return NodeFault(error.code, error.reason or "INTERNAL", message, applied=error.applied, node=member)
+    return StoreFault(f"forwarding to node {member} failed: {error!r}", node=member)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from nestkv.server.cluster.liveness import INTERVAL, LEASE, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
-from nestkv.server.errors import NodeFault, put_error
+from nestkv.server.errors import NoServingCopy, NotServing, ReplicationIncomplete, TooFewCopies, put_error
 from nestkv.server.router import Answer
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
@@ -64,7 +64,8 @@ STEP_DOWN_WAIT = 10.0
 """Seconds a node stopping waits for the other members up to be current before it steps down."""
 
 NOT_APPLIED = "not applied"
-"""Said by an UNAVAILABLE that left the write applied nowhere: the caller may send it again."""
+"""Said, for people, by a refusal that left the write applied nowhere (its fault says so to
+programs: nestkv.server.errors.FAULTS)."""
 
 
 class Replication:
@@ -88,7 +89,7 @@ class Replication:
 
     def serving_copy(self, path: Sequence[str], key: str) -> str:
         """The copy of the key that answers for it now: the first that may (Liveness.serving).
-        Raises NodeFault (UNAVAILABLE, not applied) if none may, or if that one is another node
+        Raises NoServingCopy if none may, or NotServing if that one is another node
         this node cannot reach (and so may not answer for the key in its place)."""
         topology = self._cluster.topology
         liveness = self.liveness
@@ -100,19 +101,16 @@ class Replication:
         for copy in copies:
             if serving(copy):
                 if copy != self._cluster.node_id and not liveness.up(copy) and liveness.knows_who_is_up():
-                    raise NodeFault(  # a partial partition: it holds its lease through the others
-                        "UNAVAILABLE",
+                    raise NotServing(  # a partial partition: it holds its lease through the others
                         f"node {copy} answers for the key, as far as the others can tell, and "
                         f"this node has not heard from it lately: {NOT_APPLIED}",
+                        node=copy,
                     )
                 return str(copy)
-        raise NodeFault(
-            "UNAVAILABLE",
-            f"no copy of the key is up and current ({self._describe(copies)}): {NOT_APPLIED}",
-        )
+        raise NoServingCopy(f"no copy of the key is up and current ({self._describe(copies)}): {NOT_APPLIED}")
 
     def check_writable(self, path: Sequence[str], key: str) -> None:
-        """Raise NodeFault (UNAVAILABLE, not applied) if fewer members than --min-copies are up
+        """Raise TooFewCopies if fewer members than --min-copies are up
         to store a write of the key (its copies, then stand-ins)."""
         topology = self._cluster.topology
         up = self.liveness.up
@@ -123,8 +121,7 @@ class Replication:
         if sum(1 for member in ranked if up(member)) >= min(self.min_copies, len(ranked)):
             return
         down = [member for member in ranked if not up(member)]
-        raise NodeFault(
-            "UNAVAILABLE",
+        raise TooFewCopies(
             f"a write needs {self.min_copies} copies and only {len(ranked) - len(down)} of the "
             f"{len(ranked)} nodes are up (down: {', '.join(down)}): {NOT_APPLIED}",
         )
@@ -217,8 +214,7 @@ class Replication:
             return None
         result = pb.OperationResult()
         reached = ", ".join(sorted({*(m for f, m in sending.items() if f.done() and _ok(f)), node_id}))
-        fault = NodeFault(
-            "UNAVAILABLE",
+        fault = ReplicationIncomplete(
             f"the write is stored on {stored + 1} of the {needed + 1} copies it needs ({reached}); "
             f"{'; '.join(failed) or 'too few nodes are up'}: its outcome is unknown (it stays where "
             "it is stored, and reaches the other copies when they are back)",

@@ -22,7 +22,7 @@ from nestkv.server.cluster.admission import PeerGrant
 from nestkv.server.cluster.node import Cluster
 from nestkv.server.cluster.peers import failure_of
 from nestkv.server.cluster.replication import NOT_APPLIED, Replication
-from nestkv.server.errors import KeyMoved, NodeFault, StoreFault, put_error
+from nestkv.server.errors import KeyMoved, MembersChanging, NotServing, StoreFault, Unreachable, put_error
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import READS, Operations, changed, found
 from nestkv.server.router import Answer, Route
@@ -169,7 +169,7 @@ class ClusterRouter:
                         result = await peers.forward(address, operation, "redirected", deadline)
                 if _moved(result):  # sent on once only: the lists are changing, try again
                     disagree = f"the member lists of the nodes disagree: {result.error.message}"
-                    return _error_result(NodeFault("UNAVAILABLE", disagree))
+                    return _error_result(MembersChanging(disagree))
         except Exception as error:
             return _error_result(failure_of(member, error))
         return result
@@ -188,15 +188,17 @@ class ClusterRouter:
         answers = await asyncio.gather(
             *(cluster.peers.stats(address, request) for _, address in others), return_exceptions=True
         )
-        missing = [
-            f"{member}: {answer}"
+        missing = {
+            member: f"{member}: {answer}"
             for (member, _), answer in zip(others, answers, strict=True)
             if isinstance(answer, BaseException)
-        ]
+        }
         if missing:
-            raise NodeFault(
-                "UNAVAILABLE",
-                f"stats did not reach {len(missing)} of {len(answers) + 1} nodes: " + "; ".join(missing),
+            raise Unreachable(
+                f"stats did not reach {len(missing)} of {len(answers) + 1} nodes: "
+                + "; ".join(missing.values()),
+                applied=False,  # a read
+                node=next(iter(missing)),
             )
         response.nodes.append(own)
         for (member, _), answer in sorted(zip(others, answers, strict=True), key=lambda pair: pair[0][0]):
@@ -295,7 +297,7 @@ class _ClusterRoute:
         unfetched = self._unfetched and (tuple(request.path), request.key) in self._unfetched
         if unfetched and conditional(kind, request):
             previous = "the key's previous owner did not answer while hand-offs run"
-            raise NodeFault("UNAVAILABLE", f"{previous}: {NOT_APPLIED}")
+            raise NotServing(f"{previous}: {NOT_APPLIED}")
         return None
 
     def prepare(self, operations: Sequence[pb.Operation], start: int, stop: int) -> Awaitable[None] | None:
@@ -349,14 +351,14 @@ class _ClusterRoute:
                 raise KeyMoved(owner, cluster.topology.members[owner])
         elif not replication.liveness.current and self._asks:
             away = "is stopping" if replication.liveness.leaving else "is catching up after it was away"
-            raise NodeFault("UNAVAILABLE", f"node {cluster.node_id} {away}: {NOT_APPLIED}")
+            raise NotServing(f"node {cluster.node_id} {away}: {NOT_APPLIED}", node=cluster.node_id)
         elif self._asks and conditional(kind, request):
             # Sent by a node that took this one to answer for the key; if another copy does now
             # (it came back, and this node has heard it), running it here too could count twice.
             serving = replication.serving_copy(path, key)
             if serving != cluster.node_id:
                 answers = f"node {cluster.node_id} no longer answers for the key (node {serving} does)"
-                raise NodeFault("UNAVAILABLE", f"{answers}: {NOT_APPLIED}")
+                raise NotServing(f"{answers}: {NOT_APPLIED}", node=cluster.node_id)
         if _writes(kind, request):
             replication.check_writable(path, key)
         return None
@@ -446,8 +448,7 @@ async def _all_of(futures: dict[str, asyncio.Future[Any]]) -> pb.OperationResult
     if not failed:
         return None
     return _error_result(
-        NodeFault(
-            "UNAVAILABLE",
+        Unreachable(
             f"delete_all did not reach {len(failed)} of {len(futures) + 1} nodes, whose keys remain: "
             + "; ".join(failed),
         )

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, NamedTuple, Protocol
 
-from nestkv.server.errors import FailedPrecondition, QuotaExceeded, StoreFull
+from nestkv.server.errors import FailedPrecondition, IntegerOverflow, QuotaExceeded, StoreFull
 from nestkv.server.storage.clock import HybridClock
 from nestkv.server.storage.expiry import ExpiryWheel, listing_cost, relists, slot_of
 from nestkv.server.storage.tombstones import Tombstones
@@ -224,7 +224,7 @@ class NamespacedStorage:
                 return total, version_of(stored), deadline
         if not INT64_MIN <= total <= INT64_MAX:
             # Not the sum: with the amount, it would tell the stored value to a reader of errors.
-            raise FailedPrecondition(
+            raise IntegerOverflow(
                 f"increment would take the value outside the signed 64-bit range [{INT64_MIN}, {INT64_MAX}]"
             )
         return total, self._write(path, key, b"%d" % total, deadline), deadline
