@@ -12,8 +12,8 @@ README = Path(__file__).parents[1] / "README.md"
 
 def test_the_litestar_examples_pass_mypy_strict(tmp_path: Path) -> None:
     text = README.read_text()
-    section = text[text.index("## Litestar") : text.index("## Other languages")]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    section = text[text.index("### Litestar") : text.index("### Command line")]
+    blocks = re.findall(r"```python[^\n]*\n(.*?)```", section, re.S)
     assert len(blocks) == 2  # the app, then its rate limit
     example = tmp_path / "example.py"
     example.write_text("\n".join(blocks))  # the second goes on from the first ("as above")
