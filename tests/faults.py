@@ -25,7 +25,7 @@
   after the other; at most one may be told it stored its value, and the key must end holding it.
 - Lockers (`locker`, `check_locks`): tasks take one of a few `Lock`s, hold it 20-80 ms and let it
   go; of two holders that each still held the lock when they let it go (the lock did not expire
-  under them, nor was lost in a failover: the cases the README documents), neither may have
+  under them, nor was lost in a failover: the cases docs/client.md documents), neither may have
   taken it before the other began to let it go.
 """
 

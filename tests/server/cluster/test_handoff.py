@@ -155,7 +155,7 @@ async def test_a_subtree_emptied_at_the_new_owner_is_not_refilled_by_a_hand_off(
     assert [c.holds(key) for key in keys] == [False, False, False]
 
 
-# Copies merge by version: what the README promises about resizing.
+# Copies merge by version: what docs/cluster.md promises about resizing.
 
 
 async def joined_with_c_first(two: InProcessCluster) -> Node:

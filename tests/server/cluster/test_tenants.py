@@ -447,7 +447,7 @@ async def test_emptied_namespaces_catch_up_on_a_restarted_node(
     # Found: 2,500 delete_all of empty 32-deep paths with 256-byte segments, then one restart:
     # hand-off and CatchUp messages of 20 MB, and all three nodes NOT_SERVING (0/20 reads). Each
     # emptied namespace is remembered, about 8 KiB on the wire and 10 KiB in memory; those count
-    # against the tenant's quota, which here (64 MiB, as in the README's example) takes all 2,500
+    # against the tenant's quota, which here (64 MiB, as in docs/security.md's example) takes all 2,500
     # on each node, so the catch-up has to carry 20 MB of them (make soak: 10,000, and the quota
     # refuses some, which is fine).
     count = 10_000 if SOAK else 2_500
