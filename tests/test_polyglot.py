@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import status_pb2
 
 from nestkv.client import GrpcStore, channel_options
 from nestkv.v1 import store_pb2 as pb
@@ -30,6 +31,8 @@ from tests.serverproc import ServerProcess
 
 POLYGLOT = Path(__file__).parent / "polyglot"
 PROTOS = Path(__file__).parent.parent / "protos"
+GOOGLEAPIS = Path(status_pb2.__file__).parents[2]
+"""Where googleapis-common-protos (grpcio-status's dependency) keeps google/rpc/*.proto."""
 VECTORS = Path(__file__).parent / "placement_vectors.json"
 SPREAD_KEYS = [f"spread-{n}" for n in range(16)]
 """The keys client.js writes besides from-node (and reads back), each with the value "KEY from node"."""
@@ -86,7 +89,7 @@ async def run_node(
         env["NESTKV_TOKEN"] = token
     return await asyncio.to_thread(
         subprocess.run,
-        ["node", str(node_client), target, str(PROTOS), *path],
+        ["node", str(node_client), target, os.pathsep.join(map(str, (PROTOS, GOOGLEAPIS))), *path],
         capture_output=True,
         text=True,
         timeout=60,
@@ -108,6 +111,14 @@ async def check_round_trip(result: subprocess.CompletedProcess[str], store: Grpc
     assert seen["other_namespace_found"] is False
     assert seen["invalid"]["code"] == 3  # INVALID_ARGUMENT
     assert "namespace segment is empty" in seen["invalid"]["details"]
+    # What a program acts on, read from the google.rpc.Status trailer with googleapis' protos.
+    assert seen["invalid"]["fields"] == {
+        "code": 3,
+        "reason": "INVALID_FIELD",
+        "domain": "nestkv",
+        "applied": "NOT_APPLIED",
+        "bad_fields": ["path"],
+    }
     assert await store.get("from-node") == "hello from node ✓".encode()
     left = await store.expires_in("from-node")
     assert left is not None
@@ -134,6 +145,14 @@ async def check_increments(seen: dict[str, Any], store: GrpcStore) -> None:
     assert await store.increment("big-from-node", -BIG) == 0
     assert seen["not_integer"]["code"] == FAILED_PRECONDITION
     assert "not an integer" in seen["not_integer"]["details"]
+    assert seen["not_integer"]["fields"]["reason"] == "NOT_AN_INTEGER"
+    assert seen["not_integer"]["fields"]["applied"] == "NOT_APPLIED"
+    # The same in a Pipeline, from store.proto alone: OperationError's enums.
+    assert seen["operation_error"] == {
+        "code": FAILED_PRECONDITION,
+        "reason": "ERROR_REASON_NOT_AN_INTEGER",
+        "applied": "APPLIED_NOT_APPLIED",
+    }
     assert await store.get("from-python") == "hello from python ✓".encode()
 
 
@@ -217,15 +236,12 @@ async def test_node_over_tls_with_a_token_works_under_the_tokens_root(
 
 
 @pytest.mark.parametrize(
-    ("token", "details"),
-    [
-        (None, "this server requires a token"),
-        ("nkv_not-a-token-of-this-server", "the token is not valid on this server"),
-    ],
+    ("token", "reason"),
+    [(None, "TOKEN_MISSING"), ("nkv_not-a-token-of-this-server", "TOKEN_INVALID")],
     ids=["no-token", "unknown-token"],
 )
 async def test_node_over_tls_without_a_valid_token_is_unauthenticated(
-    secure_server: SecureServer, pki: Pki, node_client: Path, token: str | None, details: str
+    secure_server: SecureServer, pki: Pki, node_client: Path, token: str | None, reason: str
 ) -> None:
     namespace = f"polyglot-{uuid.uuid4().hex}"
     result = await run_node(
@@ -235,7 +251,7 @@ async def test_node_over_tls_without_a_valid_token_is_unauthenticated(
     error = json.loads(result.stdout)["error"]
     assert error["method"] == "Get"  # the first call: nothing after it ran
     assert error["code"] == UNAUTHENTICATED
-    assert details in error["details"]
+    assert (error["fields"]["reason"], error["fields"]["applied"]) == (reason, "NOT_APPLIED")
 
 
 def run_placement(node: str, vectors: Path) -> dict[str, Any]:

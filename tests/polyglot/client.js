@@ -1,5 +1,8 @@
-// A nestkv client in Node.js that knows nothing but protos/nestkv/v1/store.proto.
-// Usage: node client.js HOST:PORT PROTO_DIR [SEGMENT...]
+// A nestkv client in Node.js that knows nothing but protos/nestkv/v1/store.proto, and googleapis'
+// google/rpc/status.proto and error_details.proto to read a failed call's details.
+// Usage: node client.js HOST:PORT PROTO_DIRS [SEGMENT...]
+// (PROTO_DIRS: the folders to find the .proto files in, separated by the platform's path
+// delimiter: nestkv's protos/, and one holding google/rpc/*.proto.)
 // Reads what the Python side wrote under the namespace SEGMENT... (default: poly glot),
 // writes a key for it to read and SPREAD_KEYS more (spread-0 ...), reads those back, adds to two
 // counters with the Increment RPC (and tries to add to the text Python wrote), prints one JSON
@@ -11,14 +14,21 @@
 //   NESTKV_TOKEN    token sent as `authorization: Bearer <token>` call credentials;
 //                   needs NESTKV_CA_FILE (grpc-js sends call credentials over TLS only)
 //
+// What a program acts on in a failure is read from fields, never from the message: a call's
+// google.rpc.Status (the grpc-status-details-bin trailer) and its ErrorInfo (reason, applied), and
+// a Pipeline operation's OperationError (reason and applied, enums of store.proto).
+//
 // A call that fails with a gRPC status ends the run with exit code 2 and the JSON line
-// {"error": {"method", "code", "details"}}; any other failure exits with 1.
+// {"error": {"method", "code", "details", "fields"}}; any other failure exits with 1.
 "use strict";
 const fs = require("fs");
+const nodePath = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
 
-const [target, protoDir, ...segments] = process.argv.slice(2);
+const [target, protoDirList, ...segments] = process.argv.slice(2);
+const protoDirs = protoDirList.split(nodePath.delimiter);
 const path = segments.length ? segments : ["poly", "glot"];
 const caFile = process.env.NESTKV_CA_FILE || null;
 const token = process.env.NESTKV_TOKEN || null;
@@ -44,13 +54,55 @@ function channelCredentials() {
 // a JS Number holds integers exactly only up to 2**53. A request may give them as a number or
 // as a decimal string (exact at any size).
 const definition = protoLoader.loadSync("nestkv/v1/store.proto", {
-  includeDirs: [protoDir],
+  includeDirs: protoDirs,
   keepCase: true,
   longs: String,
+  enums: String,
   defaults: true,
 });
 const { StoreService } = grpc.loadPackageDefinition(definition).nestkv.v1;
 const client = new StoreService(target, channelCredentials());
+
+// google.rpc.Status and its details, to decode the grpc-status-details-bin trailer.
+const rpcProtos = new protobuf.Root();
+rpcProtos.resolvePath = (_origin, target) =>
+  protoDirs.map((dir) => nodePath.join(dir, target)).find((file) => fs.existsSync(file)) || target;
+rpcProtos.loadSync(["google/rpc/status.proto", "google/rpc/error_details.proto"]);
+const Status = rpcProtos.lookupType("google.rpc.Status");
+
+// The fields of a failed call a program acts on: its ErrorInfo's reason and "applied", and the
+// fields its BadRequest names.
+function statusFields(error) {
+  const [trailer] = error.metadata ? error.metadata.get("grpc-status-details-bin") : [];
+  if (!trailer) return null;
+  const status = Status.decode(trailer);
+  const fields = { code: status.code, reason: null, domain: null, applied: null, bad_fields: [] };
+  for (const detail of status.details) {
+    const type = rpcProtos.lookupType(detail.type_url.split("/").pop());
+    const message = type.decode(detail.value);
+    if (type.fullName === ".google.rpc.ErrorInfo") {
+      fields.reason = message.reason;
+      fields.domain = message.domain;
+      fields.applied = message.metadata.applied;
+    } else if (type.fullName === ".google.rpc.BadRequest") {
+      fields.bad_fields = message.fieldViolations.map((violation) => violation.field);
+    }
+  }
+  return fields;
+}
+
+// One Pipeline batch, answered: its results (proto-loader gives enums by name).
+function pipeline(operations) {
+  return new Promise((resolve, reject) => {
+    const stream = client.Pipeline({ deadline: Date.now() + 15000 });
+    stream.on("data", (response) => {
+      resolve(response.results);
+      stream.end();
+    });
+    stream.on("error", reject);
+    stream.write({ id: 1, operations });
+  });
+}
 
 const SPREAD_KEYS = 16;
 // Past 2**53 (9007199254740992): a JS Number cannot hold it, a decimal string can.
@@ -62,6 +114,7 @@ class CallError extends Error {
     this.method = method;
     this.code = error.code;
     this.details = error.details;
+    this.fields = statusFields(error);
   }
 }
 
@@ -96,7 +149,7 @@ async function main() {
   try {
     await call("Set", { path: [path[0], ""], key: "k", value: Buffer.from("") });
   } catch (error) {
-    invalid = { code: error.code, details: error.details };
+    invalid = { code: error.code, details: error.details, fields: error.fields };
   }
   // A counter made by the first increment, with a 60 s window the second one keeps.
   const counted = [];
@@ -118,8 +171,15 @@ async function main() {
   try {
     await call("Increment", { path, key: "from-python", amount: 1 });
   } catch (error) {
-    notInteger = { code: error.code, details: error.details };
+    notInteger = { code: error.code, details: error.details, fields: error.fields };
   }
+  // The same refusal as one operation of a Pipeline: an OperationError, from store.proto alone.
+  const [pipelined] = await pipeline([{ increment: { path, key: "from-python", amount: 1 } }]);
+  const operationError = {
+    code: pipelined.error.code,
+    reason: pipelined.error.reason,
+    applied: pipelined.error.applied,
+  };
   console.log(
     JSON.stringify({
       found: read.found,
@@ -132,6 +192,7 @@ async function main() {
       counted,
       big: { value: big.value, expires_in: big.expires_in },
       not_integer: notInteger,
+      operation_error: operationError,
     }),
   );
 }
@@ -139,8 +200,8 @@ async function main() {
 main()
   .catch((error) => {
     if (error instanceof CallError) {
-      const { method, code, details } = error;
-      console.log(JSON.stringify({ error: { method, code, details } }));
+      const { method, code, details, fields } = error;
+      console.log(JSON.stringify({ error: { method, code, details, fields } }));
       process.exitCode = 2;
     } else {
       console.error(error);
