@@ -18,8 +18,9 @@ from grpc_status import rpc_status
 
 from nestkv.client import GrpcStore, PreconditionFailedError, StoreFullError
 from nestkv.server.errors import FAULTS
+from nestkv.v1 import peer_pb2 as peer_pb
+from nestkv.v1 import peer_pb2_grpc, store_pb2_grpc
 from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 from tests.errorfields import detail_of, fields_of, info_of
 from tests.pki import AuthFile
 from tests.serverproc import ServerProcess
@@ -48,9 +49,14 @@ def guarded(tokens: tuple[AuthFile, dict[str, str]]) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-async def stub(guarded: ServerProcess) -> AsyncIterator[Any]:
+async def channel(guarded: ServerProcess) -> AsyncIterator[Any]:
     async with grpc.aio.insecure_channel(guarded.target) as channel:
-        yield store_pb2_grpc.StoreServiceStub(channel)
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: Any) -> Any:
+    return store_pb2_grpc.StoreServiceStub(channel)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:
@@ -124,7 +130,7 @@ async def test_an_increment_the_value_does_not_allow_is_a_precondition_failure(
 
 
 async def test_tokens_missing_unknown_and_read_only_each_have_their_reason(
-    stub: Any, tokens: tuple[AuthFile, dict[str, str]]
+    stub: Any, channel: Any, tokens: tuple[AuthFile, dict[str, str]]
 ) -> None:
     request = pb.SetRequest(key="k", value=b"v")
     for token, code, reason in (
@@ -134,8 +140,14 @@ async def test_tokens_missing_unknown_and_read_only_each_have_their_reason(
     ):
         error, status = await refused(stub.Set, request, token)
         assert (error.code(), described(status)) == (code, (reason, "nestkv", "NOT_APPLIED"))
-    error, status = await refused(stub.Ping, pb.PingRequest(), tokens[1]["writer"])
-    assert (error.code(), described(status)[0]) == (grpc.StatusCode.UNAUTHENTICATED, "NODES_ONLY")
+    # A token is no use to PeerService, nor is a peer header without being a member (a single
+    # server has none): admission is per service.
+    peer_stub = peer_pb2_grpc.PeerServiceStub(channel)
+    for metadata in (bearer(tokens[1]["writer"]), (("nestkv-peer", "node-0"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await peer_stub.Ping(peer_pb.PingRequest(), metadata=metadata)
+        status = rpc_status.from_call(caught.value)
+        assert (caught.value.code(), described(status)[0]) == (grpc.StatusCode.UNAUTHENTICATED, "NODES_ONLY")
 
 
 async def test_a_quota_reached_is_a_quota_failure_and_the_pipeline_says_the_same(

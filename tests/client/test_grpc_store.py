@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from nestkv.client import (
     StoreUnavailableError,
     channel_options,
 )
+from nestkv.server.security import Grant
 from nestkv.server.storage import NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
@@ -154,7 +155,9 @@ class FlakyServer:
         self.attempts = 0
         self.servicer = local_servicer(NamespacedStorage())
 
-    async def _pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def _pipeline(
+        self, requests: AsyncIterator[Any], context: Any, admit: Callable[[Any], Grant]
+    ) -> AsyncIterator[Any]:
         async for request in requests:
             self.attempts += 1
             await asyncio.sleep(self.delay)

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nestkv.client import channel_options
+from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 from nestkv.v1 import store_pb2_grpc
 from tests.serverproc import ServerProcess
@@ -194,7 +195,16 @@ async def test_reflection_lists_the_services(channel: Any) -> None:
     names = set()
     async for response in responses:
         names |= {service.name for service in response.list_services_response.service}
-    assert {"nestkv.v1.StoreService", "grpc.health.v1.Health"} <= names
+    assert {"nestkv.v1.StoreService", "nestkv.v1.PeerService", "grpc.health.v1.Health"} <= names
+
+
+def test_store_service_holds_only_what_clients_call() -> None:
+    """What only nodes call is PeerService's, in peer.proto: a client generated from store.proto
+    has no call it must never make."""
+    store = {method.name for method in pb.DESCRIPTOR.services_by_name["StoreService"].methods}
+    peer = {method.name for method in peer_pb.DESCRIPTOR.services_by_name["PeerService"].methods}
+    assert not store & {"HandOff", "Ping", "CatchUp"}
+    assert peer == {"Pipeline", "Stats", "Topology", "HandOff", "Ping", "CatchUp"}
 
 
 async def test_pipeline_answers_a_mixed_batch_in_order_with_errors_in_place(stub: Any) -> None:

@@ -7,13 +7,14 @@ records the batches it receives and can hold back its answers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
 
 from nestkv.client import GrpcStore, InvalidRequestError, StoreProtocolError, StoreTimeoutError
+from nestkv.server.security import Grant
 from nestkv.server.storage import NamespacedStorage
 from tests.inprocess import local_servicer
 from tests.serverproc import ServerProcess
@@ -41,7 +42,9 @@ class RecordingServer:
                 self.arrived.clear()
                 await self.arrived.wait()
 
-    async def _pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def _pipeline(
+        self, requests: AsyncIterator[Any], context: Any, admit: Callable[[Any], Grant]
+    ) -> AsyncIterator[Any]:
         received: asyncio.Queue[Any] = asyncio.Queue()
 
         async def read() -> None:

@@ -30,7 +30,7 @@ from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, ser
 from nestkv.server.operations import Operations
 from nestkv.server.router import LocalRouter, Router
 from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, open_security
-from nestkv.server.service import SERVICE_NAME, StoreServicer
+from nestkv.server.service import PEER_SERVICE_NAME, SERVICE_NAME, StoreServicer
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.clock import BOUND_AHEAD, HybridClock, seconds_of
 from nestkv.server.storage.persistence import Persistence, PersistenceError
@@ -105,7 +105,12 @@ def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            SERVICE_NAME,
+            PEER_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     return StoreServer(server, store_servicer, health_servicer)

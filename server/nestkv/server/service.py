@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_status import rpc_status
 
 from nestkv.server.batches import ANSWER_BYTES, RESPONSE_CHUNK_BYTES, BatchRunner, SliceAnswer, responses_of
@@ -37,12 +39,15 @@ from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import Operations
 from nestkv.server.router import Router
 from nestkv.server.security import Gate, Grant
+from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.operations import idempotent
 from nestkv.wire.placement import HASH_NAME
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["StoreService"]
 SERVICE_NAME: str = _SERVICE.full_name
+_PEER_SERVICE = peer_pb.DESCRIPTOR.services_by_name["PeerService"]
+PEER_SERVICE_NAME: str = _PEER_SERVICE.full_name
 _HANDLER_OF = {  # (client streaming, server streaming) -> the grpc handler of such an RPC
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -109,6 +114,28 @@ async def _abort_with(
     await _abort(context, status_of_fault(fault, confined=confined), retry=retry)
 
 
+def _not_a_cluster(context: Any) -> Grant:
+    raise NodesOnly("this server is not a member of a cluster: PeerService is for the members of one only")
+
+
+def _register(
+    server: Any, service: Any, served: dict[str, Callable[..., Any]], unary: Callable[[str], Any]
+) -> None:
+    """Register `service`'s RPCs on a grpc.aio server: `served` by name, the others (one operation
+    each) as `unary(kind)` makes them."""
+    handlers = {}
+    for method in service.methods:
+        behaviour = served.get(method.name) or unary(_KIND_OF_REQUEST[method.input_type.full_name])
+        handler = _HANDLER_OF[method.client_streaming, method.server_streaming]
+        handlers[method.name] = handler(
+            behaviour,
+            request_deserializer=_parser(GetMessageClass(method.input_type)),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class StoreServicer:
     """The StoreService RPCs of one node."""
 
@@ -131,7 +158,10 @@ class StoreServicer:
         members and takes their hand-offs."""
         self._gate = gate or Gate("", limits)
         self._cluster = cluster
-        self._admit = cluster.admit if cluster else self._gate.admit
+        # Admission is per service: StoreService's callers by their token, PeerService's by the
+        # member they are (a peer header sent to StoreService counts for nothing there).
+        self._admit_caller = self._gate.admit
+        self._admit_peer = cluster.admit_peer if cluster else _not_a_cluster
         self._operations = operations
         self._router = router
         self._runner = BatchRunner(
@@ -145,27 +175,33 @@ class StoreServicer:
         self._callers_reading: set[asyncio.Task[Any] | None] = set()  # those of callers
 
     def add_to_server(self, server: Any) -> None:
-        """Register every RPC of the service on a grpc.aio server."""
-        # Every RPC but these is one operation: a batch of one.
-        served = {
-            "Pipeline": self.pipeline,
-            "HandOff": self.hand_off,
-            "CatchUp": self.catch_up,
-            "Ping": self.ping,
-            "Topology": self.topology,
-            "Stats": self.stats,
-        }
-        handlers = {}
-        for method in _SERVICE.methods:
-            behaviour = served.get(method.name) or self._unary(_KIND_OF_REQUEST[method.input_type.full_name])
-            handler = _HANDLER_OF[method.client_streaming, method.server_streaming]
-            handlers[method.name] = handler(
-                behaviour,
-                request_deserializer=_parser(getattr(pb, method.input_type.name)),
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-            )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        """Register every RPC of StoreService (for callers) and of PeerService (for the other
+        members of a cluster) on a grpc.aio server."""
+        callers, peers = self._admit_caller, self._admit_peer
+        # Every StoreService RPC but these is one operation: a batch of one.
+        _register(
+            server,
+            _SERVICE,
+            {
+                "Pipeline": functools.partial(self.pipeline, admit=callers),
+                "Topology": functools.partial(self.topology, admit=callers),
+                "Stats": functools.partial(self.stats, admit=callers),
+            },
+            self._unary,
+        )
+        _register(
+            server,
+            _PEER_SERVICE,
+            {
+                "Pipeline": functools.partial(self.pipeline, admit=peers),
+                "Topology": functools.partial(self.topology, admit=peers),
+                "Stats": functools.partial(self.stats, admit=peers),
+                "HandOff": self.hand_off,
+                "CatchUp": self.catch_up,
+                "Ping": self.ping,
+            },
+            self._unary,
+        )
 
     def stop_streams(self) -> None:
         """End every Pipeline stream once the batches it has read are answered (for shutdown).
@@ -189,7 +225,9 @@ class StoreServicer:
             if stream is not None:
                 stream.cancel()
 
-    async def pipeline(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def pipeline(
+        self, requests: AsyncIterator[Any], context: Any, admit: Callable[[Any], Grant]
+    ) -> AsyncIterator[Any]:
         """The Pipeline RPC: each batch in order, answered in one or more responses.
 
         The token is checked once, when the stream opens, and again after the auth file is
@@ -198,7 +236,7 @@ class StoreServicer:
         waits on other nodes, a task reads on meanwhile (an unreachable node must not hold up
         the keys of the others, nor a slow one every later batch), and answers go out in order.
         """
-        batches = self._batches(requests, context)
+        batches = self._batches(requests, context, admit)
         ahead: deque[SliceAnswer] = deque()  # answered, in order, before anything read later
         any_order = False  # the caller matches answers by id (PipelineRequest.any_order)
 
@@ -295,13 +333,16 @@ class StoreServicer:
         answer for again, all of them (PipelineResponse.ending). None when the caller ended it."""
         return [pb.PipelineResponse(ending=True)] if self._stopping or self._ending_callers else []
 
-    async def _batches(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[tuple[Any, Grant]]:
-        """The batches of a stream with the grant each runs under, until the stream or the server ends."""
+    async def _batches(
+        self, requests: AsyncIterator[Any], context: Any, admit: Callable[[Any], Grant]
+    ) -> AsyncIterator[tuple[Any, Grant]]:
+        """The batches of a stream with the grant each runs under (`admit`: the service's
+        admission), until the stream or the server ends."""
         stream = asyncio.current_task()
         metrics = self._metrics
         gate = self._gate
         admitted = gate.version  # the tokens the stream's grant comes from
-        grant = await _admit(self._admit, context, requests)
+        grant = await _admit(admit, context, requests)
         batches = aiter(requests)
         reading = self._reading if grant.forwarded else self._callers_reading
         while not (self._stopping or (self._ending_callers and not grant.forwarded)):
@@ -324,7 +365,7 @@ class StoreServicer:
                 await _abort_with(context, fault)
             if admitted != gate.version and not grant.forwarded:  # tokens reloaded: still held?
                 admitted = gate.version
-                grant = await _admit(self._admit, context, batches)
+                grant = await _admit(admit, context, batches)
             if metrics:
                 metrics.batch_sizes[_source(grant)].observe(len(request.operations))
             yield request, grant
@@ -344,7 +385,7 @@ class StoreServicer:
             root: tuple[str, ...] = ()
             try:
                 # First: a caller without a token learns nothing, not even that its request would not parse.
-                grant = self._admit(context)
+                grant = self._admit_caller(context)
                 root = grant.root
                 if isinstance(request, _Malformed):
                     raise InvalidArgument(request.reason)
@@ -370,12 +411,12 @@ class StoreServicer:
 
         return method
 
-    async def stats(self, request: Any, context: Any) -> pb.StatsResponse:
+    async def stats(self, request: Any, context: Any, admit: Callable[[Any], Grant]) -> pb.StatsResponse:
         """The Stats RPC: this node's figures for the caller's subtree, and in a cluster every node's."""
         root: tuple[str, ...] = ()
         response = pb.StatsResponse()
         try:
-            grant = self._admit(context)
+            grant = admit(context)
             root = grant.root
             if isinstance(request, _Malformed):
                 raise InvalidArgument(request.reason)
@@ -391,15 +432,15 @@ class StoreServicer:
             _confine_stats(response, root)
         return response
 
-    async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> pb.HandOffResponse:
+    async def hand_off(self, requests: AsyncIterator[Any], context: Any) -> peer_pb.HandOffResponse:
         """The HandOff RPC: keys another member no longer owns, stored here unless news to nobody."""
-        grant = await _admit(self._admit, context, requests)
+        grant = await _admit(self._admit_peer, context, requests)
         cluster = self._cluster
-        if not isinstance(grant, PeerGrant) or cluster is None:
-            await _refuse_stream(requests, context, NodesOnly("HandOff is for the members of a cluster only"))
-            raise AssertionError("refused")  # abort raises; this line only tells type checkers so
+        # What the peers' admission admits:
+        assert isinstance(grant, PeerGrant)
+        assert cluster is not None
         sender = grant.sender  # the one the member check admitted
-        response = pb.HandOffResponse()
+        response = peer_pb.HandOffResponse()
         async for request in requests:
             if isinstance(request, _Malformed):
                 await _abort_with(context, InvalidArgument(request.reason))
@@ -412,31 +453,33 @@ class StoreServicer:
         response.passed_version = cluster.handoff.passed_version
         return response
 
-    async def _peer(self, context: Any, what: str) -> tuple[Cluster, str]:
+    async def _peer(self, context: Any) -> tuple[Cluster, str]:
         """This node's cluster and the member that made the call; anyone else gets UNAUTHENTICATED."""
         try:
-            grant = self._admit(context)
-            if not isinstance(grant, PeerGrant) or self._cluster is None:
-                raise NodesOnly(f"{what} is for the members of a cluster only")
+            grant = self._admit_peer(context)
         except Unauthenticated as fault:
             await _abort_with(context, fault)
+        assert isinstance(grant, PeerGrant)  # what the peers' admission admits
+        assert self._cluster is not None
         return self._cluster, grant.sender
 
-    async def ping(self, request: Any, context: Any) -> pb.PingResponse:
+    async def ping(self, request: Any, context: Any) -> peer_pb.PingResponse:
         """The Ping RPC: whether this node is current, and takes the calling member to be up."""
-        cluster, sender = await self._peer(context, "Ping")
+        cluster, sender = await self._peer(context)
         return cluster.answer_ping(sender)
 
-    async def catch_up(self, request: Any, context: Any) -> AsyncIterator[pb.HandOffRequest]:
+    async def catch_up(self, request: Any, context: Any) -> AsyncIterator[peer_pb.HandOffRequest]:
         """The CatchUp RPC: what this node holds of the calling member's keys."""
-        cluster, sender = await self._peer(context, "CatchUp")
+        cluster, sender = await self._peer(context)
         async for message in cluster.catch_up_for(sender, request.topology_version):
             yield message
 
-    async def topology(self, request: Any, context: Any) -> pb.TopologyResponse:
+    async def topology(
+        self, request: Any, context: Any, admit: Callable[[Any], Grant]
+    ) -> pb.TopologyResponse:
         """The Topology RPC: the members, the version of their list, the hash, the caller's root."""
         try:
-            grant = self._admit(context)
+            grant = admit(context)
         except Unauthenticated as fault:
             await _abort_with(context, fault)
         response = pb.TopologyResponse(hash=HASH_NAME, root=grant.root)

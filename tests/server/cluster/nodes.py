@@ -26,6 +26,7 @@ from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage.clock import HybridClock
 from nestkv.server.storage.persistence import Persistence
 from nestkv.server.storage.tombstones import Tombstones
+from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.errors import StoreTimeoutError, StoreUnavailableError
 
@@ -72,7 +73,9 @@ class InProcessCluster:
 
     def by_address(self, address: str, caller: str = "") -> Node:
         member = address.split(".")[0]
-        if member in self.down or member not in self.nodes or frozenset((caller, member)) in self.cut:
+        cut = frozenset((caller, member)) in self.cut
+        # A node down is called by no one, and calls no one.
+        if member in self.down or caller in self.down or member not in self.nodes or cut:
             raise StoreUnavailableError(  # as a peer pipeline whose stream never reached the node
                 f"UNAVAILABLE: failed to connect to {address}",
                 "UNAVAILABLE",
@@ -147,11 +150,11 @@ class FakePeers(Peers):
         self._cluster.by_address(address, self._node_id).operations.stats(request, response)
         return response
 
-    async def ping(self, address: str, seconds: float) -> pb.PingResponse:
+    async def ping(self, address: str, seconds: float) -> peer_pb.PingResponse:
         await asyncio.sleep(0)
         return self._cluster.by_address(address, self._node_id).cluster.answer_ping(self._node_id)
 
-    async def catch_up(self, address: str, topology_version: str) -> AsyncIterator[pb.HandOffRequest]:
+    async def catch_up(self, address: str, topology_version: str) -> AsyncIterator[peer_pb.HandOffRequest]:
         node = self._cluster.by_address(address, self._node_id)
         async for message in node.cluster.catch_up_for(self._node_id, topology_version):
             yield message
@@ -161,10 +164,10 @@ class FakePeers(Peers):
         self._cluster.by_address(address, self._node_id).router.describe(response)
         return response
 
-    def hand_off(self, address: str) -> Callable[[Any], Awaitable[pb.HandOffResponse]]:
-        async def call(requests: AsyncIterable[pb.HandOffRequest]) -> pb.HandOffResponse:
+    def hand_off(self, address: str) -> Callable[[Any], Awaitable[peer_pb.HandOffResponse]]:
+        async def call(requests: AsyncIterable[peer_pb.HandOffRequest]) -> peer_pb.HandOffResponse:
             node = self._cluster.by_address(address, self._node_id)
-            response = pb.HandOffResponse()
+            response = peer_pb.HandOffResponse()
             async for request in requests:
                 stored, skipped = node.cluster.take(self._node_id, request)
                 response.stored += stored

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from nestkv.client import GrpcStore, StoreError, StoreUnavailableError, channel_options
@@ -31,10 +32,12 @@ from nestkv.client.routing import Router
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
 from nestkv.server.storage.tree import TRAILER_BYTES, namespace_size
+from nestkv.v1 import peer_pb2 as peer_pb
+from nestkv.v1 import peer_pb2_grpc, store_pb2_grpc
 from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 from nestkv.wire.placement import HASH_NAME, Placement, topology_version
 from tests.clusterproc import ClusterProcesses
+from tests.errorfields import info_of
 from tests.pki import CLUSTER_NAME, AuthFile, Issued, Pki
 from tests.polling import eventually
 from tests.serverproc import ServerProcess, server_command
@@ -521,14 +524,9 @@ async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterP
     before = forwarded(plain)
     async with channel_to(plain.target("node-1")) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
-        # A one-operation call is a batch of one: from a peer, it is answered as in a stream.
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.Set(pb.SetRequest(path=path, key=unary_key, value=b"unary"), metadata=peer, timeout=10)
-        assert refused.value.code() == grpc.StatusCode.ABORTED
-        assert "gives the key to node-2" in (refused.value.details() or "")
-        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 0, "node-2": 0}
+        peer_stub = peer_pb2_grpc.PeerServiceStub(channel)
         results = await pipeline_call(
-            stub,
+            peer_stub,
             [
                 pb.Operation(set=pb.SetRequest(path=path, key=stream_key, value=b"stream")),
                 pb.Operation(get=pb.GetRequest(path=path, key=stream_key)),
@@ -544,7 +542,7 @@ async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterP
         assert await node_keys(stub, path) == {"node-0": 0, "node-1": 0, "node-2": 0}
         # Sent again marked redirected (another node said node-1 owns it), it runs on node-1.
         results = await pipeline_call(
-            stub,
+            peer_stub,
             [
                 pb.Operation(set=pb.SetRequest(path=path, key=stream_key, value=b"stream")),
                 pb.Operation(get=pb.GetRequest(path=path, key=stream_key)),
@@ -555,6 +553,10 @@ async def test_an_operation_from_a_peer_is_never_forwarded_again(plain: ClusterP
         assert results[1].get.value == b"stream"
         assert await node_keys(stub, path) == {"node-0": 0, "node-1": 1, "node-2": 0}
         assert forwarded(plain) == before
+        # Sent to StoreService, the peer header counts for nothing: a caller's call, forwarded.
+        await stub.Set(pb.SetRequest(path=path, key=unary_key, value=b"unary"), metadata=peer, timeout=10)
+        assert await node_keys(stub, path) == {"node-0": 0, "node-1": 1, "node-2": 1}
+        assert forwarded(plain)["node-1"]["node-2"] == before["node-1"]["node-2"] + 1
         await stub.DeleteAll(pb.DeleteAllRequest(path=path), timeout=10)
         assert await node_keys(stub, path) == dict.fromkeys(MEMBERS, 0)
 
@@ -565,12 +567,16 @@ async def test_a_peer_header_naming_no_member_is_unauthenticated(plain: ClusterP
     stranger: Metadata = ((PEER, "node-9"),)
     async with channel_to(plain.target("node-1")) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Set(pb.SetRequest(path=path, key=key, value=b"x"), metadata=stranger, timeout=10)
-        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "node-9" in (raised.value.details() or "")
-        operation = pb.Operation(set=pb.SetRequest(path=path, key=key, value=b"x"))
-        assert await stream_status(stub, [operation], stranger) == grpc.StatusCode.UNAUTHENTICATED
+        peer_stub = peer_pb2_grpc.PeerServiceStub(channel)
+        # A member it does not know, or no peer header at all: PeerService admits neither.
+        for metadata, named in ((stranger, "node-9"), ((), "nestkv-peer")):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await peer_stub.Stats(pb.StatsRequest(path=path), metadata=metadata, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert named in (raised.value.details() or "")
+            assert info_of(rpc_status.from_call(raised.value).details).reason == "NODES_ONLY"
+            operation = pb.Operation(set=pb.SetRequest(path=path, key=key, value=b"x"))
+            assert await stream_status(peer_stub, [operation], metadata) == grpc.StatusCode.UNAUTHENTICATED
         assert await node_keys(stub, path) == dict.fromkeys(MEMBERS, 0)
 
 
@@ -803,20 +809,26 @@ async def test_a_caller_cannot_pose_as_a_peer_without_a_member_certificate(secur
     request = pb.SetRequest(path=path, key=key, value=b"posed")
     async with channel_to(cluster.target("node-1"), secure.credentials()) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
+        peer_stub = peer_pb2_grpc.PeerServiceStub(channel)
         for metadata in (as_peer, with_token):
+            assert await stream_status(peer_stub, [pb.Operation(set=request)], metadata) == UNAUTHENTICATED
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await stub.Set(request, metadata=metadata, timeout=10)
+                await peer_stub.Stats(pb.StatsRequest(), metadata=metadata, timeout=10)
             assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert await stream_status(stub, [pb.Operation(set=request)], metadata) == UNAUTHENTICATED
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await stub.Stats(pb.StatsRequest(), metadata=metadata, timeout=10)
-            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # To StoreService the header is nothing: without a token, refused; with one, the
+        # tenant's own write, under its root.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Set(request, metadata=as_peer, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await stub.Set(request, metadata=with_token, timeout=10)
         assert await node_keys(stub, path, admin) == dict.fromkeys(MEMBERS, 0)
+        assert sum((await node_keys(stub, ("tenant", *path), admin)).values()) == 1
+        await stub.DeleteAll(pb.DeleteAllRequest(path=("tenant", *path)), metadata=admin, timeout=10)
     # The node certificate, which names the members, is admitted as a peer (so the refusals above are
     # the certificate's): its call runs on node-1 as sent, with no token.
     async with channel_to(cluster.target("node-1"), secure.credentials(secure.node_cert)) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
-        await stub.Set(request, metadata=as_peer, timeout=10)
+        await pipeline_call(peer_pb2_grpc.PeerServiceStub(channel), [pb.Operation(set=request)], as_peer)
         assert await node_keys(stub, path, admin) == {"node-0": 0, "node-1": 1, "node-2": 0}
         await stub.DeleteAll(pb.DeleteAllRequest(path=path), metadata=admin, timeout=10)
         assert await node_keys(stub, path, admin) == dict.fromkeys(MEMBERS, 0)
@@ -834,11 +846,12 @@ async def test_a_client_certificate_naming_no_member_cannot_pose_as_a_peer_by_it
     request = pb.SetRequest(path=path, key=key, value=b"posed")
     async with channel_to(cluster.target("node-1"), secure.credentials()) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
+        peer_stub = peer_pb2_grpc.PeerServiceStub(channel)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await stub.Set(request, metadata=as_itself, timeout=10)
+                await peer_stub.Stats(pb.StatsRequest(), metadata=as_itself, timeout=10)
             assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert await stream_status(stub, [pb.Operation(set=request)], as_itself) == UNAUTHENTICATED
+            assert await stream_status(peer_stub, [pb.Operation(set=request)], as_itself) == UNAUTHENTICATED
             assert await node_keys(stub, path, admin) == dict.fromkeys(MEMBERS, 0)
         finally:
             await stub.DeleteAll(pb.DeleteAllRequest(path=path[:1]), metadata=admin, timeout=10)
@@ -869,18 +882,21 @@ async def test_only_the_dns_name_node_dot_cluster_name_makes_a_certificate_a_pee
     request = pb.SetRequest(path=path, key=key, value=b"posed")
     async with channel_to(cluster.target("node-1"), secure.credentials(impostor)) as channel:
         stub = store_pb2_grpc.StoreServiceStub(channel)
+        peer_stub = peer_pb2_grpc.PeerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Set(request, metadata=as_peer, timeout=10)
+            await peer_stub.Stats(pb.StatsRequest(), metadata=as_peer, timeout=10)
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert f"carries the DNS name 'node-0.{CLUSTER_NAME}'" in (raised.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Get(pb.GetRequest(path=("tenant",), key="k"), metadata=as_peer, timeout=10)
+            await peer_stub.Ping(peer_pb.PingRequest(), metadata=as_peer, timeout=10)
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert await stream_status(stub, [pb.Operation(set=request)], as_peer) == UNAUTHENTICATED
-        entry = pb.HandOffEntry(path=path, key=key, value=b"planted")
+        assert await stream_status(peer_stub, [pb.Operation(set=request)], as_peer) == UNAUTHENTICATED
+        entry = peer_pb.HandOffEntry(path=path, key=key, value=b"planted")
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.HandOff(
-                iter([pb.HandOffRequest(topology_version="", entries=[entry])]), metadata=as_peer, timeout=10
+            await peer_stub.HandOff(
+                iter([peer_pb.HandOffRequest(topology_version="", entries=[entry])]),
+                metadata=as_peer,
+                timeout=10,
             )
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert await node_keys(stub, path, admin) == dict.fromkeys(MEMBERS, 0)

@@ -10,6 +10,7 @@ import pytest
 
 from nestkv.server.cluster import Topology
 from nestkv.server.cluster.handoff import MESSAGE_BYTES
+from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 from tests.server.cluster.nodes import InProcessCluster, Node, address_of, keys_owned_by
 
@@ -293,7 +294,7 @@ async def test_changes_stamped_by_a_clock_far_ahead_are_left_out_and_the_rest_ta
             )
             assert result.WhichOneof("result") == "error"
             assert "ahead of this node's clock" in result.error.message
-        request = pb.HandOffRequest(topology_version=b.membership.current.version)
+        request = peer_pb.HandOffRequest(topology_version=b.membership.current.version)
         request.entries.add(path=PATH, key="future", value=b"x", version=all_ones)
         request.entries.add(path=PATH, key="present", value=b"y", version=now)
         request.tombstones.add(path=PATH, key="gone", version=year_3000)

@@ -4,7 +4,7 @@ not asked for a lease lately is promised none, and the promise is kept for LEASE
 from __future__ import annotations
 
 from nestkv.server.cluster.liveness import LEASE, Liveness
-from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import peer_pb2 as peer_pb
 
 
 class Clock:
@@ -15,7 +15,7 @@ class Clock:
         return self.now
 
 
-async def _no_ping(member: str, address: str) -> pb.PingResponse:
+async def _no_ping(member: str, address: str) -> peer_pb.PingResponse:
     raise AssertionError("not pinged in these tests")
 
 

@@ -381,8 +381,8 @@ async def test_the_next_copy_answers_once_the_others_promise_the_first_holds_no_
     b = three.nodes["b"]
     replication = b.cluster.replication
     assert replication is not None
+    stopped = time.monotonic()  # a is asked nothing, and asks nothing, from here on
     await three.stop("a")
-    stopped = time.monotonic()
 
     def serving() -> str:
         with contextlib.suppress(NoServingCopy, NotServing):

@@ -47,7 +47,8 @@ class PeerGrant(Grant):
 
 
 class PeerAdmission:
-    """Admits each call: a peer's forwarded call by its sender, any other by its token (the Gate)."""
+    """Admits each PeerService call by its sender: a member of the cluster (callers' calls, to
+    StoreService, are the Gate's: by their token)."""
 
     def __init__(
         self, membership: Membership, handoff: HandOff, gate: Gate, *, peer_domain: str | None
@@ -64,20 +65,21 @@ class PeerAdmission:
         self._peers: dict[tuple[str, str], PeerGrant] = {}
         self._read_at = 0.0  # when the member file was last read for a caller claiming to be one
 
-    def admit(self, context: Any) -> Grant:
-        """The grant of a call: a peer's forwarded call, or a caller's by its token (Gate.admit)."""
+    def admit_peer(self, context: Any) -> PeerGrant:
+        """The grant of a PeerService call: the member it comes from, as its `nestkv-peer` header
+        names it (and, under mutual TLS, its certificate); NodesOnly for anyone else."""
         metadata = context.invocation_metadata() or ()
-        for key, value in metadata:
-            if key == PEER_HEADER:
-                self._check_peer(context, value)
-                mode = next((mode for name, mode in metadata if name == MODE_HEADER), "")
-                if mode not in MODES:
-                    raise NodesOnly(f"{MODE_HEADER} must be one of {', '.join(MODES[1:])}")
-                grant = self._peers.get((value, mode))
-                if grant is None:
-                    grant = self._peers[value, mode] = PeerGrant(value, mode, self._gate.everything.limits)
-                return grant
-        return self._gate.admit(context)
+        sender = next((value for key, value in metadata if key == PEER_HEADER), None)
+        if sender is None:
+            raise NodesOnly(f"PeerService is for the members of a cluster only (no {PEER_HEADER} header)")
+        self._check_peer(context, sender)
+        mode = next((mode for name, mode in metadata if name == MODE_HEADER), "")
+        if mode not in MODES:
+            raise NodesOnly(f"{MODE_HEADER} must be one of {', '.join(MODES[1:])}")
+        grant = self._peers.get((sender, mode))
+        if grant is None:
+            grant = self._peers[sender, mode] = PeerGrant(sender, mode, self._gate.everything.limits)
+        return grant
 
     def _check_peer(self, context: Any, sender: str) -> None:
         if not self._is_member(sender):

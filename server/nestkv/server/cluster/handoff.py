@@ -33,6 +33,7 @@ from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.clock import LEGACY, MAX_PEER_AHEAD, VERSION_BYTES, describe
 from nestkv.server.storage.tree import text_bytes, value_of, version_of
+from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 
 log = logging.getLogger("nestkv.server")
@@ -177,7 +178,7 @@ class HandOff:
             # Without making room: the copy is on its way here anyway (the hand-off makes room).
             self._storage.merge(path, key, copy.version or LEGACY, copy.value, deadline, make_room=False)
 
-    def take(self, sender: str, request: pb.HandOffRequest) -> tuple[int, int]:
+    def take(self, sender: str, request: peer_pb.HandOffRequest) -> tuple[int, int]:
         """Merge the entries and tombstones of one HandOffRequest here, durably; (stored, skipped):
         what was newer than anything here, and what was not.
 
@@ -238,7 +239,7 @@ class HandOff:
 
     # The sending side.
 
-    async def copies_for(self, member: str) -> AsyncIterator[pb.HandOffRequest]:
+    async def copies_for(self, member: str) -> AsyncIterator[peer_pb.HandOffRequest]:
         """Everything this node holds of the keys `member` keeps a copy of, tombstones and emptied
         namespaces included (the answer to its CatchUp)."""
         topology = self._membership.current
@@ -374,11 +375,11 @@ class HandOff:
         entries: list[tuple[tuple[str, ...], str, bytes]],
         buried: list[tuple[tuple[str, ...], str, bytes]],
         emptied: list[tuple[tuple[str, ...], bytes]],
-    ) -> pb.HandOffResponse:
+    ) -> peer_pb.HandOffResponse:
         """Send `entries` (stored forms), the tombstones `buried` and the `emptied` namespaces to
         `member`, then `done`."""
         requests = _messages(self._storage, topology.version, entries, buried, emptied, done=True)
-        call: Callable[..., Awaitable[pb.HandOffResponse]] = self._open_stream(address)
+        call: Callable[..., Awaitable[peer_pb.HandOffResponse]] = self._open_stream(address)
         try:
             response = await call(requests)
         except grpc.aio.AioRpcError as error:
@@ -400,7 +401,7 @@ async def _messages(
     emptied: list[tuple[tuple[str, ...], bytes]],
     *,
     done: bool,
-) -> AsyncIterator[pb.HandOffRequest]:
+) -> AsyncIterator[peer_pb.HandOffRequest]:
     """HandOffRequests carrying `entries` (stored forms), the tombstones `buried` and the `emptied`
     namespaces, placed by the topology of `version`; the last one says `done` if asked to.
 
@@ -408,20 +409,20 @@ async def _messages(
     number: a value larger than that goes alone, in a message within the receiver's limit
     (its max_value_bytes, with room for the key and path: nestkv.wire.channel).
     """
-    request = pb.HandOffRequest(topology_version=version)
+    request = peer_pb.HandOffRequest(topology_version=version)
     size = 0
     for path, change in emptied:
         request.emptied.add(path=path, version=change)
         size += _path_bytes(path) + _ITEM_BYTES
         if size >= MESSAGE_BYTES:
             yield request
-            request, size = pb.HandOffRequest(topology_version=version), 0
+            request, size = peer_pb.HandOffRequest(topology_version=version), 0
     for path, key, change in buried:
         request.tombstones.add(path=path, key=key, version=change)
         size += _path_bytes(path) + text_bytes(key) + _ITEM_BYTES
         if size >= MESSAGE_BYTES:
             yield request
-            request, size = pb.HandOffRequest(topology_version=version), 0
+            request, size = peer_pb.HandOffRequest(topology_version=version), 0
     for path, key, stored in entries:
         left = storage.time_left(stored)
         if left is None:
@@ -430,14 +431,14 @@ async def _messages(
         weight = _path_bytes(path) + text_bytes(key) + len(value) + _ITEM_BYTES
         if size and size + weight > MESSAGE_BYTES:  # a large value opens a message of its own
             yield request
-            request, size = pb.HandOffRequest(topology_version=version), 0
+            request, size = peer_pb.HandOffRequest(topology_version=version), 0
         entry = request.entries.add(path=path, key=key, value=value, version=version_of(stored))
         if left != NEVER:
             entry.expires_in.FromNanoseconds(max(1_000_000, int(left * 1e9)))
         size += weight
         if size >= MESSAGE_BYTES:
             yield request
-            request, size = pb.HandOffRequest(topology_version=version), 0
+            request, size = peer_pb.HandOffRequest(topology_version=version), 0
     request.done = done
     yield request
 
@@ -447,6 +448,6 @@ def _path_bytes(path: Sequence[str]) -> int:
     return sum(text_bytes(segment) + 2 for segment in path)
 
 
-def _deadline(copy: pb.HandOffEntry | pb.GetResponse, now: float) -> float:
+def _deadline(copy: peer_pb.HandOffEntry | pb.GetResponse, now: float) -> float:
     """The deadline on this node's storage clock of a copy that says the time it has left."""
     return now + copy.expires_in.ToNanoseconds() / 1e9 if copy.HasField("expires_in") else NEVER

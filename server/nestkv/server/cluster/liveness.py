@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from nestkv.v1 import store_pb2 as pb
+from nestkv.v1 import peer_pb2 as peer_pb
 
 log = logging.getLogger("nestkv.server")
 
@@ -67,7 +67,7 @@ DOWN_AFTER = 0.7
 """Seconds without an answered ping before a member is taken to be down: longer than LEASE, so
 that its lease has lapsed before anyone writes around it."""
 
-Ping = Callable[[str, str], Awaitable[pb.PingResponse]]
+Ping = Callable[[str, str], Awaitable[peer_pb.PingResponse]]
 """Ping the member (id, address): its answer, or an exception if none came in time."""
 
 
@@ -296,7 +296,7 @@ class Liveness:
         is in that, or at the stand-in, which it asks too."""
         self._around.pop(member, None)
 
-    def answer(self, sender: str) -> pb.PingResponse:
+    def answer(self, sender: str) -> peer_pb.PingResponse:
         """The answer to a ping from `sender`."""
         now = self._clock()
         self._asked[sender] = now
@@ -309,7 +309,7 @@ class Liveness:
         # Stepping up, it says it is current (the others stop answering for its keys); stepping
         # down, that it is not (they start).
         current = self._caught_up_and_staying() and not self.stepping_down
-        return pb.PingResponse(
+        return peer_pb.PingResponse(
             current=current,
             sees_you=sees,
             leaving=self.leaving,

@@ -21,6 +21,7 @@ from nestkv.server.cluster.replication import Replication
 from nestkv.server.cluster.topology import Membership, Topology
 from nestkv.server.security import Gate
 from nestkv.server.storage import NamespacedStorage
+from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 
 
@@ -49,11 +50,11 @@ class Cluster:
         if membership.replicas > 1:
             liveness = Liveness(membership.node_id, lambda: self.topology.members, self._ping)
             self.replication = Replication(self, storage, liveness, min_copies)
-        self.admit = self.admission.admit
+        self.admit_peer = self.admission.admit_peer
         self._heard_at = 0.0  # when the member file was last read for a caller with another version
         self._asking: asyncio.Task[None] | None = None  # a peer asked for its list
 
-    def _ping(self, member: str, address: str) -> Awaitable[pb.PingResponse]:
+    def _ping(self, member: str, address: str) -> Awaitable[peer_pb.PingResponse]:
         return self.peers.ping(address, PING_TIMEOUT)
 
     def roles(self, server: pb.ServerStats) -> None:
@@ -66,10 +67,10 @@ class Cluster:
         server.keys_held_for_others = replication.roles["held_for_others"]
         server.replication_failures = replication.failures
 
-    def answer_ping(self, sender: str) -> pb.PingResponse:
+    def answer_ping(self, sender: str) -> peer_pb.PingResponse:
         """The answer to a ping from the member `sender`."""
         if self.replication is None:  # nobody pings a node without replicas: it serves its keys
-            return pb.PingResponse(current=True, sees_you=True)
+            return peer_pb.PingResponse(current=True, sees_you=True)
         return self.replication.liveness.answer(sender)
 
     @property
@@ -91,7 +92,7 @@ class Cluster:
             member: address for member, address in self.topology.members.items() if member != self.node_id
         }
 
-    def take(self, sender: str, request: pb.HandOffRequest) -> tuple[int, int]:
+    def take(self, sender: str, request: peer_pb.HandOffRequest) -> tuple[int, int]:
         """One message of a hand-off from `sender`: its keys stored here unless news to nobody;
         (stored, skipped). Raises StoreFault if they cannot be stored."""
         self.heard_of(request.topology_version, sender)
@@ -105,7 +106,7 @@ class Cluster:
         owner = topology.owner(path, key)
         return None if owner == self.node_id else owner
 
-    def catch_up_for(self, sender: str, version: str) -> AsyncIterator[pb.HandOffRequest]:
+    def catch_up_for(self, sender: str, version: str) -> AsyncIterator[peer_pb.HandOffRequest]:
         """The answer to a CatchUp from the member `sender`, placed by the list of `version`: what
         this node holds of its keys."""
         self.heard_of(version, sender)

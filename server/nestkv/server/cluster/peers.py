@@ -1,6 +1,7 @@
 """Connections to the other members: one channel and one Pipeline stream per peer, for forwarding.
 
-Forwarded operations ride the Pipeline stream driver GrpcStore uses too (nestkv.wire.pipeline):
+Every call is one of PeerService (peer.proto). Forwarded operations ride the Pipeline stream
+driver GrpcStore uses too (nestkv.wire.pipeline):
 those forwarded in the same turn of the loop share a batch, batches keep their
 order per peer, a broken stream is opened again and its unanswered operations
 sent again. Every call carries `nestkv-peer: <this node's id>`; the receiving
@@ -18,8 +19,9 @@ from typing import Any
 import grpc
 
 from nestkv.server.errors import NodeFault, StoreFault, Unreachable
+from nestkv.v1 import peer_pb2 as peer_pb
+from nestkv.v1 import peer_pb2_grpc
 from nestkv.v1 import store_pb2 as pb
-from nestkv.v1 import store_pb2_grpc
 from nestkv.wire.channel import channel_options
 from nestkv.wire.errors import StoreError, StoreTimeoutError, error_from_rpc
 from nestkv.wire.pipeline import Pipeline
@@ -95,7 +97,7 @@ class Peers:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             else:
                 channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
-            stub = store_pb2_grpc.StoreServiceStub(channel)
+            stub = peer_pb2_grpc.PeerServiceStub(channel)
 
             pipelines = {}
             for mode in MODES:
@@ -137,18 +139,18 @@ class Peers:
             raise PeerUnavailable(f"{address}: {error_from_rpc(error)}") from None
         return response
 
-    async def ping(self, address: str, seconds: float) -> pb.PingResponse:
+    async def ping(self, address: str, seconds: float) -> peer_pb.PingResponse:
         """The peer's answer to a ping (see nestkv.server.cluster.liveness)."""
         stub = self._connection(address)[1]
-        response: pb.PingResponse = await stub.Ping(
-            pb.PingRequest(), metadata=self._metadata, timeout=seconds
+        response: peer_pb.PingResponse = await stub.Ping(
+            peer_pb.PingRequest(), metadata=self._metadata, timeout=seconds
         )
         return response
 
     def catch_up(self, address: str, topology_version: str) -> Any:
         """The peer's CatchUp stream: what it holds of this node's keys."""
         stub = self._connection(address)[1]
-        request = pb.CatchUpRequest(topology_version=topology_version)
+        request = peer_pb.CatchUpRequest(topology_version=topology_version)
         return stub.CatchUp(request, metadata=self._metadata, timeout=HAND_OFF_TIMEOUT)
 
     async def topology(self, address: str) -> pb.TopologyResponse:
@@ -159,7 +161,7 @@ class Peers:
         )
         return response
 
-    def hand_off(self, address: str) -> Callable[[Any], Awaitable[pb.HandOffResponse]]:
+    def hand_off(self, address: str) -> Callable[[Any], Awaitable[peer_pb.HandOffResponse]]:
         """The HandOff call to the peer at `address`: give it the requests, await its answer."""
         stub = self._connection(address)[1]
         return functools.partial(stub.HandOff, metadata=self._metadata, timeout=HAND_OFF_TIMEOUT)
