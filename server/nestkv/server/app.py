@@ -27,7 +27,7 @@ from nestkv.server.cluster import (
 from nestkv.server.cluster.liveness import INTERVAL, wait_changed
 from nestkv.server.config import ServerConfig
 from nestkv.server.metrics import Denials, OperationMetrics, StoreCollector, serve_metrics
-from nestkv.server.operations import Operations
+from nestkv.server.operations import Operations, unlogged
 from nestkv.server.router import LocalRouter, Router
 from nestkv.server.security import Gate, SecurityConfigError, TlsFiles, open_security
 from nestkv.server.service import PEER_SERVICE_NAME, SERVICE_NAME, StoreServicer
@@ -187,8 +187,8 @@ def open_cluster(
         peers,
         gate,
         storage,
-        commit=persistence.commit if persistence else _nothing,
-        writable=persistence.writable if persistence else _nothing,
+        commit=persistence.commit if persistence else unlogged,
+        writable=persistence.writable if persistence else unlogged,
         peer_domain=config.cluster_name if tls is not None else None,
         min_copies=config.copies_needed,
     )
@@ -453,7 +453,3 @@ async def serve(config: ServerConfig) -> None:
             log.error("final snapshot failed; the log still holds every write: %s", error)
         persistence.close()
     log.info("nestkv stopped")
-
-
-def _nothing() -> None:
-    pass

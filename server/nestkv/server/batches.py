@@ -25,7 +25,7 @@ from nestkv.server.errors import (
 )
 from nestkv.server.limits import MiB
 from nestkv.server.metrics import OperationMetrics
-from nestkv.server.operations import KINDS, Operations
+from nestkv.server.operations import KINDS, Operations, unlogged
 from nestkv.server.router import Answer, Route, Router
 from nestkv.server.security import Grant
 from nestkv.v1 import store_pb2 as pb
@@ -98,7 +98,7 @@ class BatchRunner:
         every operation run here with its status and duration; `answer_bytes`: see ANSWER_BYTES."""
         self._operations = operations.by_kind
         self._router = router
-        self._commit = commit or _nothing
+        self._commit = commit or unlogged
         self._metrics = metrics
         self._chunk_bytes = chunk_bytes
         self._answer_bytes = answer_bytes
@@ -360,7 +360,3 @@ def _rechunk(
         room -= size
         cut[-1].results.add().CopyFrom(result)
     return cut
-
-
-def _nothing() -> None:
-    pass

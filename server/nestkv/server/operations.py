@@ -68,7 +68,7 @@ class Operations:
         cannot be kept (persistence)."""
         self._storage = storage
         self._limits = limits
-        self._writable = writable or _nothing
+        self._writable = writable or unlogged
         self._started = time.monotonic()
         self.by_kind: dict[str, Operation] = {
             "set": self.set,
@@ -249,5 +249,5 @@ def _put_span(duration: Duration, seconds: float) -> None:
     duration.nanos = int((seconds - whole) * 1e9)
 
 
-def _nothing() -> None:
-    pass
+def unlogged() -> None:
+    """`commit` and `writable` of a server without --data-dir: nothing to write, never refused."""

@@ -177,31 +177,24 @@ class StoreServicer:
     def add_to_server(self, server: Any) -> None:
         """Register every RPC of StoreService (for callers) and of PeerService (for the other
         members of a cluster) on a grpc.aio server."""
-        callers, peers = self._admit_caller, self._admit_peer
-        # Every StoreService RPC but these is one operation: a batch of one.
-        _register(
-            server,
-            _SERVICE,
-            {
-                "Pipeline": functools.partial(self.pipeline, admit=callers),
-                "Topology": functools.partial(self.topology, admit=callers),
-                "Stats": functools.partial(self.stats, admit=callers),
-            },
-            self._unary,
-        )
-        _register(
-            server,
-            _PEER_SERVICE,
-            {
-                "Pipeline": functools.partial(self.pipeline, admit=peers),
-                "Topology": functools.partial(self.topology, admit=peers),
-                "Stats": functools.partial(self.stats, admit=peers),
-                "HandOff": self.hand_off,
-                "CatchUp": self.catch_up,
-                "Ping": self.ping,
-            },
-            self._unary,
-        )
+        peers_only: dict[str, Callable[..., Any]] = {
+            "HandOff": self.hand_off,
+            "CatchUp": self.catch_up,
+            "Ping": self.ping,
+        }
+        for service, admit, more in (
+            (_SERVICE, self._admit_caller, {}),
+            (_PEER_SERVICE, self._admit_peer, peers_only),
+        ):
+            # Both have these, each with its own admission; every other StoreService RPC is one
+            # operation: a batch of one.
+            served: dict[str, Callable[..., Any]] = {
+                "Pipeline": functools.partial(self.pipeline, admit=admit),
+                "Topology": functools.partial(self.topology, admit=admit),
+                "Stats": functools.partial(self.stats, admit=admit),
+                **more,
+            }
+            _register(server, service, served, self._unary)
 
     def stop_streams(self) -> None:
         """End every Pipeline stream once the batches it has read are answered (for shutdown).

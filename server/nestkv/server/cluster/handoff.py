@@ -75,9 +75,7 @@ class HandOff:
         """Set once another member took this node's list (answered a hand-off as a peer): clients
         may be sent here then (readiness). Until then nobody else may know this node's list."""
         current = membership.current
-        others = {
-            member: address for member, address in current.members.items() if member != membership.node_id
-        }
+        others = current.others(membership.node_id)
         # At start, the list before is unknown: take it to be this one without this node (a node added).
         self.previous: Topology | None = membership.topology(others) if others else None
         self._done_from: dict[str, str] = {}
@@ -146,8 +144,8 @@ class HandOff:
         node_id = self._membership.node_id
         return {
             member
-            for member in previous.members
-            if member != node_id and self._done_from.get(member) != version and member not in self._given_up
+            for member in previous.others(node_id)
+            if self._done_from.get(member) != version and member not in self._given_up
         }
 
     def previous_owner(self, path: Sequence[str], key: str) -> str | None:
@@ -295,14 +293,14 @@ class HandOff:
         node_id = self._membership.node_id
         storage = self._storage
         outgoing: dict[str, list[tuple[tuple[str, ...], str, bytes]]] = {
-            member: [] for member in topology.members if member != node_id
+            member: [] for member in topology.others(node_id)
         }
         # Members of the list before get the `done` too, keys or not: it tells them of this list
         # (a node taken off it that has not read it yet stops taking writes, see Cluster.heard_of).
         addresses = dict(topology.members)
         if self.previous is not None:
-            for member, address in self.previous.members.items():
-                if member != node_id and member not in outgoing:
+            for member, address in self.previous.others(node_id).items():
+                if member not in outgoing:
                     outgoing[member] = []
                     addresses[member] = address
         previous = self.previous

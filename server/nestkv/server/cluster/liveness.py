@@ -195,12 +195,14 @@ class Liveness:
         self.stepping_up = False
         self._lease_end = 0.0
 
+    def _others(self) -> dict[str, str]:
+        """The other members of the current list, and their addresses."""
+        return {member: address for member, address in self._members().items() if member != self.node_id}
+
     def _renew(self) -> None:
-        members = self._members()
-        needed = len(members) // 2  # others that must see this node: with it, a majority
-        granted = sorted(
-            (self._granted.get(member, 0.0) for member in members if member != self.node_id), reverse=True
-        )
+        needed = len(self._members()) // 2  # others that must see this node: with it, a majority
+        others = self._others()
+        granted = sorted((self._granted.get(member, 0.0) for member in others), reverse=True)
         if not needed or len(granted) < needed:
             return
         now = self._clock()
@@ -219,9 +221,7 @@ class Liveness:
         if self._lease_end and self._clock() - self._back_since >= DOWN_AFTER:
             return True
         since = self._away_since
-        return all(
-            self._heard.get(member, 0.0) >= since for member in self._members() if member != self.node_id
-        )
+        return all(self._heard.get(member, 0.0) >= since for member in self._others())
 
     def sees_me_again(self, member: str) -> bool:
         """Whether `member` answered that it sees this node, to a ping sent since this node started
@@ -265,13 +265,13 @@ class Liveness:
         needed = len(members) - len(members) // 2
         promised = 1 if self._promise(member, now) else 0  # this node's own, kept from now on
         for promiser, sent in self._promises.get(member, {}).items():
-            if now - sent < LEASE and promiser in members and promiser != self.node_id:
+            if now - sent < LEASE and promiser in members and promiser != self.node_id:  # not its own
                 promised += 1
         return promised >= needed
 
     def _not_granting(self, now: float) -> list[str]:
         """The members this node promises not to grant a lease for LEASE from `now`."""
-        return [member for member in self._members() if member != self.node_id and self._promise(member, now)]
+        return [member for member in self._others() if self._promise(member, now)]
 
     def _promise(self, member: str, now: float) -> bool:
         """Promise `member` no lease for LEASE from `now`, if this node can: it granted it none in
@@ -340,10 +340,10 @@ class Liveness:
         pinging: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                for member, address in self._members().items():
+                for member, address in self._others().items():
                     if self.leaving:  # it needs no lease: the others promise so, and take its keys
                         break
-                    if member != self.node_id and (member not in pinging or pinging[member].done()):
+                    if member not in pinging or pinging[member].done():
                         pinging[member] = asyncio.create_task(self._ping_once(member, address))
                 self._notice()
                 await asyncio.sleep(INTERVAL)
@@ -381,9 +381,7 @@ class Liveness:
         """The other members not up (as `_notice` found them), or that hold no lease."""
         now = self._clock()
         return tuple(
-            member
-            for member in self._members()
-            if member != self.node_id and (member not in self._up or self._unleased(member, now))
+            member for member in self._others() if member not in self._up or self._unleased(member, now)
         )
 
     def _notice(self) -> None:

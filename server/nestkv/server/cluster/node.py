@@ -88,9 +88,7 @@ class Cluster:
 
     def others(self) -> dict[str, str]:
         """The other members of the current list, and their addresses."""
-        return {
-            member: address for member, address in self.topology.members.items() if member != self.node_id
-        }
+        return self.topology.others(self.node_id)
 
     def take(self, sender: str, request: peer_pb.HandOffRequest) -> tuple[int, int]:
         """One message of a hand-off from `sender`: its keys stored here unless news to nobody;

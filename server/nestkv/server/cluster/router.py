@@ -63,11 +63,7 @@ class ClusterRouter:
         """Run `operation` (a delete_all) on every other member: None if all did, else an error
         result naming those that did not."""
         cluster = self.cluster
-        members = {
-            member: address
-            for member, address in cluster.topology.members.items()
-            if member != cluster.node_id
-        }
+        members = cluster.others()
         for member in members:
             self._count(member)
         futures = {member: cluster.peers.forward(address, operation) for member, address in members.items()}
@@ -180,11 +176,7 @@ class ClusterRouter:
         own = pb.NodeStats(node_id=cluster.node_id, namespace=response.namespace, server=response.server)
         if response.HasField("quota"):
             own.quota.CopyFrom(response.quota)
-        others = [
-            (member, address)
-            for member, address in cluster.topology.members.items()
-            if member != cluster.node_id
-        ]
+        others = list(cluster.others().items())
         answers = await asyncio.gather(
             *(cluster.peers.stats(address, request) for _, address in others), return_exceptions=True
         )

@@ -52,6 +52,10 @@ class Topology:
     def owner(self, path: Sequence[str], key: str) -> str:
         return self.placement.owner(path, key)
 
+    def others(self, member: str) -> dict[str, str]:
+        """The members other than `member` (the node asking), with their addresses."""
+        return {other: address for other, address in self.members.items() if other != member}
+
     def copies(self, path: Sequence[str], key: str) -> list[str]:
         """The members that keep a copy of the key, the owner first."""
         if self.replicas == 1:
