@@ -21,6 +21,8 @@ SOURCES = {"wire": ROOT / "wire", "client": ROOT / "client", "server": ROOT / "s
 ALLOWED = {
     ("nestkv.client.local", "nestkv.server.storage"),
     ("nestkv.client.local", "nestkv.server.limits"),
+    # The reason of a fault the storage raised, from the one table.
+    ("nestkv.client.local", "nestkv.server.errors"),
 }
 
 

@@ -20,7 +20,6 @@ from nestkv.server.errors import (
     InvalidArgument,
     KeyMoved,
     StoreFault,
-    put_error,
     status_of,
 )
 from nestkv.server.limits import MiB
@@ -28,6 +27,7 @@ from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import KINDS, Operations, unlogged
 from nestkv.server.router import Answer, Route, Router
 from nestkv.server.security import Grant
+from nestkv.server.status import put_error
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.codes import name_of
 

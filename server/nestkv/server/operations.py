@@ -14,8 +14,9 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
-from nestkv.server.errors import InvalidArgument, StoreFault, put_error
+from nestkv.server.errors import InvalidArgument, StoreFault
 from nestkv.server.limits import Limits, check_span
+from nestkv.server.status import put_error
 from nestkv.server.storage import NEVER, Condition, NamespacedStorage
 from nestkv.server.storage.clock import MAX_PEER_AHEAD, describe
 from nestkv.server.version import VERSION

@@ -31,14 +31,13 @@ from nestkv.server.errors import (
     Unauthenticated,
     Unreachable,
     status_of,
-    status_of_error,
-    status_of_fault,
 )
 from nestkv.server.limits import Limits
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import Operations
 from nestkv.server.router import Router
 from nestkv.server.security import Gate, Grant
+from nestkv.server.status import status_of_error, status_of_fault
 from nestkv.v1 import peer_pb2 as peer_pb
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.operations import idempotent

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from nestkv.server.cluster.liveness import INTERVAL, LEASE, PING_TIMEOUT, Liveness, wait_changed
 from nestkv.server.cluster.peers import REPLICA_TIMEOUT, failure_of
-from nestkv.server.errors import NoServingCopy, NotServing, ReplicationIncomplete, TooFewCopies, put_error
+from nestkv.server.errors import NoServingCopy, NotServing, ReplicationIncomplete, TooFewCopies
 from nestkv.server.router import Answer
+from nestkv.server.status import put_error
 from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.v1 import store_pb2 as pb
 

@@ -22,11 +22,12 @@ from nestkv.server.cluster.admission import PeerGrant
 from nestkv.server.cluster.node import Cluster
 from nestkv.server.cluster.peers import failure_of
 from nestkv.server.cluster.replication import NOT_APPLIED, Replication
-from nestkv.server.errors import KeyMoved, MembersChanging, NotServing, StoreFault, Unreachable, put_error
+from nestkv.server.errors import KeyMoved, MembersChanging, NotServing, StoreFault, Unreachable
 from nestkv.server.metrics import OperationMetrics
 from nestkv.server.operations import READS, Operations, changed, found
 from nestkv.server.router import Answer, Route
 from nestkv.server.security import Grant
+from nestkv.server.status import put_error
 from nestkv.v1 import store_pb2 as pb
 from nestkv.wire.operations import conditional
 
