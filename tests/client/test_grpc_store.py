@@ -212,8 +212,9 @@ async def test_a_value_over_max_value_bytes_is_refused_before_anything_is_sent()
     store = GrpcStore.with_client(target, max_value_bytes=1000)
     with pytest.raises(
         InvalidRequestError, match=r"value is 1001 bytes; the limit is 1000 \(max_value_bytes\)"
-    ):
+    ) as caught:
         await store.set("key", b"v" * 1001)
+    assert (caught.value.reason, caught.value.applied) == ("INVALID_FIELD", False)  # as the server's
     with pytest.raises(ValueError, match="value is 1003 bytes"):
         await store.with_namespace("ns").set_many([("small", b"v"), ("big", "é" * 501 + "v")])
     assert store._connection._by_loop == {}  # no channel was even opened

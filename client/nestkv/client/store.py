@@ -523,7 +523,10 @@ class GrpcStore(NamespacedStore):
         if len(data) > limit:
             # Sent, it would fail in gRPC as RESOURCE_EXHAUSTED, which reads as "the store is full".
             raise InvalidRequestError(
-                f"value is {len(data)} bytes; the limit is {limit} (max_value_bytes)", "INVALID_ARGUMENT"
+                f"value is {len(data)} bytes; the limit is {limit} (max_value_bytes)",
+                "INVALID_ARGUMENT",
+                reason="INVALID_FIELD",
+                applied=False,
             )
         return data
 
