@@ -376,22 +376,29 @@ async def test_the_next_copy_answers_once_the_others_promise_the_first_holds_no_
     three: InProcessCluster,
 ) -> None:
     """a stops answering pings: b answers for a's keys once both b and c promise not to grant a
-    lease (LEASE after a last asked), not before, and before a is taken to be down."""
+    lease (LEASE after a last asked), not while a's own lease may still hold, and before a is
+    taken to be down."""
     key = key_with_copies(three, "a", "b")
     b = three.nodes["b"]
-    replication = b.cluster.replication
+    replication, first = b.cluster.replication, three.nodes["a"].cluster.replication
     assert replication is not None
+    assert first is not None
     stopped = time.monotonic()  # a is asked nothing, and asks nothing, from here on
     await three.stop("a")
+    both = 0  # times b answered for the key while a's lease still held (a would answer too)
 
-    def serving() -> str:
+    def b_serves() -> bool:
+        nonlocal both
         with contextlib.suppress(NoServingCopy, NotServing):
-            return replication.serving_copy(PATH, key)
-        return ""
+            if replication.serving_copy(PATH, key) == "b":
+                both += first.liveness.in_touch()
+                return True
+        return False
 
-    await until(lambda: serving() == "b")
+    await until(b_serves)
     took = time.monotonic() - stopped
-    assert LEASE <= took < DOWN_AFTER + INTERVAL, took
+    assert both == 0
+    assert LEASE / 2 < took < DOWN_AFTER + INTERVAL, took  # (from a's last ask, not from here: LEASE)
 
 
 async def test_a_copy_written_around_while_cut_from_the_other_copy_catches_up_once_back(
