@@ -27,9 +27,12 @@ def order(path: Sequence[str], key: str) -> tuple[tuple[int, str], ...]:
 
 @contextlib.contextmanager
 def tiny_indexes() -> Iterator[None]:
-    """Index every namespace of more than 1 key, in sublists of 2 to 4, built 3 keys a step:
-    small stores then take every path (build, pending keys, splits) of large ones."""
-    with mock.patch.multiple(scan_module, SORT_LIMIT=1, LOAD=2, BUILD_STEP=3):
+    """Index every namespace of more than 1 key, in sublists of 2 to 4, built 3 keys a step, added
+    keys taken in 2 at a time (or the index built anew once they outnumber a quarter of it, plus
+    1): small stores then take every path (build, added keys, splits, rebuilds) of large ones."""
+    with mock.patch.multiple(
+        scan_module, SORT_LIMIT=1, LOAD=2, BUILD_STEP=3, ADD_COST=1, INLINE_ADDS=2, STALE_FLOOR=1
+    ):
         yield
 
 
@@ -253,6 +256,7 @@ def test_a_large_namespace_is_indexed_a_step_at_a_time_and_kept_up_to_date(
         steps = 0
         while (page := storage.scan(ROOT, b"", 5)) is None:
             steps += 1
+            assert steps < 1000, "a build that writes outpace never ends"
             storage.set(ROOT, f"during{steps}", b"v")  # told to the build: it is indexed too
         assert steps > 3  # 20 keys, 3 a step
         node = storage._tree.find(ROOT)

@@ -21,13 +21,16 @@ Finding the items after a position without sorting a whole namespace
 A namespace with at most `SORT_LIMIT` keys (or child namespaces) is sorted
 when a page reaches it. A larger one gets an index: its keys in a
 `SortedKeys` (sorted sublists), built a step at a time when a scan first
-needs it, and kept up to date while it exists by one hook (`Node.scan`),
-called when a key is added to the namespace (`NamespacedStorage._put`) or a
-child namespace is created (`NamespaceTree.find_or_create`). Removals are not
-told: an index may hold keys that are gone (a page looks each one up anyway),
-and is dropped when those grow to outnumber the live ones, or when no scan
-used it for `IDLE_SECONDS`. Dropping or rebuilding an index never moves an
-item: the next page builds it again and goes on from the cursor.
+needs it, and kept complete while it exists by one hook (`Node.scan`), called
+when a key is added to the namespace (`NamespacedStorage._put`) or a child
+namespace is created (`NamespaceTree.find_or_create`). The hook only appends
+the name to a list; the next page that needs the index inserts them (a few
+µs each: their comparisons touch keys all over memory), so writes pay almost
+nothing. Removals are not told: an index may hold keys that are gone (a page
+looks each one up anyway), and is dropped when those grow to outnumber the
+live ones, or when no scan used it for `IDLE_SECONDS`. Dropping or rebuilding
+an index never moves an item: the next page builds it again and goes on from
+the cursor.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ SORT_LIMIT = 4096
 needs it; above it, it is indexed."""
 BUILD_STEP = 16_384
 """Keys an index build handles per step (a step: ~10 ms on the reference machine)."""
+ADD_COST = 4
+"""Inserting a key into a large SortedKeys costs about this many keys of a build step (~3 us:
+its comparisons touch keys all over memory)."""
+INLINE_ADDS = 2048
+"""Added keys a page takes into an index before going on; more take steps of their own."""
 IDLE_SECONDS = 60.0
 """An index no page used for this long is dropped (by `ScanIndexes.drop_idle`, from reap)."""
 STALE_FLOOR = 4096
@@ -225,22 +233,19 @@ class SortedKeys:
 
 class _Build:
     """An index being built by sample sort, a step at a time: snapshot the names, pick splitters
-    from a sample, deal each name to the sublist between two splitters, sort the sublists. Names
-    added meanwhile wait in `pending`; names removed meanwhile stay (the index is allowed them)."""
+    from a sample, deal each name to the sublist between two splitters, sort the sublists."""
 
-    __slots__ = ("buckets", "index", "pending", "position", "snapshot", "splitters")
+    __slots__ = ("buckets", "position", "snapshot", "splitters")
 
     _random = random.Random()
 
     def __init__(self, names: list[str]) -> None:
         self.snapshot = names
-        self.pending: list[str] = []
         count = max(len(names) // LOAD, 1)
         sample = sorted(self._random.sample(names, min(len(names), 8 * count)))
         self.splitters = sample[8::8][: count - 1]  # 8 times over-sampled: sublists near LOAD
         self.buckets: list[list[str]] = [[] for _ in range(len(self.splitters) + 1)]
         self.position = 0  # in snapshot while dealing, then in buckets while sorting
-        self.index: SortedKeys | None = None  # once sorted, while pending names are added
 
     def step(self, budget: int) -> SortedKeys | None:
         """Do about `budget` keys of work; the index once it is complete."""
@@ -253,55 +258,75 @@ class _Build:
             if self.position >= len(self.snapshot):
                 self.snapshot, self.position = [], 0
             return None
-        if self.index is None:
-            done = 0
-            while self.position < len(self.buckets) and done < budget:
-                bucket = self.buckets[self.position]
-                bucket.sort()
-                done += len(bucket) + 1
-                self.position += 1
-            if self.position >= len(self.buckets):
-                self.index = SortedKeys([bucket for bucket in self.buckets if bucket])
-                self.buckets = []
+        done = 0
+        while self.position < len(self.buckets) and done < budget:
+            bucket = self.buckets[self.position]
+            bucket.sort()
+            done += len(bucket) + 1
+            self.position += 1
+        if self.position < len(self.buckets):
             return None
-        index = self.index
-        pending = self.pending
-        for name in pending[-budget:]:
-            index.add(name)
-        del pending[-budget:]
-        return None if pending else index
+        return SortedKeys([bucket for bucket in self.buckets if bucket])
 
 
 class _Index:
-    """The index of one dict of a node (its entries, or its children)."""
+    """The index of one dict of a node (its entries, or its children's names).
 
-    __slots__ = ("build", "keys", "source")
+    It holds every name its dict held since it was begun: those of the snapshot the build
+    started from, and each one added since (`added`, told by the hook, taken into `keys` by the
+    pages that need them: a write only appends). Names removed since may still be in it.
+    """
+
+    __slots__ = ("added", "build", "built", "keys", "source")
 
     def __init__(self, source: Mapping[str, object]) -> None:
         self.source = source  # the very dict indexed: a root emptied by delete_all gets a new one
+        self.added: list[str] = []
         self.keys: SortedKeys | None = None
-        self.build: _Build | None = _Build(list(source))
+        self.build: _Build | None = None
+        self.built = False  # built anew and not ready since: take the added keys in, build no more
+        self.rebuild()
 
-    def add(self, name: str) -> None:
-        if self.keys is not None:
-            self.keys.add(name)
-        else:
-            assert self.build is not None
-            self.build.pending.append(name)
+    def rebuild(self) -> None:
+        """Begin anew from the dict as it is now."""
+        self.keys, self.build, self.added = None, _Build(list(self.source)), []
 
-    def step(self, budget: int) -> bool:
-        """Do a step of the build; whether the index is ready."""
+    def ready(self, inline: int) -> bool:
+        """Whether `keys` holds every name; takes the added ones in first if at most `inline`."""
+        if self.keys is None or len(self.added) > inline:
+            return False
+        if self.added:
+            self._take_added(len(self.added))
+        self.built = False
+        return True
+
+    def step(self, budget: int) -> None:
+        """Do about `budget` keys of work towards `ready`."""
         if self.build is not None:
             keys = self.build.step(budget)
             if keys is not None:
-                self.keys, self.build = keys, None
-        return self.keys is not None
+                self.keys, self.build, self.built = keys, None, True
+            return
+        assert self.keys is not None
+        if not self.built and len(self.added) > len(self.keys) // 4 + STALE_FLOOR:
+            # A build costs less than inserting that many one by one; but only once in a row,
+            # or keys added during each build faster than it goes would start it over forever.
+            self.rebuild()
+            return
+        self._take_added(budget // ADD_COST)
+
+    def _take_added(self, count: int) -> None:
+        keys, added = self.keys, self.added
+        assert keys is not None
+        taken = added[-count:]
+        del added[-count:]
+        for name in taken:
+            keys.add(name)
 
     def size(self) -> int:
-        if self.keys is not None:
-            return len(self.keys)
-        assert self.build is not None
-        return len(self.build.snapshot) + len(self.build.pending)
+        """Names held, removed ones included (and added ones twice, if added back)."""
+        held = len(self.keys) if self.keys is not None else len(self.build.snapshot) if self.build else 0
+        return held + len(self.added)
 
 
 class NodeIndex:
@@ -318,12 +343,12 @@ class NodeIndex:
     def key_added(self, key: str) -> None:
         """The hook: `key` was added to the node's entries (it was not there)."""
         if self.entries is not None:
-            self.entries.add(key)
+            self.entries.added.append(key)
 
     def child_added(self, name: str) -> None:
         """The hook: the child namespace `name` was created under the node."""
         if self.children is not None:
-            self.children.add(name)
+            self.children.added.append(name)
 
 
 class ScanIndexes:
@@ -462,8 +487,7 @@ class Scanner:
                         exhausted = False
                         break
         except _NeedIndex as need:
-            index = self.indexes.index_of(need.node, need.children, now)
-            index.step(BUILD_STEP)
+            self.indexes.index_of(need.node, need.children, now).step(BUILD_STEP)
             if last == after:
                 return None
             exhausted = False
@@ -477,8 +501,9 @@ class Scanner:
         holder = node.scan
         index = None if holder is None else holder.children if children else holder.entries
         source = node.children if children else node.entries
-        if index is not None and index.keys is not None and index.source is source:
+        if index is not None and index.source is source and index.ready(INLINE_ADDS):
             assert holder is not None
+            assert index.keys is not None
             holder.used = now
             return index.keys.after(after)
         if len(source) <= SORT_LIMIT:
