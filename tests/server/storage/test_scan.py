@@ -27,12 +27,10 @@ def order(path: Sequence[str], key: str) -> tuple[tuple[int, str], ...]:
 
 @contextlib.contextmanager
 def tiny_indexes() -> Iterator[None]:
-    """Index every namespace of more than 1 key, in sublists of 2 to 4, built 3 keys a step, added
-    keys taken in 2 at a time (or the index built anew once they outnumber a quarter of it, plus
-    1): small stores then take every path (build, added keys, splits, rebuilds) of large ones."""
-    with mock.patch.multiple(
-        scan_module, SORT_LIMIT=1, LOAD=2, BUILD_STEP=3, ADD_COST=1, INLINE_ADDS=2, STALE_FLOOR=1
-    ):
+    """Index every namespace of more than 1 key, in runs of 2 to 4, built 3 keys a step, added
+    keys taken in 2 at a time inline, 3 a step beyond, dropped when stale past a floor of 1:
+    small stores then take every path (build, added keys, splits, drops) of large ones."""
+    with mock.patch.multiple(scan_module, SORT_LIMIT=1, LOAD=2, BUILD_STEP=3, INLINE_ADDS=2, STALE_FLOOR=1):
         yield
 
 
@@ -330,16 +328,22 @@ def test_an_index_of_mostly_deleted_keys_is_dropped(storage: NamespacedStorage) 
         assert storage.scan_indexes.nodes == {}
 
 
-@given(st.lists(st.text(max_size=4), max_size=200), st.lists(st.text(max_size=4), max_size=20))
-def test_sorted_keys_holds_a_sorted_set(added: list[str], probes: list[str]) -> None:
+@given(
+    st.lists(st.text(max_size=4), max_size=100),
+    st.lists(st.tuples(st.booleans(), st.text(max_size=4)), max_size=200),
+)
+def test_sorted_keys_holds_a_sorted_set(built: list[str], operations: list[tuple[bool, str]]) -> None:
     with mock.patch.object(scan_module, "LOAD", 2):
-        keys = SortedKeys([sorted(set(added[: len(added) // 2]))] if added[: len(added) // 2] else [])
-        for key in added[len(added) // 2 :]:
-            keys.add(key)
-        assert list(keys.after(None)) == sorted(set(added))
-        assert len(keys) == len(set(added))
-        for probe in probes:
-            assert list(keys.after(probe)) == sorted(key for key in set(added) if key > probe)
+        keys = SortedKeys([sorted(set(built))] if built else [])
+        model = set(built)
+        for add, text in operations:  # adds, and reads from anywhere (which sort and split runs)
+            if add:
+                keys.add(text)
+                model.add(text)
+            else:
+                assert list(keys.after(text)) == sorted(key for key in model if key > text)
+        assert list(keys.after(None)) == sorted(model)
+        assert len(keys) == len(model)
 
 
 # The cursor.

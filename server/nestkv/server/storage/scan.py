@@ -20,13 +20,12 @@ Finding the items after a position without sorting a whole namespace
 ---------------------------------------------------------------------
 A namespace with at most `SORT_LIMIT` keys (or child namespaces) is sorted
 when a page reaches it. A larger one gets an index: its keys in a
-`SortedKeys` (sorted sublists), built a step at a time when a scan first
+`SortedKeys` (sorted runs of ~1000 keys), built a step at a time when a scan first
 needs it, and kept complete while it exists by one hook (`Node.scan`), called
 when a key is added to the namespace (`NamespacedStorage._put`) or a child
 namespace is created (`NamespaceTree.find_or_create`). The hook only appends
-the name to a list; the next page that needs the index inserts them (a few
-µs each: their comparisons touch keys all over memory), so writes pay almost
-nothing. Removals are not told: an index may hold keys that are gone (a page
+the name to a list; the next page that needs the index takes them in, so
+writes pay almost nothing. Removals are not told: an index may hold keys that are gone (a page
 looks each one up anyway), and is dropped when those grow to outnumber the
 live ones, or when no scan used it for `IDLE_SECONDS`. Dropping or rebuilding
 an index never moves an item: the next page builds it again and goes on from
@@ -48,17 +47,14 @@ from nestkv.server.errors import InvalidArgument
 from nestkv.server.storage.tree import Node, deadline_of, value_of, version_of
 
 LOAD = 1000
-"""Sublist length of a SortedKeys: sublists hold LOAD to 2 * LOAD keys after a split."""
+"""Run length of a SortedKeys: runs hold up to 2 * LOAD keys, and LOAD after a split."""
 SORT_LIMIT = 4096
 """A namespace with at most this many keys (or child namespaces) is sorted by the page that
 needs it; above it, it is indexed."""
 BUILD_STEP = 16_384
 """Keys an index build handles per step (a step: ~10 ms on the reference machine)."""
-ADD_COST = 4
-"""Inserting a key into a large SortedKeys costs about this many keys of a build step (~3 us:
-its comparisons touch keys all over memory)."""
-INLINE_ADDS = 2048
-"""Added keys a page takes into an index before going on; more take steps of their own."""
+INLINE_ADDS = 16_384
+"""Added keys a page takes into an index before going on (~0.4 us each); more take steps."""
 IDLE_SECONDS = 60.0
 """An index no page used for this long is dropped (by `ScanIndexes.drop_idle`, from reap)."""
 STALE_FLOOR = 4096
@@ -167,68 +163,87 @@ def decode_cursor(cursor: bytes, path: Sequence[str], recursive: bool) -> Positi
 
 
 class SortedKeys:
-    """A sorted set of strings: sublists of LOAD to 2 * LOAD keys and the largest key of each.
+    """A sorted set of strings: sorted runs (tuples) of about LOAD keys, the largest key of each,
+    and the keys added to each run since it was last sorted.
 
-    Adding costs two bisections and a list insert of at most 2 * LOAD pointers, whatever the
-    size; iterating from a key costs two bisections, then a step per key.
+    Adding costs a bisection of the runs' largest keys (a few KB, warm in the cache) and an
+    append. A run takes its added keys in when it is iterated: one C sort of the run with them
+    (which finds the run sorted), then split if it grew past 2 * LOAD. Comparing keys all over
+    memory one by one in Python, as an insertion into a sorted list does, costs ~3 us a key;
+    this way the comparisons are those of a sort, over keys the page is about to read anyway.
+    Runs are tuples of str, which the garbage collector stops tracking: a full collection does
+    not walk an index of a million keys (~40 ms if it did).
     """
 
-    __slots__ = ("_lists", "_maxes", "_size")
+    __slots__ = ("_added", "_maxes", "_runs", "_size")
 
-    def __init__(self, lists: list[list[str]] | None = None) -> None:
-        """`lists`: sorted, non-empty sublists, each key below the next sublist's keys."""
-        self._lists: list[list[str]] = []
-        for sub in lists or ():
-            if len(sub) <= 2 * LOAD:
-                self._lists.append(sub)
+    def __init__(self, runs: list[list[str]] | None = None) -> None:
+        """`runs`: sorted, non-empty lists, each key below the next list's keys."""
+        self._runs: list[tuple[str, ...]] = []
+        for run in runs or ():
+            if len(run) <= 2 * LOAD:
+                self._runs.append(tuple(run))
             else:
-                self._lists += (sub[start : start + LOAD] for start in range(0, len(sub), LOAD))
-        self._maxes = [sub[-1] for sub in self._lists]
-        self._size = sum(map(len, self._lists))
+                self._runs += (tuple(run[start : start + LOAD]) for start in range(0, len(run), LOAD))
+        self._maxes = [run[-1] for run in self._runs]
+        self._added: list[list[str] | None] = [None] * len(self._runs)
+        self._size = sum(map(len, self._runs))
 
     def __len__(self) -> int:
+        """Keys held; a key added again before its run was sorted counts twice until then."""
         return self._size
 
     def add(self, key: str) -> None:
-        """Add `key` if it is not held already."""
+        """Add `key` (if it is held already, the run drops the copy when it is sorted)."""
         maxes = self._maxes
+        self._size += 1
         if not maxes:
-            self._lists.append([key])
+            self._runs.append((key,))
             maxes.append(key)
-            self._size = 1
+            self._added.append(None)
             return
         i = bisect_left(maxes, key)
         if i == len(maxes):
             i -= 1
-            self._lists[i].append(key)
             maxes[i] = key
+        added = self._added[i]
+        if added is None:
+            self._added[i] = [key]
         else:
-            sub = self._lists[i]
-            j = bisect_left(sub, key)
-            if sub[j] == key:
-                return
-            sub.insert(j, key)
-        self._size += 1
-        sub = self._lists[i]
-        if len(sub) > 2 * LOAD:
-            self._lists[i : i + 1] = [sub[:LOAD], sub[LOAD:]]
-            maxes[i : i + 1] = [sub[LOAD - 1], sub[-1]]
+            added.append(key)
+
+    def _sort(self, i: int) -> None:
+        """Take the keys added to run `i` into it, and split it if it grew past 2 * LOAD."""
+        added = self._added[i]
+        assert added is not None
+        run = self._runs[i]
+        merged = tuple(dict.fromkeys(sorted((*run, *added))))  # sorted, without the copies
+        self._size -= len(run) + len(added) - len(merged)
+        if len(merged) <= 2 * LOAD:
+            self._runs[i], self._added[i] = merged, None
+            return
+        parts = [merged[start : start + LOAD] for start in range(0, len(merged), LOAD)]
+        self._runs[i : i + 1] = parts
+        self._maxes[i : i + 1] = [part[-1] for part in parts]
+        self._added[i : i + 1] = [None] * len(parts)
 
     def after(self, key: str | None) -> Iterator[str]:
-        """The keys above `key` (None: all), in order. The set must not change meanwhile."""
-        lists = self._lists
-        if not lists:
-            return
-        if key is None:
-            i, j = 0, 0
-        else:
-            i = bisect_right(self._maxes, key)
-            if i == len(lists):
+        """The keys above `key` (None: all), in order. Nothing may be added meanwhile."""
+        runs, added, maxes = self._runs, self._added, self._maxes
+        i = 0
+        if key is not None:  # the first run that may hold keys above it, sorted: maybe split
+            while (i := bisect_right(maxes, key)) < len(runs) and added[i] is not None:
+                self._sort(i)
+            if i == len(runs):
                 return
-            j = bisect_right(lists[i], key)
-        yield from islice(lists[i], j, None)
-        for sub in islice(lists, i + 1, None):
-            yield from sub
+            run = runs[i]
+            yield from islice(run, bisect_right(run, key), None)
+            i += 1
+        while i < len(runs):
+            if added[i] is not None:
+                self._sort(i)  # split or not, run i is the first of what it held
+            yield from runs[i]
+            i += 1
 
 
 class _Build:
@@ -277,19 +292,13 @@ class _Index:
     pages that need them: a write only appends). Names removed since may still be in it.
     """
 
-    __slots__ = ("added", "build", "built", "keys", "source")
+    __slots__ = ("added", "build", "keys", "source")
 
     def __init__(self, source: Mapping[str, object]) -> None:
         self.source = source  # the very dict indexed: a root emptied by delete_all gets a new one
         self.added: list[str] = []
         self.keys: SortedKeys | None = None
-        self.build: _Build | None = None
-        self.built = False  # built anew and not ready since: take the added keys in, build no more
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Begin anew from the dict as it is now."""
-        self.keys, self.build, self.added = None, _Build(list(self.source)), []
+        self.build: _Build | None = _Build(list(source))
 
     def ready(self, inline: int) -> bool:
         """Whether `keys` holds every name; takes the added ones in first if at most `inline`."""
@@ -297,23 +306,16 @@ class _Index:
             return False
         if self.added:
             self._take_added(len(self.added))
-        self.built = False
         return True
 
     def step(self, budget: int) -> None:
         """Do about `budget` keys of work towards `ready`."""
-        if self.build is not None:
-            keys = self.build.step(budget)
-            if keys is not None:
-                self.keys, self.build, self.built = keys, None, True
+        if self.build is None:
+            self._take_added(budget)
             return
-        assert self.keys is not None
-        if not self.built and len(self.added) > len(self.keys) // 4 + STALE_FLOOR:
-            # A build costs less than inserting that many one by one; but only once in a row,
-            # or keys added during each build faster than it goes would start it over forever.
-            self.rebuild()
-            return
-        self._take_added(budget // ADD_COST)
+        keys = self.build.step(budget)
+        if keys is not None:
+            self.keys, self.build = keys, None
 
     def _take_added(self, count: int) -> None:
         keys, added = self.keys, self.added
