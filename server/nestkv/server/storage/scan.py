@@ -53,6 +53,9 @@ SORT_LIMIT = 4096
 needs it; above it, it is indexed."""
 BUILD_STEP = 16_384
 """Keys an index build handles per step (a step: ~10 ms on the reference machine)."""
+SORT_COST = 8
+"""Sorting a key into its run costs about this many keys of dealing (its comparisons touch
+keys all over memory)."""
 INLINE_ADDS = 16_384
 """Added keys a page takes into an index before going on (~0.4 us each); more take steps."""
 IDLE_SECONDS = 60.0
@@ -177,10 +180,11 @@ class SortedKeys:
 
     __slots__ = ("_added", "_maxes", "_runs", "_size")
 
-    def __init__(self, runs: list[list[str]] | None = None) -> None:
-        """`runs`: sorted, non-empty lists, each key below the next list's keys."""
+    def __init__(self, runs: Sequence[Sequence[str]] = ()) -> None:
+        """`runs`: sorted, non-empty sequences, each key below the next one's keys (tuples are
+        kept as they are)."""
         self._runs: list[tuple[str, ...]] = []
-        for run in runs or ():
+        for run in runs:
             if len(run) <= 2 * LOAD:
                 self._runs.append(tuple(run))
             else:
@@ -247,41 +251,52 @@ class SortedKeys:
 
 
 class _Build:
-    """An index being built by sample sort, a step at a time: snapshot the names, pick splitters
-    from a sample, deal each name to the sublist between two splitters, sort the sublists."""
+    """An index being built by sample sort, a step at a time: snapshot the names; pick splitters
+    from a sample; deal each name to the bucket between two splitters; sort each bucket into a
+    run. No step takes more than about BUILD_STEP keys' worth of work, but for the snapshot (one
+    list of every name: ~20 ms for a million)."""
 
-    __slots__ = ("buckets", "position", "snapshot", "splitters")
+    __slots__ = ("buckets", "position", "runs", "snapshot", "splitters")
 
     _random = random.Random()
 
     def __init__(self, names: list[str]) -> None:
         self.snapshot = names
-        count = max(len(names) // LOAD, 1)
-        sample = sorted(self._random.sample(names, min(len(names), 8 * count)))
-        self.splitters = sample[8::8][: count - 1]  # 8 times over-sampled: sublists near LOAD
-        self.buckets: list[list[str]] = [[] for _ in range(len(self.splitters) + 1)]
+        self.splitters: list[str] | None = None
+        self.buckets: list[list[str]] = []
+        self.runs: list[tuple[str, ...]] = []
         self.position = 0  # in snapshot while dealing, then in buckets while sorting
 
     def step(self, budget: int) -> SortedKeys | None:
         """Do about `budget` keys of work; the index once it is complete."""
-        if self.snapshot:
-            chunk = self.snapshot[self.position : self.position + budget]
+        names = self.snapshot
+        if self.splitters is None:
+            count = max(len(names) // LOAD, 1)
+            sample = sorted(self._random.sample(names, min(len(names), 8 * count)))
+            self.splitters = sample[8::8][: count - 1]  # 8 times over-sampled: buckets near LOAD
+            self.buckets = [[] for _ in range(len(self.splitters) + 1)]
+            return None
+        if self.position < len(names):
             buckets, splitters = self.buckets, self.splitters
-            for name in chunk:
+            for name in names[self.position : self.position + budget]:
                 buckets[bisect_right(splitters, name)].append(name)
-            self.position += len(chunk)
-            if self.position >= len(self.snapshot):
+            self.position += budget
+            if self.position >= len(names):
                 self.snapshot, self.position = [], 0
             return None
         done = 0
-        while self.position < len(self.buckets) and done < budget:
-            bucket = self.buckets[self.position]
-            bucket.sort()
-            done += len(bucket) + 1
+        buckets = self.buckets
+        while self.position < len(buckets) and done < budget:
+            bucket = buckets[self.position]
+            buckets[self.position] = []
+            if bucket:
+                bucket.sort()  # keys all over memory: ~1 us a key for a bucket of LOAD
+                self.runs.append(tuple(bucket))
+            done += SORT_COST * len(bucket) + 1
             self.position += 1
-        if self.position < len(self.buckets):
+        if self.position < len(buckets):
             return None
-        return SortedKeys([bucket for bucket in self.buckets if bucket])
+        return SortedKeys(self.runs)
 
 
 class _Index:
