@@ -15,7 +15,9 @@
 * recursive: a full recursive scan of a namespace of `--children` child
   namespaces of `--per-child` keys each.
 
-The garbage collector runs as in the server. Prints JSON.
+The garbage collector runs as in the server, after the full collection loading made due; a
+page that meets a full collection pays for it (with keys that expire, the expiry wheel's
+lists make it ~22 ms with one namespace of 1M keys, ~320 ms with 10,000 of 100). Prints JSON.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def loaded(keys: int, clock: Clock, path: tuple[str, ...] = PATH, seed: int = 1)
     random.Random(seed).shuffle(order)  # not in the scan's order, in the dict or in memory
     for i in order:
         storage.set(path, f"key-{i:016d}", VALUE, ttl=3600)
+    gc.collect()  # the full collection the load has made due, as a server would have had it by now
     return storage
 
 
@@ -219,7 +222,16 @@ def recursive(children: int, per_child: int, page_size: int) -> dict[str, Any]:
     random.Random(2).shuffle(order)
     for c, k in order:
         storage.set((*PATH, f"child-{c:08d}"), f"key-{k:016d}", VALUE, ttl=3600)
-    results: dict[str, Any] = {"children": children, "per_child": per_child}
+    del order
+    gc.collect()
+    started = time.perf_counter()
+    gc.collect()
+    full_collection_ms = 1000 * (time.perf_counter() - started)
+    results: dict[str, Any] = {
+        "children": children,
+        "per_child": per_child,
+        "full_gc_collection_ms": full_collection_ms,  # the store's own, whatever scans do
+    }
     results["first_scan"] = full_scan(storage, PATH, page_size, recursive=True)
     results["indexed_scan"] = full_scan(storage, PATH, page_size, recursive=True)
     return results

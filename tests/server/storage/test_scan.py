@@ -92,13 +92,13 @@ def test_a_recursive_scan_lists_every_key_once_in_the_documented_order(
     storage.set(("tenant", "scanner"), "beside", b"x")
     with tiny_indexes() if tiny else contextlib.nullcontext():
         items = scan_all(storage, limit=4, values=True)
-    listed = [(item.path, item.key) for item in items]
+    listed = [(path, key) for path, key, *_ in items]
     expected = sorted(((path, key) for path in PATHS for key in KEYS), key=lambda item: order(*item))
     assert listed == expected
     # Code point order is UTF-8 byte order: the encoded keys of a namespace come out sorted too.
     own = [key.encode() for path, key in listed if path == ()]
     assert own == sorted(own)
-    assert all(item.value == f"{item.path}/{item.key}".encode() for item in items)
+    assert all(value == f"{path}/{key}".encode() for path, key, value, *_ in items)
 
 
 def test_a_flat_scan_lists_only_the_namespace_own_keys(storage: NamespacedStorage) -> None:
@@ -106,7 +106,7 @@ def test_a_flat_scan_lists_only_the_namespace_own_keys(storage: NamespacedStorag
     storage.set(ROOT, "a", b"2")
     storage.set((*ROOT, "child"), "c", b"3")
     items = scan_all(storage, recursive=False)
-    assert [(item.path, item.key, item.value) for item in items] == [((), "a", None), ((), "b", None)]
+    assert [(path, key, value) for path, key, value, *_ in items] == [((), "a", None), ((), "b", None)]
 
 
 def test_a_namespace_that_holds_nothing_gives_one_empty_last_page(storage: NamespacedStorage) -> None:
@@ -122,7 +122,7 @@ def test_expired_keys_are_not_listed_even_before_they_are_reaped(
     assert len(scan_all(storage)) == 20
     clock.advance(5)
     items = scan_all(storage)
-    assert [(item.path, item.key) for item in items] == [
+    assert [(path, key) for path, key, *_ in items] == [
         (path, f"k{i}") for path in ((), ("child",)) for i in range(0, 10, 2)
     ]
     assert storage.count(ROOT) == 20  # not reaped by the scan: only not listed
@@ -139,7 +139,7 @@ def test_a_page_of_expired_keys_stops_after_a_bounded_look_and_goes_on_from_ther
     assert page.items == []
     assert not page.done  # it looked at EXAMINE_FACTOR * 1 + 64 expired keys, not at all 1000
     assert decode_cursor(page.cursor, ROOT, True) == Position((), f"a{scan_module.EXAMINE_FACTOR + 63:04d}")
-    assert [item.key for item in scan_all(storage, limit=1)] == ["b"]
+    assert [key for _, key, *_ in scan_all(storage, limit=1)] == ["b"]
 
 
 # Exactly once while a writer changes everything else.
@@ -192,10 +192,10 @@ def test_a_key_stored_throughout_is_listed_exactly_once_whatever_changes_between
     with tiny_indexes() if tiny else contextlib.nullcontext():
         while True:
             page = next_page(storage, cursor, limit)
-            for item in page.items:
-                assert item.deadline > clock.now  # live when listed
-                assert storage.get((*ROOT, *item.path), item.key) is not None
-            listed += [(item.path, item.key) for item in page.items]
+            for path, key, _, _, deadline in page.items:
+                assert deadline > clock.now  # live when listed
+                assert storage.get((*ROOT, *path), key) is not None
+            listed += [(path, key) for path, key, *_ in page.items]
             if page.done:
                 break
             cursor = page.cursor
@@ -226,7 +226,7 @@ def test_a_key_deleted_and_written_again_mid_scan_keeps_its_place(storage: Names
     for key in "abcdef":
         storage.set(ROOT, key, b"v")
     first = next_page(storage, b"", 3)
-    assert [item.key for item in first.items] == ["a", "b", "c"]
+    assert [key for _, key, *_ in first.items] == ["a", "b", "c"]
     storage.delete(ROOT, "b")  # behind the cursor: not listed again when written back
     storage.set(ROOT, "b", b"again")
     storage.delete(ROOT, "e")  # ahead of it: listed once, with its value at that page
@@ -234,7 +234,7 @@ def test_a_key_deleted_and_written_again_mid_scan_keeps_its_place(storage: Names
     storage.set(ROOT, "a0", b"new")  # new, behind: not listed
     storage.set(ROOT, "d0", b"new")  # new, ahead: listed
     rest = next_page(storage, first.cursor, 10, values=True)
-    assert [(item.key, item.value) for item in rest.items] == [
+    assert [(key, value) for _, key, value, *_ in rest.items] == [
         ("d", b"v"),
         ("d0", b"new"),
         ("e", b"again"),
@@ -263,9 +263,9 @@ def test_a_large_namespace_is_indexed_a_step_at_a_time_and_kept_up_to_date(
         assert node.scan.entries is not None
         assert node.scan.entries.keys is not None
         written = [f"k{i:02d}" for i in range(20)] + [f"during{i}" for i in range(1, steps + 1)]
-        assert [item.key for item in page.items] == sorted(written)[:5]
+        assert [key for _, key, *_ in page.items] == sorted(written)[:5]
         storage.set(ROOT, "after", b"v")  # told to the index
-        keys = [item.key for item in scan_all(storage, recursive=False)]
+        keys = [key for _, key, *_ in scan_all(storage, recursive=False)]
         assert keys == sorted(keys)
         assert len(keys) == 20 + steps + 1
 
@@ -287,7 +287,7 @@ def test_indexes_go_when_idle_or_dropped_and_come_back_where_the_scan_was(
         assert indexes.held() == 0
         assert storage._tree.find((*ROOT, "child")).scan is None  # type: ignore[union-attr]
         rest = scan_all_from(storage, first.cursor)
-        assert [(item.path, item.key) for item in first.items + rest] == [
+        assert [(path, key) for path, key, *_ in first.items + rest] == [
             (path, f"k{i}") for path in ((), ("child",)) for i in range(10)
         ]
         storage.delete_all((*ROOT, "child"))  # its index goes with it at the next reap
@@ -314,7 +314,7 @@ def test_the_root_emptied_by_delete_all_is_indexed_anew(storage: NamespacedStora
         for i in range(5):
             storage.set((), f"new{i}", b"v")
         page = next_page(storage, b"", 10, path=())
-        assert [item.key for item in page.items] == [f"new{i}" for i in range(5)]
+        assert [key for _, key, *_ in page.items] == [f"new{i}" for i in range(5)]
 
 
 def test_an_index_of_mostly_deleted_keys_is_dropped(storage: NamespacedStorage) -> None:
