@@ -205,3 +205,22 @@ def test_ratelimit_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         assert "| stock RateLimitMiddleware, RedisStore |" in done.stdout
     assert "| CountingRateLimitMiddleware, nestkv |" in done.stdout
     assert "| no rate limiting (ceiling) |" in done.stdout
+
+
+def test_scan_benches_run_and_report_every_figure() -> None:
+    args = ["--keys", "20000", "--page", "500", "--operations", "1000", "--rounds", "1"]
+    done = run_bench("bench.scan", [*args, "--children", "50", "--per-child", "30"])
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    for scan in (*results["flat"].values(), *results["recursive"].values()):
+        if isinstance(scan, dict):
+            assert scan["p99_ms"] >= scan["p50_ms"] > 0
+    assert results["flat"]["indexed_scan"]["listed"] == 20_000
+    assert results["recursive"]["indexed_scan"]["listed"] == 1500
+    assert results["memory"]["index_keys"] == 20_000
+    assert results["writes"]["set_new_key_index_us"] > 0
+    done = run_bench("bench.scan_alternatives", ["--keys", "20000", "--adds", "500"])
+    assert done.returncode == 0, done.stderr
+    alternatives = json.loads(done.stdout)
+    assert alternatives["insertion_order_islice"]["delete_before_cursor_misses_a_key"]
+    assert alternatives["sorted_sublists"]["pages"] == alternatives["hash_buckets"]["pages"] == 21

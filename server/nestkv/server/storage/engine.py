@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple, Protocol
 from nestkv.server.errors import FailedPrecondition, IntegerOverflow, QuotaExceeded, StoreFull
 from nestkv.server.storage.clock import HybridClock
 from nestkv.server.storage.expiry import ExpiryWheel, listing_cost, relists, slot_of
+from nestkv.server.storage.scan import ScanIndexes, Scanner, ScanPage
 from nestkv.server.storage.tombstones import Tombstones
 from nestkv.server.storage.tree import (
     TRAILER_BYTES,
@@ -118,6 +119,7 @@ class NamespacedStorage:
         "_policy",
         "_quotas",
         "_sample",
+        "_scans",
         "_tree",
         "_wheel",
         "journal",
@@ -151,6 +153,7 @@ class NamespacedStorage:
         self._clock = clock
         self._tree = NamespaceTree()
         self._wheel = ExpiryWheel()
+        self._scans = ScanIndexes()
         self._dropped: list[Node] = []  # detached by delete_all, freed by reap a chunk at a time
 
     def now(self) -> float:
@@ -276,6 +279,8 @@ class NamespacedStorage:
         old = entries.pop(key, None) if self._lru else entries.get(key)  # LRU: to the end of the order
         old_deadline = NEVER if old is None else deadline_of(old)
         stored = entries[key] = pack(value, version, deadline)
+        if old is None and node.scan is not None:
+            node.scan.key_added(key)
         expiring = (deadline != NEVER) - (old_deadline != NEVER)
         node.expiring += expiring
         size = entry_size(key, stored) - (0 if old is None else entry_size(key, old))
@@ -506,6 +511,8 @@ class NamespacedStorage:
         """
         if self.tombstones is not None:
             self.tombstones.collect()
+        if self._scans.nodes:
+            self._scans.drop_idle(self._tree.root, self._clock())
         steps = self._free_dropped(limit)
         now = self._clock()
         while steps < limit:
@@ -544,6 +551,31 @@ class NamespacedStorage:
         if slot_of(deadline) != slot:  # its deadline changed since: it is listed in that one's slot
             return node, None
         return node, key
+
+    def scan(
+        self,
+        path: Sequence[str],
+        cursor: bytes = b"",
+        limit: int = 1000,
+        *,
+        recursive: bool = False,
+        values: bool = False,
+    ) -> ScanPage | None:
+        """A page of up to `limit` live keys of the namespace at `path` (`recursive`: and below,
+        each with its path under `path`) after `cursor` (empty: from the start), with the cursor
+        of the next page (empty when done); see storage.scan for the order and the guarantees.
+
+        None: an index the page needs is being built, and one step of it was done; call again
+        after letting others run. InvalidArgument for a cursor this scan did not give.
+        """
+        return Scanner(self._scans).page(
+            self._tree.find(path), path, cursor, limit, self._clock(), recursive=recursive, values=values
+        )
+
+    @property
+    def scan_indexes(self) -> ScanIndexes:
+        """The scan indexes that exist now (what they hold: `held()`)."""
+        return self._scans
 
     def namespaces(self) -> Iterator[tuple[tuple[str, ...], Node]]:
         """Each namespace that holds entries, with its path (walks the tree)."""

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nestkv.server.storage.scan import NodeIndex
 
 _DEADLINE = struct.Struct("<d")
 _TRAILER = struct.Struct("<16sd")
@@ -79,6 +83,7 @@ class Node:
         "expiring",
         "name",
         "parent",
+        "scan",
         "scheduled",
         "slots",
         "subtree_bytes",
@@ -92,6 +97,8 @@ class Node:
         self.children: dict[str, Node] = {}
         self.entries: dict[str, bytes] = {}
         self.slots: dict[int, list[str]] = {}
+        self.scan: NodeIndex | None = None
+        """Its scan indexes, while a scan keeps them (storage.scan): told of each key and child added."""
         self.expiring = 0
         self.scheduled = 0
         self.subtree_bytes = 0
@@ -144,6 +151,8 @@ class NamespaceTree:
             if child is None:
                 child = node.children[segment] = Node(segment, node)
                 grow(child, namespace_size(segment), 0, 0)
+                if node.scan is not None:
+                    node.scan.child_added(segment)
             node = child
         return node
 
