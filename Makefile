@@ -73,7 +73,7 @@ soak: gen  ## the model-based, fuzz, crash, resize, fault-injection and tenant t
 		tests/server/test_durability.py tests/server/test_memory.py tests/server/cluster/test_resize.py \
 		tests/test_faults.py tests/server/cluster/test_tenants.py tests/server/test_answers.py
 
-bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json); --replicas 2 against 1, and failover (bench/replicas.json); another tenant's wait behind a flood of batches (bench/fairness.json); increments against Redis INCR (bench/atomic.json); a rate-limited Litestar app, nestkv vs the stock middleware over Redis (bench/ratelimit.json)
+bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throughput.png); snapshot costs (bench/snapshot.json); clusters of 1-3 nodes (bench/cluster.json); --replicas 2 against 1, and failover (bench/replicas.json); another tenant's wait behind a flood of batches (bench/fairness.json); increments against Redis INCR (bench/atomic.json); a rate-limited Litestar app, nestkv vs the stock middleware over Redis (bench/ratelimit.json); scan pages over 1M keys, and the designs rejected (printed)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
@@ -86,6 +86,8 @@ bench: gen  ## GrpcStore vs RedisStore vs LocalStore (bench/results.json, throug
 	$(BIN)/python -m bench.fairness --json bench/fairness.json
 	$(BIN)/python -m bench.atomic --json bench/atomic.json
 	$(BIN)/python -m bench.ratelimit --json bench/ratelimit.json
+	$(BIN)/python -m bench.scan
+	$(BIN)/python -m bench.scan_alternatives
 
 clean:  ## remove the virtual environments, builds, caches and generated code
 	rm -rf $(VENV) $(WHEEL_VENV) $(DIST) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis $(CLUSTER_DIR)
