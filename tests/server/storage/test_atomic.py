@@ -9,20 +9,10 @@ import pytest
 
 from nestkv.server.errors import FailedPrecondition, QuotaExceeded, StoreFull
 from nestkv.server.storage import INT64_MAX, NEVER, NamespacedStorage
-from tests.server.storage.test_engine import FakeClock
+from tests.server.storage.conftest import FakeClock
 from tests.server.storage.test_persistence import Clocks, open_store
 
 PATH = ("ns",)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def storage(clock: FakeClock) -> NamespacedStorage:
-    return NamespacedStorage(clock)
 
 
 def test_increment_grows_the_value_and_its_accounting_with_the_digits(storage: NamespacedStorage) -> None:

@@ -16,27 +16,7 @@ from nestkv.server.storage import NEVER, NamespacedStorage
 from nestkv.server.storage.engine import entry_size
 from nestkv.server.storage.expiry import LISTING_BYTES, SLOT_OVERHEAD
 from nestkv.server.storage.tree import NAMESPACE_OVERHEAD, TRAILER_BYTES, deadline_of, namespace_size
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def storage(clock: FakeClock) -> NamespacedStorage:
-    return NamespacedStorage(clock)
+from tests.server.storage.conftest import FakeClock
 
 
 def test_entry_lives_until_its_deadline_and_not_at_it(storage: NamespacedStorage, clock: FakeClock) -> None:

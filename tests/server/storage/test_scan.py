@@ -15,7 +15,7 @@ from nestkv.server.errors import InvalidArgument
 from nestkv.server.storage import NamespacedStorage
 from nestkv.server.storage import scan as scan_module
 from nestkv.server.storage.scan import Position, ScanItem, ScanPage, SortedKeys, decode_cursor, encode_cursor
-from tests.server.storage.test_engine import FakeClock
+from tests.server.storage.conftest import FakeClock
 
 ROOT = ("tenant", "scan")
 
@@ -63,16 +63,6 @@ def scan_all(
             assert page.cursor == b""
             return items
         cursor = page.cursor
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def storage(clock: FakeClock) -> NamespacedStorage:
-    return NamespacedStorage(clock)
 
 
 # The order.
