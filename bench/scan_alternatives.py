@@ -124,6 +124,22 @@ def per_key_us(names: list[str], add: Callable[[str], object]) -> float:
     return (time.process_time() - started) / len(names) * 1e6
 
 
+def index_figures(
+    build: Callable[[], HashBuckets | scan.SortedKeys], entries: dict[str, bytes], fresh: list[str], page: int
+) -> dict[str, Any]:
+    """What the index `build` makes costs: its build time, its memory a key, adding a key (of
+    `fresh`), and the times of pages of `page` keys of `entries` through it."""
+    build_ms = process_ms(build)
+    memory, made = allocated(build)
+    assert isinstance(made, HashBuckets | scan.SortedKeys)
+    return {
+        "build_ms": build_ms,
+        "index_bytes_per_key": memory / len(entries),
+        "add_us": per_key_us(fresh, made.add),
+        **pages(entries, made.after, page),
+    }
+
+
 def sorted_build(names: list[str]) -> scan.SortedKeys:
     index = scan._Index(dict.fromkeys(names))
     while not index.ready(0):
@@ -158,29 +174,8 @@ def main() -> None:
         "hash_builtin_salted": per_key_us(sample, hash) * 1000,
     }
 
-    build_ms = process_ms(lambda: HashBuckets(names))
-    memory, made = allocated(lambda: HashBuckets(names))
-    assert isinstance(made, HashBuckets)
-    buckets = made
-    results["hash_buckets"] = {
-        "build_ms": build_ms,
-        "index_bytes_per_key": memory / args.keys,
-        "add_us": per_key_us(fresh, buckets.add),
-        **pages(entries, buckets.after, args.page),
-    }
-    del buckets, made
-
-    build_ms = process_ms(lambda: sorted_build(names))
-    memory, made = allocated(lambda: sorted_build(names))
-    assert isinstance(made, scan.SortedKeys)
-    keys = made
-    results["sorted_sublists"] = {
-        "build_ms": build_ms,
-        "index_bytes_per_key": memory / args.keys,
-        "add_us": per_key_us(fresh, keys.add),
-        **pages(entries, keys.after, args.page),
-    }
-    del keys, made
+    results["hash_buckets"] = index_figures(lambda: HashBuckets(names), entries, fresh, args.page)
+    results["sorted_sublists"] = index_figures(lambda: sorted_build(names), entries, fresh, args.page)
 
     flat = sorted(names)
     results["flat_sorted_list_insort_us"] = per_key_us(fresh[:2000], lambda k: insort(flat, k))
